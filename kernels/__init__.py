@@ -1,0 +1,1 @@
+"""Hand-written Triton kernels, installed as the subpackage `xjfast.kernels`."""

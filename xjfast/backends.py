@@ -1,0 +1,113 @@
+"""One small registry of op implementations and the rule that picks one.
+
+Each op registers its implementations once, with the minimum compute capability they need.
+`resolve(op, backend, device)` returns a callable or raises `BackendUnavailable` naming what
+is missing; `backend="auto"` takes the first usable entry of the op's preference order.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from xjfast import _ext
+from xjfast.errors import BackendUnavailable, check_choice
+
+BACKENDS = ("reference", "triton", "cuda")
+# Fastest first. Issue-4 benchmark results refine this per op and architecture.
+PREFERENCE = ("cuda", "triton", "reference")
+
+
+@dataclass(frozen=True)
+class Implementation:
+    op: str
+    backend: str
+    fn: Callable
+    min_capability: tuple[int, int] = (0, 0)
+
+
+_REGISTRY: dict[str, dict[str, Implementation]] = {}
+
+
+def register(op: str, backend: str, *, min_capability: tuple[int, int] = (0, 0)):
+    """Decorator: record `fn` as the `backend` implementation of `op`."""
+    check_choice("backend", backend, BACKENDS)
+
+    def wrap(fn: Callable) -> Callable:
+        _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, fn, min_capability)
+        return fn
+
+    return wrap
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backend_unavailable_reason(backend: str, device: torch.device | str | None = None) -> str | None:
+    """None if `backend` can run on `device` at all, else a sentence saying why not."""
+    check_choice("backend", backend, BACKENDS)
+    device = torch.device(device) if device is not None else None
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed (pip install triton)"
+        if device is not None and device.type != "cuda" and not triton_interpreted():
+            return f"Triton kernels need a CUDA device (got {device}); TRITON_INTERPRET=1 runs them on the CPU"
+        if device is None and not torch.cuda.is_available() and not triton_interpreted():
+            return "no CUDA GPU is visible to torch"
+        return None
+    # cuda
+    reason = _ext.unavailable_reason()
+    if reason is not None:
+        return reason
+    if device is not None and device.type != "cuda":
+        return f"the CUDA backend needs a CUDA device, got {device}"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch"
+    ext = _ext.extension()
+    major, minor = torch.cuda.get_device_capability(device)
+    built = ext.built_archs()
+    if not any(a.rstrip("af").isdigit() and int(a.rstrip("af")) // 10 == major and int(a.rstrip("af")) % 10 <= minor
+               for a in built):
+        return (f"xjfast._C was built for sm_{', sm_'.join(built) or '(none)'}, "
+                f"not for this GPU (sm_{major}{minor}); rebuild with XJFAST_CUDA_ARCHS={major}{minor}")
+    return None
+
+
+def implementations(op: str) -> dict[str, Implementation]:
+    return dict(_REGISTRY.get(op, {}))
+
+
+def _usable(impl: Implementation, device: torch.device) -> str | None:
+    reason = backend_unavailable_reason(impl.backend, device)
+    if reason is None and device.type == "cuda" and impl.min_capability > (0, 0):
+        cc = torch.cuda.get_device_capability(device)
+        if cc < impl.min_capability:
+            reason = (f"{impl.op}/{impl.backend} needs compute capability "
+                      f">= {impl.min_capability[0]}.{impl.min_capability[1]}, this GPU has {cc[0]}.{cc[1]}")
+    return reason
+
+
+def resolve(op: str, backend: str, device: torch.device | str) -> Implementation:
+    """The implementation of `op` to run on `device`; raises BackendUnavailable with the reason."""
+    check_choice("backend", backend, ("auto",) + BACKENDS)
+    device = torch.device(device)
+    impls = _REGISTRY.get(op, {})
+    if backend == "auto":
+        if device.type != "cuda":
+            return impls["reference"]
+        for name in PREFERENCE:
+            if name in impls and _usable(impls[name], device) is None:
+                return impls[name]
+        return impls["reference"]
+    if backend not in impls:
+        raise BackendUnavailable(f"{op}: no {backend} implementation is available in this version of xjfast")
+    reason = _usable(impls[backend], device)
+    if reason is not None:
+        raise BackendUnavailable(f"{op}: backend {backend!r} is unavailable: {reason}")
+    return impls[backend]
