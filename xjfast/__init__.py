@@ -1,5 +1,7 @@
 """xjfast: FP8 kernels and a streaming engine for real-time video generation."""
+from xjfast.cache import StreamingKVCache
 from xjfast.errors import BackendUnavailable
+from xjfast.ops.temporal_attention import temporal_attention
 
 __version__ = "0.1.0"
-__all__ = ["BackendUnavailable", "__version__"]
+__all__ = ["BackendUnavailable", "StreamingKVCache", "temporal_attention", "__version__"]

@@ -1,0 +1,147 @@
+"""StreamingKVCache: eviction order, sink pinning, FP8 storage, keep_tokens retention, constant memory."""
+import pytest
+import torch
+
+from xjfast import StreamingKVCache, temporal_attention
+from xjfast.cache import KEEP
+
+T, H, D = 16, 2, 64
+
+
+def frame(n=1, dtype=torch.float32):
+    return torch.randn(1, n * T, H, D).to(dtype), torch.randn(1, n * T, H, D).to(dtype)
+
+
+@pytest.mark.parametrize("per_commit", [1, 3])
+def test_eviction_order_and_sink_pinning(per_commit):
+    cache = StreamingKVCache(2, 1, H, D, T, sink_frames=2, window_frames=3)
+    for _ in range(12 // per_commit):
+        for layer in range(2):
+            cache.commit(layer, *frame(per_commit))
+    assert cache.frames_seen == 12
+    assert cache.cached_frames(0) == cache.cached_frames(1) == [0, 1, 9, 10, 11]
+    assert cache.num_frames(0) == 5
+
+
+def test_eviction_reuses_the_oldest_page_in_place():
+    cache = StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=2)
+    storage = cache.k_pages.data_ptr()
+    for _ in range(3):
+        cache.commit(0, *frame())
+    before = cache.view(0).page_table.tolist()  # [sink, window oldest, window newest]
+    cache.commit(0, *frame())
+    after = cache.view(0).page_table.tolist()
+    assert after == [before[0], before[2], before[1]]  # the evicted page now holds the new frame
+    assert cache.k_pages.data_ptr() == storage
+
+
+def test_fp8_pages_store_k_minus_mean_with_per_channel_v_scales():
+    cache = StreamingKVCache(1, 1, H, D, T)
+    k, v = frame()
+    k = k + 5.0  # a common offset: smoothing removes it before quantization
+    v[..., 3] *= 1000.0  # one loud V channel must not cost the other channels their precision
+    cache.commit(0, k, v)
+    view = cache.view(0)
+    page = view.page_table[0].item()
+    assert view.k_pages.dtype == torch.float8_e4m3fn
+    assert torch.allclose(view.k_mean[page], k.mean(1)[0], atol=1e-5)
+    k_back = view.k_pages[page].float() * view.k_scale[page][:, None, :, None] + view.k_mean[page][:, None]
+    v_back = view.v_pages[page].float() * view.v_scale[page][:, None]
+    assert ((k_back - k).norm() / (k - k.mean(1, keepdim=True)).norm()) < 0.04
+    quiet = [c for c in range(D) if c != 3]
+    assert ((v_back - v)[..., quiet].norm() / v[..., quiet].norm()) < 0.04
+
+
+def test_memory_constant_over_a_10000_frame_stream():
+    cache = StreamingKVCache(1, 1, 1, 64, 4, sink_frames=1, window_frames=4, keep_tokens=4)
+    size = cache.memory_bytes()
+    k, v = torch.randn(1, 4, 1, 64), torch.randn(1, 4, 1, 64)
+    for _ in range(10_000):
+        cache.commit(0, k, v)
+    assert cache.frames_seen == 10_000 and cache.memory_bytes() == size
+    assert cache.cached_frames(0) == [0, 9996, 9997, 9998, 9999]
+
+
+def test_keep_tokens_retains_the_highest_mass_tokens():
+    """Queries aim at 3 planted keys of frame 1; when frame 1 is evicted, those 3 are kept."""
+    cache = StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=2, keep_tokens=3, storage="fp32", rope_dims=0)
+    target = torch.nn.functional.normalize(torch.randn(H, D), dim=-1)
+    frames = [frame() for _ in range(3)]
+    planted = [2, 7, 11]
+    for i in planted:
+        frames[1][0][:, i] = 6.0 * target
+    for kf, vf in frames:
+        cache.commit(0, kf, vf)
+    q = torch.randn(1, T, H, D) + 3.0 * target
+    for _ in range(2):  # frame 1 is the oldest window frame: the next to be evicted
+        temporal_attention(q, *frame(), kv_cache=cache, layer=0)
+    cache.commit(0, *frame())  # evicts frame 1
+    assert cache.cached_frames(0) == [0, 2, 3] and cache.keep_count(0) == 3
+    view = cache.view(0)
+    assert [u.page for u in view.units] == [view.page_table[0].item(), KEEP] + view.page_table[1:].tolist()
+    kept = view.keep_k[0].float() * view.keep_k_scale[0][None, :, None] + view.keep_k_mean[0][None]
+    assert torch.allclose(kept, frames[1][0][0, planted], atol=1e-4)
+    assert torch.allclose(view.keep_v[0].float(), frames[1][1][0, planted], atol=1e-5)
+
+
+def test_keep_tokens_merge_keeps_the_top_over_evictions():
+    cache = StreamingKVCache(1, 1, H, D, T, sink_frames=0, window_frames=1, keep_tokens=4, storage="fp32")
+    cache.commit(0, *frame())
+    for _ in range(5):
+        temporal_attention(torch.randn(1, T, H, D), *frame(), kv_cache=cache, layer=0)
+        cache.commit(0, *frame())
+    assert cache.keep_count(0) == 4
+    mass = cache.keep_mass[0, 0]
+    assert (mass > 0).all()
+
+
+def test_recache_rewrites_frames_in_place():
+    cache = StreamingKVCache(2, 1, H, D, T, sink_frames=1, window_frames=2, storage="fp32", rope_dims=0)
+    for _ in range(4):
+        for layer in range(2):
+            cache.commit(layer, *frame())
+    size, frames = cache.memory_bytes(), cache.cached_frames(0)
+    new = [frame(3) for _ in range(2)]
+    cache.recache(new)
+    assert cache.memory_bytes() == size and cache.cached_frames(0) == frames and cache.frames_seen == 4
+    q, k, v = torch.randn(1, T, H, D), *frame()
+    fresh = StreamingKVCache(2, 1, H, D, T, sink_frames=1, window_frames=2, storage="fp32", rope_dims=0)
+    fresh.commit(1, *new[1])
+    assert torch.allclose(temporal_attention(q, k, v, kv_cache=cache, layer=1, precision="bf16"),
+                          temporal_attention(q, k, v, kv_cache=fresh, layer=1, precision="bf16"), atol=1e-5)
+
+
+def test_reset_forgets_frames():
+    cache = StreamingKVCache(1, 1, H, D, T)
+    cache.commit(0, *frame(2))
+    cache.reset()
+    assert cache.frames_seen == 0 and cache.num_frames(0) == 0 and cache.view(0).num_slots == 0
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(window_frames=0), "window_frames: expected an int >= 1"),
+    (dict(sink_frames=-1), "sink_frames: expected an int >= 0"),
+    (dict(keep_tokens=1.5), "keep_tokens: expected an int"),
+    (dict(storage="int4"), "storage: expected one of"),
+    (dict(rope_dims=3), "rope_dims: expected an even number"),
+])
+def test_bad_construction(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        StreamingKVCache(1, 1, H, D, T, **kwargs)
+
+
+def test_bad_commits_name_the_argument():
+    cache = StreamingKVCache(2, 1, H, D, T)
+    k, v = frame()
+    with pytest.raises(ValueError, match=r"k: expected shape \[1, n\*16, 2, 64\]"):
+        cache.commit(0, k[:, :10], v)
+    with pytest.raises(ValueError, match="v: expected 1 frames"):
+        cache.commit(0, k, frame(2)[1])
+    with pytest.raises(TypeError, match="k: expected dtype"):
+        cache.commit(0, k.to(torch.int8), v)
+    with pytest.raises(ValueError, match="v: expected a tensor on cpu"):
+        cache.commit(0, k, v.to("meta"))
+    with pytest.raises(ValueError, match=r"layer: expected an int in \[0, 2\)"):
+        cache.commit(2, k, v)
+    with pytest.raises(ValueError, match="frames: expected one"):
+        cache.recache([(k, v)])

@@ -1,0 +1,197 @@
+"""temporal_attention against a float64 oracle, within DESIGN.md's bounds, on every backend here."""
+import pytest
+import torch
+
+import xjfast
+from xjfast import BackendUnavailable, StreamingKVCache, temporal_attention
+from xjfast.ops.temporal_attention import block_mask
+
+from attention_oracle import cosine, exact_attention, explicit_block_mask, rel_l2, rotate_complex
+
+FP8_REL_L2, FP8_COS = 7e-2, 0.997
+
+
+def qkv(B=1, L=256, H=2, D=64, dtype=torch.float32, k_bias=True, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    q, k, v = (torch.randn(B, L, H, D, generator=g) for _ in range(3))
+    if k_bias:  # a per-channel offset on K, as real models have: what K smoothing is for
+        k = k + 3 * torch.randn(1, 1, H, D, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_within_design_bounds_of_exact(D, dtype):
+    q, k, v = qkv(L=384, D=D, dtype=dtype)
+    out, lse = temporal_attention(q, k, v, block_tokens=128, return_lse=True)
+    ref, ref_lse = exact_attention(q, k, v, explicit_block_mask(384, 128))
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_l2(out, ref) <= FP8_REL_L2 and cosine(out, ref) >= FP8_COS
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, 384)
+    assert (lse.double() - ref_lse).abs().max() < 0.05
+
+
+def test_bf16_precision_as_flashattention_holds_itself():
+    q, k, v = qkv(L=256, dtype=torch.bfloat16)
+    mask = explicit_block_mask(256, 64)
+    ref, _ = exact_attention(q, k, v, mask)
+    torch_bf16 = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
+    out = temporal_attention(q, k, v, block_tokens=64, precision="bf16")
+    bound = 2 * (torch_bf16.double() - ref).abs().max() + 1e-5
+    assert (out.double() - ref).abs().max() <= bound
+
+
+def test_planted_sink_keeps_small_weights(monkeypatch):
+    """A sink frame whose first key dominates every row (score ~7 above the rest): scaled P keeps
+    the small non-sink weights; plain e4m3 P (scale 1) flushes them below 2^-9 and loses them."""
+    T = 64
+    sink_dir = torch.nn.functional.normalize(torch.randn(2, 64), dim=-1)
+    frames = [qkv(L=T, k_bias=False)[1:] for _ in range(3)]
+    frames[0][0][:, 0] = 28.0 * sink_dir
+    frames[0][1][:, 0] = 0.0  # the sink carries no value: the output is made of the small weights
+    cache = StreamingKVCache(1, 1, 2, 64, T, sink_frames=1, window_frames=2, rope_dims=0)
+    for fk, fv in frames:
+        cache.commit(0, fk, fv)
+    q, k, v = qkv(L=T, k_bias=False)
+    q = q - (q * sink_dir).sum(-1, keepdim=True) * sink_dir + 2.0 * sink_dir
+    ref, _ = exact_attention(q, torch.cat([f[0] for f in frames] + [k], 1), torch.cat([f[1] for f in frames] + [v], 1))
+    out = temporal_attention(q, k, v, kv_cache=cache, layer=0)
+    # The row normalizer is dominated by the sink's score, whose FP8 rounding error moves the
+    # output's magnitude (inherent to FP8 QK); its direction must stay.
+    assert cosine(out, ref) >= 0.99 and rel_l2(out, ref) <= 0.15
+    monkeypatch.setattr("xjfast.ops.temporal_attention.P_SCALE", 1.0)
+    plain = temporal_attention(q, k, v, kv_cache=cache, layer=0)
+    assert rel_l2(plain, ref) > 1.8 * rel_l2(out, ref) and cosine(plain, ref) < cosine(out, ref) - 0.01
+
+
+@pytest.mark.parametrize("private", [None, (False, True, False, True), (True, False, False, False)])
+def test_block_causal_and_private_masks_equal_explicit_mask(private):
+    q, k, v = qkv(L=256)
+    out = temporal_attention(q, k, v, block_tokens=64, private_blocks=private, precision="bf16")
+    mask = explicit_block_mask(256, 64, private)
+    assert torch.equal(block_mask(256, 64, private), mask)
+    ref, _ = exact_attention(q, k, v, mask)
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_no_mask_is_full_attention():
+    q, k, v = qkv(L=128)
+    ref, _ = exact_attention(q, k, v)
+    assert (temporal_attention(q, k, v, precision="bf16").double() - ref).abs().max() < 1e-5
+
+
+def test_custom_scale():
+    q, k, v = qkv(L=128)
+    ref, _ = exact_attention(q, k, v, scale=0.05)
+    assert (temporal_attention(q, k, v, scale=0.05, precision="bf16").double() - ref).abs().max() < 1e-5
+
+
+# ---- through the cache ------------------------------------------------------------------------
+
+T, H, D = 32, 2, 64
+
+
+def stream(cache, frames_k, frames_v):
+    for fk, fv in zip(frames_k, frames_v):
+        cache.commit(0, fk, fv)
+
+
+def test_attention_through_cache_equals_kept_frames_with_slot_positions():
+    """Cache of sink 1 + window 2 after 5 frames holds frames 0, 3, 4 at slots 0, 1, 2; a 2-frame
+    pass takes slots 3, 4. Attention through the cache equals exact attention over those frames
+    with the temporal rotary applied at those positions."""
+    cache = StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=2, storage="fp32")
+    ks, vs = zip(*[qkv(L=T, H=H, D=D)[1:] for _ in range(5)])
+    stream(cache, ks, vs)
+    assert cache.cached_frames(0) == [0, 3, 4]
+    q, k, v = qkv(L=2 * T, H=H, D=D)
+    out = temporal_attention(q, k, v, block_tokens=T, kv_cache=cache, layer=0, precision="bf16")
+
+    dims = cache.rope_dims
+    keys = torch.cat([ks[0], ks[3], ks[4], k], dim=1)
+    values = torch.cat([vs[0], vs[3], vs[4], v], dim=1)
+    k_pos = torch.arange(5).repeat_interleave(T)
+    q_pos = torch.tensor([3, 4]).repeat_interleave(T)
+    mask = torch.ones(2 * T, 5 * T, dtype=torch.bool)
+    mask[:, 3 * T:] = explicit_block_mask(2 * T, T)
+    ref, _ = exact_attention(rotate_complex(q, q_pos, dims), rotate_complex(keys, k_pos, dims), values, mask)
+    assert (out.double() - ref).abs().max() < 2e-5
+
+
+def test_fp8_cache_within_design_bounds():
+    cache = StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=3)
+    ks, vs = zip(*[qkv(L=T, H=H, D=D)[1:] for _ in range(4)])
+    stream(cache, ks, vs)
+    q, k, v = qkv(L=T, H=H, D=D)
+    out = temporal_attention(q, k, v, kv_cache=cache, layer=0)
+    dims = cache.rope_dims
+    pos = torch.arange(5).repeat_interleave(T)
+    keys, values = torch.cat(ks + (k,), 1), torch.cat(vs + (v,), 1)
+    ref, _ = exact_attention(rotate_complex(q, pos[-T:], dims), rotate_complex(keys, pos, dims), values)
+    assert rel_l2(out, ref) <= FP8_REL_L2 and cosine(out, ref) >= FP8_COS
+
+
+def test_bf16_tensors_on_bf16_cache():
+    cache = StreamingKVCache(1, 1, H, D, T, storage="bf16")
+    stream(cache, *zip(*[qkv(L=T, H=H, D=D, dtype=torch.bfloat16)[1:] for _ in range(3)]))
+    q, k, v = qkv(L=T, H=H, D=D, dtype=torch.bfloat16)
+    out = temporal_attention(q, k, v, kv_cache=cache, layer=0, precision="bf16")
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda q, k, v: (q.to(torch.int32), k, v), TypeError, "q: expected dtype"),
+    (lambda q, k, v: (q, k.half(), v), TypeError, "k: expected dtype"),
+    (lambda q, k, v: (q[0], k, v), ValueError, "q: expected a 4-d"),
+    (lambda q, k, v: (q[..., :32], k[..., :32], v[..., :32]), ValueError, "head_dim"),
+    (lambda q, k, v: (q, k[:, :64], v), ValueError, "k: expected shape"),
+    (lambda q, k, v: (q, k, v.to("meta")), ValueError, "v: expected a tensor on cpu"),
+    (lambda q, k, v: (q, k.transpose(2, 3).contiguous().transpose(2, 3), v), ValueError, "k: the last dimension"),
+])
+def test_bad_tensors_name_the_argument(change, error, words):
+    q, k, v = change(*qkv(L=128))
+    with pytest.raises(error, match=words):
+        temporal_attention(q, k, v)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(block_tokens=48), "block_tokens: expected a positive int dividing Lq=128"),
+    (dict(block_tokens=0), "block_tokens"),
+    (dict(private_blocks=[True]), "private_blocks: needs block_tokens"),
+    (dict(block_tokens=64, private_blocks=[True]), "private_blocks: expected 2 entries"),
+    (dict(scale=-1.0), "scale: expected a positive finite float"),
+    (dict(precision="fp4"), "precision: expected one of"),
+    (dict(backend="tpu"), "backend: expected one of"),
+    (dict(layer=0), "layer: given without kv_cache"),
+])
+def test_bad_arguments_name_the_argument(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        temporal_attention(*qkv(L=128), **kwargs)
+
+
+def test_cache_of_wrong_geometry():
+    q, k, v = qkv(L=2 * T, H=H, D=D)
+    with pytest.raises(ValueError, match="kv_cache: expected a cache of"):
+        temporal_attention(q, k, v, kv_cache=StreamingKVCache(1, 1, 4, D, T), layer=0)
+    with pytest.raises(ValueError, match="whole frames"):
+        temporal_attention(q[:, :48], k[:, :48], v[:, :48], kv_cache=StreamingKVCache(1, 1, H, D, T), layer=0)
+    with pytest.raises(ValueError, match="layer: expected an int in"):
+        temporal_attention(q, k, v, kv_cache=StreamingKVCache(1, 1, H, D, T), layer=3)
+    with pytest.raises(ValueError, match="layer: expected the layer index"):
+        temporal_attention(q, k, v, kv_cache=StreamingKVCache(1, 1, H, D, T))
+    with pytest.raises(TypeError, match="kv_cache: expected a StreamingKVCache"):
+        temporal_attention(q, k, v, kv_cache={}, layer=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no GPU is present")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_unavailable_backend_says_why(backend):
+    with pytest.raises(BackendUnavailable, match=f"backend '{backend}' is unavailable: .+|no {backend} implementation"):
+        temporal_attention(*qkv(L=128), backend=backend)
+
+
+def test_public_names():
+    assert xjfast.temporal_attention is temporal_attention and xjfast.StreamingKVCache is StreamingKVCache

@@ -1,0 +1,280 @@
+"""StreamingKVCache: fixed-capacity FP8 paged KV cache with sinks, a rolling window and
+score-based token retention, so a stream of any length runs in constant memory.
+
+Storage per layer (allocated once): pages of one latent frame each, `[pages, B, T, H, D]`
+e4m3 with fp32 scales per (page, b, head) for K and per (page, b, head, channel) for V, and each
+page's K mean per (page, b, head, channel): a page stores K minus its own mean (smoothing; the
+attention op adds q.mean back). A page table lists the pages in slot order: sinks first, then
+the window oldest first. Eviction reuses the oldest window page in place (a table update).
+
+With `keep_tokens > 0`, the tokens of an evicted page that received the most attention (mass
+accumulated by the attention op) are merged into a side buffer of `keep_tokens` slots, stored
+like one more page and placed at its own temporal slot between the sinks and the window.
+
+Keys are committed with their spatial rotary but without the temporal one: the attention op
+assigns temporal positions by slot (StreamingLLM's rule), so positions never grow with the
+stream and never exceed what the model saw in training.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+from xjfast.errors import check_choice, check_tensor
+from xjfast.ops.fp8 import E4M3, scale_from_amax, to_e4m3
+from xjfast.ops.rotary import temporal_rope_dims
+
+STORAGE_DTYPES = {"fp8": E4M3, "bf16": torch.bfloat16, "fp32": torch.float32}
+INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+KEEP = -1  # page id that stands for the keep buffer in a view's unit list
+
+
+class KeyUnit(NamedTuple):
+    """Keys that share one temporal slot and one quantization: a page or the keep buffer."""
+    page: int       # page id, or KEEP
+    position: int   # temporal slot
+    tokens: int     # valid tokens
+
+
+class CacheLayerView(NamedTuple):
+    """What the attention op reads of one layer (tensors are the cache's own storage)."""
+    k_pages: torch.Tensor   # [P, B, T, H, D] storage dtype, K minus the page mean (scaled)
+    v_pages: torch.Tensor   # [P, B, T, H, D]
+    k_scale: torch.Tensor   # [P, B, H] fp32
+    k_mean: torch.Tensor    # [P, B, H, D] fp32
+    v_scale: torch.Tensor   # [P, B, H, D] fp32
+    keep_k: torch.Tensor    # [B, K, H, D]
+    keep_v: torch.Tensor
+    keep_k_scale: torch.Tensor  # [B, H]
+    keep_k_mean: torch.Tensor   # [B, H, D]
+    keep_v_scale: torch.Tensor  # [B, H, D]
+    page_table: torch.Tensor    # [num_pages_in_use] int32, slot order
+    units: tuple                # KeyUnit per slot in use, slot order
+    num_slots: int              # temporal slots in use (the pass's frames come after)
+    mass: torch.Tensor | None   # [P, B, T] fp32 accumulator, None when keep_tokens == 0
+    mass_pages: tuple           # pages whose tokens' attention mass the op accumulates
+    storage: str
+    rope_dims: int
+    rope_theta: float
+
+
+class StreamingKVCache:
+    def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, frame_tokens: int, *,
+                 sink_frames: int = 1, window_frames: int = 8, keep_tokens: int = 0, storage: str = "fp8",
+                 rope_dims: int | None = None, rope_theta: float = 10000.0, device="cpu"):
+        for name, value, low in (("num_layers", num_layers, 1), ("batch", batch, 1), ("heads", heads, 1),
+                                 ("head_dim", head_dim, 1), ("frame_tokens", frame_tokens, 1),
+                                 ("sink_frames", sink_frames, 0), ("window_frames", window_frames, 1),
+                                 ("keep_tokens", keep_tokens, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+        check_choice("storage", storage, tuple(STORAGE_DTYPES))
+        rope_dims = temporal_rope_dims(head_dim) if rope_dims is None else rope_dims
+        if not (0 <= rope_dims <= head_dim and rope_dims % 2 == 0):
+            raise ValueError(f"rope_dims: expected an even number in [0, {head_dim}], got {rope_dims}")
+        self.num_layers, self.batch, self.heads, self.head_dim = num_layers, batch, heads, head_dim
+        self.frame_tokens, self.sink_frames, self.window_frames = frame_tokens, sink_frames, window_frames
+        self.keep_tokens, self.storage = keep_tokens, storage
+        self.rope_dims, self.rope_theta = rope_dims, float(rope_theta)
+        self.device = torch.device(device)
+
+        pages = sink_frames + window_frames
+        dtype, dev = STORAGE_DTYPES[storage], self.device
+        page_shape = (num_layers, pages, batch, frame_tokens, heads, head_dim)
+        self.k_pages = torch.zeros(page_shape, dtype=dtype, device=dev)
+        self.v_pages = torch.zeros(page_shape, dtype=dtype, device=dev)
+        self.k_scale = torch.ones(num_layers, pages, batch, heads, device=dev)
+        self.k_mean = torch.zeros(num_layers, pages, batch, heads, head_dim, device=dev)
+        self.v_scale = torch.ones(num_layers, pages, batch, heads, head_dim, device=dev)
+        keep_shape = (num_layers, batch, keep_tokens, heads, head_dim)
+        self.keep_k = torch.zeros(keep_shape, dtype=dtype, device=dev)
+        self.keep_v = torch.zeros(keep_shape, dtype=dtype, device=dev)
+        self.keep_k_scale = torch.ones(num_layers, batch, heads, device=dev)
+        self.keep_k_mean = torch.zeros(num_layers, batch, heads, head_dim, device=dev)
+        self.keep_v_scale = torch.ones(num_layers, batch, heads, head_dim, device=dev)
+        self.keep_mass = torch.zeros(num_layers, batch, keep_tokens, device=dev)
+        self.mass = torch.zeros(num_layers, pages, batch, frame_tokens, device=dev) if keep_tokens else None
+        self.page_table = torch.zeros(num_layers, pages, dtype=torch.int32, device=dev)
+        self.reset()
+
+    # ---- state -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every cached frame (storage stays allocated)."""
+        L = self.num_layers
+        self._sinks = [0] * L            # sink pages in use (pages 0..sinks-1)
+        self._window = [0] * L           # window pages in use
+        self._head = [0] * L             # ring position of the oldest window page
+        self._keep_count = [0] * L
+        self._frames_seen = [0] * L
+        self._lookahead = [1] * L        # frames per commit, seen last: pages next to evict
+        self._frame_of_page = [[-1] * (self.sink_frames + self.window_frames) for _ in range(L)]
+        self.keep_mass.zero_()
+        if self.mass is not None:
+            self.mass.zero_()
+
+    @property
+    def frames_seen(self) -> int:
+        """Frames committed so far to layer 0 (evicted ones included)."""
+        return self._frames_seen[0]
+
+    def num_frames(self, layer: int) -> int:
+        """Frames held in pages of `layer` now."""
+        self._check_layer(layer)
+        return self._sinks[layer] + self._window[layer]
+
+    def _slot_pages(self, layer: int) -> list[int]:
+        S, W = self.sink_frames, self.window_frames
+        window = [S + (self._head[layer] + i) % W for i in range(self._window[layer])]
+        return list(range(self._sinks[layer])) + window
+
+    def cached_frames(self, layer: int = 0) -> list[int]:
+        """Stream indices of the frames held by `layer`, in slot order (what `recache` rewrites)."""
+        self._check_layer(layer)
+        return [self._frame_of_page[layer][p] for p in self._slot_pages(layer)]
+
+    def memory_bytes(self) -> int:
+        """Bytes of device memory the cache holds; constant for the life of the cache."""
+        tensors = [self.k_pages, self.v_pages, self.k_scale, self.k_mean, self.v_scale, self.keep_k,
+                   self.keep_v, self.keep_k_scale, self.keep_k_mean, self.keep_v_scale, self.keep_mass,
+                   self.page_table] + ([self.mass] if self.mass is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # ---- writing -----------------------------------------------------------------------------
+    def _check_layer(self, layer) -> None:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
+
+    def _check_frames(self, name: str, t, frames: int | None = None) -> int:
+        check_tensor(name, t, dtypes=INPUT_DTYPES, ndim=4, device=self.device)
+        B, L, H, D = t.shape
+        T = self.frame_tokens
+        if (B, H, D) != (self.batch, self.heads, self.head_dim) or L % T or L == 0:
+            raise ValueError(f"{name}: expected shape [{self.batch}, n*{T}, {self.heads}, {self.head_dim}] "
+                             f"(whole frames of this cache), got {tuple(t.shape)}")
+        if frames is not None and L != frames * T:
+            raise ValueError(f"{name}: expected {frames} frames ({frames * T} tokens), got {L} tokens")
+        return L // T
+
+    def commit(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize whole frames of K/V (spatial rotary applied, temporal not) and append them.
+
+        When the window is full, each new frame evicts the oldest non-sink frame; with
+        `keep_tokens`, the evicted frame's highest-mass tokens are merged into the keep buffer.
+        """
+        self._check_layer(layer)
+        n = self._check_frames("k", k)
+        self._check_frames("v", v, n)
+        T, S, W = self.frame_tokens, self.sink_frames, self.window_frames
+        for j in range(n):
+            if self._sinks[layer] < S:
+                page = self._sinks[layer]
+                self._sinks[layer] += 1
+            elif self._window[layer] < W:
+                page = S + (self._head[layer] + self._window[layer]) % W
+                self._window[layer] += 1
+            else:
+                page = S + self._head[layer]
+                if self.keep_tokens:
+                    self._compact(layer, page)
+                self._head[layer] = (self._head[layer] + 1) % W
+            self._write_page(layer, page, k[:, j * T:(j + 1) * T], v[:, j * T:(j + 1) * T])
+            self._frame_of_page[layer][page] = self._frames_seen[layer]
+            self._frames_seen[layer] += 1
+        self._lookahead[layer] = n
+        self._update_page_table(layer)
+
+    def recache(self, frames: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Overwrite the cached frames in place with re-encoded K/V (e.g. under a new prompt).
+
+        `frames[layer] = (k, v)`, each `[B, num_frames(layer) * T, H, D]` in slot order. The
+        geometry, the page table and the keep buffer are unchanged.
+        """
+        if len(frames) != self.num_layers:
+            raise ValueError(f"frames: expected one (k, v) pair per layer ({self.num_layers}), got {len(frames)}")
+        T = self.frame_tokens
+        for layer, (k, v) in enumerate(frames):
+            pages = self._slot_pages(layer)
+            self._check_frames(f"frames[{layer}][0]", k, len(pages)) if pages else None
+            self._check_frames(f"frames[{layer}][1]", v, len(pages)) if pages else None
+            for i, page in enumerate(pages):
+                self._write_page(layer, page, k[:, i * T:(i + 1) * T], v[:, i * T:(i + 1) * T])
+
+    def _quantize_unit(self, k: torch.Tensor, v: torch.Tensor):
+        """[B, n, H, D] K/V -> storage values, K scale [B, H], K mean [B, H, D], V scale [B, H, D]."""
+        k, v = k.float(), v.float()
+        mean = k.mean(dim=1)
+        centered = k - mean[:, None]
+        if self.storage != "fp8":
+            dtype = STORAGE_DTYPES[self.storage]
+            ones_k = torch.ones(k.shape[0], k.shape[2], device=k.device)
+            return centered.to(dtype), v.to(dtype), ones_k, mean, torch.ones_like(mean)
+        k_scale = scale_from_amax(centered.abs().amax(dim=(1, 3)))
+        v_scale = scale_from_amax(v.abs().amax(dim=1))
+        return (to_e4m3(centered, k_scale[:, None, :, None]), to_e4m3(v, v_scale[:, None]),
+                k_scale, mean, v_scale)
+
+    def _write_page(self, layer: int, page: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        kq, vq, ks, km, vs = self._quantize_unit(k, v)
+        self.k_pages[layer, page], self.v_pages[layer, page] = kq, vq
+        self.k_scale[layer, page], self.k_mean[layer, page], self.v_scale[layer, page] = ks, km, vs
+        if self.mass is not None:
+            self.mass[layer, page].zero_()
+
+    def _dequantize(self, kq, vq, ks, km, vs):
+        k = kq.float() * ks[:, None, :, None] + km[:, None]
+        return k, vq.float() * vs[:, None]
+
+    def _compact(self, layer: int, page: int) -> None:
+        """Merge the evicted page's highest-mass tokens with the keep buffer's, keep the top."""
+        n_keep = self._keep_count[layer]
+        k_old, v_old = self._dequantize(self.keep_k[layer, :, :n_keep], self.keep_v[layer, :, :n_keep],
+                                        self.keep_k_scale[layer], self.keep_k_mean[layer],
+                                        self.keep_v_scale[layer])
+        k_new, v_new = self._dequantize(self.k_pages[layer, page], self.v_pages[layer, page],
+                                        self.k_scale[layer, page], self.k_mean[layer, page],
+                                        self.v_scale[layer, page])
+        k_all, v_all = torch.cat((k_old, k_new), 1), torch.cat((v_old, v_new), 1)
+        mass = torch.cat((self.keep_mass[layer, :, :n_keep], self.mass[layer, page]), 1)
+        count = min(self.keep_tokens, mass.shape[1])
+        top = mass.topk(count, dim=1).indices.sort(dim=1).values  # [B, count], oldest first
+        gather = top[:, :, None, None].expand(-1, -1, self.heads, self.head_dim)
+        kq, vq, ks, km, vs = self._quantize_unit(k_all.gather(1, gather), v_all.gather(1, gather))
+        self.keep_k[layer, :, :count], self.keep_v[layer, :, :count] = kq, vq
+        self.keep_k_scale[layer], self.keep_k_mean[layer], self.keep_v_scale[layer] = ks, km, vs
+        self.keep_mass[layer, :, :count] = mass.gather(1, top)
+        self._keep_count[layer] = count
+
+    def _update_page_table(self, layer: int) -> None:
+        pages = self._slot_pages(layer)
+        self.page_table[layer, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
+
+    # ---- reading -----------------------------------------------------------------------------
+    def keep_count(self, layer: int) -> int:
+        self._check_layer(layer)
+        return self._keep_count[layer]
+
+    def view(self, layer: int) -> CacheLayerView:
+        """The read-only view of `layer` the attention op consumes."""
+        self._check_layer(layer)
+        T = self.frame_tokens
+        pages = self._slot_pages(layer)
+        sinks = self._sinks[layer]
+        units = [KeyUnit(p, i, T) for i, p in enumerate(pages[:sinks])]
+        if self._keep_count[layer]:
+            units.append(KeyUnit(KEEP, len(units), self._keep_count[layer]))
+        units += [KeyUnit(p, len(units) + i, T) for i, p in enumerate(pages[sinks:])]
+        window = pages[sinks:]
+        mass_pages = tuple(window[:self._lookahead[layer]]) if self.mass is not None else ()
+        return CacheLayerView(
+            self.k_pages[layer], self.v_pages[layer], self.k_scale[layer], self.k_mean[layer],
+            self.v_scale[layer], self.keep_k[layer], self.keep_v[layer], self.keep_k_scale[layer],
+            self.keep_k_mean[layer], self.keep_v_scale[layer], self.page_table[layer, :len(pages)],
+            tuple(units), len(units), None if self.mass is None else self.mass[layer], mass_pages,
+            self.storage, self.rope_dims, self.rope_theta)
+
+    def __repr__(self) -> str:
+        return (f"StreamingKVCache(layers={self.num_layers}, batch={self.batch}, heads={self.heads}, "
+                f"head_dim={self.head_dim}, frame_tokens={self.frame_tokens}, sinks={self.sink_frames}, "
+                f"window={self.window_frames}, keep_tokens={self.keep_tokens}, storage={self.storage!r}, "
+                f"frames_seen={self.frames_seen}, bytes={self.memory_bytes()})")

@@ -1,0 +1,35 @@
+"""Rotary position embedding on adjacent channel pairs (Wan2.1's convention).
+
+Wan2.1 splits head_dim D into a temporal part of D - 4*(D//6) leading channels and two spatial
+parts of 2*(D//6) each; each part rotates pairs (2j, 2j+1) by pos * theta^(-2j/d).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def temporal_rope_dims(head_dim: int) -> int:
+    """Number of leading channels of a head that carry the temporal rotary (Wan2.1's split)."""
+    return head_dim - 4 * (head_dim // 6)
+
+
+def rope_freqs(dims: int, theta: float = 10000.0, device=None) -> torch.Tensor:
+    """fp64 angular frequencies of the `dims // 2` pairs of one rotary part."""
+    return 1.0 / theta ** (torch.arange(0, dims, 2, dtype=torch.float64, device=device) / dims)
+
+
+def rotate_leading(x: torch.Tensor, positions: torch.Tensor, dims: int, theta: float = 10000.0) -> torch.Tensor:
+    """Rotate the first `dims` channels of x [..., L, H, D] by positions [L] (float, may be negative).
+
+    Returns fp32. Angles are formed in fp64 so a large position difference loses no accuracy.
+    """
+    if dims == 0:
+        return x.float()
+    angles = positions.double()[:, None] * rope_freqs(dims, theta, x.device)[None, :]  # [L, dims/2]
+    cos = angles.cos().float()[:, None, :]  # broadcast over heads
+    sin = angles.sin().float()[:, None, :]
+    x = x.float()
+    pairs = x[..., :dims].unflatten(-1, (dims // 2, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    return torch.cat((rotated, x[..., dims:]), dim=-1)

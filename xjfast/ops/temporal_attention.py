@@ -1,0 +1,224 @@
+"""temporal_attention: queries of the frames being generated attend to a cache of past frames
+plus the pass itself, block-causal by frame, with Q/K/V in FP8 e4m3 and softmax in fp32.
+
+The reference below defines the op (and is the CPU path). Quantization it simulates, which the
+kernels reproduce:
+- key units: each cache page (one frame), the keep buffer, and each block of the pass (each
+  frame of it when a cache is given) is stored as K minus its own per-(head, channel) mean m;
+  scores get q.m added back, which cancels the subtraction exactly;
+- K per (unit, head) and V per (unit, head, channel) scales; Q per (128-token tile, head), after
+  the temporal rotary of that key unit is applied to it;
+- P = exp(s - rowmax) is multiplied by 448 before its cast to e4m3 and divided after the
+  product, so small weights survive next to a dominant sink key; the row sum uses unrounded P.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+from xjfast.backends import register, resolve
+from xjfast.errors import check_choice, check_tensor
+from xjfast.ops.fp8 import P_SCALE, fake_quant, round_e4m3, scale_from_amax
+from xjfast.ops.rotary import rotate_leading
+
+PRECISIONS = ("fp8", "bf16")
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+Q_TILE = 128  # query tokens per Q quantization block (the kernels' BLOCK_M)
+
+
+class AttentionPlan(NamedTuple):
+    """Everything the backends need beyond q, k, v: validated, device-independent."""
+    block_tokens: int            # tokens per mask block (Lq when no mask)
+    private: tuple               # bool per block
+    causal: bool                 # False: no mask inside the pass
+    scale: float
+    frame_tokens: int | None     # tokens per temporal slot of the pass (None: no rotary)
+    precision: str
+
+
+def block_mask(num_tokens: int, block_tokens: int | None, private_blocks: Sequence[bool] | None = None,
+               device=None) -> torch.Tensor:
+    """The [Lq, Lq] boolean mask (True = may attend) of the pass, as DESIGN.md defines it."""
+    if block_tokens is None:
+        return torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device)
+    block = torch.arange(num_tokens, device=device) // block_tokens
+    visible = block[None, :] <= block[:, None]
+    if private_blocks is not None:
+        private = torch.as_tensor(list(private_blocks), dtype=torch.bool, device=device)[block]
+        visible &= ~private[None, :] | (block[None, :] == block[:, None])
+    return visible
+
+
+def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, precision, backend):
+    check_tensor("q", q, dtypes=DTYPES, ndim=4, unit_last_stride=True)
+    check_tensor("k", k, dtypes=(q.dtype,), ndim=4, device=q.device, unit_last_stride=True)
+    check_tensor("v", v, dtypes=(q.dtype,), ndim=4, device=q.device, unit_last_stride=True)
+    B, L, H, D = q.shape
+    if D not in HEAD_DIMS:
+        raise ValueError(f"q: expected head_dim in {HEAD_DIMS}, got {D} (shape {tuple(q.shape)})")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name}: expected shape {tuple(q.shape)} (the keys of the query tokens "
+                             f"themselves, like q), got {tuple(t.shape)}")
+    check_choice("precision", precision, PRECISIONS)
+    check_choice("backend", backend, ("auto", "reference", "triton", "cuda"))
+    if scale is None:
+        scale = D ** -0.5
+    elif not isinstance(scale, (int, float)) or not scale > 0 or scale == float("inf"):
+        raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
+    if block_tokens is not None:
+        if not isinstance(block_tokens, int) or isinstance(block_tokens, bool) or block_tokens <= 0 \
+                or L % block_tokens:
+            raise ValueError(f"block_tokens: expected a positive int dividing Lq={L}, got {block_tokens!r}")
+    blocks = L // block_tokens if block_tokens else 1
+    if private_blocks is None:
+        private = (False,) * blocks
+    else:
+        if block_tokens is None:
+            raise ValueError("private_blocks: needs block_tokens (private blocks are blocks of the mask)")
+        private = tuple(bool(p) for p in (private_blocks.tolist() if isinstance(private_blocks, torch.Tensor)
+                                           else private_blocks))
+        if len(private) != blocks:
+            raise ValueError(f"private_blocks: expected {blocks} entries (one per block of {block_tokens} "
+                             f"tokens), got {len(private)}")
+    frame_tokens = None
+    if kv_cache is not None:
+        from xjfast.cache import StreamingKVCache
+        if not isinstance(kv_cache, StreamingKVCache):
+            raise TypeError(f"kv_cache: expected a StreamingKVCache, got {type(kv_cache).__name__}")
+        geometry = (kv_cache.batch, kv_cache.heads, kv_cache.head_dim)
+        if geometry != (B, H, D):
+            raise ValueError(f"kv_cache: expected a cache of (batch, heads, head_dim) = {(B, H, D)} to match q, "
+                             f"got {geometry}")
+        if kv_cache.device != q.device:
+            raise ValueError(f"kv_cache: expected a cache on {q.device} (q's device), got {kv_cache.device}")
+        if layer is None:
+            raise ValueError("layer: expected the layer index of kv_cache to read, got None")
+        kv_cache._check_layer(layer)
+        frame_tokens = kv_cache.frame_tokens
+        if L % frame_tokens or (block_tokens and block_tokens % frame_tokens):
+            raise ValueError(f"q: with kv_cache, Lq ({L}) and block_tokens ({block_tokens}) must be whole "
+                             f"frames of {frame_tokens} tokens")
+    elif layer is not None:
+        raise ValueError("layer: given without kv_cache")
+    return AttentionPlan(block_tokens or L, private, block_tokens is not None, float(scale), frame_tokens,
+                         precision)
+
+
+def temporal_attention(q, k, v, *, block_tokens=None, private_blocks=None, scale=None, kv_cache=None,
+                       layer=None, precision="fp8", return_lse=False, backend="auto"):
+    """Attention of the pass's queries over `kv_cache[layer]` (oldest first) and the pass's own keys.
+
+    q, k, v: [B, Lq, H, D], bf16/fp16 (fp32 on the reference), D in {64, 128}. With `kv_cache`,
+    q and k carry their spatial rotary but not the temporal one: the op rotates by slot (cached
+    frames take slots 0..n-1, frame f of the pass slot n+f). Returns out [B, Lq, H, D] in q's
+    dtype, and LSE [B, H, Lq] fp32 (natural log, of the scaled scores) if `return_lse`.
+    """
+    plan = _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, precision, backend)
+    view = kv_cache.view(layer) if kv_cache is not None else None
+    out, lse = resolve("temporal_attention", backend, q.device).fn(q, k, v, plan, view)
+    return (out, lse) if return_lse else out
+
+
+# ---- reference -----------------------------------------------------------------------------
+
+class _Unit(NamedTuple):
+    k: torch.Tensor        # [B, n, H, D] fp32, K minus its mean
+    mean: torch.Tensor     # [B, H, D] fp32
+    v: torch.Tensor        # [B, n, H, D] fp32
+    k_scale: torch.Tensor | None  # stored scale: k is already on its e4m3 grid
+    v_scale: torch.Tensor | None
+    position: int | None   # temporal slot
+    keys: slice            # this unit's columns in the pass (None for cached units)
+    page: int | None       # cache page, for the attention-mass accumulator
+
+
+def _cached_units(view) -> list[_Unit]:
+    from xjfast.cache import KEEP
+    fp8 = view.storage == "fp8"
+    units = []
+    for unit in view.units:
+        if unit.page == KEEP:
+            n = unit.tokens
+            kq, vq = view.keep_k[:, :n], view.keep_v[:, :n]
+            ks, km, vs = view.keep_k_scale, view.keep_k_mean, view.keep_v_scale
+        else:
+            kq, vq = view.k_pages[unit.page], view.v_pages[unit.page]
+            ks, km, vs = view.k_scale[unit.page], view.k_mean[unit.page], view.v_scale[unit.page]
+        k = kq.float() * ks[:, None, :, None]
+        v = vq.float() * vs[:, None]
+        units.append(_Unit(k, km, v, ks if fp8 else None, vs if fp8 else None, unit.position, None,
+                           None if unit.page == KEEP else unit.page))
+    return units
+
+
+def _pass_units(k, v, plan, first_slot) -> list[_Unit]:
+    size = plan.frame_tokens or plan.block_tokens
+    units = []
+    for i, start in enumerate(range(0, k.shape[1], size)):
+        kf, vf = k[:, start:start + size].float(), v[:, start:start + size].float()
+        mean = kf.mean(dim=1)
+        position = first_slot + i if plan.frame_tokens else None
+        units.append(_Unit(kf - mean[:, None], mean, vf, None, None, position, slice(start, start + size), None))
+    return units
+
+
+def _quantize_q(qr: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize q [B, L, H, D] per (Q_TILE tokens, head)."""
+    B, L, H, D = qr.shape
+    pad = -L % Q_TILE
+    tiles = torch.nn.functional.pad(qr, (0, 0, 0, 0, 0, pad)).view(B, -1, Q_TILE, H, D)
+    scale = scale_from_amax(tiles.abs().amax(dim=(2, 4), keepdim=True))
+    return fake_quant(tiles, scale).view(B, L + pad, H, D)[:, :L]
+
+
+@register("temporal_attention", "reference")
+def temporal_attention_reference(q, k, v, plan: AttentionPlan, view):
+    B, L, H, D = q.shape
+    fp8 = plan.precision == "fp8"
+    first_slot = view.num_slots if view is not None else 0
+    units = (_cached_units(view) if view is not None else []) + _pass_units(k, v, plan, first_slot)
+    qf = q.float()
+    q_pos = (first_slot + torch.arange(L, device=q.device) // plan.frame_tokens) if plan.frame_tokens else None
+    rope_dims, theta = (view.rope_dims, view.rope_theta) if view is not None else (0, 0.0)
+
+    scores, values = [], []
+    for unit in units:
+        qr = qf if unit.position is None else rotate_leading(qf, q_pos - unit.position, rope_dims, theta)
+        if fp8:
+            k_hat = unit.k if unit.k_scale is not None else fake_quant(
+                unit.k, scale_from_amax(unit.k.abs().amax(dim=(1, 3)))[:, None, :, None])
+            v_hat = unit.v if unit.v_scale is not None else fake_quant(
+                unit.v, scale_from_amax(unit.v.abs().amax(dim=1))[:, None])
+            s = torch.einsum("blhd,bnhd->bhln", _quantize_q(qr), k_hat)
+        else:
+            v_hat = unit.v
+            s = torch.einsum("blhd,bnhd->bhln", qr, unit.k)
+        s = (s + torch.einsum("blhd,bhd->bhl", qr, unit.mean)[..., None]) * plan.scale
+        if unit.keys is not None and plan.causal:
+            visible = block_mask(L, plan.block_tokens, plan.private, q.device)[:, unit.keys]
+            s = s.masked_fill(~visible, float("-inf"))
+        scores.append(s)
+        values.append(v_hat)
+    s = torch.cat(scores, dim=-1)
+    row_max = s.amax(dim=-1, keepdim=True)
+    p = torch.exp(s - row_max)
+    row_sum = p.sum(dim=-1, keepdim=True)
+    p_hat = round_e4m3(p * P_SCALE) / P_SCALE if fp8 else p
+    out = torch.einsum("bhln,bnhd->blhd", p_hat, torch.cat(values, dim=1)) / row_sum.permute(0, 2, 1, 3)
+    lse = (row_max + row_sum.log()).squeeze(-1)
+    if view is not None and view.mass is not None:
+        _accumulate_mass(view, units, p / row_sum)
+    return out.to(q.dtype), lse
+
+
+def _accumulate_mass(view, units, probs) -> None:
+    """Add the attention mass (summed over heads and queries) of the next pages to evict."""
+    start = 0
+    for unit in units:
+        n = unit.k.shape[1]
+        if unit.page is not None and unit.page in view.mass_pages:
+            view.mass[unit.page] += probs[..., start:start + n].sum(dim=(1, 2))
+        start += n
