@@ -22,7 +22,9 @@ from typing import NamedTuple, Sequence
 import torch
 
 from xjfast.errors import check_choice, check_tensor
-from xjfast.ops.fp8 import E4M3, scale_from_amax, to_e4m3
+from xjfast.ops.fp8 import E4M3
+from xjfast.ops.kv_cache_commit import kv_cache_commit
+from xjfast.ops.kv_cache_compact import kv_cache_compact
 from xjfast.ops.rotary import temporal_rope_dims
 
 STORAGE_DTYPES = {"fp8": E4M3, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -52,6 +54,8 @@ class CacheLayerView(NamedTuple):
     page_table: torch.Tensor    # [num_pages_in_use] int32, slot order
     units: tuple                # KeyUnit per slot in use, slot order
     num_slots: int              # temporal slots in use (the pass's frames come after)
+    num_sinks: int              # sink pages in use (the first entries of page_table)
+    keep_count: int             # tokens in the keep buffer (its slot follows the sinks when > 0)
     mass: torch.Tensor | None   # [P, B, T] fp32 accumulator, None when keep_tokens == 0
     mass_pages: tuple           # pages whose tokens' attention mass the op accumulates
     storage: str
@@ -62,7 +66,7 @@ class CacheLayerView(NamedTuple):
 class StreamingKVCache:
     def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, frame_tokens: int, *,
                  sink_frames: int = 1, window_frames: int = 8, keep_tokens: int = 0, storage: str = "fp8",
-                 rope_dims: int | None = None, rope_theta: float = 10000.0, device="cpu"):
+                 rope_dims: int | None = None, rope_theta: float = 10000.0, device="cpu", backend: str = "auto"):
         for name, value, low in (("num_layers", num_layers, 1), ("batch", batch, 1), ("heads", heads, 1),
                                  ("head_dim", head_dim, 1), ("frame_tokens", frame_tokens, 1),
                                  ("sink_frames", sink_frames, 0), ("window_frames", window_frames, 1),
@@ -78,6 +82,7 @@ class StreamingKVCache:
         self.keep_tokens, self.storage = keep_tokens, storage
         self.rope_dims, self.rope_theta = rope_dims, float(rope_theta)
         self.device = torch.device(device)
+        self.backend = backend  # of the commit and compaction kernels
 
         pages = sink_frames + window_frames
         dtype, dev = STORAGE_DTYPES[storage], self.device
@@ -165,22 +170,24 @@ class StreamingKVCache:
         self._check_layer(layer)
         n = self._check_frames("k", k)
         self._check_frames("v", v, n)
-        T, S, W = self.frame_tokens, self.sink_frames, self.window_frames
-        for j in range(n):
+        S, W = self.sink_frames, self.window_frames
+        pages = []
+        for _ in range(n):
             if self._sinks[layer] < S:
                 page = self._sinks[layer]
                 self._sinks[layer] += 1
             elif self._window[layer] < W:
                 page = S + (self._head[layer] + self._window[layer]) % W
                 self._window[layer] += 1
-            else:
+            else:  # evict the oldest window page: its slot in the ring now holds the new frame
                 page = S + self._head[layer]
                 if self.keep_tokens:
                     self._compact(layer, page)
                 self._head[layer] = (self._head[layer] + 1) % W
-            self._write_page(layer, page, k[:, j * T:(j + 1) * T], v[:, j * T:(j + 1) * T])
+            pages.append(page)
             self._frame_of_page[layer][page] = self._frames_seen[layer]
             self._frames_seen[layer] += 1
+        self._write_pages(layer, pages, k, v)
         self._lookahead[layer] = n
         self._update_page_table(layer)
 
@@ -192,58 +199,27 @@ class StreamingKVCache:
         """
         if len(frames) != self.num_layers:
             raise ValueError(f"frames: expected one (k, v) pair per layer ({self.num_layers}), got {len(frames)}")
-        T = self.frame_tokens
         for layer, (k, v) in enumerate(frames):
             pages = self._slot_pages(layer)
-            self._check_frames(f"frames[{layer}][0]", k, len(pages)) if pages else None
-            self._check_frames(f"frames[{layer}][1]", v, len(pages)) if pages else None
-            for i, page in enumerate(pages):
-                self._write_page(layer, page, k[:, i * T:(i + 1) * T], v[:, i * T:(i + 1) * T])
+            if pages:
+                self._check_frames(f"frames[{layer}][0]", k, len(pages))
+                self._check_frames(f"frames[{layer}][1]", v, len(pages))
+                self._write_pages(layer, pages, k, v)
 
-    def _quantize_unit(self, k: torch.Tensor, v: torch.Tensor):
-        """[B, n, H, D] K/V -> storage values, K scale [B, H], K mean [B, H, D], V scale [B, H, D]."""
-        k, v = k.float(), v.float()
-        mean = k.mean(dim=1)
-        centered = k - mean[:, None]
-        if self.storage != "fp8":
-            dtype = STORAGE_DTYPES[self.storage]
-            ones_k = torch.ones(k.shape[0], k.shape[2], device=k.device)
-            return centered.to(dtype), v.to(dtype), ones_k, mean, torch.ones_like(mean)
-        k_scale = scale_from_amax(centered.abs().amax(dim=(1, 3)))
-        v_scale = scale_from_amax(v.abs().amax(dim=1))
-        return (to_e4m3(centered, k_scale[:, None, :, None]), to_e4m3(v, v_scale[:, None]),
-                k_scale, mean, v_scale)
-
-    def _write_page(self, layer: int, page: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        kq, vq, ks, km, vs = self._quantize_unit(k, v)
-        self.k_pages[layer, page], self.v_pages[layer, page] = kq, vq
-        self.k_scale[layer, page], self.k_mean[layer, page], self.v_scale[layer, page] = ks, km, vs
+    def _write_pages(self, layer: int, pages: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        ids = torch.tensor(pages, dtype=torch.int32, device=self.device)
+        kv_cache_commit(k, v, self.k_pages[layer], self.v_pages[layer], self.k_scale[layer], self.k_mean[layer],
+                        self.v_scale[layer], ids, backend=self.backend)
         if self.mass is not None:
-            self.mass[layer, page].zero_()
-
-    def _dequantize(self, kq, vq, ks, km, vs):
-        k = kq.float() * ks[:, None, :, None] + km[:, None]
-        return k, vq.float() * vs[:, None]
+            self.mass[layer, ids.long()] = 0.0
 
     def _compact(self, layer: int, page: int) -> None:
-        """Merge the evicted page's highest-mass tokens with the keep buffer's, keep the top."""
-        n_keep = self._keep_count[layer]
-        k_old, v_old = self._dequantize(self.keep_k[layer, :, :n_keep], self.keep_v[layer, :, :n_keep],
-                                        self.keep_k_scale[layer], self.keep_k_mean[layer],
-                                        self.keep_v_scale[layer])
-        k_new, v_new = self._dequantize(self.k_pages[layer, page], self.v_pages[layer, page],
-                                        self.k_scale[layer, page], self.k_mean[layer, page],
-                                        self.v_scale[layer, page])
-        k_all, v_all = torch.cat((k_old, k_new), 1), torch.cat((v_old, v_new), 1)
-        mass = torch.cat((self.keep_mass[layer, :, :n_keep], self.mass[layer, page]), 1)
-        count = min(self.keep_tokens, mass.shape[1])
-        top = mass.topk(count, dim=1).indices.sort(dim=1).values  # [B, count], oldest first
-        gather = top[:, :, None, None].expand(-1, -1, self.heads, self.head_dim)
-        kq, vq, ks, km, vs = self._quantize_unit(k_all.gather(1, gather), v_all.gather(1, gather))
-        self.keep_k[layer, :, :count], self.keep_v[layer, :, :count] = kq, vq
-        self.keep_k_scale[layer], self.keep_k_mean[layer], self.keep_v_scale[layer] = ks, km, vs
-        self.keep_mass[layer, :, :count] = mass.gather(1, top)
-        self._keep_count[layer] = count
+        keep = (self.keep_k[layer], self.keep_v[layer], self.keep_k_scale[layer], self.keep_k_mean[layer],
+                self.keep_v_scale[layer])
+        evicted = (self.k_pages[layer, page], self.v_pages[layer, page], self.k_scale[layer, page],
+                   self.k_mean[layer, page], self.v_scale[layer, page])
+        self._keep_count[layer] = kv_cache_compact(keep, self.keep_mass[layer], self._keep_count[layer], evicted,
+                                                   self.mass[layer, page], backend=self.backend)
 
     def _update_page_table(self, layer: int) -> None:
         pages = self._slot_pages(layer)
@@ -270,7 +246,8 @@ class StreamingKVCache:
             self.k_pages[layer], self.v_pages[layer], self.k_scale[layer], self.k_mean[layer],
             self.v_scale[layer], self.keep_k[layer], self.keep_v[layer], self.keep_k_scale[layer],
             self.keep_k_mean[layer], self.keep_v_scale[layer], self.page_table[layer, :len(pages)],
-            tuple(units), len(units), None if self.mass is None else self.mass[layer], mass_pages,
+            tuple(units), len(units), sinks, self._keep_count[layer],
+            None if self.mass is None else self.mass[layer], mass_pages,
             self.storage, self.rope_dims, self.rope_theta)
 
     def __repr__(self) -> str:

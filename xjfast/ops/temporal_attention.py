@@ -19,13 +19,15 @@ import torch
 
 from xjfast.backends import register, resolve
 from xjfast.errors import check_choice, check_tensor
-from xjfast.ops.fp8 import P_SCALE, fake_quant, round_e4m3, scale_from_amax
+from xjfast.ops.fp8 import E4M3, P_SCALE, fake_quant, round_e4m3, scale_from_amax
+from xjfast.ops.kv_cache_commit import quantize_unit
 from xjfast.ops.rotary import rotate_leading
 
 PRECISIONS = ("fp8", "bf16")
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 Q_TILE = 128  # query tokens per Q quantization block (the kernels' BLOCK_M)
+KV_TILE = 64  # keys per step of the online softmax (the kernels' BLOCK_N): P is rounded per step
 
 
 class AttentionPlan(NamedTuple):
@@ -125,43 +127,49 @@ def temporal_attention(q, k, v, *, block_tokens=None, private_blocks=None, scale
 # ---- reference -----------------------------------------------------------------------------
 
 class _Unit(NamedTuple):
-    k: torch.Tensor        # [B, n, H, D] fp32, K minus its mean
+    k: torch.Tensor        # [B, n, H, D] fp32, K minus its mean (on its e4m3 grid in fp8 precision)
     mean: torch.Tensor     # [B, H, D] fp32
     v: torch.Tensor        # [B, n, H, D] fp32
-    k_scale: torch.Tensor | None  # stored scale: k is already on its e4m3 grid
-    v_scale: torch.Tensor | None
     position: int | None   # temporal slot
-    keys: slice            # this unit's columns in the pass (None for cached units)
+    keys: slice | None     # this unit's columns in the pass (None for cached units)
     page: int | None       # cache page, for the attention-mass accumulator
+    fp8: bool              # Q.K and P.V of this unit run in e4m3
 
 
-def _cached_units(view) -> list[_Unit]:
+def _dequantized(kq, vq, ks, km, vs):
+    return kq.float() * ks[:, None, :, None], km, vq.float() * vs[:, None]
+
+
+def _cached_units(view, fp8: bool) -> list[_Unit]:
+    """Cached pages at their storage precision: e4m3 pages take part in FP8 precision as they
+    are; bf16/fp32 pages are used unquantized (there is no FP8 grid to reuse)."""
     from xjfast.cache import KEEP
-    fp8 = view.storage == "fp8"
     units = []
     for unit in view.units:
         if unit.page == KEEP:
-            n = unit.tokens
-            kq, vq = view.keep_k[:, :n], view.keep_v[:, :n]
-            ks, km, vs = view.keep_k_scale, view.keep_k_mean, view.keep_v_scale
+            stored = (view.keep_k[:, :unit.tokens], view.keep_v[:, :unit.tokens], view.keep_k_scale,
+                      view.keep_k_mean, view.keep_v_scale)
         else:
-            kq, vq = view.k_pages[unit.page], view.v_pages[unit.page]
-            ks, km, vs = view.k_scale[unit.page], view.k_mean[unit.page], view.v_scale[unit.page]
-        k = kq.float() * ks[:, None, :, None]
-        v = vq.float() * vs[:, None]
-        units.append(_Unit(k, km, v, ks if fp8 else None, vs if fp8 else None, unit.position, None,
-                           None if unit.page == KEEP else unit.page))
+            p = unit.page
+            stored = (view.k_pages[p], view.v_pages[p], view.k_scale[p], view.k_mean[p], view.v_scale[p])
+        units.append(_Unit(*_dequantized(*stored), unit.position, None, None if unit.page == KEEP else unit.page,
+                           fp8 and view.storage == "fp8"))
     return units
 
 
 def _pass_units(k, v, plan, first_slot) -> list[_Unit]:
     size = plan.frame_tokens or plan.block_tokens
+    fp8 = plan.precision == "fp8"
     units = []
     for i, start in enumerate(range(0, k.shape[1], size)):
-        kf, vf = k[:, start:start + size].float(), v[:, start:start + size].float()
-        mean = kf.mean(dim=1)
-        position = first_slot + i if plan.frame_tokens else None
-        units.append(_Unit(kf - mean[:, None], mean, vf, None, None, position, slice(start, start + size), None))
+        keys = slice(start, start + size)
+        if fp8:
+            kc, mean, vf = _dequantized(*quantize_unit(k[:, keys], v[:, keys], E4M3))
+        else:
+            kf, vf = k[:, keys].float(), v[:, keys].float()
+            mean = kf.mean(dim=1)
+            kc = kf - mean[:, None]
+        units.append(_Unit(kc, mean, vf, first_slot + i if plan.frame_tokens else None, keys, None, fp8))
     return units
 
 
@@ -177,41 +185,54 @@ def _quantize_q(qr: torch.Tensor) -> torch.Tensor:
 @register("temporal_attention", "reference")
 def temporal_attention_reference(q, k, v, plan: AttentionPlan, view):
     B, L, H, D = q.shape
-    fp8 = plan.precision == "fp8"
     first_slot = view.num_slots if view is not None else 0
-    units = (_cached_units(view) if view is not None else []) + _pass_units(k, v, plan, first_slot)
+    units = (_cached_units(view, plan.precision == "fp8") if view is not None else []) + \
+        _pass_units(k, v, plan, first_slot)
     qf = q.float()
     q_pos = (first_slot + torch.arange(L, device=q.device) // plan.frame_tokens) if plan.frame_tokens else None
     rope_dims, theta = (view.rope_dims, view.rope_theta) if view is not None else (0, 0.0)
+    visible = block_mask(L, plan.block_tokens, plan.private, q.device) if plan.causal else None
 
-    scores, values = [], []
+    scores = []
     for unit in units:
         qr = qf if unit.position is None else rotate_leading(qf, q_pos - unit.position, rope_dims, theta)
-        if fp8:
-            k_hat = unit.k if unit.k_scale is not None else fake_quant(
-                unit.k, scale_from_amax(unit.k.abs().amax(dim=(1, 3)))[:, None, :, None])
-            v_hat = unit.v if unit.v_scale is not None else fake_quant(
-                unit.v, scale_from_amax(unit.v.abs().amax(dim=1))[:, None])
-            s = torch.einsum("blhd,bnhd->bhln", _quantize_q(qr), k_hat)
-        else:
-            v_hat = unit.v
-            s = torch.einsum("blhd,bnhd->bhln", qr, unit.k)
+        s = torch.einsum("blhd,bnhd->bhln", _quantize_q(qr) if unit.fp8 else qr, unit.k)
         s = (s + torch.einsum("blhd,bhd->bhl", qr, unit.mean)[..., None]) * plan.scale
-        if unit.keys is not None and plan.causal:
-            visible = block_mask(L, plan.block_tokens, plan.private, q.device)[:, unit.keys]
-            s = s.masked_fill(~visible, float("-inf"))
+        if unit.keys is not None and visible is not None:
+            s = s.masked_fill(~visible[:, unit.keys], float("-inf"))
         scores.append(s)
-        values.append(v_hat)
     s = torch.cat(scores, dim=-1)
     row_max = s.amax(dim=-1, keepdim=True)
     p = torch.exp(s - row_max)
     row_sum = p.sum(dim=-1, keepdim=True)
-    p_hat = round_e4m3(p * P_SCALE) / P_SCALE if fp8 else p
-    out = torch.einsum("bhln,bnhd->blhd", p_hat, torch.cat(values, dim=1)) / row_sum.permute(0, 2, 1, 3)
+    out = torch.zeros(B, H, L, D, device=q.device)
+    sizes = [u.k.shape[1] for u in units]
+    running = _running_max(scores, row_max)
+    for unit, p_unit, m_run in zip(units, p.split(sizes, dim=-1), running.split(sizes, dim=-1)):
+        if unit.fp8:  # P is rounded relative to the running max of the online softmax, then rescaled
+            shift = torch.exp(m_run - row_max)
+            p_unit = round_e4m3(p_unit / shift * P_SCALE) / P_SCALE * shift
+        out += torch.einsum("bhln,bnhd->bhld", p_unit, unit.v)
+    out = (out / row_sum).transpose(1, 2)
     lse = (row_max + row_sum.log()).squeeze(-1)
     if view is not None and view.mass is not None:
         _accumulate_mass(view, units, p / row_sum)
     return out.to(q.dtype), lse
+
+
+def _running_max(scores: list, row_max: torch.Tensor) -> torch.Tensor:
+    """Per key: the online softmax's running row max once that key's KV_TILE-key tile is read
+    (units in slot order, each tiled from its start), as the kernels see it."""
+    tile_max, tile_len = [], []
+    for s in scores:
+        n = s.shape[-1]
+        padded = torch.nn.functional.pad(s, (0, -n % KV_TILE), value=float("-inf"))
+        tile_max.append(padded.unflatten(-1, (-1, KV_TILE)).amax(dim=-1))
+        tile_len += [min(KV_TILE, n - i) for i in range(0, n, KV_TILE)]
+    running = torch.cat(tile_max, dim=-1).cummax(dim=-1).values
+    running = torch.where(running == float("-inf"), row_max, running)  # rows that saw nothing yet
+    lengths = torch.tensor(tile_len, device=running.device)
+    return running.repeat_interleave(lengths, dim=-1)
 
 
 def _accumulate_mass(view, units, probs) -> None:

@@ -1,0 +1,296 @@
+"""Triton temporal_attention: FP8 attention over a paged KV cache plus the pass's own keys.
+
+One program per (128-query tile, batch*head). It walks the key units in slot order: the cached
+pages through the page table (e4m3, read as stored), the keep buffer, then the pass's frames
+(quantized beforehand by the kv_cache_commit kernel into a workspace of the same page format,
+so every query tile reads them as e4m3 instead of requantizing them). Per unit it:
+  1. rotates the query tile's temporal channels by (query slot - unit slot): the cached keys
+     carry no temporal rotary, so the rotation moves to the query side and keys stay untouched;
+  2. quantizes that rotated tile to e4m3 with one scale (per tile, head and unit);
+  3. adds q.mean back per row (each unit stores K minus its mean: exact, see DESIGN.md);
+  4. runs an exp2 online softmax over the unit's key tiles, with P multiplied by 448 before
+     its e4m3 cast and V's per-channel scale applied to the P.V product.
+Units no row of the tile may see (block-causal / private masks) are skipped whole.
+A companion kernel turns the LSE into the attention mass of the pages next to be evicted.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8 import P_SCALE, scale_from_amax, to_e4m3
+from .kv_cache_commit import kv_cache_commit
+
+BLOCK_M = 128  # = xjfast.ops.temporal_attention.Q_TILE: Q is quantized per 128-row tile
+LOG2E = 1.4426950408889634
+
+# Tuned per architecture on the stream shapes by the benchmark issue; (BLOCK_N, warps, stages).
+CONFIGS = {
+    "default": (64, 8, 2),
+    "interpret": (64, 4, 1),
+}
+
+
+@triton.jit
+def _attend_unit(acc, m_i, l_i, q, q_sw, q_delta, visible, offs_d,
+                 k_base, v_base, stride_k, stride_v, n_tokens, k_scale, k_mean, v_scale, sm_scale_log2,
+                 log2_theta, UNIT_FP8: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DT: tl.constexpr, INTERPRET: tl.constexpr):
+    # 1. temporal rotary of the query tile by (query slot - unit slot), pairs (2j, 2j+1)
+    if ROPE_DIMS > 0:
+        inv_freq = tl.exp2(-(offs_d // 2).to(tl.float32) * (2.0 / ROPE_DIMS) * log2_theta)
+        angle = q_delta[:, None] * inv_freq[None, :]
+        rotated = (offs_d < ROPE_DIMS)[None, :]
+        cos = tl.where(rotated, tl.cos(angle), 1.0)
+        sin = tl.where(rotated, tl.sin(angle), 0.0)
+        sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+        qr = q * cos + q_sw * sin * sign[None, :]
+    else:
+        qr = q
+    # 3. the unit's mean term, from the unquantized rotated queries
+    q_mean = tl.sum(qr * k_mean[None, :], axis=1) * sm_scale_log2
+    # 2. per-(tile, unit) Q quantization
+    if UNIT_FP8:
+        q_scale = scale_from_amax(tl.max(tl.max(tl.abs(qr), axis=1), axis=0))
+        q_op = to_e4m3(qr / q_scale, INTERPRET)
+        score_scale = q_scale * k_scale * sm_scale_log2
+    else:
+        q_op = qr if INTERPRET else qr.to(DT)
+        score_scale = k_scale * sm_scale_log2
+    for n0 in range(0, n_tokens, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        live = offs_n < n_tokens
+        k = tl.load(k_base + offs_n[:, None] * stride_k + offs_d[None, :], mask=live[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_v + offs_d[None, :], mask=live[:, None], other=0.0)
+        if UNIT_FP8:
+            s = tl.dot(q_op, tl.trans(k))
+        elif INTERPRET:
+            s = tl.dot(q_op, tl.trans(k.to(tl.float32)))
+        else:
+            s = tl.dot(q_op, tl.trans(k.to(DT)))
+        s = s * score_scale + q_mean[:, None]
+        s = tl.where(visible[:, None] & live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        # 4. P.V: FP8 with scaled P, or bf16 (fp32 in the interpreter, whose bf16 dot is broken)
+        if UNIT_FP8:
+            pv = tl.dot(to_e4m3(p * P_SCALE, INTERPRET), v) * (v_scale / P_SCALE)[None, :]
+        elif INTERPRET:
+            pv = tl.dot(p, v.to(tl.float32)) * v_scale[None, :]
+        else:
+            pv = tl.dot(p.to(DT), v.to(DT)) * v_scale[None, :]
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_page(acc, m_i, l_i, q, q_sw, q_slot, slot, page_ptr, visible, offs_d, b, h, B, H,
+                 ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, log2_theta,
+                 D: tl.constexpr, CACHE_FP8: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DT: tl.constexpr, INTERPRET: tl.constexpr):
+    page = tl.load(page_ptr).to(tl.int64)
+    row = (page * B + b) * H + h
+    base = (page * B + b) * cache_T * H * D + h * D
+    return _attend_unit(acc, m_i, l_i, q, q_sw, q_slot - slot, visible, offs_d, ck_ptr + base, cv_ptr + base,
+                        H * D, H * D, cache_T, tl.load(cks_ptr + row), tl.load(ckm_ptr + row * D + offs_d),
+                        tl.load(cvs_ptr + row * D + offs_d), sm_scale_log2, log2_theta,
+                        CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
+
+
+@triton.jit
+def temporal_attention_kernel(
+    q_ptr, out_ptr, lse_ptr, stride_qb, stride_ql, stride_qh, stride_ob, stride_ol, stride_oh,
+    ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, page_table_ptr, n_pages, n_sinks, cache_T,
+    kk_ptr, kv_ptr, kks_ptr, kkm_ptr, kvs_ptr, keep_count, keep_cap,
+    pk_ptr, pv_ptr, pks_ptr, pkm_ptr, pvs_ptr, stride_pkb, stride_pkl, stride_pkh, stride_pvb, stride_pvl,
+    stride_pvh, n_units, unit_T, private_ptr, block_tokens,
+    B, H, Lq, first_slot, sm_scale_log2, log2_theta,
+    D: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CACHE_FP8: tl.constexpr, PASS_FP8: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    rows = offs_m < Lq
+    q_rows = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_ql
+    q = tl.load(q_rows + offs_d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+    if ROPE_DIMS > 0:
+        q_sw = tl.load(q_rows + (offs_d ^ 1)[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+    else:
+        q_sw = q
+    q_slot = (first_slot + offs_m // unit_T).to(tl.float32)
+    all_rows = offs_m >= 0
+    zeros_d = tl.zeros([D], dtype=tl.float32)
+    ones_d = zeros_d + 1.0
+
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # cached units in slot order: sink pages, the keep buffer, window pages ([P, B, T, H, D])
+    page_stride_t = H * D
+    for i in range(0, n_sinks):
+        acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, q_sw, q_slot, i, page_table_ptr + i, all_rows, offs_d, b, h, B, H,
+                                     ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, log2_theta,
+                                     D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
+    if keep_count > 0:
+        row = b * H + h
+        base = b.to(tl.int64) * keep_cap * H * D + h * D
+        acc, m_i, l_i = _attend_unit(
+            acc, m_i, l_i, q, q_sw, q_slot - n_sinks, all_rows, offs_d, kk_ptr + base, kv_ptr + base,
+            page_stride_t, page_stride_t, keep_count, tl.load(kks_ptr + row), tl.load(kkm_ptr + row * D + offs_d),
+            tl.load(kvs_ptr + row * D + offs_d), sm_scale_log2, log2_theta,
+            CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
+    for i in range(n_sinks, n_pages):
+        acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, q_sw, q_slot, i + tl.where(keep_count > 0, 1, 0),
+                                     page_table_ptr + i, all_rows, offs_d, b, h, B, H,
+                                     ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, log2_theta,
+                                     D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
+
+    # the pass's own units (frames with a cache, mask blocks without)
+    row_block = offs_m // block_tokens
+    for u in range(0, n_units):
+        unit_block = (u * unit_T) // block_tokens
+        if CAUSAL:
+            private = tl.load(private_ptr + unit_block) != 0
+            visible = (row_block == unit_block) | ((unit_block < row_block) & (not private))
+        else:
+            visible = all_rows
+        if tl.max(visible.to(tl.int32), axis=0) > 0:  # skip units no row of the tile may see
+            if PASS_FP8:  # the workspace [U, B, unit_T, H, D] written by kv_cache_commit
+                row = (u * B + b) * H + h
+                k_base = pk_ptr + (u * B + b).to(tl.int64) * unit_T * H * D + h * D
+                v_base = pv_ptr + (u * B + b).to(tl.int64) * unit_T * H * D + h * D
+                acc, m_i, l_i = _attend_unit(
+                    acc, m_i, l_i, q, q_sw, q_slot - (first_slot + u), visible, offs_d, k_base, v_base,
+                    page_stride_t, page_stride_t, unit_T, tl.load(pks_ptr + row),
+                    tl.load(pkm_ptr + row * D + offs_d), tl.load(pvs_ptr + row * D + offs_d),
+                    sm_scale_log2, log2_theta, True, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
+            else:  # the input K/V themselves, unquantized
+                start = (u * unit_T).to(tl.int64)
+                k_base = pk_ptr + b.to(tl.int64) * stride_pkb + h * stride_pkh + start * stride_pkl
+                v_base = pv_ptr + b.to(tl.int64) * stride_pvb + h * stride_pvh + start * stride_pvl
+                acc, m_i, l_i = _attend_unit(
+                    acc, m_i, l_i, q, q_sw, q_slot - (first_slot + u), visible, offs_d, k_base, v_base,
+                    stride_pkl, stride_pvl, unit_T, 1.0, zeros_d, ones_d, sm_scale_log2, log2_theta,
+                    False, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
+
+    out = acc / l_i[:, None]
+    o_rows = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ol
+    tl.store(o_rows + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=rows[:, None])
+    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634  # natural log
+    tl.store(lse_ptr + (b * H + h).to(tl.int64) * Lq + offs_m, lse, mask=rows)
+
+
+@triton.jit
+def attention_mass_kernel(
+    q_ptr, lse_ptr, stride_qb, stride_ql, stride_qh, ck_ptr, cks_ptr, ckm_ptr, mass_ptr,
+    page, slot, B, H, Lq, cache_T, first_slot, unit_T, sm_scale_log2, log2_theta,
+    D: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CACHE_FP8: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """mass[page, b, t] += sum over queries (and, by atomics, heads) of softmax(q.k_t) for one page."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    live = offs_n < cache_T
+    row = (page * B + b) * H + h
+    base = (page * B + b).to(tl.int64) * cache_T * H * D + h * D
+    k = tl.load(ck_ptr + base + offs_n[:, None] * (H * D) + offs_d[None, :], mask=live[:, None], other=0.0)
+    k_scale = tl.load(cks_ptr + row)
+    k_mean = tl.load(ckm_ptr + row * D + offs_d)
+    mass = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for m0 in range(0, Lq, BLOCK_M):  # the same Q tiles, rotation and quantization as the attention
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        rows = offs_m < Lq
+        q_rows = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_ql
+        q = tl.load(q_rows + offs_d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+        if ROPE_DIMS > 0:
+            q_sw = tl.load(q_rows + (offs_d ^ 1)[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+            inv_freq = tl.exp2(-(offs_d // 2).to(tl.float32) * (2.0 / ROPE_DIMS) * log2_theta)
+            angle = ((first_slot + offs_m // unit_T) - slot).to(tl.float32)[:, None] * inv_freq[None, :]
+            rotated = (offs_d < ROPE_DIMS)[None, :]
+            sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+            q = q * tl.where(rotated, tl.cos(angle), 1.0) + q_sw * tl.where(rotated, tl.sin(angle), 0.0) * sign[None, :]
+        q_mean = tl.sum(q * k_mean[None, :], axis=1) * sm_scale_log2
+        if CACHE_FP8:
+            q_scale = scale_from_amax(tl.max(tl.max(tl.abs(q), axis=1), axis=0))
+            s = tl.dot(to_e4m3(q / q_scale, INTERPRET), tl.trans(k)) * (q_scale * k_scale * sm_scale_log2)
+        else:
+            s = tl.dot(q, tl.trans(k.to(tl.float32))) * (k_scale * sm_scale_log2)
+        lse2 = tl.load(lse_ptr + (b * H + h).to(tl.int64) * Lq + offs_m, mask=rows, other=0.0) * 1.4426950408889634
+        p = tl.exp2(s + q_mean[:, None] - lse2[:, None])
+        mass += tl.sum(tl.where(rows[:, None], p, 0.0), axis=0)
+    tl.atomic_add(mass_ptr + (page * B + b).to(tl.int64) * cache_T + offs_n, mass, mask=live)
+
+
+_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+_PRIVATE_FLAGS = {}
+
+
+def _private_flags(private: tuple, device) -> torch.Tensor:
+    key = (private, str(device))
+    if key not in _PRIVATE_FLAGS:  # built once per mask, so a captured graph keeps a valid pointer
+        _PRIVATE_FLAGS[key] = torch.tensor(private, dtype=torch.int8, device=device)
+    return _PRIVATE_FLAGS[key]
+
+
+def temporal_attention(q, k, v, plan, view, *, interpret=False):
+    """Launch on validated inputs (see xjfast.ops.temporal_attention). Returns (out, lse)."""
+    B, L, H, D = q.shape
+    block_n, warps, stages = CONFIGS["interpret" if interpret else "default"]
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+    unit_T = plan.frame_tokens or plan.block_tokens
+    n_units = L // unit_T
+    fp8 = plan.precision == "fp8"
+    if fp8:  # quantize the pass's K/V once into pages, read by every query tile
+        shape = (n_units, B, unit_T, H, D)
+        ws = [torch.empty(shape, device=q.device, dtype=torch.float8_e4m3fn) for _ in range(2)]
+        ws += [torch.empty(n_units, B, H, device=q.device), torch.empty(n_units, B, H, D, device=q.device),
+               torch.empty(n_units, B, H, D, device=q.device)]
+        kv_cache_commit(k, v, *ws, torch.arange(n_units, device=q.device, dtype=torch.int32), interpret=interpret)
+        pass_k, pass_v, pass_ks, pass_km, pass_vs = ws
+    else:
+        pass_k, pass_v, pass_ks, pass_km, pass_vs = k, v, lse, lse, lse  # scales unused
+    if view is not None:
+        cache = (view.k_pages, view.v_pages, view.k_scale, view.k_mean, view.v_scale, view.page_table,
+                 view.page_table.numel(), view.num_sinks, view.k_pages.shape[2])
+        keep = (view.keep_k, view.keep_v, view.keep_k_scale, view.keep_k_mean, view.keep_v_scale, view.keep_count,
+                view.keep_k.shape[1])
+        first_slot, rope_dims, log2_theta = view.num_slots, view.rope_dims, math.log2(view.rope_theta)
+        cache_fp8 = fp8 and view.storage == "fp8"
+    else:  # no cache: zero pages and an empty keep buffer; the pointers are never read
+        cache = (q, q, lse, lse, lse, lse, 0, 0, 1)
+        keep = (q, q, lse, lse, lse, 0, 1)
+        first_slot, rope_dims, log2_theta, cache_fp8 = 0, 0, 0.0, False
+    sm_scale_log2 = plan.scale * LOG2E
+    grid = (triton.cdiv(L, BLOCK_M), B * H)
+    temporal_attention_kernel[grid](
+        q, out, lse, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        *cache, *keep,
+        pass_k, pass_v, pass_ks, pass_km, pass_vs, k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), n_units, unit_T, _private_flags(plan.private, q.device),
+        plan.block_tokens, B, H, L, first_slot, sm_scale_log2, log2_theta,
+        D=D, ROPE_DIMS=rope_dims, BLOCK_M=BLOCK_M, BLOCK_N=block_n, CACHE_FP8=cache_fp8, PASS_FP8=fp8,
+        CAUSAL=plan.causal, DT=_DTYPES[q.dtype], INTERPRET=interpret, num_warps=warps, num_stages=stages,
+    )
+    if view is not None and view.mass is not None:
+        for unit in view.units:
+            if unit.page in view.mass_pages:
+                attention_mass_kernel[(triton.cdiv(view.k_pages.shape[2], block_n), B * H)](
+                    q, lse, q.stride(0), q.stride(1), q.stride(2), view.k_pages, view.k_scale, view.k_mean,
+                    view.mass, unit.page, unit.position, B, H, L, view.k_pages.shape[2], first_slot, unit_T,
+                    sm_scale_log2, log2_theta, D=D, ROPE_DIMS=rope_dims, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+                    CACHE_FP8=cache_fp8, INTERPRET=interpret, num_warps=warps)
+    return out, lse

@@ -1,0 +1,69 @@
+"""kv_cache_commit: quantize whole frames of K/V into pages of a paged cache, in one pass.
+
+Each page gets: K minus its per-(b, head, channel) mean, in e4m3 with one fp32 scale per
+(b, head); V in e4m3 with one fp32 scale per (b, head, channel); and the mean itself. With a
+bf16/fp32 storage the values are stored unquantized (K still centred) with unit scales.
+The attention op uses the same quantization for the keys of its own pass.
+"""
+from __future__ import annotations
+
+import torch
+
+from xjfast.backends import register, resolve
+from xjfast.errors import check_tensor
+from xjfast.ops.fp8 import E4M3, scale_from_amax, to_e4m3
+
+STORAGE = (E4M3, torch.bfloat16, torch.float32)
+INPUTS = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def quantize_unit(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype):
+    """[B, n, H, D] K/V -> (K values, V values, K scale [B, H], K mean [B, H, D], V scale [B, H, D])."""
+    k, v = k.float(), v.float()
+    mean = k.mean(dim=1)
+    centered = k - mean[:, None]
+    if dtype != E4M3:
+        ones = torch.ones(k.shape[0], k.shape[2], device=k.device)
+        return centered.to(dtype), v.to(dtype), ones, mean, torch.ones_like(mean)
+    k_scale = scale_from_amax(centered.abs().amax(dim=(1, 3)))
+    v_scale = scale_from_amax(v.abs().amax(dim=1))
+    return to_e4m3(centered, k_scale[:, None, :, None]), to_e4m3(v, v_scale[:, None]), k_scale, mean, v_scale
+
+
+def kv_cache_commit(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids, *, backend="auto"):
+    """Write frame i of k/v [B, n*T, H, D] into page `page_ids[i]` of one layer's storage.
+
+    k_pages/v_pages [P, B, T, H, D] (e4m3, bf16 or fp32), k_scale [P, B, H], k_mean and
+    v_scale [P, B, H, D] fp32; page_ids: n distinct page indices (int32 tensor on k's device).
+    """
+    check_tensor("k", k, dtypes=INPUTS, ndim=4, unit_last_stride=True)
+    check_tensor("v", v, dtypes=INPUTS, ndim=4, device=k.device, unit_last_stride=True)
+    check_tensor("k_pages", k_pages, dtypes=STORAGE, ndim=5, device=k.device)
+    check_tensor("v_pages", v_pages, dtypes=(k_pages.dtype,), ndim=5, device=k.device)
+    P, B, T, H, D = k_pages.shape
+    for name, t, shape in (("v_pages", v_pages, (P, B, T, H, D)), ("k_scale", k_scale, (P, B, H)),
+                           ("k_mean", k_mean, (P, B, H, D)), ("v_scale", v_scale, (P, B, H, D))):
+        check_tensor(name, t, dtypes=(torch.float32,) if name != "v_pages" else None, device=k.device)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape} to match k_pages, got {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor (cache storage), got strides {t.stride()}")
+    if not k_pages.is_contiguous():
+        raise ValueError(f"k_pages: expected a contiguous tensor (cache storage), got strides {k_pages.stride()}")
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, D) or k.shape[1] % T or k.shape[1] == 0:
+        raise ValueError(f"k, v: expected shape [{B}, n*{T}, {H}, {D}] (whole pages), got {tuple(k.shape)} "
+                         f"and {tuple(v.shape)}")
+    n = k.shape[1] // T
+    check_tensor("page_ids", page_ids, dtypes=(torch.int32, torch.int64), ndim=1, device=k.device)
+    if page_ids.numel() != n:
+        raise ValueError(f"page_ids: expected {n} page indices (one per frame of k), got {page_ids.numel()}")
+    resolve("kv_cache_commit", backend, k.device).fn(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids)
+
+
+@register("kv_cache_commit", "reference")
+def kv_cache_commit_reference(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids):
+    T = k_pages.shape[2]
+    for i, page in enumerate(page_ids.tolist()):
+        frame = slice(i * T, (i + 1) * T)
+        kq, vq, ks, km, vs = quantize_unit(k[:, frame], v[:, frame], k_pages.dtype)
+        k_pages[page], v_pages[page], k_scale[page], k_mean[page], v_scale[page] = kq, vq, ks, km, vs

@@ -1,0 +1,65 @@
+"""kv_cache_compact: merge an evicted page's highest-attention tokens into the keep buffer.
+
+Candidates are the tokens already kept (with the mass they had when kept) and the tokens of the
+evicted page (with the mass the attention op accumulated for them). The `keep_tokens` heaviest
+per batch element are kept, in candidate order (older first), and the buffer is requantized as
+one unit (one K mean and scale per head, one V scale per channel), like a page.
+"""
+from __future__ import annotations
+
+import torch
+
+from xjfast.backends import register, resolve
+from xjfast.errors import check_tensor
+from xjfast.ops.kv_cache_commit import STORAGE, quantize_unit
+
+
+def select_keep(keep_mass: torch.Tensor, keep_count: int, page_mass: torch.Tensor):
+    """Candidate indices [B, count] (ascending; < keep_count: kept tokens, else page tokens) and masses."""
+    mass = torch.cat((keep_mass[:, :keep_count], page_mass), dim=1)
+    count = min(keep_mass.shape[1], mass.shape[1])
+    top = mass.topk(count, dim=1).indices.sort(dim=1).values
+    return top, mass.gather(1, top)
+
+
+def kv_cache_compact(keep, keep_mass, keep_count: int, page, page_mass, *, backend="auto") -> int:
+    """Merge one evicted page into the keep buffer in place; returns the new number of kept tokens.
+
+    keep = (k [B, K, H, D], v, k_scale [B, H], k_mean [B, H, D], v_scale [B, H, D]), keep_mass [B, K];
+    page = (k [B, T, H, D], v, k_scale, k_mean, v_scale) of the evicted page, page_mass [B, T].
+    """
+    names = ("k", "v", "k_scale", "k_mean", "v_scale")
+    for prefix, group in (("keep", keep), ("page", page)):
+        for name, t in zip(names, group):
+            check_tensor(f"{prefix}.{name}", t, dtypes=STORAGE if name in "kv" else (torch.float32,),
+                         device=keep[0].device)
+    B, K, H, D = keep[0].shape
+    if page[0].shape[0] != B or page[0].shape[2:] != (H, D):
+        raise ValueError(f"page.k: expected shape [{B}, T, {H}, {D}] like the keep buffer, got {tuple(page[0].shape)}")
+    if keep_mass.shape != (B, K) or page_mass.shape != page[0].shape[:2]:
+        raise ValueError(f"keep_mass/page_mass: expected shapes {(B, K)} and {tuple(page[0].shape[:2])}, "
+                         f"got {tuple(keep_mass.shape)} and {tuple(page_mass.shape)}")
+    if not 0 <= keep_count <= K:
+        raise ValueError(f"keep_count: expected an int in [0, {K}], got {keep_count}")
+    top, mass = select_keep(keep_mass, keep_count, page_mass)
+    resolve("kv_cache_compact", backend, keep[0].device).fn(keep, keep_count, page, top)
+    keep_mass[:, :top.shape[1]] = mass
+    return top.shape[1]
+
+
+def _dequantize(k, v, k_scale, k_mean, v_scale):
+    return k.float() * k_scale[:, None, :, None] + k_mean[:, None], v.float() * v_scale[:, None]
+
+
+@register("kv_cache_compact", "reference")
+def kv_cache_compact_reference(keep, keep_count, page, top):
+    k_old, v_old = _dequantize(keep[0][:, :keep_count], keep[1][:, :keep_count], *keep[2:])
+    k_new, v_new = _dequantize(*page)
+    H, D = k_old.shape[2:]
+    gather = top[:, :, None, None].expand(-1, -1, H, D)
+    k = torch.cat((k_old, k_new), 1).gather(1, gather)
+    v = torch.cat((v_old, v_new), 1).gather(1, gather)
+    kq, vq, ks, km, vs = quantize_unit(k, v, keep[0].dtype)
+    count = top.shape[1]
+    keep[0][:, :count], keep[1][:, :count] = kq, vq
+    keep[2].copy_(ks), keep[3].copy_(km), keep[4].copy_(vs)
