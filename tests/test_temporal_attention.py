@@ -188,10 +188,97 @@ def test_cache_of_wrong_geometry():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no GPU is present")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_unavailable_backend_says_why(backend):
+def test_unavailable_backend_says_why(backend, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter would run Triton on the CPU
     with pytest.raises(BackendUnavailable, match=f"backend '{backend}' is unavailable: .+|no {backend} implementation"):
         temporal_attention(*qkv(L=128), backend=backend)
 
 
 def test_public_names():
     assert xjfast.temporal_attention is temporal_attention and xjfast.StreamingKVCache is StreamingKVCache
+
+
+# ---- fast backends against the reference that simulates the same quantization ---------------
+
+from backends import DEVICE, fast_backends, poisoned  # noqa: E402
+from xjfast.backends import resolve  # noqa: E402
+from xjfast.ops.temporal_attention import _validate  # noqa: E402
+
+SIM_REL_L2 = 1e-2  # DESIGN.md: against the reference that simulates the same quantization
+
+
+def filled_cache(frames, H, D, T, device=DEVICE, **kwargs):
+    torch.manual_seed(11)  # two caches filled alike: one per backend
+    cache = StreamingKVCache(1, 1, H, D, T, device=device, **kwargs)
+    for _ in range(frames):
+        k, v = torch.randn(1, T, H, D, device=device) + 2, torch.randn(1, T, H, D, device=device)
+        cache.commit(0, k.bfloat16(), v.bfloat16())
+    return cache
+
+
+def run_backend(backend, q, k, v, kv_cache=None, **kwargs):
+    """The backend's launch with poisoned outputs, through the op's own validation."""
+    plan = _validate(q, k, v, kwargs.get("block_tokens"), kwargs.get("private_blocks"), None, kv_cache,
+                     0 if kv_cache is not None else None, kwargs.get("precision", "fp8"), backend)
+    view = kv_cache.view(0) if kv_cache is not None else None
+    if backend == "reference":
+        return resolve("temporal_attention", backend, q.device).fn(q, k, v, plan, view)
+    B, L, H, D = q.shape
+    out, lse = poisoned(q.shape, q.dtype), poisoned((B, H, L), torch.float32)
+    from xjfast.backends import triton_interpreted
+    from xjfast.kernels.temporal_attention import temporal_attention as launch
+    return launch(q, k, v, plan, view, interpret=triton_interpreted(), out=out, lse=lse)
+
+
+CASES = {
+    "full": dict(L=128, D=64, kwargs={}),
+    "block-causal-private": dict(L=128, D=64, kwargs=dict(block_tokens=32, private_blocks=(False, True, False, True))),
+    "bf16-precision": dict(L=128, D=64, kwargs=dict(block_tokens=64, precision="bf16")),
+    "head-dim-128-fp16": dict(L=96, D=128, dtype=torch.float16, kwargs=dict(block_tokens=32)),
+    "cache": dict(L=64, D=64, cache=dict(frames=4, sink_frames=1, window_frames=2), kwargs=dict(block_tokens=32)),
+    "cache-bf16-precision": dict(L=64, D=64, cache=dict(frames=3), kwargs=dict(block_tokens=64, precision="bf16")),
+    "cache-keep-tokens": dict(L=64, D=64, cache=dict(frames=5, sink_frames=1, window_frames=2, keep_tokens=8),
+                              kwargs=dict(block_tokens=32)),
+}
+
+
+@pytest.mark.parametrize("backend", fast_backends("temporal_attention"))
+@pytest.mark.parametrize("case", list(CASES))
+def test_fast_backend_matches_simulating_reference(backend, case):
+    spec = CASES[case]
+    H, T = 2, 32
+    q, k, v = (t.to(DEVICE) for t in qkv(L=spec["L"], H=H, D=spec["D"], dtype=spec.get("dtype", torch.bfloat16)))
+    caches = [filled_cache(H=H, D=spec["D"], T=T, **spec["cache"]) if "cache" in spec else None for _ in range(2)]
+    out, lse = run_backend(backend, q, k, v, caches[0], **spec["kwargs"])
+    ref, ref_lse = run_backend("reference", q, k, v, caches[1], **spec["kwargs"])
+    assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten"
+    assert rel_l2(out, ref.double()) <= SIM_REL_L2
+    assert (lse - ref_lse).abs().max() < 1e-3
+    if caches[0] is not None and caches[0].mass is not None:  # the attention-mass companion kernel
+        assert torch.allclose(caches[0].mass, caches[1].mass, rtol=1e-3, atol=1e-5)
+        assert caches[0].mass.sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", fast_backends("temporal_attention"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("cached, query_frames", [(3, 1), (21, 2)])
+def test_fast_backend_stream_shape(backend, dtype, D, cached, query_frames):
+    """Wan2.1-1.3B's stream shape: 12 heads, 1560-token frames, up to 21 cached frames."""
+    H, T = 12, 1560
+    q, k, v = (t.to(DEVICE) for t in qkv(L=query_frames * T, H=H, D=D, dtype=dtype))
+    caches = [filled_cache(cached, H, D, T, sink_frames=1, window_frames=cached - 1) for _ in range(2)]
+    out, lse = run_backend(backend, q, k, v, caches[0], block_tokens=T)
+    ref, ref_lse = run_backend("reference", q, k, v, caches[1], block_tokens=T)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert rel_l2(out, ref.double()) <= SIM_REL_L2 and (lse - ref_lse).abs().max() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", fast_backends("temporal_attention"))
+def test_fast_backend_within_design_bounds_of_exact(backend):
+    q, k, v = (t.to(DEVICE) for t in qkv(L=1024, H=4, D=128, dtype=torch.bfloat16))
+    out = temporal_attention(q, k, v, block_tokens=256, backend=backend)
+    ref, _ = exact_attention(q.cpu(), k.cpu(), v.cpu(), explicit_block_mask(1024, 256))
+    assert rel_l2(out.cpu(), ref) <= FP8_REL_L2 and cosine(out.cpu(), ref) >= FP8_COS

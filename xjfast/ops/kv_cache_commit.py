@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from xjfast.backends import register, resolve
+from xjfast.backends import register, resolve, triton_interpreted
 from xjfast.errors import check_tensor
 from xjfast.ops.fp8 import E4M3, scale_from_amax, to_e4m3
 
@@ -67,3 +67,9 @@ def kv_cache_commit_reference(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, 
         frame = slice(i * T, (i + 1) * T)
         kq, vq, ks, km, vs = quantize_unit(k[:, frame], v[:, frame], k_pages.dtype)
         k_pages[page], v_pages[page], k_scale[page], k_mean[page], v_scale[page] = kq, vq, ks, km, vs
+
+
+@register("kv_cache_commit", "triton", min_capability=(8, 9))
+def kv_cache_commit_triton(*args):
+    from xjfast.kernels.kv_cache_commit import kv_cache_commit as launch
+    launch(*args, interpret=triton_interpreted())

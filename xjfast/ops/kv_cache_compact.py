@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from xjfast.backends import register, resolve
+from xjfast.backends import register, resolve, triton_interpreted
 from xjfast.errors import check_tensor
 from xjfast.ops.kv_cache_commit import STORAGE, quantize_unit
 
@@ -63,3 +63,9 @@ def kv_cache_compact_reference(keep, keep_count, page, top):
     count = top.shape[1]
     keep[0][:, :count], keep[1][:, :count] = kq, vq
     keep[2].copy_(ks), keep[3].copy_(km), keep[4].copy_(vs)
+
+
+@register("kv_cache_compact", "triton", min_capability=(8, 9))
+def kv_cache_compact_triton(*args):
+    from xjfast.kernels.kv_cache_compact import kv_cache_compact as launch
+    launch(*args, interpret=triton_interpreted())

@@ -17,7 +17,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from xjfast.backends import register, resolve
+from xjfast.backends import register, resolve, triton_interpreted
 from xjfast.errors import check_choice, check_tensor
 from xjfast.ops.fp8 import E4M3, P_SCALE, fake_quant, round_e4m3, scale_from_amax
 from xjfast.ops.kv_cache_commit import quantize_unit
@@ -243,3 +243,9 @@ def _accumulate_mass(view, units, probs) -> None:
         if unit.page is not None and unit.page in view.mass_pages:
             view.mass[unit.page] += probs[..., start:start + n].sum(dim=(1, 2))
         start += n
+
+
+@register("temporal_attention", "triton", min_capability=(8, 9))
+def temporal_attention_triton(q, k, v, plan: AttentionPlan, view):
+    from xjfast.kernels.temporal_attention import temporal_attention as launch
+    return launch(q, k, v, plan, view, interpret=triton_interpreted())

@@ -1,0 +1,26 @@
+"""Which implementations of an op the tests can run here, and per-backend tolerances."""
+import pytest
+import torch
+
+from xjfast.backends import backend_unavailable_reason, implementations
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fast_backends(op: str):
+    """pytest params for every non-reference implementation of `op`; unusable ones skip with the reason."""
+    params = []
+    for name in implementations(op):
+        if name == "reference":
+            continue
+        reason = backend_unavailable_reason(name, DEVICE)
+        params.append(pytest.param(name, id=name, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
+    return params
+
+
+def poisoned(shape, dtype, device=DEVICE):
+    """A buffer full of NaN (or the most negative value for integers): an element a kernel forgets
+    to write cannot pass for a right answer."""
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), device=device).to(dtype)
+    return torch.full(shape, torch.iinfo(dtype).min, dtype=dtype, device=device)
