@@ -8,9 +8,10 @@ the cast is exact.
 import triton
 import triton.language as tl
 
-E4M3_MAX = 448.0
-MIN_SCALE = 1e-12
-P_SCALE = 448.0
+# constexpr so that jitted code may read them (= xjfast.ops.fp8's constants)
+E4M3_MAX = tl.constexpr(448.0)
+MIN_SCALE = tl.constexpr(1e-12)
+P_SCALE = tl.constexpr(448.0)
 
 
 @triton.jit

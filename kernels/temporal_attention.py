@@ -13,7 +13,6 @@ so every query tile reads them as e4m3 instead of requantizing them). Per unit i
 Units no row of the tile may see (block-causal / private masks) are skipped whole.
 A companion kernel turns the LSE into the attention mass of the pages next to be evicted.
 """
-import math
 
 import torch
 import triton
@@ -33,19 +32,30 @@ CONFIGS = {
 
 
 @triton.jit
-def _attend_unit(acc, m_i, l_i, q, q_sw, q_delta, visible, offs_d,
+def _rotate(q, delta, rope_ptr, rope_center, D: tl.constexpr):
+    """Rotate channel pairs (2j, 2j+1) of each row of q [M, D] by its slot difference `delta`,
+    with cos and sin read from a [deltas, 2, D/2] table (identity past the temporal channels):
+    a gather costs far fewer registers and instructions than cos/sin of the tile."""
+    M: tl.constexpr = q.shape[0]
+    offs_j = tl.arange(0, D // 2)
+    trig = rope_ptr + (delta + rope_center)[:, None].to(tl.int64) * D + offs_j[None, :]
+    cos = tl.load(trig)
+    sin = tl.load(trig + D // 2)
+    even, odd = tl.split(tl.reshape(q, [M, D // 2, 2]))
+    return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), [M, D])
+
+
+@triton.jit
+def _attend_unit(acc, m_i, l_i, q_rows, rows, q_delta, visible, offs_d,
                  k_base, v_base, stride_k, stride_v, n_tokens, k_scale, k_mean, v_scale, sm_scale_log2,
-                 log2_theta, UNIT_FP8: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 rope_ptr, rope_center, UNIT_FP8: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_N: tl.constexpr,
                  DT: tl.constexpr, INTERPRET: tl.constexpr):
-    # 1. temporal rotary of the query tile by (query slot - unit slot), pairs (2j, 2j+1)
+    # The query tile is re-read per unit (an L1/L2 hit) rather than held in registers across
+    # the key loop, where the accumulator needs them.
+    q = tl.load(q_rows + offs_d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+    # 1. temporal rotary of the query tile by (query slot - unit slot)
     if ROPE_DIMS > 0:
-        inv_freq = tl.exp2(-(offs_d // 2).to(tl.float32) * (2.0 / ROPE_DIMS) * log2_theta)
-        angle = q_delta[:, None] * inv_freq[None, :]
-        rotated = (offs_d < ROPE_DIMS)[None, :]
-        cos = tl.where(rotated, tl.cos(angle), 1.0)
-        sin = tl.where(rotated, tl.sin(angle), 0.0)
-        sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
-        qr = q * cos + q_sw * sin * sign[None, :]
+        qr = _rotate(q, q_delta, rope_ptr, rope_center, offs_d.shape[0])
     else:
         qr = q
     # 3. the unit's mean term, from the unquantized rotated queries
@@ -53,11 +63,18 @@ def _attend_unit(acc, m_i, l_i, q, q_sw, q_delta, visible, offs_d,
     # 2. per-(tile, unit) Q quantization
     if UNIT_FP8:
         q_scale = scale_from_amax(tl.max(tl.max(tl.abs(qr), axis=1), axis=0))
-        q_op = to_e4m3(qr / q_scale, INTERPRET)
+        q_op = to_e4m3(qr * (1.0 / q_scale), INTERPRET)
         score_scale = q_scale * k_scale * sm_scale_log2
     else:
         q_op = qr if INTERPRET else qr.to(DT)
         score_scale = k_scale * sm_scale_log2
+    # While this unit is read, acc is kept in its V-scale units (and times P_SCALE for FP8 P),
+    # so each P.V product accumulates in place in the tensor cores' accumulator.
+    if UNIT_FP8:
+        acc_to_unit = P_SCALE / v_scale
+    else:
+        acc_to_unit = 1.0 / v_scale
+    acc = acc * acc_to_unit[None, :]
     for n0 in range(0, n_tokens, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         live = offs_n < n_tokens
@@ -76,29 +93,30 @@ def _attend_unit(acc, m_i, l_i, q, q_sw, q_delta, visible, offs_d,
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
         # 4. P.V: FP8 with scaled P, or bf16 (fp32 in the interpreter, whose bf16 dot is broken)
         if UNIT_FP8:
-            pv = tl.dot(to_e4m3(p * P_SCALE, INTERPRET), v) * (v_scale / P_SCALE)[None, :]
+            acc = tl.dot(to_e4m3(p * P_SCALE, INTERPRET), v, acc)
         elif INTERPRET:
-            pv = tl.dot(p, v.to(tl.float32)) * v_scale[None, :]
+            acc = tl.dot(p, v.to(tl.float32), acc)
         else:
-            pv = tl.dot(p.to(DT), v.to(DT)) * v_scale[None, :]
-        acc = acc * alpha[:, None] + pv
+            acc = tl.dot(p.to(DT), v.to(DT), acc)
         m_i = m_new
+    acc = acc * (1.0 / acc_to_unit)[None, :]
     return acc, m_i, l_i
 
 
 @triton.jit
-def _attend_page(acc, m_i, l_i, q, q_sw, q_slot, slot, page_ptr, visible, offs_d, b, h, B, H,
-                 ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, log2_theta,
+def _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, slot, page_ptr, visible, offs_d, b, h, B, H,
+                 ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, rope_ptr, rope_center,
                  D: tl.constexpr, CACHE_FP8: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_N: tl.constexpr,
                  DT: tl.constexpr, INTERPRET: tl.constexpr):
     page = tl.load(page_ptr).to(tl.int64)
     row = (page * B + b) * H + h
     base = (page * B + b) * cache_T * H * D + h * D
-    return _attend_unit(acc, m_i, l_i, q, q_sw, q_slot - slot, visible, offs_d, ck_ptr + base, cv_ptr + base,
+    return _attend_unit(acc, m_i, l_i, q_rows, rows, q_slot - slot, visible, offs_d, ck_ptr + base, cv_ptr + base,
                         H * D, H * D, cache_T, tl.load(cks_ptr + row), tl.load(ckm_ptr + row * D + offs_d),
-                        tl.load(cvs_ptr + row * D + offs_d), sm_scale_log2, log2_theta,
+                        tl.load(cvs_ptr + row * D + offs_d), sm_scale_log2, rope_ptr, rope_center,
                         CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
 
 
@@ -109,7 +127,7 @@ def temporal_attention_kernel(
     kk_ptr, kv_ptr, kks_ptr, kkm_ptr, kvs_ptr, keep_count, keep_cap,
     pk_ptr, pv_ptr, pks_ptr, pkm_ptr, pvs_ptr, stride_pkb, stride_pkl, stride_pkh, stride_pvb, stride_pvl,
     stride_pvh, n_units, unit_T, private_ptr, block_tokens,
-    B, H, Lq, first_slot, sm_scale_log2, log2_theta,
+    B, H, Lq, first_slot, sm_scale_log2, rope_ptr, rope_center,
     D: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CACHE_FP8: tl.constexpr, PASS_FP8: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -121,12 +139,7 @@ def temporal_attention_kernel(
     offs_d = tl.arange(0, D)
     rows = offs_m < Lq
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_ql
-    q = tl.load(q_rows + offs_d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
-    if ROPE_DIMS > 0:
-        q_sw = tl.load(q_rows + (offs_d ^ 1)[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
-    else:
-        q_sw = q
-    q_slot = (first_slot + offs_m // unit_T).to(tl.float32)
+    q_slot = first_slot + offs_m // unit_T
     all_rows = offs_m >= 0
     zeros_d = tl.zeros([D], dtype=tl.float32)
     ones_d = zeros_d + 1.0
@@ -138,21 +151,21 @@ def temporal_attention_kernel(
     # cached units in slot order: sink pages, the keep buffer, window pages ([P, B, T, H, D])
     page_stride_t = H * D
     for i in range(0, n_sinks):
-        acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, q_sw, q_slot, i, page_table_ptr + i, all_rows, offs_d, b, h, B, H,
-                                     ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, log2_theta,
+        acc, m_i, l_i = _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, i, page_table_ptr + i, all_rows, offs_d, b, h, B, H,
+                                     ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, rope_ptr, rope_center,
                                      D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
     if keep_count > 0:
         row = b * H + h
         base = b.to(tl.int64) * keep_cap * H * D + h * D
         acc, m_i, l_i = _attend_unit(
-            acc, m_i, l_i, q, q_sw, q_slot - n_sinks, all_rows, offs_d, kk_ptr + base, kv_ptr + base,
+            acc, m_i, l_i, q_rows, rows, q_slot - n_sinks, all_rows, offs_d, kk_ptr + base, kv_ptr + base,
             page_stride_t, page_stride_t, keep_count, tl.load(kks_ptr + row), tl.load(kkm_ptr + row * D + offs_d),
-            tl.load(kvs_ptr + row * D + offs_d), sm_scale_log2, log2_theta,
+            tl.load(kvs_ptr + row * D + offs_d), sm_scale_log2, rope_ptr, rope_center,
             CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
     for i in range(n_sinks, n_pages):
-        acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, q_sw, q_slot, i + tl.where(keep_count > 0, 1, 0),
+        acc, m_i, l_i = _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, i + tl.where(keep_count > 0, 1, 0),
                                      page_table_ptr + i, all_rows, offs_d, b, h, B, H,
-                                     ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, log2_theta,
+                                     ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, rope_ptr, rope_center,
                                      D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
 
     # the pass's own units (frames with a cache, mask blocks without)
@@ -170,20 +183,20 @@ def temporal_attention_kernel(
                 k_base = pk_ptr + (u * B + b).to(tl.int64) * unit_T * H * D + h * D
                 v_base = pv_ptr + (u * B + b).to(tl.int64) * unit_T * H * D + h * D
                 acc, m_i, l_i = _attend_unit(
-                    acc, m_i, l_i, q, q_sw, q_slot - (first_slot + u), visible, offs_d, k_base, v_base,
+                    acc, m_i, l_i, q_rows, rows, q_slot - (first_slot + u), visible, offs_d, k_base, v_base,
                     page_stride_t, page_stride_t, unit_T, tl.load(pks_ptr + row),
                     tl.load(pkm_ptr + row * D + offs_d), tl.load(pvs_ptr + row * D + offs_d),
-                    sm_scale_log2, log2_theta, True, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
+                    sm_scale_log2, rope_ptr, rope_center, True, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
             else:  # the input K/V themselves, unquantized
                 start = (u * unit_T).to(tl.int64)
                 k_base = pk_ptr + b.to(tl.int64) * stride_pkb + h * stride_pkh + start * stride_pkl
                 v_base = pv_ptr + b.to(tl.int64) * stride_pvb + h * stride_pvh + start * stride_pvl
                 acc, m_i, l_i = _attend_unit(
-                    acc, m_i, l_i, q, q_sw, q_slot - (first_slot + u), visible, offs_d, k_base, v_base,
-                    stride_pkl, stride_pvl, unit_T, 1.0, zeros_d, ones_d, sm_scale_log2, log2_theta,
+                    acc, m_i, l_i, q_rows, rows, q_slot - (first_slot + u), visible, offs_d, k_base, v_base,
+                    stride_pkl, stride_pvl, unit_T, 1.0, zeros_d, ones_d, sm_scale_log2, rope_ptr, rope_center,
                     False, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
 
-    out = acc / l_i[:, None]
+    out = acc * (1.0 / l_i)[:, None]
     o_rows = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ol
     tl.store(o_rows + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=rows[:, None])
     lse = (m_i + tl.log2(l_i)) / 1.4426950408889634  # natural log
@@ -193,7 +206,7 @@ def temporal_attention_kernel(
 @triton.jit
 def attention_mass_kernel(
     q_ptr, lse_ptr, stride_qb, stride_ql, stride_qh, ck_ptr, cks_ptr, ckm_ptr, mass_ptr,
-    page, slot, B, H, Lq, cache_T, first_slot, unit_T, sm_scale_log2, log2_theta,
+    page, slot, B, H, Lq, cache_T, first_slot, unit_T, sm_scale_log2, rope_ptr, rope_center,
     D: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CACHE_FP8: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -216,16 +229,11 @@ def attention_mass_kernel(
         q_rows = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_ql
         q = tl.load(q_rows + offs_d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
         if ROPE_DIMS > 0:
-            q_sw = tl.load(q_rows + (offs_d ^ 1)[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
-            inv_freq = tl.exp2(-(offs_d // 2).to(tl.float32) * (2.0 / ROPE_DIMS) * log2_theta)
-            angle = ((first_slot + offs_m // unit_T) - slot).to(tl.float32)[:, None] * inv_freq[None, :]
-            rotated = (offs_d < ROPE_DIMS)[None, :]
-            sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
-            q = q * tl.where(rotated, tl.cos(angle), 1.0) + q_sw * tl.where(rotated, tl.sin(angle), 0.0) * sign[None, :]
+            q = _rotate(q, (first_slot + offs_m // unit_T) - slot, rope_ptr, rope_center, D)
         q_mean = tl.sum(q * k_mean[None, :], axis=1) * sm_scale_log2
         if CACHE_FP8:
             q_scale = scale_from_amax(tl.max(tl.max(tl.abs(q), axis=1), axis=0))
-            s = tl.dot(to_e4m3(q / q_scale, INTERPRET), tl.trans(k)) * (q_scale * k_scale * sm_scale_log2)
+            s = tl.dot(to_e4m3(q * (1.0 / q_scale), INTERPRET), tl.trans(k)) * (q_scale * k_scale * sm_scale_log2)
         else:
             s = tl.dot(q, tl.trans(k.to(tl.float32))) * (k_scale * sm_scale_log2)
         lse2 = tl.load(lse_ptr + (b * H + h).to(tl.int64) * Lq + offs_m, mask=rows, other=0.0) * 1.4426950408889634
@@ -236,6 +244,23 @@ def attention_mass_kernel(
 
 _DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _PRIVATE_FLAGS = {}
+_ROPE_TABLES = {}
+
+
+def _rope_table(dims: int, theta: float, D: int, max_delta: int, device):
+    """[2 * max_delta + 1, 2, D/2] fp32: cos and sin of delta * freq per channel pair, for delta
+    in [-max_delta, max_delta] (cos 1, sin 0 past the temporal pairs); cached, so a captured graph
+    keeps a valid pointer."""
+    key = (dims, theta, D, max_delta, str(device))
+    if key not in _ROPE_TABLES:
+        delta = torch.arange(-max_delta, max_delta + 1, dtype=torch.float64)[:, None]
+        pair = torch.arange(D // 2)
+        angle = delta * (theta ** (-2.0 * pair.double() / dims))[None, :]
+        rotated = pair < dims // 2
+        cos = torch.where(rotated, angle.cos(), torch.ones_like(angle))
+        sin = torch.where(rotated, angle.sin(), torch.zeros_like(angle))
+        _ROPE_TABLES[key] = torch.stack((cos, sin), dim=1).float().contiguous().to(device)
+    return _ROPE_TABLES[key], max_delta
 
 
 def _private_flags(private: tuple, device) -> torch.Tensor:
@@ -269,12 +294,14 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
                  view.page_table.numel(), view.num_sinks, view.k_pages.shape[2])
         keep = (view.keep_k, view.keep_v, view.keep_k_scale, view.keep_k_mean, view.keep_v_scale, view.keep_count,
                 view.keep_k.shape[1])
-        first_slot, rope_dims, log2_theta = view.num_slots, view.rope_dims, math.log2(view.rope_theta)
+        first_slot, rope_dims = view.num_slots, view.rope_dims
+        rope, rope_center = _rope_table(view.rope_dims, view.rope_theta, D, view.k_pages.shape[0] + 2 + n_units,
+                                        q.device)
         cache_fp8 = fp8 and view.storage == "fp8"
     else:  # no cache: zero pages and an empty keep buffer; the pointers are never read
         cache = (q, q, lse, lse, lse, lse, 0, 0, 1)
         keep = (q, q, lse, lse, lse, 0, 1)
-        first_slot, rope_dims, log2_theta, cache_fp8 = 0, 0, 0.0, False
+        first_slot, rope_dims, cache_fp8, rope, rope_center = 0, 0, False, lse, 0
     sm_scale_log2 = plan.scale * LOG2E
     grid = (triton.cdiv(L, BLOCK_M), B * H)
     temporal_attention_kernel[grid](
@@ -282,7 +309,7 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
         *cache, *keep,
         pass_k, pass_v, pass_ks, pass_km, pass_vs, k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), n_units, unit_T, _private_flags(plan.private, q.device),
-        plan.block_tokens, B, H, L, first_slot, sm_scale_log2, log2_theta,
+        plan.block_tokens, B, H, L, first_slot, sm_scale_log2, rope, rope_center,
         D=D, ROPE_DIMS=rope_dims, BLOCK_M=BLOCK_M, BLOCK_N=block_n, CACHE_FP8=cache_fp8, PASS_FP8=fp8,
         CAUSAL=plan.causal, DT=_DTYPES[q.dtype], INTERPRET=interpret, num_warps=warps, num_stages=stages,
     )
@@ -292,6 +319,6 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
                 attention_mass_kernel[(triton.cdiv(view.k_pages.shape[2], block_n), B * H)](
                     q, lse, q.stride(0), q.stride(1), q.stride(2), view.k_pages, view.k_scale, view.k_mean,
                     view.mass, unit.page, unit.position, B, H, L, view.k_pages.shape[2], first_slot, unit_T,
-                    sm_scale_log2, log2_theta, D=D, ROPE_DIMS=rope_dims, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+                    sm_scale_log2, rope, rope_center, D=D, ROPE_DIMS=rope_dims, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
                     CACHE_FP8=cache_fp8, INTERPRET=interpret, num_warps=warps)
     return out, lse
