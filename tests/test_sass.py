@@ -1,0 +1,63 @@
+"""Static checks of the Triton kernels' machine code for Hopper and Blackwell, without a GPU."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton", reason="the SASS checks compile the Triton kernels")
+from xjfast.tools import sass  # noqa: E402
+
+ARCHS = (90, 100)
+FP8_MMA = {90: "QGMMA", 100: "UTCQMMA"}
+BF16_MMA = {90: "HGMMA", 100: "UTCHMMA"}
+# Known defect, tracked: the D=128 attention kernels keep too many [128, 128] fp32 tiles live
+# around the per-unit query rotation and spill a few hundred bytes. strict: this fails as soon
+# as the spill is gone, so the marker cannot outlive the defect.
+SPILLING = {"temporal_attention[fp8,D=128]", "temporal_attention[bf16,D=128]"}
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """The tool's own report, run as users run it: in a process where Triton compiles (the test
+    session may run Triton's interpreter, whose kernels cannot be compiled)."""
+    out = tmp_path_factory.mktemp("sass") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-m", "xjfast.tools.sass", "--json", str(out)], env=env, check=True,
+                   capture_output=True, text=True)
+    return {(r["kernel"], int(r["arch"][3:-1])): r for r in json.loads(out.read_text())}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp8_attention_uses_fp8_tensor_cores(reports, arch):
+    for name in ("temporal_attention[fp8,D=128]", "temporal_attention[fp8,D=64]", "attention_mass[fp8,D=128]"):
+        ops = reports[(name, arch)]["tensor_core"]
+        assert ops.get(FP8_MMA[arch], 0) > 0, (name, ops)
+        assert set(ops) == {FP8_MMA[arch]}, f"{name}: 16-bit MMAs in the FP8 kernel: {ops}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_attention_uses_bf16_tensor_cores(reports, arch):
+    ops = reports[("temporal_attention[bf16,D=128]", arch)]["tensor_core"]
+    assert ops.get(BF16_MMA[arch], 0) > 0, ops
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_memory_fits(reports, arch):
+    for (name, a), r in reports.items():
+        if a == arch:
+            assert r["shared_bytes"] <= r["shared_limit"], name
+
+
+def spill_cases():
+    for spec in sass.stream_specs():
+        marks = [pytest.mark.xfail(strict=True, reason="known spill, see SPILLING")] if spec.name in SPILLING else []
+        for arch in ARCHS:
+            yield pytest.param(spec.name, arch, marks=marks, id=f"{spec.name}-sm_{arch}a")
+
+
+@pytest.mark.parametrize("name, arch", list(spill_cases()))
+def test_nothing_spills(reports, name, arch):
+    r = reports[(name, arch)]
+    assert r["stack_bytes"] == 0 and r["spill_stores"] == 0, r

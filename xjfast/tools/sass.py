@@ -1,0 +1,173 @@
+"""Compile every Triton kernel, in its tuned configurations, for sm_90a and sm_100a without a GPU,
+and report per kernel and arch: registers, spills, shared memory and the tensor-core
+instructions in the SASS.
+
+    python -m xjfast.tools.sass [--arch 90 100] [--kernel NAME ...] [--json FILE]
+
+Triton compiles for a target it does not have (`triton.compile(ASTSource(...), target=GPUTarget)`),
+and the cuobjdump/nvdisasm shipped inside Triton's wheel read the cubin. Integer arguments are
+specialized as Triton does at launch (divisible by 16 or not) from the stream-shape values below.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+# Shared memory a block may use (opt-in maximum), by compute capability.
+SHARED_LIMIT = {90: 227 * 1024, 100: 227 * 1024}
+TENSOR_CORE_OPS = ("QGMMA", "HGMMA", "HMMA", "IMMA", "UTCQMMA", "UTCHMMA", "UTCOMMA", "UTCIMMA")
+
+
+@dataclass
+class KernelSpec:
+    name: str
+    module: str          # xjfast.kernels.<module>
+    function: str        # the @triton.jit function
+    args: dict           # example value per runtime argument: "*bf16"-style strings for pointers
+    constexprs: dict
+    num_warps: int
+    num_stages: int = 2
+    tags: dict = field(default_factory=dict)
+
+
+def stream_specs() -> list[KernelSpec]:
+    """The tuned configurations at the Wan2.1-1.3B stream shape (H=12, 1560-token frames)."""
+    import triton.language as tl
+
+    from xjfast.kernels.temporal_attention import BLOCK_M, CONFIGS
+
+    B, H, T, L = 1, 12, 1560, 2 * 1560
+    specs = []
+    for D, rope, precision in ((128, 44, "fp8"), (64, 24, "fp8"), (128, 44, "bf16")):
+        fp8 = precision == "fp8"
+        block_n, warps, stages = CONFIGS["default"]
+        page = "*fp8e4nv" if fp8 else "*fp8e4nv"
+        pass_kv = "*fp8e4nv" if fp8 else "*bf16"
+        args = dict(
+            q_ptr="*bf16", out_ptr="*bf16", lse_ptr="*fp32", stride_qb=L * H * D, stride_ql=H * D, stride_qh=D,
+            stride_ob=L * H * D, stride_ol=H * D, stride_oh=D, ck_ptr=page, cv_ptr=page, cks_ptr="*fp32",
+            ckm_ptr="*fp32", cvs_ptr="*fp32", page_table_ptr="*i32", n_pages=21, n_sinks=1, cache_T=T,
+            kk_ptr=page, kv_ptr=page, kks_ptr="*fp32", kkm_ptr="*fp32", kvs_ptr="*fp32", keep_count=0, keep_cap=3,
+            pk_ptr=pass_kv, pv_ptr=pass_kv, pks_ptr="*fp32", pkm_ptr="*fp32", pvs_ptr="*fp32",
+            stride_pkb=L * H * D, stride_pkl=H * D, stride_pkh=D, stride_pvb=L * H * D, stride_pvl=H * D,
+            stride_pvh=D, n_units=2, unit_T=T, private_ptr="*i8", block_tokens=T, B=B, H=H, Lq=L, first_slot=21,
+            sm_scale_log2=0.127, rope_ptr="*fp32", rope_center=27)
+        const = dict(D=D, ROPE_DIMS=rope, BLOCK_M=BLOCK_M, BLOCK_N=block_n, CACHE_FP8=fp8, PASS_FP8=fp8,
+                     CAUSAL=True, DT=tl.bfloat16, INTERPRET=False)
+        specs.append(KernelSpec(f"temporal_attention[{precision},D={D}]", "temporal_attention",
+                                "temporal_attention_kernel", args, const, warps, stages,
+                                tags=dict(op="temporal_attention", precision=precision, head_dim=D)))
+    specs.append(KernelSpec(
+        "attention_mass[fp8,D=128]", "temporal_attention", "attention_mass_kernel",
+        dict(q_ptr="*bf16", lse_ptr="*fp32", stride_qb=L * H * 128, stride_ql=H * 128, stride_qh=128,
+             ck_ptr="*fp8e4nv", cks_ptr="*fp32", ckm_ptr="*fp32", mass_ptr="*fp32", page=3, slot=1, B=B, H=H,
+             Lq=L, cache_T=T, first_slot=21, unit_T=T, sm_scale_log2=0.127, rope_ptr="*fp32", rope_center=27),
+        dict(D=128, ROPE_DIMS=44, BLOCK_M=BLOCK_M, BLOCK_N=64, CACHE_FP8=True, INTERPRET=False), 8,
+        tags=dict(op="temporal_attention")))
+    specs.append(KernelSpec(
+        "kv_cache_commit[fp8,D=128]", "kv_cache_commit", "kv_cache_commit_kernel",
+        dict(k_ptr="*bf16", v_ptr="*bf16", page_ids_ptr="*i32", kp_ptr="*fp8e4nv", vp_ptr="*fp8e4nv",
+             ks_ptr="*fp32", km_ptr="*fp32", vs_ptr="*fp32", stride_kb=3 * T * H * 128, stride_kl=H * 128,
+             stride_kh=128, stride_vb=3 * T * H * 128, stride_vl=H * 128, stride_vh=128, B=B, H=H, T=T),
+        dict(D=128, BLOCK_T=64, FP8=True, INTERPRET=False), 4, tags=dict(op="kv_cache_commit")))
+    specs.append(KernelSpec(
+        "kv_cache_compact[fp8,D=128]", "kv_cache_compact", "kv_cache_compact_kernel",
+        dict(keep_k="*fp8e4nv", keep_v="*fp8e4nv", keep_ks="*fp32", keep_km="*fp32", keep_vs="*fp32",
+             page_k="*fp8e4nv", page_v="*fp8e4nv", page_ks="*fp32", page_km="*fp32", page_vs="*fp32",
+             top_ptr="*i64", keep_count=256, count=512, K=512, T=T, H=H),
+        dict(D=128, BLOCK_T=32, FP8=True, INTERPRET=False), 4, tags=dict(op="kv_cache_compact")))
+    return specs
+
+
+def _signature(fn, spec: KernelSpec):
+    """Signature and attributes as Triton's launcher would specialize them for these values."""
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in spec.constexprs:
+            signature[name] = "constexpr"
+            continue
+        value = spec.args[name]
+        if isinstance(value, str):
+            signature[name] = value
+            attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 256-byte aligned
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, attrs
+
+
+def _tool(name: str) -> str:
+    import triton
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return bundled if os.path.exists(bundled) else name
+
+
+def analyse(cubin: bytes) -> dict:
+    """Registers, stack (spill) bytes and instruction counts of a cubin holding one kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True)
+        sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+    regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage.stdout).groups())
+    opcodes = collections.Counter(re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)", sass, re.M))
+    return dict(registers=regs, stack_bytes=stack, spill_stores=opcodes.get("STL", 0),
+                spill_loads=opcodes.get("LDL", 0), tensor_core={op: opcodes[op] for op in TENSOR_CORE_OPS if opcodes[op]},
+                ffma=opcodes.get("FFMA", 0))
+
+
+def compile_spec(spec: KernelSpec, arch: int) -> dict:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(f"xjfast.kernels.{spec.module}"), spec.function)
+    signature, attrs = _signature(fn, spec)
+    source = ASTSource(fn, signature, constexprs=spec.constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+    report = analyse(compiled.asm["cubin"])
+    report.update(kernel=spec.name, arch=f"sm_{arch}a", shared_bytes=compiled.metadata.shared,
+                  shared_limit=SHARED_LIMIT[arch], num_warps=spec.num_warps, num_stages=spec.num_stages, **spec.tags)
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m xjfast.tools.sass", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 100], choices=sorted(SHARED_LIMIT))
+    parser.add_argument("--kernel", nargs="*", help="substrings of kernel names to compile (default: all)")
+    parser.add_argument("--json", help="also write the reports to this file")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    reports = []
+    print(f"{'kernel':32} {'arch':7} {'regs':>4} {'stack':>5} {'STL/LDL':>9} {'smem KiB':>8}  tensor-core ops")
+    for spec in stream_specs():
+        if args.kernel and not any(k in spec.name for k in args.kernel):
+            continue
+        for arch in args.arch:
+            r = compile_spec(spec, arch)
+            reports.append(r)
+            ops = ", ".join(f"{k} x{v}" for k, v in r["tensor_core"].items()) or "none"
+            print(f"{r['kernel']:32} {r['arch']:7} {r['registers']:>4} {r['stack_bytes']:>5} "
+                  f"{r['spill_stores']:>4}/{r['spill_loads']:<4} {r['shared_bytes'] / 1024:>8.1f}  {ops}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(reports, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
