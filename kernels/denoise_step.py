@@ -28,3 +28,86 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
         k0 = k0 + PHILOX_W0
         k1 = k1 + PHILOX_W1
     return c0, c1, c2, c3
+
+
+@triton.jit
+def philox_normal4(g, frame, seed_lo, seed_hi):
+    """Four N(0, 1) draws per group g of a latent frame (DESIGN.md's mapping): counter =
+    (g lo, g hi, frame lo, frame hi), key = seed; Box-Muller on the words (u1, u3) with radii
+    from (u0, u2), u = (x + 1) * 2^-32 in (0, 1]."""
+    g = g.to(tl.uint64)
+    f = frame.to(tl.uint64)
+    c0 = (g & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (g >> 32).to(tl.uint32)
+    c2 = (f & 0xFFFFFFFF).to(tl.uint32) + tl.zeros_like(c0)
+    c3 = (f >> 32).to(tl.uint32) + tl.zeros_like(c0)
+    k0 = seed_lo.to(tl.uint32) + tl.zeros_like(c0)
+    k1 = seed_hi.to(tl.uint32) + tl.zeros_like(c0)
+    x0, x1, x2, x3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
+    two_pi: tl.constexpr = 6.283185307179586
+    r0 = tl.sqrt(-2.0 * tl.log(uniform(x0)))
+    r2 = tl.sqrt(-2.0 * tl.log(uniform(x2)))
+    t1 = two_pi * uniform(x1)
+    t3 = two_pi * uniform(x3)
+    return r0 * tl.cos(t1), r0 * tl.sin(t1), r2 * tl.cos(t3), r2 * tl.sin(t3)
+
+
+@triton.jit
+def uniform(x):
+    return (x.to(tl.float32) + 1.0) * 2.3283064365386963e-10
+
+
+@triton.jit
+def denoise_step_kernel(
+    xt_ptr, mo_ptr, coef_ptr, x0_ptr, xn_ptr,
+    s_xb, s_xc, s_xf, s_xh, s_xw, s_m0, s_m1, s_m2, s_m3, s_m4,
+    total, C, H, W, F, frame_index, seed_lo, seed_hi,
+    TOKENS: tl.constexpr, PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, HAS_NEXT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program: BLOCK elements (BLOCK / 4 Philox groups) of local frame program_id(1)."""
+    f = tl.program_id(1)
+    group = tl.program_id(0) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    i = group[:, None] * 4 + tl.arange(0, 4)[None, :]  # [groups, 4]: element of the frame's [B, C, H, W]
+    chw = C * H * W
+    live = i < total
+    b = i // chw
+    c = (i // (H * W)) % C
+    y = (i // W) % H
+    x = i % W
+    xt = tl.load(xt_ptr + b * s_xb + c * s_xc + f * s_xf + y * s_xh + x * s_xw, mask=live, other=0.0).to(tl.float32)
+    if TOKENS:  # the head's [B, N, PT*PH*PW*C] tokens, Wan2.1's channel order (pt, ph, pw, c)
+        token = ((f // PT) * (H // PH) + y // PH) * (W // PW) + x // PW
+        channel = (((f % PT) * PH + y % PH) * PW + x % PW) * C + c
+        mo = tl.load(mo_ptr + b * s_m0 + token * s_m1 + channel * s_m2, mask=live, other=0.0)
+    else:
+        mo = tl.load(mo_ptr + b * s_m0 + c * s_m1 + f * s_m2 + y * s_m3 + x * s_m4, mask=live, other=0.0)
+    # per-sample coefficients [B, 4]: x0 = a x_t + m model_out; x_next = keep x0 + noise eps
+    a = tl.load(coef_ptr + b * 4 + 0, mask=live, other=0.0)
+    m = tl.load(coef_ptr + b * 4 + 1, mask=live, other=0.0)
+    x0 = a * xt + m * mo.to(tl.float32)
+    out = ((b * C + c) * F + f) * (H * W) + y * W + x
+    tl.store(x0_ptr + out, x0.to(x0_ptr.dtype.element_ty), mask=live)
+    if HAS_NEXT:
+        n0, n1, n2, n3 = philox_normal4(group, frame_index + f, seed_lo, seed_hi)
+        lane = tl.arange(0, 4)[None, :]
+        eps = tl.where(lane == 0, n0[:, None], tl.where(lane == 1, n1[:, None],
+                                                        tl.where(lane == 2, n2[:, None], n3[:, None])))
+        keep = tl.load(coef_ptr + b * 4 + 2, mask=live, other=0.0)
+        noise = tl.load(coef_ptr + b * 4 + 3, mask=live, other=0.0)
+        tl.store(xn_ptr + out, (keep * x0 + noise * eps).to(xn_ptr.dtype.element_ty), mask=live)
+
+
+def denoise_step(x_t, model_out, coef, seed, frame_index, patch_size, x0, x_next):
+    """Launch on validated tensors (see xjfast.ops.denoise_step); x0/x_next contiguous latents."""
+    B, C, F, H, W = x_t.shape
+    tokens = model_out.dim() == 3
+    s_m = list(model_out.stride()) + [0] * (5 - model_out.dim())
+    total = B * C * H * W
+    grid = (triton.cdiv(total, BLOCK), F)
+    denoise_step_kernel[grid](
+        x_t, model_out, coef, x0, x_next if x_next is not None else x0, *x_t.stride(), *s_m,
+        total, C, H, W, F, frame_index, seed & 0xFFFFFFFF, seed >> 32,
+        TOKENS=tokens, PT=patch_size[0], PH=patch_size[1], PW=patch_size[2], HAS_NEXT=x_next is not None,
+        BLOCK=BLOCK, num_warps=4,
+    )

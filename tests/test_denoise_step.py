@@ -1,0 +1,145 @@
+"""denoise_step against diffusers' schedulers, the token layout, noise keying, bad input, backends."""
+import pytest
+import torch
+
+from xjfast import BackendUnavailable
+from xjfast.ops.denoise_step import denoise_step
+from xjfast.ops.philox import latent_noise
+
+from backends import DEVICE, fast_backends, poisoned
+
+SEED = 2 ** 35 + 11
+
+
+def latents(B=2, C=16, F=2, H=8, W=12, dtype=torch.float32):
+    return torch.randn(B, C, F, H, W).to(dtype)
+
+
+def patchify(x, patch=(1, 2, 2)):
+    """Wan2.1's patch order written independently: [B, C, F, H, W] -> [B, N, pt*ph*pw*C]."""
+    B, C, F, H, W = x.shape
+    pt, ph, pw = patch
+    x = x.reshape(B, C, F // pt, pt, H // ph, ph, W // pw, pw)
+    return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, (F // pt) * (H // ph) * (W // pw), pt * ph * pw * C)
+
+
+def injected_noise(monkeypatch, module, noise):
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: noise.to(kw.get("dtype") or noise.dtype))
+
+
+def test_flow_matches_flow_match_euler_stochastic(monkeypatch):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.schedulers import scheduling_flow_match_euler_discrete as module
+    sched = FlowMatchEulerDiscreteScheduler(shift=5.0, stochastic_sampling=True)
+    sched.set_timesteps(4)
+    x_t, v = latents(), latents()
+    injected_noise(monkeypatch, module, latent_noise(SEED, 6, x_t.shape))
+    sched._step_index = 1
+    expected = sched.step(v, sched.timesteps[1], x_t).prev_sample
+    sigma, sigma_next = sched.sigmas[1].item(), sched.sigmas[2].item()
+    x0, x_next = denoise_step(x_t, v, sigma, sigma_next, noise_seed=SEED, frame_index=6)
+    assert torch.allclose(x_next, expected, atol=1e-5)
+    assert torch.allclose(x0, x_t - sigma * v, atol=1e-6)
+
+
+def test_eps_matches_lcm_scheduler(monkeypatch):
+    from diffusers import LCMScheduler
+    from diffusers.schedulers import scheduling_lcm as module
+    sched = LCMScheduler()
+    sched.set_timesteps(4)
+    x_t, eps = latents(), latents()
+    injected_noise(monkeypatch, module, latent_noise(SEED, 0, x_t.shape))
+    t, t_prev = sched.timesteps[1], sched.timesteps[2]
+    result = sched.step(eps, t, x_t)
+    sigma = (1 - sched.alphas_cumprod[t]).sqrt().item()
+    sigma_next = (1 - sched.alphas_cumprod[t_prev]).sqrt().item()
+    x0, x_next = denoise_step(x_t, eps, sigma, sigma_next, prediction="eps", timestep=float(t), noise_seed=SEED)
+    assert torch.allclose(x0, result.denoised, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(x_next, result.prev_sample, atol=1e-4, rtol=1e-4)
+
+
+def test_x0_prediction_is_identity():
+    x_t, pred = latents(), latents()
+    assert torch.equal(denoise_step(x_t, pred, 0.4, prediction="x0"), pred)
+
+
+def test_token_layout_equals_latent_layout():
+    x_t, v = latents(), latents()
+    a = denoise_step(x_t, v, 0.6, 0.2, noise_seed=1, frame_index=3)
+    b = denoise_step(x_t, patchify(v), 0.6, 0.2, noise_seed=1, frame_index=3)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_a_block_equals_its_frames_one_at_a_time():
+    x_t, v = latents(F=4), latents(F=4)
+    _, block = denoise_step(x_t, v, 0.8, 0.5, noise_seed=5, frame_index=10)
+    frames = [denoise_step(x_t[:, :, f:f + 1], v[:, :, f:f + 1], 0.8, 0.5, noise_seed=5, frame_index=10 + f)[1]
+              for f in range(4)]
+    assert torch.equal(block, torch.cat(frames, dim=2))
+
+
+def test_per_sample_sigma_and_out_buffers():
+    x_t, v = latents(), latents()
+    out = (torch.empty_like(x_t), torch.empty_like(x_t))
+    x0, x_next = denoise_step(x_t, v, torch.tensor([0.9, 0.1]), 0.05, noise_seed=3, out=out)
+    assert x0 is out[0] and x_next is out[1]
+    assert torch.allclose(x0[1], x_t[1] - 0.1 * v[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda x, v: denoise_step(x.int(), v, 0.5), TypeError, "x_t: expected dtype"),
+    (lambda x, v: denoise_step(x[0], v, 0.5), ValueError, "x_t: expected a 5-d"),
+    (lambda x, v: denoise_step(x, v[:, :3], 0.5), ValueError, "model_out: expected the latent shape"),
+    (lambda x, v: denoise_step(x, patchify(v)[:, 1:], 0.5), ValueError, "model_out: expected the latent shape"),
+    (lambda x, v: denoise_step(x[..., :7], patchify(v), 0.5), ValueError, "not divisible by patch_size"),
+    (lambda x, v: denoise_step(x, v.to("meta"), 0.5), ValueError, "model_out: expected a tensor on cpu"),
+    (lambda x, v: denoise_step(x, v, 1.5), ValueError, r"sigma: expected values in \[0.0, 1.0\]"),
+    (lambda x, v: denoise_step(x, v, torch.ones(3) / 2), ValueError, r"sigma: expected a number or a tensor of shape \[2\]"),
+    (lambda x, v: denoise_step(x, v, 0.5, 0.2), ValueError, "noise_seed: required"),
+    (lambda x, v: denoise_step(x, v, 0.5, 0.2, noise_seed=-1), ValueError, "noise_seed: expected an int"),
+    (lambda x, v: denoise_step(x, v, 0.5, prediction="eps"), ValueError, "timestep: required"),
+    (lambda x, v: denoise_step(x, v, 0.5, prediction="v"), ValueError, "prediction: expected one of"),
+    (lambda x, v: denoise_step(x, v, 0.5, frame_index=-2), ValueError, "frame_index: expected an int >= 0"),
+    (lambda x, v: denoise_step(x, v, 0.5, out=torch.empty(3)), ValueError, "out: expected a contiguous tensor"),
+])
+def test_bad_input_names_the_argument(call, error, words):
+    with pytest.raises(error, match=words):
+        call(latents(), latents())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no GPU is present")
+def test_cuda_backend_unavailable_says_why():
+    with pytest.raises(BackendUnavailable, match="denoise_step"):
+        denoise_step(latents(), latents(), 0.5, backend="cuda")
+
+
+CASES = [("flow", {}, False), ("flow", {}, True), ("x0", {}, True), ("eps", dict(timestep=700.0), True)]
+
+
+@pytest.mark.parametrize("backend", fast_backends("denoise_step"))
+@pytest.mark.parametrize("prediction, extra, tokens", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_backend_matches_reference(backend, prediction, extra, tokens, dtype):
+    x_t, m = latents(F=3, dtype=dtype).to(DEVICE), latents(F=3, dtype=dtype).to(DEVICE)
+    m = patchify(m) if tokens else m.transpose(3, 4).contiguous().transpose(3, 4)  # a strided latent view
+    kwargs = dict(prediction=prediction, noise_seed=SEED, frame_index=2 ** 33 + 1, **extra)
+    ref = denoise_step(x_t, m, 0.7, 0.3, backend="reference", **kwargs)
+    out = (poisoned(x_t.shape, dtype), poisoned(x_t.shape, dtype))
+    fast = denoise_step(x_t, m, 0.7, 0.3, backend=backend, out=out, **kwargs)
+    for r, f in zip(ref, fast):
+        assert not f.isnan().any()
+        # the same fp32 arithmetic; Gaussians agree to float32 rounding of log/cos/sin (DESIGN.md)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert (f.float() - r.float()).abs().max() <= tol * max(1.0, r.float().abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", fast_backends("denoise_step"))
+def test_fast_backend_stream_shape(backend):
+    """Wan2.1 480x832 latents: 16 x 60 x 104 per frame, head tokens of 2x2 patches."""
+    x_t = torch.randn(1, 16, 3, 60, 104, device=DEVICE, dtype=torch.bfloat16)
+    v = patchify(torch.randn(1, 16, 3, 60, 104, device=DEVICE, dtype=torch.bfloat16))
+    ref = denoise_step(x_t, v, 0.9, 0.4, noise_seed=SEED, frame_index=1000, backend="reference")
+    fast = denoise_step(x_t, v, 0.9, 0.4, noise_seed=SEED, frame_index=1000, backend=backend)
+    for r, f in zip(ref, fast):
+        assert (f.float() - r.float()).abs().max() < 3e-2

@@ -1,0 +1,151 @@
+"""denoise_step: one sampler step, fused: x0 prediction, re-noising with in-kernel Philox noise,
+and un-patchifying the model head's tokens into the latent layout.
+
+Predictions (sigma is the noise level of x_t, per sample or shared):
+- "flow" (rectified flow, as Wan): x0 = x_t - sigma * v;
+  x_next = (1 - sigma_next) * x0 + sigma_next * eps.
+- "x0": x0 = model_out; x_next as for "flow".
+- "eps" (consistency models, as LCM): sigma = sqrt(1 - alpha_bar_t) and sigma_next =
+  sqrt(1 - alpha_bar_prev) in the variance-preserving parametrization DDPM-trained models use;
+  x0_pred = (x_t - sigma * eps_pred) / sqrt(1 - sigma^2) and, with LCM's boundary scalings at
+  the discrete `timestep` t (sigma_data 0.5, timestep_scaling 10),
+  x0 = c_out(t) * x0_pred + c_skip(t) * x_t; x_next = sqrt(1 - sigma_next^2) * x0 + sigma_next * eps.
+  (A flow-form re-noise would not be the step these models were distilled for.)
+eps is drawn per latent frame from Philox4x32-10 keyed by (noise_seed, frame_index + f): see
+xjfast.ops.philox for the exact mapping every backend follows.
+"""
+from __future__ import annotations
+
+import torch
+
+from xjfast.backends import register, resolve, triton_interpreted
+from xjfast.errors import check_choice, check_tensor
+from xjfast.ops.philox import _check_seed, latent_noise
+
+PREDICTIONS = ("flow", "eps", "x0")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SIGMA_DATA, TIMESTEP_SCALING = 0.5, 10.0  # LCM's boundary condition defaults
+
+
+def lcm_boundary_scalings(timestep: torch.Tensor):
+    """(c_skip, c_out) of LCM's consistency boundary condition at discrete timesteps."""
+    t = timestep.double() * TIMESTEP_SCALING
+    return SIGMA_DATA ** 2 / (t ** 2 + SIGMA_DATA ** 2), t / (t ** 2 + SIGMA_DATA ** 2).sqrt()
+
+
+def _per_sample(name: str, value, B: int, device, low=0.0, high=1.0) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.float64, device=device) if not isinstance(value, torch.Tensor) \
+        else value.to(device=device, dtype=torch.float64)
+    if t.dim() == 0:
+        t = t.expand(B)
+    if t.shape != (B,):
+        raise ValueError(f"{name}: expected a number or a tensor of shape [{B}] (one per sample), got shape "
+                         f"{tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()) or bool((t < low).any()) or bool((t > high).any()):
+        raise ValueError(f"{name}: expected values in [{low}, {high}], got {t.tolist()}")
+    return t
+
+
+def _coefficients(prediction, sigma, sigma_next, timestep):
+    """[B, 4] fp32: x0 = a * x_t + m * model_out, x_next = keep * x0 + noise * eps."""
+    if prediction == "flow":
+        a, m = torch.ones_like(sigma), -sigma
+    elif prediction == "x0":
+        a, m = torch.zeros_like(sigma), torch.ones_like(sigma)
+    else:
+        c_skip, c_out = lcm_boundary_scalings(timestep)
+        root_alpha = (1 - sigma ** 2).sqrt()
+        a, m = c_out / root_alpha + c_skip, -c_out * sigma / root_alpha
+    if sigma_next is None:
+        keep, noise = torch.zeros_like(sigma), torch.zeros_like(sigma)
+    elif prediction == "eps":
+        keep, noise = (1 - sigma_next ** 2).sqrt(), sigma_next
+    else:
+        keep, noise = 1 - sigma_next, sigma_next
+    return torch.stack((a, m, keep, noise), dim=1).float()
+
+
+def denoise_step(x_t, model_out, sigma, sigma_next=None, *, prediction="flow", noise_seed=None, frame_index=0,
+                 out=None, backend="auto", patch_size=(1, 2, 2), timestep=None):
+    """One sampler step on latents x_t [B, C, F, H, W] (frames frame_index .. frame_index + F - 1).
+
+    model_out: the same latent layout, or the model head's tokens [B, F/pt * H/ph * W/pw,
+    pt*ph*pw*C] (Wan2.1's unpatchify order), un-patchified on the fly. Returns x0, or
+    (x0, x_next) when sigma_next is given; `out` (a tensor, or a pair with sigma_next) receives
+    them. Outputs are contiguous latents in x_t's dtype; arithmetic is fp32.
+    """
+    check_tensor("x_t", x_t, dtypes=DTYPES, ndim=5)
+    check_tensor("model_out", model_out, dtypes=DTYPES, device=x_t.device)
+    check_choice("prediction", prediction, PREDICTIONS)
+    B, C, F, H, W = x_t.shape
+    pt, ph, pw = patch_size
+    if model_out.dim() == 3:
+        if F % pt or H % ph or W % pw:
+            raise ValueError(f"x_t: shape {tuple(x_t.shape)} is not divisible by patch_size {tuple(patch_size)}")
+        tokens = (B, (F // pt) * (H // ph) * (W // pw), pt * ph * pw * C)
+        if tuple(model_out.shape) != tokens:
+            raise ValueError(f"model_out: expected the latent shape {tuple(x_t.shape)} or the token layout {tokens} "
+                             f"(patch_size {tuple(patch_size)}), got {tuple(model_out.shape)}")
+    elif model_out.shape != x_t.shape:
+        raise ValueError(f"model_out: expected the latent shape {tuple(x_t.shape)} or a token layout "
+                         f"[B, tokens, channels], got {tuple(model_out.shape)}")
+    sigma = _per_sample("sigma", sigma, B, x_t.device, high=1.0 if prediction != "eps" else 1.0 - 1e-7)
+    if sigma_next is not None:
+        sigma_next = _per_sample("sigma_next", sigma_next, B, x_t.device)
+        if noise_seed is None:
+            raise ValueError("noise_seed: required with sigma_next (the re-noising noise is keyed by it), got None")
+        _check_seed(noise_seed)
+    if prediction == "eps":
+        if timestep is None:
+            raise ValueError("timestep: required with prediction='eps' (LCM's boundary scalings), got None")
+        timestep = _per_sample("timestep", timestep, B, x_t.device, high=float("inf"))
+    if isinstance(frame_index, bool) or not isinstance(frame_index, int) or frame_index < 0:
+        raise ValueError(f"frame_index: expected an int >= 0, got {frame_index!r}")
+    outs = _outputs(out, x_t, sigma_next is not None)
+    coef = _coefficients(prediction, sigma, sigma_next, timestep)
+    resolve("denoise_step", backend, x_t.device).fn(x_t, model_out, coef, noise_seed, frame_index, tuple(patch_size),
+                                                   *outs)
+    return outs if sigma_next is not None else outs[0]
+
+
+def _outputs(out, x_t, with_next: bool):
+    wanted = 2 if with_next else 1
+    if out is None:
+        outs = [torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device) for _ in range(wanted)]
+    else:
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        if len(outs) != wanted:
+            raise ValueError(f"out: expected {'a pair (x0, x_next)' if with_next else 'one tensor'}, got {len(outs)}")
+        for t in outs:
+            check_tensor("out", t, dtypes=(x_t.dtype,), device=x_t.device)
+            if t.shape != x_t.shape or not t.is_contiguous():
+                raise ValueError(f"out: expected a contiguous tensor of shape {tuple(x_t.shape)}, got shape "
+                                 f"{tuple(t.shape)} with strides {t.stride()}")
+    return outs + [None] * (2 - wanted)
+
+
+def unpatchify(tokens: torch.Tensor, shape, patch_size) -> torch.Tensor:
+    """[B, N, pt*ph*pw*C] tokens -> [B, C, F, H, W] latents (Wan2.1: 'bfhwpqrc->bcfphqwr')."""
+    B, C, F, H, W = shape
+    pt, ph, pw = patch_size
+    x = tokens.reshape(B, F // pt, H // ph, W // pw, pt, ph, pw, C)
+    return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, C, F, H, W)
+
+
+@register("denoise_step", "reference")
+def denoise_step_reference(x_t, model_out, coef, seed, frame_index, patch_size, x0, x_next):
+    if model_out.dim() == 3:
+        model_out = unpatchify(model_out, x_t.shape, patch_size)
+    view = (-1, 1, 1, 1, 1)
+    a, m, keep, noise = (c.view(view) for c in coef.unbind(1))
+    pred = a * x_t.float() + m * model_out.float()
+    x0.copy_(pred)
+    if x_next is not None:
+        eps = latent_noise(seed, frame_index, x_t.shape, x_t.device)
+        x_next.copy_(keep * pred + noise * eps)
+
+
+@register("denoise_step", "triton", min_capability=(8, 0))
+def denoise_step_triton(*args):
+    from xjfast.kernels.denoise_step import denoise_step as launch
+    launch(*args)
