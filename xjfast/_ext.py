@@ -21,3 +21,15 @@ def extension():
 def unavailable_reason() -> str | None:
     """None when `xjfast._C` is importable, else the reason it is not."""
     return _load()[1]
+
+
+def arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether SASS built for `arch` ("90a", "100a", "89") runs on a GPU of `capability`.
+
+    An "a" (architecture-specific) build runs only on exactly that compute capability; a plain
+    or "f" (family) build on the same major version with an equal or higher minor one.
+    """
+    major, minor = divmod(int(arch.rstrip("af")), 10)
+    if arch.endswith("a"):
+        return (major, minor) == tuple(capability)
+    return major == capability[0] and minor <= capability[1]

@@ -1,0 +1,38 @@
+"""The `xjfast` command as a user runs it."""
+import subprocess
+import sys
+
+import pytest
+
+from xjfast.cli import main
+
+av = pytest.importorskip("av", reason="MP4 writing needs PyAV (pip install xjfast[video])")
+
+
+def test_generate_writes_a_playable_mp4(tmp_path, capsys):
+    out = tmp_path / "stream.mp4"
+    assert main(["generate", "--frames", "10", "--out", str(out), "--seed", "2", "--window", "2", "--quiet"]) == 0
+    from xjfast.video import probe
+    info = probe(out)
+    assert info == {"frames": 12, "width": 128, "height": 128, "codec": "h264"}  # rounded up to whole blocks
+    printed = capsys.readouterr().out
+    assert "model" in printed and "end-to-end" in printed and "first frame" in printed
+
+
+def test_generate_blocks_of_three_frames(tmp_path):
+    out = tmp_path / "b.mp4"
+    assert main(["generate", "--frames", "12", "--frames-per-block", "3", "--steps", "2", "--out", str(out),
+                 "--quiet"]) == 0
+    from xjfast.video import probe
+    assert probe(out)["frames"] == 12
+
+
+def test_info_runs_as_a_command():
+    result = subprocess.run([sys.executable, "-m", "xjfast", "info"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "backend reference: usable" in result.stdout and "GPU" in result.stdout
+
+
+def test_bad_arguments_exit_with_a_message():
+    with pytest.raises(SystemExit):
+        main(["generate", "--frames", "0"])

@@ -1,0 +1,5 @@
+import sys
+
+from xjfast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,196 @@
+"""CausalDiT: a causal video diffusion transformer with the Wan2.1 architecture, on xjfast's ops.
+
+Patch embedding (1x2x2 Conv3d), sinusoidal time embedding -> MLP -> 6-way adaLN modulation per
+block, self-attention with RMSNorm on q/k and 3D rotary through `temporal_attention` (block-causal
+by frame, over a StreamingKVCache), cross-attention to text embeddings, GELU(tanh) FFN, and a
+modulated head to patch channels. Parameter names follow Wan2.1's checkpoints.
+
+A pass takes several frame blocks with a timestep per block (0 for the clean block of the
+previous step, sigma * 1000 for the noisy one); the first `commit_frames` frames' keys and values
+are committed to the cache after each layer's attention.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from xjfast.models.rope import apply_rope_3d
+from xjfast.ops.temporal_attention import temporal_attention
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    in_channels: int = 16
+    dim: int = 1536
+    ffn_dim: int = 8960
+    heads: int = 12
+    layers: int = 30
+    text_dim: int = 4096
+    freq_dim: int = 256
+    patch_size: tuple = (1, 2, 2)
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Wan's timestep embedding: [cos | sin] of t * 10000^(-i / (dim/2))."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.double()[..., None] * freqs
+    return torch.cat((angles.cos(), angles.sin()), dim=-1).float()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(cfg.dim, cfg.eps), RMSNorm(cfg.dim, cfg.eps)
+
+    def forward(self, x, grid, pass_args):
+        B, L, _ = x.shape
+        split = (B, L, self.heads, -1)
+        q = self.norm_q(self.q(x)).view(split)
+        k = self.norm_k(self.k(x)).view(split)
+        v = self.v(x).view(split)
+        cache, layer = pass_args["cache"], pass_args["layer"]
+        # through a cache the op applies the temporal rotary by slot; without one, frame positions
+        q = apply_rope_3d(q, grid, temporal=cache is None)
+        k = apply_rope_3d(k, grid, temporal=cache is None)
+        out = temporal_attention(q, k, v, block_tokens=pass_args["block_tokens"],
+                                 private_blocks=pass_args["private_blocks"], kv_cache=cache,
+                                 layer=layer if cache is not None else None, precision=pass_args["precision"],
+                                 backend=pass_args["backend"])
+        commit = pass_args["commit_tokens"]
+        if cache is not None and commit:
+            cache.commit(layer, k[:, :commit], v[:, :commit])
+        return self.o(out.reshape(B, L, -1))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(cfg.dim, cfg.eps), RMSNorm(cfg.dim, cfg.eps)
+
+    def kv(self, context):
+        """Keys and values of a prompt: computed once per prompt, reused every frame."""
+        B, S, _ = context.shape
+        k = self.norm_k(self.k(context)).view(B, S, self.heads, -1).transpose(1, 2)
+        v = self.v(context).view(B, S, self.heads, -1).transpose(1, 2)
+        return k, v
+
+    def forward(self, x, kv):
+        B, L, _ = x.shape
+        q = self.norm_q(self.q(x)).view(B, L, self.heads, -1).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(q, *kv)
+        return self.o(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = nn.LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x, e, grid, kv, pass_args):
+        """x [B, L, dim]; e [B, blocks, 6, dim]: the modulation of each frame block."""
+        B, L, D = x.shape
+        n = e.shape[1]
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (self.modulation[:, None] + e).unbind(2)
+
+        def modulate(h, shift, scale):  # per block: tokens [B, blocks, L/blocks, dim]
+            return (h.view(B, n, L // n, D) * (1 + scale[:, :, None]) + shift[:, :, None]).view(B, L, D)
+
+        def gated(h, gate):
+            return (h.view(B, n, L // n, D) * gate[:, :, None]).view(B, L, D)
+
+        x = x + gated(self.self_attn(modulate(self.norm1(x), shift_a, scale_a), grid, pass_args), gate_a)
+        x = x + self.cross_attn(self.norm3(x), kv)
+        return x + gated(self.ffn(modulate(self.norm2(x), shift_f, scale_f)), gate_f)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.in_channels)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x, e):
+        B, L, D = x.shape
+        n = e.shape[1]
+        shift, scale = (self.modulation[:, None] + e[:, :, None]).unbind(2)
+        h = self.norm(x).view(B, n, L // n, D) * (1 + scale[:, :, None]) + shift[:, :, None]
+        return self.head(h.view(B, L, D))
+
+
+class CausalDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.head = Head(cfg)
+
+    def tokens_per_frame(self, latent_hw: tuple[int, int]) -> int:
+        return (latent_hw[0] // self.cfg.patch_size[1]) * (latent_hw[1] // self.cfg.patch_size[2])
+
+    def prompt_kv(self, context: torch.Tensor) -> list:
+        """Cross-attention keys/values of every block for text embeddings [B, S, text_dim]."""
+        c = self.text_embedding(context.to(self.patch_embedding.weight.dtype))
+        return [block.cross_attn.kv(c) for block in self.blocks]
+
+    def forward(self, x, timesteps, prompt_kv, *, cache=None, commit_frames=0, block_frames=1,
+                private_blocks=None, precision="fp8", backend="auto"):
+        """x [B, C, F, H, W] latents of the pass; timesteps [B, F / block_frames] (0..1000) per block.
+
+        Returns the head's tokens [B, F/pt * H/ph * W/pw, pt*ph*pw*C] (denoise_step un-patchifies
+        them). With `cache`, the first `commit_frames` frames' K/V are committed to it.
+        """
+        B, C, F, H, W = x.shape
+        pt, ph, pw = self.cfg.patch_size
+        grid = (F // pt, H // ph, W // pw)
+        frame_tokens = grid[1] * grid[2]
+        tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        blocks = F // block_frames
+        if timesteps.shape != (B, blocks):
+            raise ValueError(f"timesteps: expected shape [{B}, {blocks}] (one per block of {block_frames} frames), "
+                             f"got {tuple(timesteps.shape)}")
+        t_emb = self.time_embedding(sinusoidal_embedding(timesteps, self.cfg.freq_dim).to(tokens.dtype))
+        e = self.time_projection(t_emb).unflatten(-1, (6, self.cfg.dim))  # [B, blocks, 6, dim]
+        pass_args = dict(cache=cache, layer=0, block_tokens=block_frames * frame_tokens if blocks > 1 else None,
+                         private_blocks=private_blocks if blocks > 1 else None, precision=precision,
+                         backend=backend, commit_tokens=commit_frames * frame_tokens)
+        for i, block in enumerate(self.blocks):
+            pass_args["layer"] = i
+            tokens = block(tokens, e, grid, prompt_kv[i], pass_args)
+        return self.head(tokens, t_emb)
