@@ -84,3 +84,17 @@ def test_timesteps_shape_is_checked(tiny):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="preset: expected one of"):
         build("wan2.2-14b")
+
+
+def test_wan_preset_is_wan21_1_3b_shaped():
+    """Checked on the config (the weights are 1.3B parameters: built on GPUs, not in CPU tests)."""
+    from xjfast.models import PRESETS, CausalDiT
+    p = PRESETS["wan2.1-1.3b"]
+    c = p.dit
+    assert (c.layers, c.dim, c.heads, c.head_dim, c.ffn_dim, c.in_channels, c.text_dim, c.freq_dim) == \
+        (30, 1536, 12, 128, 8960, 16, 4096, 256)
+    assert p.latent_hw == (60, 104)  # 480x832 video
+    with torch.device("meta"):
+        model = CausalDiT(c)
+    assert model.tokens_per_frame(p.latent_hw) == 1560
+    assert 1.2e9 < sum(t.numel() for t in model.parameters()) < 1.5e9
