@@ -1,4 +1,4 @@
-# make test | make demo | make wheel ARCHS="90a" | make sass
+# make test | make demo | make wheel ARCHS="90a" | make sass | make gpu-check [OUT=dir]
 # Each target sets itself up from a fresh clone: a .venv in the repo, torch 2.13.0 (a CPU build
 # from local disk) where there is no GPU, then xjfast installed in place (building xjfast._C with
 # nvcc when it is found).
@@ -11,7 +11,7 @@ TRITON_VERSION ?= 3.9.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 
-.PHONY: test demo wheel sass clean
+.PHONY: test demo wheel sass gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ demo: $(STAMP)
 
 sass: $(STAMP)
 	$(PY) -m xjfast.tools.sass
+
+# On a GPU machine: its own python3 (with torch), no .venv; see bench/gpu_check.sh.
+gpu-check:
+	bash bench/gpu_check.sh $(OUT)
 
 wheel: $(STAMP)
 	rm -rf build/cmake

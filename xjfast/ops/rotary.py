@@ -21,14 +21,16 @@ def rope_freqs(dims: int, theta: float = 10000.0, device=None) -> torch.Tensor:
 def rotate_leading(x: torch.Tensor, positions: torch.Tensor, dims: int, theta: float = 10000.0) -> torch.Tensor:
     """Rotate the first `dims` channels of x [..., L, H, D] by positions [L] (float, may be negative).
 
-    Returns fp32. Angles are formed in fp64 so a large position difference loses no accuracy.
+    Returns fp32 (fp64 for fp64 input). Angles are formed in fp64 so a large position difference
+    loses no accuracy.
     """
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if dims == 0:
-        return x.float()
+        return x.to(dtype)
     angles = positions.double()[:, None] * rope_freqs(dims, theta, x.device)[None, :]  # [L, dims/2]
-    cos = angles.cos().float()[:, None, :]  # broadcast over heads
-    sin = angles.sin().float()[:, None, :]
-    x = x.float()
+    cos = angles.cos().to(dtype)[:, None, :]  # broadcast over heads
+    sin = angles.sin().to(dtype)[:, None, :]
+    x = x.to(dtype)
     pairs = x[..., :dims].unflatten(-1, (dims // 2, 2))
     a, b = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
