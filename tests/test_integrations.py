@@ -1,0 +1,137 @@
+"""Drop-in use: xjfast.sdpa, patch()/unpatch(), and diffusers' WanTransformer3DModel."""
+import pytest
+import torch
+
+import xjfast
+from xjfast.integrations import sdpa as sdpa_module
+from xjfast.integrations.sdpa import fallback_counts, is_patched, patch, reset_fallback_counts, sdpa, unpatch
+
+from attention_oracle import cosine, exact_attention, rel_l2
+
+
+def bhld(B=1, H=2, L=96, D=64, dtype=torch.float32):
+    return [torch.randn(B, H, L, D, dtype=dtype) for _ in range(3)]
+
+
+@pytest.fixture(autouse=True)
+def clean_state():
+    reset_fallback_counts()
+    yield
+    unpatch()
+
+
+def test_sdpa_matches_torch_in_bf16_precision():
+    q, k, v = bhld()
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.1)
+    out = sdpa(q, k, v, scale=0.1, precision="bf16", backend="reference")
+    assert out.shape == ref.shape and (out - ref).abs().max() < 1e-5
+    assert fallback_counts() == {}
+
+
+def test_sdpa_fp8_within_design_bounds():
+    q, k, v = bhld(L=256)
+    k = k + 2 * torch.randn(1, 2, 1, 64)
+    out = sdpa(q, k, v, backend="reference")
+    ref, _ = exact_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    ref = ref.transpose(1, 2)
+    assert rel_l2(out, ref) <= 7e-2 and cosine(out, ref) >= 0.997
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    (dict(attn_mask=torch.ones(96, 96, dtype=torch.bool)), "an explicit attn_mask"),
+    (dict(dropout_p=0.1), "dropout_p > 0"),
+    (dict(is_causal=True), "is_causal"),
+])
+def test_what_is_not_accelerated_goes_to_torch_counted_and_warned_once(kwargs, reason):
+    q, k, v = bhld()
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="xjfast.sdpa"):
+        out = sdpa(q, k, v, backend="reference", **kwargs)
+    torch.manual_seed(0)
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second time: counted, not warned
+        sdpa(q, k, v, backend="reference", **kwargs)
+    assert list(fallback_counts().values()) == [2] and next(iter(fallback_counts())).startswith(reason)
+
+
+def test_cross_attention_and_head_dims_fall_back():
+    q = torch.randn(1, 2, 96, 64)
+    kv = torch.randn(1, 2, 7, 64)
+    with pytest.warns(UserWarning):
+        sdpa(q, kv, kv, backend="reference")
+        sdpa(*bhld(D=32), backend="reference")
+    assert set(fallback_counts()) == {"query/key/value shapes differ (e.g. cross-attention) or are not [B, H, L, D]",
+                                      "head_dim 32 (xjfast has (64, 128))"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_auto_on_cpu_hands_to_torch():
+    with pytest.warns(UserWarning, match="tensors on the CPU"):
+        sdpa(*bhld(dtype=torch.bfloat16))
+
+
+def test_patch_as_context_manager_and_plain_call():
+    original = torch.nn.functional.scaled_dot_product_attention
+    q, k, v = bhld()
+    with patch(precision="bf16", backend="reference"):
+        assert is_patched()
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.nn.functional.scaled_dot_product_attention is original and not is_patched()
+    assert (out - original(q, k, v)).abs().max() < 1e-5
+    patch()
+    assert is_patched()
+    unpatch()
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa_module.TORCH_SDPA
+
+
+def test_public_name():
+    assert xjfast.sdpa is sdpa
+
+
+@pytest.fixture(scope="module")
+def wan():
+    diffusers = pytest.importorskip("diffusers", reason="needs diffusers (pip install xjfast[diffusers])")
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2, rope_max_seq_len=64).eval()
+    inputs = (torch.randn(1, 4, 2, 8, 8), torch.tensor([500]), torch.randn(1, 7, 32))
+    with torch.no_grad():
+        reference = model(*inputs).sample
+    return model, inputs, reference
+
+
+@torch.no_grad()
+def test_diffusers_wan_enable_bf16_matches_and_disable_restores(wan):
+    from xjfast.integrations.diffusers import XjfastAttnProcessor, disable, enable
+    model, inputs, reference = wan
+    replaced = enable(model, precision="bf16", backend="reference")
+    assert all(isinstance(p, XjfastAttnProcessor) for p in model.attn_processors.values())
+    out = model(*inputs).sample
+    assert (out - reference).abs().max() < 1e-4
+    # self-attention ran on xjfast; the text cross-attention (7 keys) went to torch, counted
+    assert fallback_counts() == {"query/key/value shapes differ (e.g. cross-attention) or are not [B, H, L, D]": 2}
+    disable(model, replaced)
+    assert not any(isinstance(p, XjfastAttnProcessor) for p in model.attn_processors.values())
+    assert torch.equal(model(*inputs).sample, reference)
+
+
+@torch.no_grad()
+def test_diffusers_wan_fp8_stays_close(wan):
+    from xjfast.integrations.diffusers import disable, enable
+    model, inputs, reference = wan
+    enable(model, precision="bf16", backend="reference")
+    enable(model, precision="fp8", backend="reference")  # re-enabling replaces, never stacks
+    out = model(*inputs).sample
+    disable(model)
+    err = rel_l2(out, reference.double())
+    assert 1e-4 < err < 5e-2  # FP8 ran (not bf16) and stayed close
+
+
+def test_diffusers_enable_rejects_other_models():
+    pytest.importorskip("diffusers")
+    from xjfast.integrations.diffusers import enable
+    with pytest.raises(TypeError, match="model: expected one of WanTransformer3DModel"):
+        enable(torch.nn.Linear(2, 2))
