@@ -36,3 +36,16 @@ def test_info_runs_as_a_command():
 def test_bad_arguments_exit_with_a_message():
     with pytest.raises(SystemExit):
         main(["generate", "--frames", "0"])
+
+
+def test_generate_with_a_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    from xjfast.models import build
+    model, *_ = build("tiny", seed=11)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "tiny.safetensors")
+    out = tmp_path / "w.mp4"
+    assert main(["generate", "--weights", str(tmp_path / "tiny.safetensors"), "--frames", "4", "--out", str(out),
+                 "--quiet"]) == 0
+    from xjfast.video import probe
+    assert probe(out)["frames"] == 4

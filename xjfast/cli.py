@@ -24,7 +24,8 @@ def _generate(args) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, decoder, encoder, preset = build(args.preset, device=device, dtype=dtype, seed=args.weights_seed)
+    model, decoder, encoder, preset = build(args.preset, device=device, dtype=dtype, seed=args.weights_seed,
+                                            weights=args.weights)
     generator = StreamGenerator(model, decoder, CacheConfig(args.sink, args.window, args.keep_tokens, args.storage),
                                 steps=args.steps, frames_per_block=args.frames_per_block, seed=args.seed,
                                 backend=args.backend, latent_hw=preset.latent_hw, precision=args.precision,
@@ -60,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
                    help="video frames to write (4 per latent frame; rounded up to whole blocks)")
     g.add_argument("--out", default="stream.mp4")
     g.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same stream")
+    g.add_argument("--weights", help="a Wan2.1 or diffusers WanTransformer3DModel checkpoint (.safetensors file or "
+                                    "folder) matching the preset's shape; default: the preset's random weights")
     g.add_argument("--weights-seed", type=int, default=0, help="seed of the preset's random weights")
     g.add_argument("--steps", type=int, default=1, help="denoising steps per frame (1 to 4)")
     g.add_argument("--frames-per-block", type=int, default=1, help="latent frames generated per model pass")

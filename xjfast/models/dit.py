@@ -161,6 +161,31 @@ class CausalDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.head = Head(cfg)
 
+    @classmethod
+    def from_pretrained(cls, path_or_state_dict, *, heads: int | None = None, dtype=None, device="cpu"):
+        """A CausalDiT with the weights of a Wan2.1 checkpoint (its original layout) or of diffusers'
+        WanTransformer3DModel: a state dict, a .safetensors file, or a folder of (sharded) files.
+
+        The architecture is read from the weights' shapes; the head count (which shapes do not
+        show) from `heads`, the folder's config.json, or dim // 128 as in every Wan2.1 model.
+        """
+        from xjfast.models.weights import config_from_state, diffusers_to_wan, is_diffusers_layout, read_state
+        state, config = read_state(path_or_state_dict)
+        if is_diffusers_layout(state):
+            state = diffusers_to_wan(state)
+        if "patch_embedding.weight" not in state:
+            raise ValueError("path_or_state_dict: no patch_embedding.weight: not a Wan2.1 or diffusers "
+                             f"WanTransformer3DModel checkpoint (first keys: {sorted(state)[:5]})")
+        with torch.device("meta"):
+            model = cls(config_from_state(state, config, heads))
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"path_or_state_dict: the checkpoint does not match CausalDiT: missing keys {missing}, "
+                             f"unexpected keys {unexpected}")
+        model.load_state_dict(state, assign=True)
+        return model.to(device=device, dtype=dtype).eval()
+
     def tokens_per_frame(self, latent_hw: tuple[int, int]) -> int:
         return (latent_hw[0] // self.cfg.patch_size[1]) * (latent_hw[1] // self.cfg.patch_size[2])
 

@@ -44,14 +44,23 @@ def init_weights(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def build(preset: str, *, device="cpu", dtype=torch.float32, seed: int = 0):
-    """(model, decoder, text encoder or None, Preset) for a preset name, weights seeded."""
+def build(preset: str, *, device="cpu", dtype=torch.float32, seed: int = 0, weights=None):
+    """(model, decoder, text encoder or None, Preset) for a preset name: weights seeded, or loaded
+    from `weights` (a Wan2.1 / diffusers checkpoint of the preset's shape)."""
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {', '.join(map(repr, PRESETS))}, got {preset!r}")
     p = PRESETS[preset]
+    if weights is not None:
+        model = CausalDiT.from_pretrained(weights, heads=p.dit.heads, dtype=dtype, device=device)
+        if model.cfg != p.dit:
+            raise ValueError(f"weights: expected a checkpoint of the {preset} shape {p.dit}, got {model.cfg}")
+        return _with_codecs(model, p, device)
     model = CausalDiT(p.dit)
     init_weights(model, seed)
-    model = model.to(device=device, dtype=dtype).eval()
+    return _with_codecs(model.to(device=device, dtype=dtype).eval(), p, device)
+
+
+def _with_codecs(model, p: Preset, device):
     decoder_cls = TinyDecoder if p.text_encoder else PreviewDecoder
     decoder = decoder_cls(p.dit.in_channels).to(device)
     encoder = ByteTextEncoder(p.dit.text_dim, p.text_tokens).to(device) if p.text_encoder else None

@@ -1,0 +1,55 @@
+"""CausalDiT.from_pretrained: diffusers' WanTransformer3DModel layout and the original Wan2.1 layout."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from xjfast.models import CausalDiT, build
+from xjfast.ops.denoise_step import unpatchify
+
+
+@torch.no_grad()
+def test_diffusers_weights_reproduce_diffusers_forward():
+    diffusers = pytest.importorskip("diffusers", reason="needs diffusers (pip install xjfast[diffusers])")
+    torch.manual_seed(0)
+    reference = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2, rope_max_seq_len=64).eval()
+    for p in reference.parameters():  # away from the default init (zero biases, unit norms)
+        p.add_(torch.randn_like(p) * 0.02)
+    x, t, context = torch.randn(1, 4, 3, 8, 8), torch.tensor([500.0]), torch.randn(1, 7, 32)
+    expected = reference(x, t, context).sample
+    model = CausalDiT.from_pretrained(reference.state_dict(), heads=2)
+    # full (non-causal) attention: the 3 frames as one block
+    tokens = model(x, t[:, None], model.prompt_kv(context), block_frames=3, precision="bf16", backend="reference")
+    assert (unpatchify(tokens, x.shape, (1, 2, 2)) - expected).abs().max() < 1e-4
+
+
+def test_wan_layout_round_trips_through_sharded_safetensors(tmp_path):
+    model, *_ = build("tiny", seed=5)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    keys = sorted(state)
+    save_file({k: state[k] for k in keys[: len(keys) // 2]}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({k: state[k] for k in keys[len(keys) // 2:]}, tmp_path / "model-00002-of-00002.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"num_heads": 2}))
+    loaded = CausalDiT.from_pretrained(tmp_path)
+    assert loaded.cfg == model.cfg
+    assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in keys)
+    single = tmp_path / "single.safetensors"
+    save_file(state, single)
+    assert CausalDiT.from_pretrained(single, heads=2).cfg == model.cfg
+
+
+def test_mismatched_checkpoint_lists_missing_and_unexpected_keys():
+    model, *_ = build("tiny")
+    state = dict(model.state_dict())
+    state.pop("blocks.1.ffn.2.bias")
+    state["blocks.1.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing keys \['blocks.1.ffn.2.bias'\], unexpected keys "
+                                         r"\['blocks.1.extra.weight'\]"):
+        CausalDiT.from_pretrained(state, heads=2)
+    with pytest.raises(ValueError, match="not a Wan2.1 or diffusers"):
+        CausalDiT.from_pretrained({"foo": torch.zeros(1)})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        CausalDiT.from_pretrained("/nonexistent/weights.safetensors")
