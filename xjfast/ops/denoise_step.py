@@ -99,13 +99,29 @@ def denoise_step(x_t, model_out, sigma, sigma_next=None, *, prediction="flow", n
         if timestep is None:
             raise ValueError("timestep: required with prediction='eps' (LCM's boundary scalings), got None")
         timestep = _per_sample("timestep", timestep, B, x_t.device, high=float("inf"))
-    if isinstance(frame_index, bool) or not isinstance(frame_index, int) or frame_index < 0:
-        raise ValueError(f"frame_index: expected an int >= 0, got {frame_index!r}")
+    if isinstance(frame_index, bool) or not isinstance(frame_index, int) or not 0 <= frame_index < 2 ** 63:
+        raise ValueError(f"frame_index: expected an int in [0, 2^63), got {frame_index!r}")
     outs = _outputs(out, x_t, sigma_next is not None)
     coef = _coefficients(prediction, sigma, sigma_next, timestep)
-    resolve("denoise_step", backend, x_t.device).fn(x_t, model_out, coef, noise_seed, frame_index, tuple(patch_size),
-                                                   *outs)
+    seed = noise_seed or 0
+    torch.ops.xjfast.denoise_step(x_t, model_out, coef, seed & 0xFFFFFFFF, seed >> 32, frame_index,
+                                  list(patch_size), backend, outs[0], outs[1])
     return outs if sigma_next is not None else outs[0]
+
+
+@torch.library.custom_op("xjfast::denoise_step", mutates_args=("x0", "x_next"))
+def _denoise_step_op(x_t: torch.Tensor, model_out: torch.Tensor, coef: torch.Tensor, seed_lo: int, seed_hi: int,
+                     frame_index: int, patch_size: list[int], backend: str, x0: torch.Tensor,
+                     x_next: torch.Tensor | None) -> None:
+    """The registered op (torch.compile / graph capture see one node); the seed travels as two
+    32-bit halves because the schema's int is signed 64-bit."""
+    resolve("denoise_step", backend, x_t.device).fn(x_t, model_out, coef, seed_lo | (seed_hi << 32), frame_index,
+                                                   tuple(patch_size), x0, x_next)
+
+
+@_denoise_step_op.register_fake
+def _(x_t, model_out, coef, seed_lo, seed_hi, frame_index, patch_size, backend, x0, x_next):
+    return None
 
 
 def _outputs(out, x_t, with_next: bool):

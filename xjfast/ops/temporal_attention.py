@@ -119,9 +119,26 @@ def temporal_attention(q, k, v, *, block_tokens=None, private_blocks=None, scale
     dtype, and LSE [B, H, Lq] fp32 (natural log, of the scaled scores) if `return_lse`.
     """
     plan = _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, precision, backend)
-    view = kv_cache.view(layer) if kv_cache is not None else None
-    out, lse = resolve("temporal_attention", backend, q.device).fn(q, k, v, plan, view)
+    if kv_cache is None:  # a registered custom op: torch.compile and graph capture see one node
+        out, lse = torch.ops.xjfast.temporal_attention(q, k, v, plan.block_tokens, list(plan.private), plan.causal,
+                                                       plan.scale, plan.precision, backend)
+    else:
+        out, lse = resolve("temporal_attention", backend, q.device).fn(q, k, v, plan, kv_cache.view(layer))
     return (out, lse) if return_lse else out
+
+
+@torch.library.custom_op("xjfast::temporal_attention", mutates_args=())
+def _temporal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tokens: int,
+                           private: list[bool], causal: bool, scale: float, precision: str,
+                           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    plan = AttentionPlan(block_tokens, tuple(private), causal, scale, None, precision)
+    return resolve("temporal_attention", backend, q.device).fn(q, k, v, plan, None)
+
+
+@_temporal_attention_op.register_fake
+def _(q, k, v, block_tokens, private, causal, scale, precision, backend):
+    B, L, H, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, L), dtype=torch.float32)
 
 
 # ---- reference -----------------------------------------------------------------------------
@@ -213,7 +230,7 @@ def temporal_attention_reference(q, k, v, plan: AttentionPlan, view):
             shift = torch.exp(m_run - row_max)
             p_unit = round_e4m3(p_unit / shift * P_SCALE) / P_SCALE * shift
         out += torch.einsum("bhln,bnhd->bhld", p_unit, unit.v)
-    out = (out / row_sum).transpose(1, 2)
+    out = (out / row_sum).transpose(1, 2).contiguous()
     lse = (row_max + row_sum.log()).squeeze(-1)
     if view is not None and view.mass is not None:
         _accumulate_mass(view, units, p / row_sum)

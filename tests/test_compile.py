@@ -1,0 +1,30 @@
+"""The ops are torch.library custom ops with fake implementations: torch.compile sees one node each."""
+import torch
+
+from xjfast.models import build
+from xjfast.ops.denoise_step import _coefficients  # noqa: F401  (registers xjfast::denoise_step)
+from xjfast.ops.temporal_attention import AttentionPlan  # noqa: F401  (registers xjfast::temporal_attention)
+
+
+def test_custom_ops_pass_opcheck():
+    q, k, v = (torch.randn(1, 128, 2, 64) for _ in range(3))
+    torch.library.opcheck(torch.ops.xjfast.temporal_attention.default,
+                          (q, k, v, 64, [False, True], True, 0.125, "bf16", "reference"))
+    x_t, model_out = torch.randn(1, 4, 1, 8, 8), torch.randn(1, 16, 16)
+    coef = torch.tensor([[1.0, -0.5, 0.8, 0.2]])
+    torch.library.opcheck(torch.ops.xjfast.denoise_step.default,
+                          (x_t, model_out, coef, 5, 0, 3, [1, 2, 2], "reference", torch.empty_like(x_t),
+                           torch.empty_like(x_t)))
+
+
+@torch.no_grad()
+def test_tiny_preset_compiles_with_fullgraph_on_the_cpu():
+    model, _, encoder, _ = build("tiny")
+    kv = model.prompt_kv(encoder("a kite over the dunes"))
+    x, t = torch.randn(1, 4, 2, 16, 16), torch.tensor([[0.0, 500.0]])
+
+    def forward(x, t):
+        return model(x, t, kv, block_frames=1, precision="fp8", backend="reference")
+
+    compiled = torch.compile(forward, fullgraph=True)
+    assert torch.allclose(compiled(x, t), forward(x, t), atol=1e-4)
