@@ -1,35 +1,54 @@
-# make test | make demo | make wheel ARCHS="90a" | make sass | make gpu-check [OUT=dir]
-# Each target sets itself up from a fresh clone: a .venv in the repo, torch 2.13.0 (a CPU build
-# from local disk) where there is no GPU, then xjfast installed in place (building xjfast._C with
-# nvcc when it is found).
+# make test [TESTS=tests/test_x.py] [PYTEST_ARGS=-x] | make demo | make wheel ARCHS="90a" | make sass
+# make gpu-check [OUT=dir]
+#
+# Each target sets itself up from a fresh clone (`make setup` does only that): a .venv in the
+# repo; torch 2.13.0 (a CPU build, from local disk) where there is no GPU, while a GPU machine
+# uses the torch it has (the venv sees its site-packages); the build tools; then xjfast installed
+# in place with its dev extras, which builds xjfast._C with nvcc when nvcc is found (for
+# XJFAST_CUDA_ARCHS, default "90a;100a"). A stamp makes the install happen again only when
+# pyproject.toml, setup.py, CMakeLists.txt or csrc/ change.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+TOOLS_STAMP := $(VENV)/.xjfast-tools
 STAMP := $(VENV)/.xjfast-installed
+BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
+EXTRAS ?= dev
+TESTS ?= tests
 ARCHS ?= 90a;100a
 TRITON_VERSION ?= 3.9.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
-BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 
-.PHONY: test demo wheel sass gpu-check clean
+.PHONY: setup venv test demo wheel sass gpu-check clean
+
+setup venv: $(STAMP)
 
 $(PY):
+ifeq ($(HAS_GPU),yes)
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+else
 	$(PYTHON) -m venv $(VENV)
-
-$(STAMP): $(PY) $(BUILD_INPUTS)
-ifneq ($(HAS_GPU),yes)
-	$(PY) -m pip install -q torch==2.13.0
 endif
-	$(PY) -m pip install -q pybind11 cmake ninja wheel pytest "triton==$(TRITON_VERSION)"
-	XJFAST_CUDA_ARCHS="$(ARCHS)" $(PY) -m pip install -q --no-build-isolation -e ".[dev]"
-	touch $(STAMP)
+
+# torch, the build tools (setup.py runs without build isolation) and Triton (its CPU interpreter
+# runs the kernel tests where there is no GPU; a GPU machine's torch brings its own).
+$(TOOLS_STAMP): | $(PY)
+ifneq ($(HAS_GPU),yes)
+	$(PY) -m pip install -q torch==2.13.0 "triton==$(TRITON_VERSION)"
+endif
+	$(PY) -m pip install -q "setuptools>=68" wheel pybind11 cmake ninja pytest
+	touch $@
+
+$(STAMP): $(TOOLS_STAMP) $(BUILD_INPUTS)
+	$(PY) -m pip install -q --no-build-isolation -e ".$(if $(EXTRAS),[$(EXTRAS)])"
+	touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(TESTS) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/xjfast generate --preset tiny --frames 48 --out out/demo.mp4
-	@echo "the video is at out/demo.mp4"
+	@echo "the video is at $(CURDIR)/out/demo.mp4"
 
 sass: $(STAMP)
 	$(PY) -m xjfast.tools.sass
@@ -38,9 +57,12 @@ sass: $(STAMP)
 gpu-check:
 	bash bench/gpu_check.sh $(OUT)
 
-wheel: $(STAMP)
-	rm -rf build/cmake
-	XJFAST_CUDA_ARCHS="$(ARCHS)" $(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+# A wheel holding SASS for ARCHS only, into dist/. A clean build/ so that no file left there by
+# an earlier build ends up in the wheel; the in-place install in .venv is left as it is.
+wheel: $(TOOLS_STAMP)
+	rm -rf build
+	XJFAST_CUDA_ARCHS="$(ARCHS)" $(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .
+	@ls -1 dist/*.whl
 
 clean:
 	rm -rf build dist *.egg-info $(VENV) xjfast/_C*.so

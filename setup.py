@@ -1,7 +1,8 @@
-"""Builds the CUDA extension xjfast._C with CMake when nvcc is available.
+"""Builds the CUDA extension xjfast._C with CMake (CMakeLists.txt) when nvcc is available.
 
 XJFAST_CUDA_ARCHS (default "90a;100a") selects the SASS embedded in _C; an empty value, or no
-nvcc, gives the pure-Python package (reference + Triton backends).
+nvcc, gives the pure-Python package (reference + Triton backends). XJFAST_PTXAS_VERBOSE=1 makes
+ptxas print each kernel's registers and spills. Metadata lives in pyproject.toml.
 """
 import os
 import shutil
@@ -9,49 +10,64 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS = "90a;100a"
 
 
-def find_nvcc():
-    for candidate in (os.environ.get("CUDACXX"), os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc"),
-                      "/usr/local/cuda/bin/nvcc", shutil.which("nvcc")):
-        if candidate and os.path.isfile(candidate):
-            return candidate
-    return None
+def find_nvcc() -> str | None:
+    """nvcc from CUDACXX, $CUDA_HOME/bin, /usr/local/cuda/bin or PATH, in that order."""
+    cuda_home = os.environ.get("CUDA_HOME")
+    candidates = [os.environ.get("CUDACXX"), cuda_home and os.path.join(cuda_home, "bin", "nvcc"),
+                  "/usr/local/cuda/bin/nvcc", shutil.which("nvcc")]
+    return next((c for c in candidates if c and os.path.isfile(c)), None)
+
+
+class CMakeExtension(Extension):
+    """An extension that CMakeLists.txt builds, for `archs` with `nvcc`."""
+
+    def __init__(self, name: str, nvcc: str, archs: str):
+        super().__init__(name, sources=[])
+        self.nvcc, self.archs = nvcc, archs
 
 
 class CMakeBuild(build_ext):
-    def build_extension(self, ext):
+    def build_extension(self, ext: CMakeExtension) -> None:
         import pybind11
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_temp = Path(self.build_temp).resolve() / "cmake"
-        build_temp.mkdir(parents=True, exist_ok=True)
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        verbose = os.environ.get("XJFAST_PTXAS_VERBOSE", "0") not in ("", "0")
         configure = [
-            "cmake", str(ROOT), f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}", f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DCMAKE_CUDA_COMPILER={ext.nvcc}",
-            f"-DXJFAST_CUDA_ARCHS={ext.archs}", "-DCMAKE_BUILD_TYPE=Release",
+            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}", f"-DCMAKE_CUDA_COMPILER={ext.nvcc}",
+            f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DXJFAST_CUDA_ARCHS={ext.archs}", f"-DXJFAST_PTXAS_VERBOSE={'ON' if verbose else 'OFF'}",
         ]
         if shutil.which("ninja"):
             configure += ["-G", "Ninja"]
-        subprocess.run(configure, cwd=build_temp, check=True)
-        subprocess.run(["cmake", "--build", ".", "--parallel", str(os.cpu_count() or 2)], cwd=build_temp, check=True)
+        subprocess.run(configure, check=True)
+        subprocess.run(["cmake", "--build", str(build_dir), "--parallel", str(os.cpu_count() or 2)], check=True)
 
 
-def extensions():
+def extensions() -> list[Extension]:
     archs = os.environ.get("XJFAST_CUDA_ARCHS", DEFAULT_ARCHS).strip()
     nvcc = find_nvcc()
     if not archs or nvcc is None:
-        why = "XJFAST_CUDA_ARCHS is empty" if not archs else "nvcc was not found"
-        print(f"xjfast: building the pure-Python package ({why}); no xjfast._C", file=sys.stderr)
+        why = ("XJFAST_CUDA_ARCHS is empty" if not archs
+               else "nvcc was not found in CUDACXX, $CUDA_HOME/bin, /usr/local/cuda/bin or PATH")
+        print(f"xjfast: building the pure-Python package without xjfast._C ({why})", file=sys.stderr)
         return []
-    ext = Extension("xjfast._C", sources=[])
-    ext.nvcc, ext.archs = nvcc, archs
-    return [ext]
+    return [CMakeExtension("xjfast._C", nvcc, archs)]
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": CMakeBuild})
+setup(
+    # xjfast and its subpackages, plus the top-level kernels/ directory as xjfast.kernels.
+    packages=find_packages(include=["xjfast", "xjfast.*"]) + ["xjfast.kernels"],
+    package_dir={"xjfast.kernels": "kernels"},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": CMakeBuild},
+)

@@ -10,6 +10,10 @@
 #include "cuda_check.h"
 #include "device_info.h"
 
+#ifndef XJFAST_BUILT_ARCHS
+#error "XJFAST_BUILT_ARCHS (the comma-separated archs of CMAKE_CUDA_ARCHITECTURES) is set by CMakeLists.txt"
+#endif
+
 namespace py = pybind11;
 
 static std::vector<std::string> built_archs() {
@@ -24,7 +28,7 @@ PYBIND11_MODULE(_C, m) {
   py::register_exception<xjfast::CudaError>(m, "CudaError", PyExc_RuntimeError);
   m.def("device_count", &xjfast::device_count, "CUDA devices visible (0 without a GPU or driver)");
   m.def("compute_capability", &xjfast::compute_capability, py::arg("device"), "(major, minor) of a device");
-  m.def("device_name", &xjfast::device_name, py::arg("device"));
+  m.def("device_name", &xjfast::device_name, py::arg("device"), "the device's name, e.g. 'NVIDIA H100 80GB HBM3'");
   m.def("driver_version", &xjfast::driver_version, "CUDA driver version (e.g. 13000), 0 without a driver");
   m.def("runtime_version", &xjfast::runtime_version, "CUDA runtime version _C was built with");
   m.def("built_archs", &built_archs, "GPU architectures whose SASS _C embeds, e.g. ['90a', '100a']");

@@ -1,5 +1,10 @@
 // CUDA error handling shared by every kernel file: a failing call becomes a C++ exception that
-// the bindings translate into xjfast._C.CudaError, naming the call and CUDA's message.
+// the bindings translate into the Python exception xjfast._C.CudaError (a RuntimeError), whose
+// message names the call and CUDA's own name and description of the error.
+//
+//   XJ_CUDA_CHECK(cudaMemsetAsync(ptr, 0, bytes, stream));
+//   my_kernel<<<grid, block, smem, stream>>>(...);
+//   XJ_CUDA_CHECK_LAUNCH("my_kernel");
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,7 +21,8 @@ struct CudaError : std::runtime_error {
 
 inline void check(cudaError_t status, const char* call) {
   if (status != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky-free error so later calls are not blamed for it
+    // Reset the runtime's last error (a non-sticky one) so the next call is not blamed for it.
+    cudaGetLastError();
     throw CudaError(status, std::string(call) + " failed: " + cudaGetErrorName(status) + " (" +
                                 cudaGetErrorString(status) + ")");
   }
@@ -25,3 +31,5 @@ inline void check(cudaError_t status, const char* call) {
 }  // namespace xjfast
 
 #define XJ_CUDA_CHECK(call) ::xjfast::check((call), #call)
+// After a <<<...>>> launch, which returns nothing: a bad configuration shows up here.
+#define XJ_CUDA_CHECK_LAUNCH(kernel_name) ::xjfast::check(cudaGetLastError(), "launch of " kernel_name)

@@ -1,3 +1,5 @@
+// Device and driver queries (device_info.cu). Each throws xjfast::CudaError on a CUDA error,
+// except device_count(), which reports 0 where there is no GPU or no driver.
 #pragma once
 
 #include <string>

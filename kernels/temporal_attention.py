@@ -63,7 +63,7 @@ def _attend_unit(acc, m_i, l_i, q_rows, rows, q_delta, visible, offs_d,
     # 2. per-(tile, unit) Q quantization
     if UNIT_FP8:
         q_scale = scale_from_amax(tl.max(tl.max(tl.abs(qr), axis=1), axis=0))
-        q_op = to_e4m3(qr * (1.0 / q_scale), INTERPRET)
+        q_op = to_e4m3(qr / q_scale, INTERPRET)
         score_scale = q_scale * k_scale * sm_scale_log2
     else:
         q_op = qr if INTERPRET else qr.to(DT)
@@ -233,7 +233,7 @@ def attention_mass_kernel(
         q_mean = tl.sum(q * k_mean[None, :], axis=1) * sm_scale_log2
         if CACHE_FP8:
             q_scale = scale_from_amax(tl.max(tl.max(tl.abs(q), axis=1), axis=0))
-            s = tl.dot(to_e4m3(q * (1.0 / q_scale), INTERPRET), tl.trans(k)) * (q_scale * k_scale * sm_scale_log2)
+            s = tl.dot(to_e4m3(q / q_scale, INTERPRET), tl.trans(k)) * (q_scale * k_scale * sm_scale_log2)
         else:
             s = tl.dot(q, tl.trans(k.to(tl.float32))) * (k_scale * sm_scale_log2)
         lse2 = tl.load(lse_ptr + (b * H + h).to(tl.int64) * Lq + offs_m, mask=rows, other=0.0) * 1.4426950408889634

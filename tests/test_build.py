@@ -1,4 +1,4 @@
-"""The compiled extension xjfast._C: device queries, errors as exceptions, SASS for each arch."""
+"""The compiled extension xjfast._C: device queries, CUDA errors as exceptions, SASS for each arch."""
 import os
 import shutil
 import subprocess
@@ -8,32 +8,54 @@ import torch
 
 C = pytest.importorskip("xjfast._C", reason="xjfast._C is not built (no nvcc, or XJFAST_CUDA_ARCHS empty)")
 
+# What setup.py builds for unless XJFAST_CUDA_ARCHS says otherwise.
+EXPECTED_ARCHS = os.environ.get("XJFAST_CUDA_ARCHS", "90a;100a").split(";")
 
-def test_built_archs_and_device_count():
-    assert C.built_archs() and all(a.rstrip("af").isdigit() for a in C.built_archs())
+
+def test_built_archs_are_the_requested_ones():
+    assert C.built_archs() == EXPECTED_ARCHS
+
+
+def test_device_count_agrees_with_torch():
     count = C.device_count()
     assert isinstance(count, int) and count >= 0
     if torch.cuda.is_available():
         assert count == torch.cuda.device_count()
         assert C.compute_capability(0) == torch.cuda.get_device_capability(0)
+        assert C.device_name(0) == torch.cuda.get_device_name(0)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where there is no GPU")
-def test_cuda_errors_become_exceptions():
+def test_runtime_version_needs_no_driver():
+    assert C.runtime_version() >= 12000  # the static runtime inside _C: 13000 for CUDA 13.0
+    assert isinstance(C.driver_version(), int) and C.driver_version() >= 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors raised where there is no GPU")
+def test_cuda_errors_become_exceptions_naming_the_call():
     assert C.device_count() == 0
-    with pytest.raises(C.CudaError, match="cudaDeviceGetAttribute"):
+    assert issubclass(C.CudaError, RuntimeError)
+    with pytest.raises(C.CudaError, match=r"cudaDeviceGetAttribute\(.*\) failed: cuda\w+"):
         C.compute_capability(0)
+    with pytest.raises(C.CudaError, match=r"cudaGetDeviceProperties\(.*\) failed"):
+        C.device_name(0)
+
+
+def test_bad_device_index_raises():
+    with pytest.raises(C.CudaError):
+        C.compute_capability(C.device_count() + 7)
 
 
 def cuobjdump() -> str | None:
-    """The CUDA toolkit's cuobjdump, or the one inside Triton's wheel."""
+    """The CUDA toolkit's cuobjdump, else the one inside Triton's wheel."""
     try:
         import triton
         bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     except ImportError:
         bundled = ""
-    for candidate in (shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump", bundled):
-        if candidate and os.path.exists(candidate):
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    for candidate in (os.path.join(cuda_home, "bin", "cuobjdump"), "/usr/local/cuda/bin/cuobjdump",
+                      shutil.which("cuobjdump"), bundled):
+        if candidate and os.path.isfile(candidate):
             return candidate
     return None
 
@@ -41,7 +63,7 @@ def cuobjdump() -> str | None:
 def test_sass_of_every_arch_is_embedded():
     tool = cuobjdump()
     if tool is None:
-        pytest.skip("no cuobjdump: neither the CUDA toolkit's nor Triton's")
+        pytest.skip("no cuobjdump: neither the CUDA toolkit's (/usr/local/cuda/bin) nor Triton's")
     listing = subprocess.run([tool, "--list-elf", C.__file__], capture_output=True, text=True, check=True).stdout
-    for arch in C.built_archs():
-        assert f"sm_{arch}" in listing, listing
+    cubins = {line.rsplit(".", 2)[-2] for line in listing.splitlines() if line.endswith(".cubin")}
+    assert cubins == {f"sm_{arch}" for arch in EXPECTED_ARCHS}, listing

@@ -1,8 +1,12 @@
-"""Loads the compiled extension `xjfast._C`, remembering precisely why it is absent."""
+"""Loads the compiled extension `xjfast._C`, remembering precisely why it is absent, and tells
+whether the SASS it holds runs on a given GPU."""
 from __future__ import annotations
 
 import functools
 import importlib
+import re
+
+_ARCH = re.compile(r"(\d+)([af]?)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -23,13 +27,36 @@ def unavailable_reason() -> str | None:
     return _load()[1]
 
 
+def built_archs() -> list[str]:
+    """The archs whose SASS `xjfast._C` embeds (["90a", "100a"]), [] when it is absent."""
+    ext = extension()
+    return list(ext.built_archs()) if ext is not None else []
+
+
 def arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
-    """Whether SASS built for `arch` ("90a", "100a", "89") runs on a GPU of `capability`.
+    """Whether SASS built for `arch` ("90a", "100a", "100f", "89") runs on a GPU of `capability`.
 
     An "a" (architecture-specific) build runs only on exactly that compute capability; a plain
     or "f" (family) build on the same major version with an equal or higher minor one.
     """
-    major, minor = divmod(int(arch.rstrip("af")), 10)
-    if arch.endswith("a"):
+    match = _ARCH.fullmatch(arch)
+    if match is None:
+        raise ValueError(f"arch: expected digits with an optional 'a' or 'f' suffix (like '90a'), got {arch!r}")
+    major, minor = divmod(int(match.group(1)), 10)
+    if match.group(2) == "a":
         return (major, minor) == tuple(capability)
     return major == capability[0] and minor <= capability[1]
+
+
+def capability_reason(capability: tuple[int, int]) -> str | None:
+    """None when `xjfast._C` is built and has SASS that runs on a GPU of `capability`, else why not."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    built = built_archs()
+    if any(arch_runs_on(arch, capability) for arch in built):
+        return None
+    major, minor = capability
+    held = ", ".join(f"sm_{arch}" for arch in built) or "no architecture"
+    return (f"xjfast._C holds SASS for {held}, none of which runs on this GPU (compute capability "
+            f"{major}.{minor}); rebuild with XJFAST_CUDA_ARCHS=\"{major}{minor}a\"")

@@ -69,12 +69,7 @@ def backend_unavailable_reason(backend: str, device: torch.device | str | None =
         return f"the CUDA backend needs a CUDA device, got {device}"
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible to torch"
-    capability = torch.cuda.get_device_capability(device)
-    built = _ext.extension().built_archs()
-    if not any(_ext.arch_runs_on(arch, capability) for arch in built):
-        return (f"xjfast._C holds SASS for sm_{', sm_'.join(built) or '(none)'}, none of which runs on this GPU "
-                f"(sm_{capability[0]}{capability[1]}); rebuild with XJFAST_CUDA_ARCHS={capability[0]}{capability[1]}a")
-    return None
+    return _ext.capability_reason(torch.cuda.get_device_capability(device))
 
 
 def implementations(op: str) -> dict[str, Implementation]:

@@ -1,5 +1,8 @@
 """What `xjfast info` reports: versions, the GPU (through NVML), the archs compiled into
-xjfast._C, and which backends can run here — each with the reason when it cannot."""
+xjfast._C, and which backends can run here — each with the reason when it cannot.
+
+Never raises: whatever cannot be found is reported as absent, with why.
+"""
 from __future__ import annotations
 
 import importlib.metadata
@@ -18,54 +21,87 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _gpus() -> dict:
+    """The GPUs NVML sees: name, compute capability, memory, driver; or none, with the reason."""
     try:
         import pynvml
     except ImportError:
-        return {"gpus": [], "gpu_reason": "nvidia-ml-py is not installed"}
+        return {"gpus": [], "driver": None, "gpu_reason": "nvidia-ml-py is not installed (pip install nvidia-ml-py)"}
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
-        return {"gpus": [], "gpu_reason": f"NVML could not start ({exc}): no NVIDIA driver or GPU here"}
+        return {"gpus": [], "driver": None, "gpu_reason": f"NVML could not start ({exc}): no NVIDIA driver or GPU here"}
     try:
         gpus = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(handle)
             major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total
-            gpus.append({"name": name.decode() if isinstance(name, bytes) else name,
-                         "compute_capability": f"{major}.{minor}", "memory_gib": round(memory / 2 ** 30, 1)})
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        return {"gpus": gpus, "driver": driver.decode() if isinstance(driver, bytes) else driver,
+            gpus.append({
+                "name": _text(pynvml.nvmlDeviceGetName(handle)),
+                "compute_capability": (major, minor),
+                "memory_gib": round(pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2 ** 30, 1),
+                # None when xjfast._C has SASS that runs on this GPU, else why not.
+                "extension_reason": _ext.capability_reason((major, minor)),
+            })
+        return {"gpus": gpus, "driver": _text(pynvml.nvmlSystemGetDriverVersion()),
                 "gpu_reason": None if gpus else "NVML sees no GPU"}
+    except pynvml.NVMLError as exc:
+        return {"gpus": [], "driver": None, "gpu_reason": f"NVML query failed ({exc})"}
     finally:
-        pynvml.nvmlShutdown()
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+
+
+def _extension() -> dict:
+    ext = _ext.extension()
+    if ext is None:
+        return {"extension_archs": [], "extension_cuda_runtime": None, "extension_reason": _ext.unavailable_reason()}
+    runtime = ext.runtime_version()  # needs no driver: the runtime is linked into _C
+    return {"extension_archs": _ext.built_archs(), "extension_cuda_runtime": f"{runtime // 1000}.{runtime % 1000 // 10}",
+            "extension_reason": None}
+
+
+def _backend_reason(name: str) -> str | None:
+    try:
+        return backend_unavailable_reason(name)
+    except Exception as exc:  # a broken driver or torch install: report it, never crash `info`
+        return f"checking it failed: {type(exc).__name__}: {exc}"
 
 
 def collect_info() -> dict:
-    ext = _ext.extension()
+    """Everything `xjfast info` shows, as a dict (the GPU part from NVML, not from torch)."""
     info = {
         "xjfast": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda or "none (CPU build)", "triton": _version("triton"),
-        "extension_archs": ext.built_archs() if ext else [], "extension_reason": _ext.unavailable_reason(),
-        "backends": {name: backend_unavailable_reason(name) for name in BACKENDS},
+        "torch_cuda": torch.version.cuda,  # None for a CPU build
+        "triton": _version("triton"),
     }
+    info.update(_extension())
     info.update(_gpus())
+    info["backends"] = {name: _backend_reason(name) for name in BACKENDS}
     return info
 
 
 def format_info(info: dict) -> str:
-    lines = [f"xjfast {info['xjfast']}  (python {info['python']}, torch {info['torch']}, "
-             f"CUDA {info['torch_cuda']}, triton {info['triton']})"]
+    torch_cuda = f"built with CUDA {info['torch_cuda']}" if info["torch_cuda"] else "a CPU build"
+    lines = [f"xjfast {info['xjfast']}  (python {info['python']}, torch {info['torch']} ({torch_cuda}), "
+             f"triton {info['triton']})"]
     if info["gpus"]:
         for i, gpu in enumerate(info["gpus"]):
-            lines.append(f"GPU {i}: {gpu['name']}, sm_{gpu['compute_capability'].replace('.', '')}, "
-                         f"{gpu['memory_gib']} GiB (driver {info.get('driver')})")
+            major, minor = gpu["compute_capability"]
+            runs = "xjfast._C runs on it" if gpu["extension_reason"] is None else "xjfast._C cannot run on it"
+            lines.append(f"GPU {i}: {gpu['name']}, compute capability {major}.{minor}, {gpu['memory_gib']} GiB, "
+                         f"driver {info['driver']} ({runs})")
     else:
         lines.append(f"GPU: none ({info['gpu_reason']})")
     if info["extension_archs"]:
-        lines.append(f"xjfast._C: built for sm_{', sm_'.join(info['extension_archs'])}")
+        lines.append(f"xjfast._C: SASS for {', '.join('sm_' + a for a in info['extension_archs'])} "
+                     f"(CUDA runtime {info['extension_cuda_runtime']}, linked statically)")
     else:
         lines.append(f"xjfast._C: absent ({info['extension_reason']})")
     for name, reason in info["backends"].items():
