@@ -126,7 +126,7 @@ def temporal_attention_kernel(
     ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, page_table_ptr, n_pages, n_sinks, cache_T,
     kk_ptr, kv_ptr, kks_ptr, kkm_ptr, kvs_ptr, keep_count, keep_cap,
     pk_ptr, pv_ptr, pks_ptr, pkm_ptr, pvs_ptr, stride_pkb, stride_pkl, stride_pkh, stride_pvb, stride_pvl,
-    stride_pvh, n_units, unit_T, private_ptr, block_tokens,
+    stride_pvh, n_units, unit_T, private_ptr, slots_ptr, block_tokens,
     B, H, Lq, first_slot, sm_scale_log2, rope_ptr, rope_center,
     D: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CACHE_FP8: tl.constexpr, PASS_FP8: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr,
@@ -139,7 +139,7 @@ def temporal_attention_kernel(
     offs_d = tl.arange(0, D)
     rows = offs_m < Lq
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_ql
-    q_slot = first_slot + offs_m // unit_T
+    q_slot = first_slot + tl.load(slots_ptr + offs_m // unit_T, mask=rows, other=0)
     all_rows = offs_m >= 0
     zeros_d = tl.zeros([D], dtype=tl.float32)
     ones_d = zeros_d + 1.0
@@ -183,7 +183,7 @@ def temporal_attention_kernel(
                 k_base = pk_ptr + (u * B + b).to(tl.int64) * unit_T * H * D + h * D
                 v_base = pv_ptr + (u * B + b).to(tl.int64) * unit_T * H * D + h * D
                 acc, m_i, l_i = _attend_unit(
-                    acc, m_i, l_i, q_rows, rows, q_slot - (first_slot + u), visible, offs_d, k_base, v_base,
+                    acc, m_i, l_i, q_rows, rows, q_slot - (first_slot + tl.load(slots_ptr + u)), visible, offs_d, k_base, v_base,
                     page_stride_t, page_stride_t, unit_T, tl.load(pks_ptr + row),
                     tl.load(pkm_ptr + row * D + offs_d), tl.load(pvs_ptr + row * D + offs_d),
                     sm_scale_log2, rope_ptr, rope_center, True, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
@@ -192,7 +192,7 @@ def temporal_attention_kernel(
                 k_base = pk_ptr + b.to(tl.int64) * stride_pkb + h * stride_pkh + start * stride_pkl
                 v_base = pv_ptr + b.to(tl.int64) * stride_pvb + h * stride_pvh + start * stride_pvl
                 acc, m_i, l_i = _attend_unit(
-                    acc, m_i, l_i, q_rows, rows, q_slot - (first_slot + u), visible, offs_d, k_base, v_base,
+                    acc, m_i, l_i, q_rows, rows, q_slot - (first_slot + tl.load(slots_ptr + u)), visible, offs_d, k_base, v_base,
                     stride_pkl, stride_pvl, unit_T, 1.0, zeros_d, ones_d, sm_scale_log2, rope_ptr, rope_center,
                     False, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
 
@@ -206,7 +206,7 @@ def temporal_attention_kernel(
 @triton.jit
 def attention_mass_kernel(
     q_ptr, lse_ptr, stride_qb, stride_ql, stride_qh, ck_ptr, cks_ptr, ckm_ptr, mass_ptr,
-    page, slot, B, H, Lq, cache_T, first_slot, unit_T, sm_scale_log2, rope_ptr, rope_center,
+    page, slot, B, H, Lq, cache_T, first_slot, unit_T, slots_ptr, sm_scale_log2, rope_ptr, rope_center,
     D: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CACHE_FP8: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -229,7 +229,8 @@ def attention_mass_kernel(
         q_rows = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_ql
         q = tl.load(q_rows + offs_d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
         if ROPE_DIMS > 0:
-            q = _rotate(q, (first_slot + offs_m // unit_T) - slot, rope_ptr, rope_center, D)
+            q_slot = first_slot + tl.load(slots_ptr + offs_m // unit_T, mask=rows, other=0)
+            q = _rotate(q, q_slot - slot, rope_ptr, rope_center, D)
         q_mean = tl.sum(q * k_mean[None, :], axis=1) * sm_scale_log2
         if CACHE_FP8:
             q_scale = scale_from_amax(tl.max(tl.max(tl.abs(q), axis=1), axis=0))
@@ -243,7 +244,7 @@ def attention_mass_kernel(
 
 
 _DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-_PRIVATE_FLAGS = {}
+_DEVICE_TUPLES = {}
 _ROPE_TABLES = {}
 
 
@@ -263,11 +264,16 @@ def _rope_table(dims: int, theta: float, D: int, max_delta: int, device):
     return _ROPE_TABLES[key], max_delta
 
 
+def _device_tuple(values: tuple, dtype, device) -> torch.Tensor:
+    """A small constant tensor, built once per value (so a captured graph keeps a valid pointer)."""
+    key = (values, dtype, str(device))
+    if key not in _DEVICE_TUPLES:
+        _DEVICE_TUPLES[key] = torch.tensor(values, dtype=dtype, device=device)
+    return _DEVICE_TUPLES[key]
+
+
 def _private_flags(private: tuple, device) -> torch.Tensor:
-    key = (private, str(device))
-    if key not in _PRIVATE_FLAGS:  # built once per mask, so a captured graph keeps a valid pointer
-        _PRIVATE_FLAGS[key] = torch.tensor(private, dtype=torch.int8, device=device)
-    return _PRIVATE_FLAGS[key]
+    return _device_tuple(private, torch.int8, device)
 
 
 def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=None):
@@ -295,20 +301,21 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
         keep = (view.keep_k, view.keep_v, view.keep_k_scale, view.keep_k_mean, view.keep_v_scale, view.keep_count,
                 view.keep_k.shape[1])
         first_slot, rope_dims = view.num_slots, view.rope_dims
-        rope, rope_center = _rope_table(view.rope_dims, view.rope_theta, D, view.k_pages.shape[0] + 2 + n_units,
-                                        q.device)
+        span = view.k_pages.shape[0] + 2 + max(plan.frame_slots, default=0) + n_units
+        rope, rope_center = _rope_table(view.rope_dims, view.rope_theta, D, span, q.device)
         cache_fp8 = fp8 and view.storage == "fp8"
     else:  # no cache: zero pages and an empty keep buffer; the pointers are never read
         cache = (q, q, lse, lse, lse, lse, 0, 0, 1)
         keep = (q, q, lse, lse, lse, 0, 1)
         first_slot, rope_dims, cache_fp8, rope, rope_center = 0, 0, False, lse, 0
     sm_scale_log2 = plan.scale * LOG2E
+    slots = _device_tuple(plan.frame_slots or tuple(range(n_units)), torch.int32, q.device)
     grid = (triton.cdiv(L, BLOCK_M), B * H)
     temporal_attention_kernel[grid](
         q, out, lse, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *cache, *keep,
         pass_k, pass_v, pass_ks, pass_km, pass_vs, k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), n_units, unit_T, _private_flags(plan.private, q.device),
+        v.stride(0), v.stride(1), v.stride(2), n_units, unit_T, _private_flags(plan.private, q.device), slots,
         plan.block_tokens, B, H, L, first_slot, sm_scale_log2, rope, rope_center,
         D=D, ROPE_DIMS=rope_dims, BLOCK_M=BLOCK_M, BLOCK_N=block_n, CACHE_FP8=cache_fp8, PASS_FP8=fp8,
         CAUSAL=plan.causal, DT=_DTYPES[q.dtype], INTERPRET=interpret, num_warps=warps, num_stages=stages,
@@ -318,7 +325,7 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
             if unit.page in view.mass_pages:
                 attention_mass_kernel[(triton.cdiv(view.k_pages.shape[2], block_n), B * H)](
                     q, lse, q.stride(0), q.stride(1), q.stride(2), view.k_pages, view.k_scale, view.k_mean,
-                    view.mass, unit.page, unit.position, B, H, L, view.k_pages.shape[2], first_slot, unit_T,
+                    view.mass, unit.page, unit.position, B, H, L, view.k_pages.shape[2], first_slot, unit_T, slots,
                     sm_scale_log2, rope, rope_center, D=D, ROPE_DIMS=rope_dims, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
                     CACHE_FP8=cache_fp8, INTERPRET=interpret, num_warps=warps)
     return out, lse

@@ -119,6 +119,30 @@ def test_attention_through_cache_equals_kept_frames_with_slot_positions():
     assert (out.double() - ref).abs().max() < 2e-5
 
 
+def test_frame_slots_give_draft_and_noisy_blocks_one_slot():
+    """A speculative pass [clean | noisy | clean draft | noisy] at slots (0, 1, 1, 2) after the
+    cache, noisy blocks private: exact attention with those positions and that mask."""
+    cache = StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=4, storage="fp32")
+    ks, vs = zip(*[qkv(L=T, H=H, D=D)[1:] for _ in range(2)])
+    stream(cache, ks, vs)
+    q, k, v = qkv(L=4 * T, H=H, D=D)
+    private, slots = (False, True, False, True), (0, 1, 1, 2)
+    out = temporal_attention(q, k, v, block_tokens=T, private_blocks=private, kv_cache=cache, layer=0,
+                             precision="bf16", frame_slots=slots)
+    dims = cache.rope_dims
+    pass_pos = (2 + torch.tensor(slots)).repeat_interleave(T)
+    keys = torch.cat([rotate_complex(ks[0], torch.zeros(T), dims), rotate_complex(ks[1], torch.ones(T), dims),
+                      rotate_complex(k, pass_pos, dims)], 1)
+    mask = torch.ones(4 * T, 6 * T, dtype=torch.bool)
+    mask[:, 2 * T:] = explicit_block_mask(4 * T, T, private)
+    ref, _ = exact_attention(rotate_complex(q, pass_pos, dims), keys, torch.cat(vs + (v,), 1), mask)
+    assert (out.double() - ref).abs().max() < 2e-5
+    with pytest.raises(ValueError, match="frame_slots: expected 4 slots"):
+        temporal_attention(q, k, v, kv_cache=cache, layer=0, frame_slots=(0, 1))
+    with pytest.raises(ValueError, match="frame_slots: needs kv_cache"):
+        temporal_attention(q, k, v, frame_slots=(0, 1, 1, 2))
+
+
 def test_fp8_cache_within_design_bounds():
     cache = StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=3)
     ks, vs = zip(*[qkv(L=T, H=H, D=D)[1:] for _ in range(4)])
@@ -219,7 +243,8 @@ def filled_cache(frames, H, D, T, device=DEVICE, **kwargs):
 def run_backend(backend, q, k, v, kv_cache=None, **kwargs):
     """The backend's launch with poisoned outputs, through the op's own validation."""
     plan = _validate(q, k, v, kwargs.get("block_tokens"), kwargs.get("private_blocks"), None, kv_cache,
-                     0 if kv_cache is not None else None, kwargs.get("precision", "fp8"), backend)
+                     0 if kv_cache is not None else None, kwargs.get("precision", "fp8"), backend,
+                     kwargs.get("frame_slots"))
     view = kv_cache.view(0) if kv_cache is not None else None
     if backend == "reference":
         return resolve("temporal_attention", backend, q.device).fn(q, k, v, plan, view)
@@ -239,6 +264,8 @@ CASES = {
     "cache-bf16-precision": dict(L=64, D=64, cache=dict(frames=3), kwargs=dict(block_tokens=64, precision="bf16")),
     "cache-keep-tokens": dict(L=64, D=64, cache=dict(frames=5, sink_frames=1, window_frames=2, keep_tokens=8),
                               kwargs=dict(block_tokens=32)),
+    "speculative-pass": dict(L=128, D=64, cache=dict(frames=3), kwargs=dict(
+        block_tokens=32, private_blocks=(False, True, False, True), frame_slots=(0, 1, 1, 2))),
 }
 
 

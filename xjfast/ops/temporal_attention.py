@@ -38,6 +38,7 @@ class AttentionPlan(NamedTuple):
     scale: float
     frame_tokens: int | None     # tokens per temporal slot of the pass (None: no rotary)
     precision: str
+    frame_slots: tuple = ()      # slot of each frame of the pass, after the cache's slots
 
 
 def block_mask(num_tokens: int, block_tokens: int | None, private_blocks: Sequence[bool] | None = None,
@@ -53,7 +54,7 @@ def block_mask(num_tokens: int, block_tokens: int | None, private_blocks: Sequen
     return visible
 
 
-def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, precision, backend):
+def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, precision, backend, frame_slots=None):
     check_tensor("q", q, dtypes=DTYPES, ndim=4, unit_last_stride=True)
     check_tensor("k", k, dtypes=(q.dtype,), ndim=4, device=q.device, unit_last_stride=True)
     check_tensor("v", v, dtypes=(q.dtype,), ndim=4, device=q.device, unit_last_stride=True)
@@ -105,20 +106,32 @@ def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, pre
                              f"frames of {frame_tokens} tokens")
     elif layer is not None:
         raise ValueError("layer: given without kv_cache")
+    slots = ()
+    if frame_slots is not None:
+        if kv_cache is None:
+            raise ValueError("frame_slots: needs kv_cache (temporal positions are cache slots)")
+        slots = tuple(int(x) for x in frame_slots)
+        if len(slots) != L // frame_tokens or any(x < 0 for x in slots):
+            raise ValueError(f"frame_slots: expected {L // frame_tokens} slots >= 0 (one per frame of the pass), "
+                             f"got {list(frame_slots)}")
+    elif kv_cache is not None:
+        slots = tuple(range(L // frame_tokens))
     return AttentionPlan(block_tokens or L, private, block_tokens is not None, float(scale), frame_tokens,
-                         precision)
+                         precision, slots)
 
 
 def temporal_attention(q, k, v, *, block_tokens=None, private_blocks=None, scale=None, kv_cache=None,
-                       layer=None, precision="fp8", return_lse=False, backend="auto"):
+                       layer=None, precision="fp8", return_lse=False, backend="auto", frame_slots=None):
     """Attention of the pass's queries over `kv_cache[layer]` (oldest first) and the pass's own keys.
 
     q, k, v: [B, Lq, H, D], bf16/fp16 (fp32 on the reference), D in {64, 128}. With `kv_cache`,
     q and k carry their spatial rotary but not the temporal one: the op rotates by slot (cached
-    frames take slots 0..n-1, frame f of the pass slot n+f). Returns out [B, Lq, H, D] in q's
-    dtype, and LSE [B, H, Lq] fp32 (natural log, of the scaled scores) if `return_lse`.
+    frames take slots 0..n-1, frame f of the pass slot n+f, or n+frame_slots[f] when given: a
+    speculative pass holds a draft and a noisy block of the same frame, which share a slot).
+    Returns out [B, Lq, H, D] in q's dtype, and LSE [B, H, Lq] fp32 (natural log, of the scaled
+    scores) if `return_lse`.
     """
-    plan = _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, precision, backend)
+    plan = _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, precision, backend, frame_slots)
     if kv_cache is None:  # a registered custom op: torch.compile and graph capture see one node
         out, lse = torch.ops.xjfast.temporal_attention(q, k, v, plan.block_tokens, list(plan.private), plan.causal,
                                                        plan.scale, plan.precision, backend)
@@ -186,7 +199,8 @@ def _pass_units(k, v, plan, first_slot) -> list[_Unit]:
             kf, vf = k[:, keys].float(), v[:, keys].float()
             mean = kf.mean(dim=1)
             kc = kf - mean[:, None]
-        units.append(_Unit(kc, mean, vf, first_slot + i if plan.frame_tokens else None, keys, None, fp8))
+        units.append(_Unit(kc, mean, vf, first_slot + plan.frame_slots[i] if plan.frame_tokens else None, keys,
+                           None, fp8))
     return units
 
 
@@ -206,7 +220,10 @@ def temporal_attention_reference(q, k, v, plan: AttentionPlan, view):
     units = (_cached_units(view, plan.precision == "fp8") if view is not None else []) + \
         _pass_units(k, v, plan, first_slot)
     qf = q.float()
-    q_pos = (first_slot + torch.arange(L, device=q.device) // plan.frame_tokens) if plan.frame_tokens else None
+    q_pos = None
+    if plan.frame_tokens:
+        slots = torch.tensor(plan.frame_slots, device=q.device)
+        q_pos = first_slot + slots[torch.arange(L, device=q.device) // plan.frame_tokens]
     rope_dims, theta = (view.rope_dims, view.rope_theta) if view is not None else (0, 0.0)
     visible = block_mask(L, plan.block_tokens, plan.private, q.device) if plan.causal else None
 

@@ -57,7 +57,7 @@ def stream_specs() -> list[KernelSpec]:
             kk_ptr=page, kv_ptr=page, kks_ptr="*fp32", kkm_ptr="*fp32", kvs_ptr="*fp32", keep_count=0, keep_cap=3,
             pk_ptr=pass_kv, pv_ptr=pass_kv, pks_ptr="*fp32", pkm_ptr="*fp32", pvs_ptr="*fp32",
             stride_pkb=L * H * D, stride_pkl=H * D, stride_pkh=D, stride_pvb=L * H * D, stride_pvl=H * D,
-            stride_pvh=D, n_units=2, unit_T=T, private_ptr="*i8", block_tokens=T, B=B, H=H, Lq=L, first_slot=21,
+            stride_pvh=D, n_units=2, unit_T=T, private_ptr="*i8", slots_ptr="*i32", block_tokens=T, B=B, H=H, Lq=L, first_slot=21,
             sm_scale_log2=0.127, rope_ptr="*fp32", rope_center=27)
         const = dict(D=D, ROPE_DIMS=rope, BLOCK_M=BLOCK_M, BLOCK_N=block_n, CACHE_FP8=fp8, PASS_FP8=fp8,
                      CAUSAL=True, DT=tl.bfloat16, INTERPRET=False)
@@ -68,7 +68,8 @@ def stream_specs() -> list[KernelSpec]:
         "attention_mass[fp8,D=128]", "temporal_attention", "attention_mass_kernel",
         dict(q_ptr="*bf16", lse_ptr="*fp32", stride_qb=L * H * 128, stride_ql=H * 128, stride_qh=128,
              ck_ptr="*fp8e4nv", cks_ptr="*fp32", ckm_ptr="*fp32", mass_ptr="*fp32", page=3, slot=1, B=B, H=H,
-             Lq=L, cache_T=T, first_slot=21, unit_T=T, sm_scale_log2=0.127, rope_ptr="*fp32", rope_center=27),
+             Lq=L, cache_T=T, first_slot=21, unit_T=T, slots_ptr="*i32", sm_scale_log2=0.127, rope_ptr="*fp32",
+             rope_center=27),
         dict(D=128, ROPE_DIMS=44, BLOCK_M=BLOCK_M, BLOCK_N=64, CACHE_FP8=True, INTERPRET=False), 8,
         tags=dict(op="temporal_attention")))
     specs.append(KernelSpec(
