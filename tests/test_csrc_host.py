@@ -1,0 +1,57 @@
+"""The CUDA sources' shared __host__ __device__ code (Philox, e4m3), compiled for the host."""
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from xjfast.ops.philox import philox_normal
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CXX = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+@pytest.fixture(scope="module")
+def host_tests(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("no C++ compiler")
+    exe = tmp_path_factory.mktemp("csrc") / "host_tests"
+    subprocess.run([CXX, "-std=c++17", "-O2", "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc"),
+                    os.path.join(ROOT, "csrc", "host_tests.cpp"), "-o", str(exe)], check=True)
+    return str(exe)
+
+
+def run(exe, *args, stdin=None):
+    return subprocess.run([exe, *map(str, args)], input=stdin, capture_output=True, text=True, check=True).stdout
+
+
+def test_philox_known_answers(host_tests):
+    kat = [(("0x0",) * 4 + ("0x0",) * 2, "6627e8d5 e169c58d bc57ac4c 9b00dbd8"),
+           (("0xffffffff",) * 6, "408f276d 41c83b0e a20bc7c6 6d5451fd"),
+           (("0x243f6a88", "0x85a308d3", "0x13198a2e", "0x03707344", "0xa4093822", "0x299f31d0"),
+            "d16cfe09 94fdcceb 5001e420 24126ea1")]
+    for args, expected in kat:
+        assert run(host_tests, "philox", *args).strip() == expected
+
+
+def test_gaussians_match_the_reference(host_tests):
+    seed, frame = 2 ** 40 + 3, 2 ** 33 + 7
+    host = torch.tensor([float(x) for x in run(host_tests, "normal", seed, frame, 1000).split()])
+    assert (host - philox_normal(seed, frame, 1000)).abs().max() < 1e-5
+
+
+def test_e4m3_conversion_matches_torch_on_every_class_of_value(host_tests):
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([
+        torch.randn(4000, generator=g) * torch.exp(torch.randn(4000, generator=g) * 4),  # every exponent
+        torch.tensor([0.0, -0.0, 448.0, 449.0, 464.0, 480.0, 1e9, -1e9, 2.0 ** -6, 2.0 ** -9, 2.0 ** -10,
+                      3 * 2.0 ** -11, 0.0068359375, 7.79]),                                   # edges and ties
+        torch.arange(0, 256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()[:127],     # exact codes
+    ])
+    values = values[torch.isfinite(values)]
+    lines = run(host_tests, "e4m3", stdin="\n".join(f"{v:.9g}" for v in values.tolist())).split("\n")
+    host = torch.tensor([int(line.split()[0]) for line in lines if line], dtype=torch.uint8)
+    parsed = torch.tensor([float(f"{v:.9g}") for v in values.tolist()])
+    expected = parsed.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(host, expected)
