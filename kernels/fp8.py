@@ -36,3 +36,43 @@ def to_e4m3(x, INTERPRET: tl.constexpr):
 @triton.jit
 def scale_from_amax(amax):
     return tl.maximum(amax, MIN_SCALE * E4M3_MAX) / E4M3_MAX
+
+
+# ---- one quantization unit (a page, the keep buffer, a frame of an attention pass) -------------
+# K is stored minus its per-channel mean with one scale; V with one scale per channel. The two
+# passes over a unit's tokens share these helpers in every kernel that writes units.
+
+@triton.jit
+def unit_stats(k, v, live, k_sum, k_max, k_min, v_amax):
+    """Fold a tile of K, V [tokens, D] (rows `live`) into the running statistics."""
+    k_sum += tl.sum(tl.where(live, k, 0.0), axis=0)
+    k_max = tl.maximum(k_max, tl.max(tl.where(live, k, float("-inf")), axis=0))
+    k_min = tl.minimum(k_min, tl.min(tl.where(live, k, float("inf")), axis=0))
+    v_amax = tl.maximum(v_amax, tl.max(tl.where(live, tl.abs(v), 0.0), axis=0))
+    return k_sum, k_max, k_min, v_amax
+
+
+@triton.jit
+def unit_scales(k_sum, k_max, k_min, v_amax, count, FP8: tl.constexpr):
+    """(K mean [D], K scale, V scale [D]): max |K - mean| = max(max - mean, mean - min)."""
+    mean = k_sum / count
+    if FP8:
+        k_scale = scale_from_amax(tl.max(tl.maximum(k_max - mean, mean - k_min), axis=0))
+        v_scale = scale_from_amax(v_amax)
+    else:
+        k_scale = 1.0
+        v_scale = tl.full(v_amax.shape, 1.0, dtype=tl.float32)
+    return mean, k_scale, v_scale
+
+
+@triton.jit
+def store_unit_tile(kp, vp, k, v, live, mean, k_scale, v_scale, FP8: tl.constexpr, INTERPRET: tl.constexpr):
+    """Store a tile of K - mean and V, scaled, in the storage dtype (e4m3 or bf16/fp32)."""
+    k = (k - mean[None, :]) / k_scale
+    v = v / v_scale[None, :]
+    if FP8:
+        tl.store(kp, to_e4m3(k, INTERPRET), mask=live)
+        tl.store(vp, to_e4m3(v, INTERPRET), mask=live)
+    else:
+        tl.store(kp, k.to(kp.dtype.element_ty), mask=live)
+        tl.store(vp, v.to(vp.dtype.element_ty), mask=live)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import scale_from_amax, to_e4m3
+from .fp8 import store_unit_tile, unit_scales, unit_stats
 
 BLOCK_T = 64
 
@@ -42,17 +42,8 @@ def kv_cache_commit_kernel(
         live = (t < T)[:, None]
         k = tl.load(k_src + t[:, None] * stride_kl + offs_d[None, :], mask=live, other=0.0).to(tl.float32)
         v = tl.load(v_src + t[:, None] * stride_vl + offs_d[None, :], mask=live, other=0.0).to(tl.float32)
-        k_sum += tl.sum(k, axis=0)
-        k_max = tl.maximum(k_max, tl.max(tl.where(live, k, float("-inf")), axis=0))
-        k_min = tl.minimum(k_min, tl.min(tl.where(live, k, float("inf")), axis=0))
-        v_amax = tl.maximum(v_amax, tl.max(tl.abs(v), axis=0))
-    mean = k_sum / T
-    if FP8:
-        k_scale = scale_from_amax(tl.max(tl.maximum(k_max - mean, mean - k_min), axis=0))
-        v_scale = scale_from_amax(v_amax)
-    else:
-        k_scale = 1.0
-        v_scale = tl.full([D], 1.0, dtype=tl.float32)
+        k_sum, k_max, k_min, v_amax = unit_stats(k, v, live, k_sum, k_max, k_min, v_amax)
+    mean, k_scale, v_scale = unit_scales(k_sum, k_max, k_min, v_amax, T, FP8)
     tl.store(ks_ptr + row, k_scale)
     tl.store(km_ptr + row * D + offs_d, mean)
     tl.store(vs_ptr + row * D + offs_d, v_scale)
@@ -63,14 +54,7 @@ def kv_cache_commit_kernel(
         k = tl.load(k_src + t[:, None] * stride_kl + offs_d[None, :], mask=live, other=0.0).to(tl.float32)
         v = tl.load(v_src + t[:, None] * stride_vl + offs_d[None, :], mask=live, other=0.0).to(tl.float32)
         out = dst + t[:, None].to(tl.int64) * (H * D) + offs_d[None, :]
-        k = (k - mean[None, :]) / k_scale
-        v = v / v_scale[None, :]
-        if FP8:
-            tl.store(kp_ptr + out, to_e4m3(k, INTERPRET), mask=live)
-            tl.store(vp_ptr + out, to_e4m3(v, INTERPRET), mask=live)
-        else:
-            tl.store(kp_ptr + out, k.to(kp_ptr.dtype.element_ty), mask=live)
-            tl.store(vp_ptr + out, v.to(vp_ptr.dtype.element_ty), mask=live)
+        store_unit_tile(kp_ptr + out, vp_ptr + out, k, v, live, mean, k_scale, v_scale, FP8, INTERPRET)
 
 
 def kv_cache_commit(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids, *, interpret=False):

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import scale_from_amax, to_e4m3
+from .fp8 import store_unit_tile, unit_scales, unit_stats
 
 BLOCK_T = 32
 
@@ -58,31 +58,15 @@ def kv_cache_compact_kernel(
         live = j < count
         k, v = _gather(top_ptr, j, live, offs_d, keep_count, keep_k, keep_v, page_k, page_v, h, H, D,
                        old[0], old[1], old[2], new[0], new[1], new[2])
-        k_sum += tl.sum(tl.where(live[:, None], k, 0.0), axis=0)
-        k_max = tl.maximum(k_max, tl.max(tl.where(live[:, None], k, float("-inf")), axis=0))
-        k_min = tl.minimum(k_min, tl.min(tl.where(live[:, None], k, float("inf")), axis=0))
-        v_amax = tl.maximum(v_amax, tl.max(tl.where(live[:, None], tl.abs(v), 0.0), axis=0))
-    mean = k_sum / count
-    if FP8:
-        k_scale = scale_from_amax(tl.max(tl.maximum(k_max - mean, mean - k_min), axis=0))
-        v_scale = scale_from_amax(v_amax)
-    else:
-        k_scale = 1.0
-        v_scale = tl.full([D], 1.0, dtype=tl.float32)
+        k_sum, k_max, k_min, v_amax = unit_stats(k, v, live[:, None], k_sum, k_max, k_min, v_amax)
+    mean, k_scale, v_scale = unit_scales(k_sum, k_max, k_min, v_amax, count, FP8)
     for t0 in range(0, count, BLOCK_T):
         j = t0 + offs_t
         live = j < count
         k, v = _gather(top_ptr, j, live, offs_d, keep_count, keep_k, keep_v, page_k, page_v, h, H, D,
                        old[0], old[1], old[2], new[0], new[1], new[2])
         out = (j * H + h)[:, None].to(tl.int64) * D + offs_d[None, :]
-        k = (k - mean[None, :]) / k_scale
-        v = v / v_scale[None, :]
-        if FP8:
-            tl.store(keep_k + out, to_e4m3(k, INTERPRET), mask=live[:, None])
-            tl.store(keep_v + out, to_e4m3(v, INTERPRET), mask=live[:, None])
-        else:
-            tl.store(keep_k + out, k.to(keep_k.dtype.element_ty), mask=live[:, None])
-            tl.store(keep_v + out, v.to(keep_v.dtype.element_ty), mask=live[:, None])
+        store_unit_tile(keep_k + out, keep_v + out, k, v, live[:, None], mean, k_scale, v_scale, FP8, INTERPRET)
     tl.store(keep_ks + row, k_scale)
     tl.store(keep_km + row * D + offs_d, mean)
     tl.store(keep_vs + row * D + offs_d, v_scale)
