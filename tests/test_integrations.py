@@ -7,6 +7,7 @@ from xjfast.integrations import sdpa as sdpa_module
 from xjfast.integrations.sdpa import fallback_counts, is_patched, patch, reset_fallback_counts, sdpa, unpatch
 
 from attention_oracle import cosine, exact_attention, rel_l2
+from wan_diffusers import tiny_wan_transformer
 
 
 def bhld(B=1, H=2, L=96, D=64, dtype=torch.float32):
@@ -92,11 +93,7 @@ def test_public_name():
 
 @pytest.fixture(scope="module")
 def wan():
-    diffusers = pytest.importorskip("diffusers", reason="needs diffusers (pip install xjfast[diffusers])")
-    torch.manual_seed(0)
-    model = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=4,
-        text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2, rope_max_seq_len=64).eval()
+    model = tiny_wan_transformer()
     inputs = (torch.randn(1, 4, 2, 8, 8), torch.tensor([500]), torch.randn(1, 7, 32))
     with torch.no_grad():
         reference = model(*inputs).sample
