@@ -32,13 +32,15 @@ def cached_keys_values(view, dtype):
 
 
 def sdpa_temporal_attention(q, k, v, *, block_tokens=None, private_blocks=None, scale=None, kv_cache=None,
-                            layer=None, precision="bf16", return_lse=False, backend="auto"):
+                            layer=None, precision="bf16", return_lse=False, backend="auto", frame_slots=None):
     B, L, H, D = q.shape
     keys, values = [], []
     if kv_cache is not None:
         view = kv_cache.view(layer)
         keys, values = cached_keys_values(view, q.dtype)
-        pos = view.num_slots + torch.arange(L, device=q.device) // kv_cache.frame_tokens
+        frames = torch.arange(L, device=q.device) // kv_cache.frame_tokens
+        slots = torch.tensor(frame_slots, device=q.device)[frames] if frame_slots is not None else frames
+        pos = view.num_slots + slots
         q = rotate_leading(q, pos, view.rope_dims, view.rope_theta).to(q.dtype)
         k = rotate_leading(k, pos, view.rope_dims, view.rope_theta).to(k.dtype)
     n_cached = sum(t.shape[1] for t in keys)

@@ -27,6 +27,20 @@ def test_generate_blocks_of_three_frames(tmp_path):
     assert probe(out)["frames"] == 12
 
 
+def test_generate_leaves_torch_threads_as_they_were(tmp_path):
+    import torch
+    before = torch.get_num_threads()
+    assert main(["generate", "--frames", "4", "--warmup", "0", "--out", str(tmp_path / "t.mp4"), "--quiet"]) == 0
+    assert torch.get_num_threads() == before
+
+
+def test_generate_without_pyav_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "av", None)  # what `import av` sees where PyAV is not installed
+    assert main(["generate", "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "pip install 'xjfast[video]'" in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()
+
+
 def test_info_runs_as_a_command():
     result = subprocess.run([sys.executable, "-m", "xjfast", "info"], capture_output=True, text=True)
     assert result.returncode == 0

@@ -9,11 +9,13 @@ from fractions import Fraction
 import numpy as np
 
 
-def _av():
+def require_av():
+    """The PyAV module, or an ImportError that says how to install it."""
     try:
         import av
     except ImportError as exc:
-        raise RuntimeError("writing MP4 needs PyAV: pip install 'xjfast[video]' (or pip install av)") from exc
+        raise ImportError("writing or reading MP4 needs PyAV: pip install 'xjfast[video]' (or pip install av)") \
+            from exc
     return av
 
 
@@ -21,7 +23,7 @@ class Mp4Writer:
     """Append uint8 RGB frames [N, H, W, 3] (H and W even) to an H.264 MP4."""
 
     def __init__(self, path: str, fps: int, crf: int = 18):
-        av = _av()
+        av = require_av()
         self.container = av.open(str(path), mode="w")
         self.stream = self.container.add_stream("libx264", rate=Fraction(fps))
         self.stream.pix_fmt = "yuv420p"
@@ -30,7 +32,7 @@ class Mp4Writer:
         self.frames = 0
 
     def write(self, frames) -> None:
-        av = _av()
+        av = require_av()
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"frames: expected uint8 [N, H, W, 3], got {frames.dtype} {frames.shape}")
@@ -58,7 +60,7 @@ class Mp4Writer:
 
 def probe(path: str) -> dict:
     """Frame count, size and codec of a video, by decoding it."""
-    av = _av()
+    av = require_av()
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         count = sum(1 for _ in container.decode(stream))

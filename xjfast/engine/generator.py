@@ -4,18 +4,29 @@ Each step is ONE model call over [clean previous block | noisy current block], b
 the clean block (timestep 0) re-encodes the previous output so that its keys and values are
 committed to the cache in the same pass that denoises the current block. With `steps` > 1 the
 later steps re-noise x0 to the next sigma (fresh Philox noise) and call the model on the noisy
-block alone. Noise is keyed by (seed, frame index, step), so a stream is determined by its seed.
+block alone. Noise is keyed by (seed, frame index, step), so a stream is determined by its seed
+and does not depend on how it was split into passes.
+
+Speculative drafting (`speculate`): a drafter proposes the next frames; one pass denoises k
+frames [clean last | noisy n | clean draft n | noisy n+1 | ...] with the noisy blocks private,
+and the longest prefix of drafts that the model's outputs confirm (relative L2 <= accept_tol) is
+kept: 1 + accepted frames per pass, the accepted drafts' keys/values committed afterwards.
+Prompt switching (`set_prompt(..., transition_frames=N, recache=...)`): the text conditioning is
+blended from the old prompt to the new over N frames; `recache` re-encodes the cached frames
+under the new prompt in one pass (as LongLive does), so the scene morphs instead of cutting.
 """
 from __future__ import annotations
 
+import collections
 import statistics
 import time
 from dataclasses import dataclass
 
 import torch
 
-from xjfast.cache import StreamingKVCache
+from xjfast.cache import KEEP, StreamingKVCache
 from xjfast.engine.schedule import shifted_sigmas, step_seed
+from xjfast.engine.speculation import MAX_DEPTH, DepthController, extrapolate, hold, parse_drafter, relative_l2
 from xjfast.models.decoder import VIDEO_FRAMES_PER_LATENT
 from xjfast.ops.denoise_step import denoise_step
 from xjfast.ops.philox import latent_noise
@@ -31,23 +42,33 @@ class CacheConfig:
 
 @dataclass
 class Frame:
-    index: int               # latent frame index of the block's first frame
-    latents: torch.Tensor    # [B, C, F, h, w] clean latents of the block
+    index: int               # latent frame index of the first frame
+    latents: torch.Tensor    # [B, C, F, h, w] clean latents (F: frames of the block, or of a speculative pass)
     video: torch.Tensor      # [4F, 8h, 8w, 3] uint8 frames of sample 0
 
 
 class StreamGenerator:
     def __init__(self, model, decoder, cache_config: CacheConfig = CacheConfig(), steps: int = 1,
                  frames_per_block: int = 1, seed: int = 0, backend: str = "auto", *, latent_hw=(16, 16),
-                 batch: int = 1, precision: str = "fp8", shift: float = 5.0, text_encoder=None):
+                 batch: int = 1, precision: str = "fp8", shift: float = 5.0, text_encoder=None,
+                 speculate=0, drafter="extrapolate", accept_tol: float = 0.05):
         if not isinstance(frames_per_block, int) or frames_per_block < 1:
             raise ValueError(f"frames_per_block: expected an int >= 1, got {frames_per_block!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+        if speculate != "auto" and (not isinstance(speculate, int) or not 0 <= speculate <= MAX_DEPTH):
+            raise ValueError(f"speculate: expected 'auto' or a depth in [0, {MAX_DEPTH}], got {speculate!r}")
+        if speculate not in (0, 1) and (steps != 1 or frames_per_block != 1):
+            raise ValueError(f"speculate: drafting needs steps=1 and frames_per_block=1, got steps={steps}, "
+                             f"frames_per_block={frames_per_block}")
+        if not isinstance(accept_tol, (int, float)) or accept_tol < 0:
+            raise ValueError(f"accept_tol: expected a relative L2 tolerance >= 0, got {accept_tol!r}")
+        self.drafter = parse_drafter(drafter)
         self.model, self.decoder, self.text_encoder = model, decoder, text_encoder
         self.sigmas = shifted_sigmas(steps, shift)
         self.steps, self.frames_per_block, self.seed = steps, frames_per_block, seed
         self.backend, self.precision, self.batch = backend, precision, batch
+        self.speculate, self.accept_tol = speculate, float(accept_tol)
         self.latent_hw = tuple(latent_hw)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -57,19 +78,24 @@ class StreamGenerator:
                                       sink_frames=cache_config.sink_frames, window_frames=cache_config.window_frames,
                                       keep_tokens=cache_config.keep_tokens, storage=cache_config.storage,
                                       device=self.device, backend=backend)
-        self.prompt_kv = None
+        self.prompt_kv, self._embeds = None, None
         self.reset()
 
     def reset(self) -> None:
         """Start a new stream (same seed: the same frames again)."""
         self.cache.reset()
         self._next_frame = 0
-        self._previous = None  # clean latents of the last block: committed by the next pass
-        self._model_s, self._total_s, self._done_at = [], [], []
-        self._started = None
+        self._previous = None            # clean latents of the last block: committed by the next pass
+        self._latents = {}               # frame index -> clean latents, for the drafters and recache
+        self._model_s, self._total_s, self._done_at, self._frames = [], [], [], []
+        self._switching = []             # per pass: was it a prompt-transition frame
+        self._transition = None          # (old embeds, new embeds, frames, frames done)
+        self.conditioning_weights = []   # weight of the newest prompt, per block generated
+        fixed = None if self.speculate == "auto" else max(1, self.speculate)
+        self.depth = DepthController(fixed)
 
-    def set_prompt(self, prompt) -> None:
-        """Condition on a prompt: text (presets with a text encoder) or embeddings [S, D] / [B, S, D]."""
+    # ---- prompts ---------------------------------------------------------------------------
+    def _embeddings(self, prompt) -> torch.Tensor:
         if isinstance(prompt, str):
             if self.text_encoder is None:
                 raise TypeError("prompt: this model takes text embeddings (a tensor [S, text_dim]), got a str")
@@ -81,25 +107,78 @@ class StreamGenerator:
                                  f"{self.model.cfg.text_dim}], got shape {tuple(prompt.shape)}")
         else:
             raise TypeError(f"prompt: expected a str or a tensor of text embeddings, got {type(prompt).__name__}")
-        embeds = embeds.to(self.device).expand(self.batch, -1, -1)
-        with torch.no_grad():
-            self.prompt_kv = self.model.prompt_kv(embeds)
+        return embeds.to(self.device).expand(self.batch, -1, -1)
 
+    @torch.no_grad()
+    def set_prompt(self, prompt, transition_frames: int = 0, recache: bool = False) -> None:
+        """Condition on a prompt: text (presets with a text encoder) or embeddings [S, D] / [B, S, D].
+
+        Mid-stream, `transition_frames=N` blends the conditioning from the current prompt to this
+        one over the next N latent frames (cross-attention keys/values recomputed per frame while
+        blending); `recache=True` re-encodes the cached frames under the new prompt in one pass.
+        """
+        if not isinstance(transition_frames, int) or transition_frames < 0:
+            raise ValueError(f"transition_frames: expected an int >= 0, got {transition_frames!r}")
+        embeds = self._embeddings(prompt)
+        if self._embeds is not None and transition_frames > 0:
+            current = self._current_embeds()
+            self._transition = (current, embeds, transition_frames, 0)
+        else:
+            self._transition = None
+            self.prompt_kv = self.model.prompt_kv(embeds)
+        self._embeds = embeds
+        if recache and self.cache.frames_seen:
+            self._recache(self.model.prompt_kv(embeds))
+
+    def _current_embeds(self) -> torch.Tensor:
+        if self._transition is None:
+            return self._embeds
+        old, new, frames, done = self._transition
+        w = done / frames
+        return old * (1 - w) + new * w
+
+    def _advance_transition(self) -> bool:
+        """Set this block's conditioning; True while a prompt transition is under way."""
+        if self._transition is None:
+            self.conditioning_weights.append(1.0)
+            return False
+        old, new, frames, done = self._transition
+        w = (done + 1) / frames
+        self.prompt_kv = self.model.prompt_kv(old * (1 - w) + new * w)
+        self.conditioning_weights.append(w)
+        self._transition = None if done + 1 == frames else (old, new, frames, done + 1)
+        return True
+
+    def _recache(self, prompt_kv) -> None:
+        """Re-encode the cached frames (their clean latents, in slot order) under `prompt_kv`."""
+        view = self.cache.view(0)
+        frames = self.cache.cached_frames(0)
+        slots = [u.position for u in view.units if u.page != KEEP]
+        x = torch.cat([self._latents[f] for f in frames], dim=2)
+        captured = []
+        self.model(x, torch.zeros(self.batch, len(frames), device=self.device), prompt_kv, block_frames=1,
+                   precision=self.precision, backend=self.backend, frame_slots=slots,
+                   kv_frames=list(range(len(frames))), kv_out=captured)
+        self.cache.recache(captured)
+
+    # ---- frames ----------------------------------------------------------------------------
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    @torch.no_grad()
-    def step(self) -> Frame:
-        """Generate the next block of latent frames and decode it."""
-        if self.prompt_kv is None:
-            raise RuntimeError("set_prompt(...) must be called before generating frames")
-        self._sync()
-        start = time.perf_counter()
-        self._started = self._started or start
-        fpb, first = self.frames_per_block, self._next_frame
-        shape = (self.batch, self.model.cfg.in_channels, fpb, *self.latent_hw)
-        x = latent_noise(step_seed(self.seed, 0), first, shape, self.device).to(self.dtype)
+    def _noise(self, first: int, frames: int) -> torch.Tensor:
+        shape = (self.batch, self.model.cfg.in_channels, frames, *self.latent_hw)
+        return latent_noise(step_seed(self.seed, 0), first, shape, self.device).to(self.dtype)
+
+    def _remember(self, first: int, latents: torch.Tensor) -> None:
+        for f in range(latents.shape[2]):
+            self._latents[first + f] = latents[:, :, f:f + 1]
+        keep = set(self.cache.cached_frames(0)) | set(range(first + latents.shape[2] - 2, first + latents.shape[2]))
+        self._latents = {f: x for f, x in self._latents.items() if f in keep}
+
+    def _plain_pass(self, first: int) -> torch.Tensor:
+        fpb = self.frames_per_block
+        x = self._noise(first, fpb)
         for k, sigma in enumerate(self.sigmas[:-1]):
             with_clean = k == 0 and self._previous is not None
             inputs = torch.cat((self._previous, x), dim=2) if with_clean else x
@@ -112,16 +191,93 @@ class StreamGenerator:
             result = denoise_step(x, noisy, sigma, None if last else self.sigmas[k + 1],
                                   noise_seed=step_seed(self.seed, k + 1), frame_index=first, backend=self.backend)
             x = result if last else result[1]
+        return x
+
+    def _drafts(self, first: int, count: int) -> list:
+        kind, detail = self.drafter
+        history = [self._latents[f] for f in sorted(self._latents) if f < first][-2:]
+        if kind == "hold":
+            return hold(history, count)
+        if kind == "extrapolate":
+            return extrapolate(history, count)
+        if kind == "callable":
+            drafts = list(detail(history, count, frame_index=first))
+            if len(drafts) != count or any(d.shape != history[-1].shape for d in drafts):
+                raise ValueError(f"drafter: expected {count} latents shaped {tuple(history[-1].shape)}, got "
+                                 f"{[tuple(d.shape) for d in drafts]}")
+            return [d.to(self.dtype) for d in drafts]
+        return self._shallow_drafts(first, count, detail)
+
+    def _shallow_drafts(self, first: int, count: int, layers: int) -> list:
+        """Self-speculative drafts: the first `layers` blocks and the head, over the same cache
+        (read only), each draft conditioned on the ones before it."""
+        drafts = []
+        sigma = self.sigmas[0]
+        for j in range(count):
+            clean = [self._previous] + drafts
+            x = torch.cat(clean + [self._noise(first + j, 1)], dim=2)
+            t = torch.tensor([[0.0] * len(clean) + [sigma * 1000]], device=self.device).expand(self.batch, -1)
+            tokens = self.model(x, t, self.prompt_kv, cache=self.cache, block_frames=1, layers=layers,
+                                precision=self.precision, backend=self.backend)
+            drafts.append(denoise_step(x[:, :, -1:], tokens[:, -self.frame_tokens:], sigma, backend=self.backend))
+        return drafts
+
+    def _speculative_pass(self, first: int, depth: int) -> tuple[torch.Tensor, int]:
+        """One pass over depth noisy frames and depth - 1 drafts; returns (frames, accepted drafts)."""
+        drafts = self._drafts(first, depth - 1)
+        noise = [self._noise(first + j, 1) for j in range(depth)]
+        blocks, slots = [self._previous, noise[0]], [0, 1]
+        for j, draft in enumerate(drafts):
+            blocks += [draft, noise[j + 1]]
+            slots += [j + 1, j + 2]
+        private = [i % 2 == 1 for i in range(len(blocks))]
+        sigma = self.sigmas[0]
+        t = torch.tensor([[0.0 if i % 2 == 0 else sigma * 1000 for i in range(len(blocks))]], device=self.device)
+        stashed = []
+        tokens = self.model(torch.cat(blocks, dim=2), t.expand(self.batch, -1), self.prompt_kv, cache=self.cache,
+                            commit_frames=1, block_frames=1, private_blocks=private, frame_slots=slots,
+                            kv_frames=[2 * (j + 1) for j in range(depth - 1)], kv_out=stashed,
+                            precision=self.precision, backend=self.backend)
+        T = self.frame_tokens
+        outputs = [denoise_step(noise[j], tokens[:, (2 * j + 1) * T:(2 * j + 2) * T], sigma, backend=self.backend)
+                   for j in range(depth)]
+        accepted = 0
+        while accepted < depth - 1 and relative_l2(outputs[accepted], drafts[accepted]) <= self.accept_tol:
+            accepted += 1
+        if accepted:  # the confirmed drafts' keys/values, as the next passes would have committed them
+            for layer, (k, v) in enumerate(stashed):
+                self.cache.commit(layer, k[:, :accepted * T], v[:, :accepted * T])
+        return torch.cat(outputs[:accepted + 1], dim=2), accepted
+
+    @torch.no_grad()
+    def step(self) -> Frame:
+        """Generate the next block (or the frames of one speculative pass) and decode it."""
+        if self.prompt_kv is None:
+            raise RuntimeError("set_prompt(...) must be called before generating frames")
+        self._sync()
+        start = time.perf_counter()
+        first = self._next_frame
+        switching = self._advance_transition()
+        depth = 1 if switching or self._previous is None else self.depth.choose()
+        if depth > 1:
+            x, accepted = self._speculative_pass(first, depth)
+        else:
+            x, accepted = self._plain_pass(first), 0
         self._sync()
         model_done = time.perf_counter()
+        if self._previous is not None and not switching:
+            self.depth.record(depth, model_done - start, depth - 1, accepted)
         video = self.decoder(x, None if self._previous is None else self._previous[:, :, -1])
         self._sync()
         done = time.perf_counter()
-        self._previous = x
-        self._next_frame += fpb
+        self._previous = x[:, :, -self.frames_per_block:] if depth == 1 else x[:, :, -1:]
+        self._next_frame += x.shape[2]
+        self._remember(first, x)
         self._model_s.append(model_done - start)
         self._total_s.append(done - start)
         self._done_at.append(done)
+        self._frames.append(x.shape[2])
+        self._switching.append(switching)
         return Frame(first, x, video.cpu())
 
     def __iter__(self):
@@ -130,9 +286,12 @@ class StreamGenerator:
 
     def stats(self) -> dict:
         """Latency of the stream so far; frame rates count video frames (4 per latent frame)."""
-        blocks = len(self._total_s)
-        video_frames = blocks * self.frames_per_block * VIDEO_FRAMES_PER_LATENT
+        latent_frames = sum(self._frames)
+        video_frames = latent_frames * VIDEO_FRAMES_PER_LATENT
+        # per latent frame: a pass that emits several frames spreads its interval over them
         intervals = [b - a for a, b in zip(self._done_at, self._done_at[1:])] or self._total_s[:1]
+        per_frame = [i / n for i, n in zip(intervals, self._frames[1:] or self._frames[:1]) for _ in range(n)]
+        switch = [t for t, s in zip(self._total_s, self._switching) if s]
 
         def pct(values, q):
             ordered = sorted(values)
@@ -140,14 +299,23 @@ class StreamGenerator:
 
         model_s, total_s = sum(self._model_s), sum(self._total_s)
         return {
-            "blocks": blocks,
-            "latent_frames": blocks * self.frames_per_block,
+            "passes": len(self._total_s),
+            "latent_frames": latent_frames,
             "video_frames": video_frames,
             "model_fps": video_frames / model_s if model_s else float("nan"),
             "end_to_end_fps": video_frames / total_s if total_s else float("nan"),
-            "time_to_first_frame_ms": 1e3 * self._total_s[0] if blocks else float("nan"),
-            "interval_p50_ms": 1e3 * statistics.median(intervals) if intervals else float("nan"),
-            "interval_p99_ms": 1e3 * pct(intervals, 0.99),
+            "time_to_first_frame_ms": 1e3 * self._total_s[0] if self._total_s else float("nan"),
+            "interval_p50_ms": 1e3 * statistics.median(per_frame) if per_frame else float("nan"),
+            "interval_p99_ms": 1e3 * pct(per_frame, 0.99),
             "block_latency_ms": [1e3 * s for s in self._total_s],
             "cache_bytes": self.cache.memory_bytes(),
+            "speculation": {
+                "depth": self.depth.best() if self.speculate == "auto" else max(1, self.speculate),
+                "acceptance_rate": self.depth.acceptance(),
+                "frames_per_pass": latent_frames / len(self._frames) if self._frames else float("nan"),
+                "speedup_over_no_speculation": self.depth.speedup(),
+            },
+            "switch_frames": len(switch),
+            "switch_latency_p50_ms": 1e3 * statistics.median(switch) if switch else None,
+            "switch_latency_max_ms": 1e3 * max(switch) if switch else None,
         }

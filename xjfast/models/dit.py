@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from xjfast.models.rope import apply_rope_3d
+from xjfast.models.rope import apply_rope, rope_table
 from xjfast.ops.temporal_attention import temporal_attention
 
 
@@ -64,23 +64,31 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(cfg.dim, cfg.eps), RMSNorm(cfg.dim, cfg.eps)
 
-    def forward(self, x, grid, pass_args):
+    def forward(self, x, pass_args):
         B, L, _ = x.shape
         split = (B, L, self.heads, -1)
         q = self.norm_q(self.q(x)).view(split)
         k = self.norm_k(self.k(x)).view(split)
         v = self.v(x).view(split)
         cache, layer = pass_args["cache"], pass_args["layer"]
-        # through a cache the op applies the temporal rotary by slot; without one, frame positions
-        q = apply_rope_3d(q, grid, temporal=cache is None)
-        k = apply_rope_3d(k, grid, temporal=cache is None)
-        out = temporal_attention(q, k, v, block_tokens=pass_args["block_tokens"],
+        # keys are cached with their spatial rotary only; the temporal one is applied by the
+        # attention op by cache slot, or here by frame position when there is no cache
+        q, k = apply_rope(q, pass_args["rope"]), apply_rope(k, pass_args["rope"])
+        q_att, k_att = q, k
+        if cache is None:
+            q_att, k_att = apply_rope(q, pass_args["rope_t"]), apply_rope(k, pass_args["rope_t"])
+        out = temporal_attention(q_att, k_att, v, block_tokens=pass_args["block_tokens"],
                                  private_blocks=pass_args["private_blocks"], kv_cache=cache,
                                  layer=layer if cache is not None else None, precision=pass_args["precision"],
-                                 backend=pass_args["backend"])
+                                 backend=pass_args["backend"],
+                                 frame_slots=pass_args["frame_slots"] if cache is not None else None)
         commit = pass_args["commit_tokens"]
         if cache is not None and commit:
             cache.commit(layer, k[:, :commit], v[:, :commit])
+        if pass_args["kv_out"] is not None:  # K/V of chosen token ranges, to commit or recache later
+            ranges = pass_args["kv_tokens"]
+            pass_args["kv_out"].append((torch.cat([k[:, a:b] for a, b in ranges], 1),
+                                        torch.cat([v[:, a:b] for a, b in ranges], 1)))
         return self.o(out.reshape(B, L, -1))
 
 
@@ -117,7 +125,7 @@ class Block(nn.Module):
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
 
-    def forward(self, x, e, grid, kv, pass_args):
+    def forward(self, x, e, kv, pass_args):
         """x [B, L, dim]; e [B, blocks, 6, dim]: the modulation of each frame block."""
         B, L, D = x.shape
         n = e.shape[1]
@@ -129,7 +137,7 @@ class Block(nn.Module):
         def gated(h, gate):
             return (h.view(B, n, L // n, D) * gate[:, :, None]).view(B, L, D)
 
-        x = x + gated(self.self_attn(modulate(self.norm1(x), shift_a, scale_a), grid, pass_args), gate_a)
+        x = x + gated(self.self_attn(modulate(self.norm1(x), shift_a, scale_a), pass_args), gate_a)
         x = x + self.cross_attn(self.norm3(x), kv)
         return x + gated(self.ffn(modulate(self.norm2(x), shift_f, scale_f)), gate_f)
 
@@ -195,11 +203,17 @@ class CausalDiT(nn.Module):
         return [block.cross_attn.kv(c) for block in self.blocks]
 
     def forward(self, x, timesteps, prompt_kv, *, cache=None, commit_frames=0, block_frames=1,
-                private_blocks=None, precision="fp8", backend="auto"):
+                private_blocks=None, precision="fp8", backend="auto", frame_slots=None, kv_frames=None,
+                kv_out=None, layers=None):
         """x [B, C, F, H, W] latents of the pass; timesteps [B, F / block_frames] (0..1000) per block.
 
         Returns the head's tokens [B, F/pt * H/ph * W/pw, pt*ph*pw*C] (denoise_step un-patchifies
         them). With `cache`, the first `commit_frames` frames' K/V are committed to it.
+        frame_slots: temporal slot of each frame (after the cache's slots; without a cache, its
+        rotary position); default 0, 1, 2, ...
+        kv_frames, kv_out: the K/V (spatial rotary only) of these frames are appended to the list
+        kv_out, one (k, v) per layer — to commit later (accepted drafts) or to recache.
+        layers: run only the first `layers` blocks, then the head (a self-speculative drafter).
         """
         B, C, F, H, W = x.shape
         pt, ph, pw = self.cfg.patch_size
@@ -212,10 +226,19 @@ class CausalDiT(nn.Module):
                              f"got {tuple(timesteps.shape)}")
         t_emb = self.time_embedding(sinusoidal_embedding(timesteps, self.cfg.freq_dim).to(tokens.dtype))
         e = self.time_projection(t_emb).unflatten(-1, (6, self.cfg.dim))  # [B, blocks, 6, dim]
-        pass_args = dict(cache=cache, layer=0, block_tokens=block_frames * frame_tokens if blocks > 1 else None,
+        slots = list(range(F // pt)) if frame_slots is None else list(frame_slots)
+        # one rotary table per pass, shared by every layer: spatial (what the cache stores), and
+        # without a cache the temporal part by frame position
+        rope = rope_table(grid, self.cfg.head_dim, temporal=False, device=tokens.device)
+        rope_t = None if cache is not None else rope_table(grid, self.cfg.head_dim, frames=slots, spatial=False,
+                                                            device=tokens.device)
+        pass_args = dict(cache=cache, layer=0, rope=rope, rope_t=rope_t,
+                         block_tokens=block_frames * frame_tokens if blocks > 1 else None,
                          private_blocks=private_blocks if blocks > 1 else None, precision=precision,
-                         backend=backend, commit_tokens=commit_frames * frame_tokens)
-        for i, block in enumerate(self.blocks):
+                         backend=backend, commit_tokens=commit_frames * frame_tokens, frame_slots=slots,
+                         kv_tokens=[(f * frame_tokens, (f + 1) * frame_tokens) for f in (kv_frames or [])],
+                         kv_out=kv_out if kv_frames else None)
+        for i, block in enumerate(self.blocks[:layers]):
             pass_args["layer"] = i
-            tokens = block(tokens, e, grid, prompt_kv[i], pass_args)
+            tokens = block(tokens, e, prompt_kv[i], pass_args)
         return self.head(tokens, t_emb)

@@ -55,9 +55,13 @@ def build(preset: str, *, device="cpu", dtype=torch.float32, seed: int = 0, weig
         if model.cfg != p.dit:
             raise ValueError(f"weights: expected a checkpoint of the {preset} shape {p.dit}, got {model.cfg}")
         return _with_codecs(model, p, device)
-    model = CausalDiT(p.dit)
+    # built on the meta device and filled once: no default init to overwrite, no CPU copy of a
+    # GPU model; the draws are CPU fp32 whatever the device, so a seed means the same weights
+    with torch.device("meta"):
+        model = CausalDiT(p.dit)
+    model = model.to_empty(device=device).to(dtype)
     init_weights(model, seed)
-    return _with_codecs(model.to(device=device, dtype=dtype).eval(), p, device)
+    return _with_codecs(model.eval(), p, device)
 
 
 def _with_codecs(model, p: Preset, device):

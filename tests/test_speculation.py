@@ -1,0 +1,104 @@
+"""Speculative next-frame drafting: exactness against the sequential stream, depth control."""
+import pytest
+import torch
+
+from xjfast.engine import CacheConfig, StreamGenerator
+from xjfast.engine.speculation import DepthController
+from xjfast.models import build
+
+FRAMES = 9
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build("tiny")
+
+
+def generator(tiny, **kwargs):
+    model, decoder, encoder, preset = tiny
+    # fp32 storage, bf16 precision on fp32 tensors: exact attention, so equality is meaningful;
+    # a window that holds the whole test stream, so no eviction differs between pass shapes
+    options = dict(cache_config=CacheConfig(1, 16, storage="fp32"), latent_hw=preset.latent_hw,
+                   text_encoder=encoder, precision="bf16", backend="reference", seed=5)
+    options.update(kwargs)
+    g = StreamGenerator(model, decoder, **options)
+    g.set_prompt("fireflies over a pond")
+    return g
+
+
+def latent_stream(g, frames=FRAMES):
+    out = []
+    while sum(x.shape[2] for x in out) < frames:
+        out.append(g.step().latents)
+    return torch.cat(out, dim=2)[:, :, :frames]
+
+
+@pytest.fixture(scope="module")
+def sequential(tiny):
+    """The non-speculative stream, with room for an oracle's drafts past the compared frames."""
+    return latent_stream(generator(tiny), FRAMES + 4)
+
+
+def oracle(sequential):
+    def draft(history, count, frame_index):
+        return [sequential[:, :, frame_index + j:frame_index + j + 1] for j in range(count)]
+    return draft
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_oracle_drafts_are_always_accepted_and_reproduce_the_stream(tiny, sequential, depth):
+    g = generator(tiny, speculate=depth, drafter=oracle(sequential))
+    stream = latent_stream(g)
+    assert (stream - sequential[:, :, :FRAMES]).abs().max() < 1e-5
+    s = g.stats()["speculation"]
+    assert s["acceptance_rate"] == 1.0 and s["frames_per_pass"] > 1.5
+
+
+@pytest.mark.parametrize("drafter", ["hold", "extrapolate", "shallow:2"])
+def test_zero_tolerance_reproduces_the_stream_with_any_drafter(tiny, sequential, drafter):
+    g = generator(tiny, speculate=3, drafter=drafter, accept_tol=0.0)
+    assert (latent_stream(g) - sequential[:, :, :FRAMES]).abs().max() < 1e-5
+    assert g.stats()["speculation"]["acceptance_rate"] == 0.0
+
+
+def test_cache_after_speculation_equals_sequential_cache(tiny, sequential):
+    seq = generator(tiny)
+    latent_stream(seq, 7)
+    spec = generator(tiny, speculate=4, drafter=oracle(sequential))
+    latent_stream(spec, 7)
+    assert seq.cache.cached_frames(0)[:6] == spec.cache.cached_frames(0)[:6]
+    for layer in range(len(tiny[0].blocks)):
+        a, b = seq.cache.view(layer), spec.cache.view(layer)
+        for pa, pb in zip(a.page_table.tolist()[:6], b.page_table.tolist()[:6]):
+            k_a = a.k_pages[pa] + a.k_mean[pa][:, None]
+            k_b = b.k_pages[pb] + b.k_mean[pb][:, None]
+            assert (k_a - k_b).abs().max() < 1e-4
+
+
+def test_auto_depth_measures_and_picks_the_fastest():
+    c = DepthController(None, max_depth=3)
+    assert [c.choose() for _ in range(1)] == [1]
+    for depth, seconds in ((1, 1.0), (2, 1.1), (3, 1.2)):
+        c.record(depth, seconds, depth - 1, depth - 1)  # every draft accepted
+    assert c.choose() == 3 and c.expected_frames(3) == 3
+    slow = DepthController(None, max_depth=3)
+    for depth, seconds in ((1, 1.0), (2, 3.0), (3, 5.0)):
+        slow.record(depth, seconds, depth - 1, 0)  # nothing accepted: no speculation pays
+    assert slow.choose() == 1 and slow.speedup() == 1.0
+
+
+def test_auto_runs_and_reports(tiny, sequential):
+    g = generator(tiny, speculate="auto", drafter=oracle(sequential))
+    latent_stream(g, 9)
+    s = g.stats()["speculation"]
+    assert 1 <= s["depth"] <= 4 and s["acceptance_rate"] == 1.0 and s["speedup_over_no_speculation"] > 0
+
+
+def test_bad_arguments(tiny):
+    model, decoder, encoder, preset = tiny
+    with pytest.raises(ValueError, match="drafter: expected"):
+        StreamGenerator(model, decoder, latent_hw=preset.latent_hw, speculate=2, drafter="psychic")
+    with pytest.raises(ValueError, match="speculate: drafting needs steps=1"):
+        StreamGenerator(model, decoder, latent_hw=preset.latent_hw, speculate=2, steps=2)
+    with pytest.raises(ValueError, match="speculate: expected"):
+        StreamGenerator(model, decoder, latent_hw=preset.latent_hw, speculate=9)
