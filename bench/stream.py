@@ -81,7 +81,33 @@ def measure(device: torch.device, log) -> dict:
                     f"end-to-end {row['end_to_end_fps']:.1f} fps")
             except Exception as exc:  # e.g. out of memory: recorded, the other figures stand
                 rows.append(dict(cfg, engine=engine_name, preset=name, error=f"{type(exc).__name__}: {exc}"))
-    out = {"preset": name, "rows": rows}
+    out = {"preset": name, "rows": rows, "speculation": _speculation(model, decoder, preset, device, prompt, log)}
     if gpu:
         out["memory"] = _memory_flat(model, decoder, preset, device, ENGINES["xjfast-fp8"], prompt)
     return out
+
+
+def _speculation(model, decoder, preset, device, prompt, log) -> list[dict]:
+    """Speculation off and on, per resolution and depth (xjfast engine), with acceptance rates."""
+    gpu = on_gpu(device)
+    resolutions = [(32, 32), (60, 104)] if gpu else [preset.latent_hw]  # 256x256 and 480x832 video
+    rows = []
+    for hw in resolutions:
+        for depth in (0, 2, 3, 4, "auto"):
+            for drafter in (("extrapolate", "shallow:4") if depth else ("extrapolate",)):
+                gen = StreamGenerator(model, decoder, CacheConfig(1, 8), latent_hw=hw, speculate=depth,
+                                      drafter=drafter, backend="auto" if gpu else "reference")
+                gen.set_prompt(prompt)
+                for _ in range(4):  # warm-up, then a fresh stream
+                    gen.step()
+                gen.reset()
+                gen.set_prompt(prompt)
+                while gen.stats()["latent_frames"] < (24 if gpu else 8):
+                    gen.step()
+                s = gen.stats()
+                row = dict(video=f"{8 * hw[0]}x{8 * hw[1]}", speculate=depth, drafter=drafter,
+                           model_fps=s["model_fps"], end_to_end_fps=s["end_to_end_fps"], **s["speculation"])
+                rows.append(row)
+                log(f"  speculation {row['video']} depth={depth} {drafter}: {row['model_fps']:.1f} fps, "
+                    f"acceptance {row['acceptance_rate']:.0%}")
+    return rows

@@ -63,3 +63,22 @@ def test_generate_with_a_checkpoint(tmp_path):
                  "--quiet"]) == 0
     from xjfast.video import probe
     assert probe(out)["frames"] == 4
+
+
+def test_prompt_schedule_and_speculation(tmp_path, capsys):
+    out = tmp_path / "s.mp4"
+    assert main(["generate", "--prompt", "a forest", "--prompt", "a city@16", "--transition", "2", "--recache",
+                 "--speculate", "3", "--drafter", "hold", "--accept-tol", "10", "--frames", "40", "--out", str(out),
+                 "--quiet", "--warmup", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "prompt switches: 1, 2 transition frames" in printed and "speculation: depth 3" in printed
+    from xjfast.video import probe
+    assert probe(out)["frames"] == 40
+
+
+def test_prompt_schedule_parsing():
+    from xjfast.cli import prompt_schedule
+    assert prompt_schedule(["a", "b@48", "c@96"]) == [(0, "a"), (48, "b"), (96, "c")]
+    assert prompt_schedule(["e-mail me@home"]) == [(0, "e-mail me@home")]
+    with pytest.raises(SystemExit):
+        prompt_schedule(["a", "b"])

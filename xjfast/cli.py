@@ -51,27 +51,38 @@ def _stream(args, device, dtype) -> int:
     generator = StreamGenerator(model, decoder, CacheConfig(args.sink, args.window, args.keep_tokens, args.storage),
                                 steps=args.steps, frames_per_block=args.frames_per_block, seed=args.seed,
                                 backend=args.backend, latent_hw=preset.latent_hw, precision=args.precision,
-                                text_encoder=encoder)
-    if encoder is not None:
-        generator.set_prompt(args.prompt)
-    else:  # the Wan preset takes text embeddings: a deterministic stand-in derived from the prompt
-        g = torch.Generator().manual_seed(sum(args.prompt.encode()) + len(args.prompt))
-        generator.set_prompt(torch.randn(preset.text_tokens, preset.dit.text_dim, generator=g).to(dtype))
+                                text_encoder=encoder, speculate=args.speculate, drafter=args.drafter,
+                                accept_tol=args.accept_tol)
+    schedule = prompt_schedule(args.prompt)
+
+    def conditioning(text):
+        if encoder is not None:
+            return text
+        # the Wan preset takes text embeddings: a deterministic stand-in derived from the prompt
+        g = torch.Generator().manual_seed(sum(text.encode()) + len(text))
+        return torch.randn(preset.text_tokens, preset.dit.text_dim, generator=g).to(dtype)
+
+    generator.set_prompt(conditioning(schedule[0][1]))
     # warm-up: first-call costs (imports, kernel selection and compilation, allocator growth) are
     # paid before the stream starts, so the figures below describe the stream, not process start
     started = time.perf_counter()
     for _ in range(args.warmup):
         generator.step()
     generator.reset()
+    generator.set_prompt(conditioning(schedule[0][1]))
     warmup_s = time.perf_counter() - started
+    switches = list(schedule[1:])
     # whole passes: a pass emits a block of frames_per_block latent frames (4 video frames each)
     total = math.ceil(args.frames / (args.frames_per_block * VIDEO_FRAMES_PER_LATENT)) * \
         args.frames_per_block * VIDEO_FRAMES_PER_LATENT
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with Mp4Writer(args.out, preset.fps) as writer, \
             tqdm(total=total, desc=f"xjfast {args.preset}", unit="frame", disable=args.quiet) as bar:
-        while writer.frames < args.frames:
-            video = generator.step().video.numpy()
+        while writer.frames < total:
+            if switches and writer.frames >= switches[0][0]:
+                generator.set_prompt(conditioning(switches.pop(0)[1]), transition_frames=args.transition,
+                                     recache=args.recache)
+            video = generator.step().video.numpy()[:total - writer.frames]  # a speculative pass may overshoot
             writer.write(video)
             bar.update(len(video))
     s = generator.stats()
@@ -82,7 +93,31 @@ def _stream(args, device, dtype) -> int:
     print(f"interval per latent frame (4 video frames) p50 {s['interval_p50_ms']:.1f} ms, p99 "
           f"{s['interval_p99_ms']:.1f} ms | KV cache {s['cache_bytes'] / 2 ** 20:.2f} MiB | warm-up "
           f"{warmup_s:.2f} s ({args.warmup} blocks before the stream, not counted)")
+    spec = s["speculation"]
+    if args.speculate:
+        print(f"speculation: depth {spec['depth']}, acceptance {spec['acceptance_rate']:.0%}, "
+              f"{spec['frames_per_pass']:.2f} latent frames per pass")
+    if s["switch_frames"]:
+        print(f"prompt switches: {len(schedule) - 1}, {s['switch_frames']} transition frames, latency p50 "
+              f"{s['switch_latency_p50_ms']:.1f} ms, max {s['switch_latency_max_ms']:.1f} ms (separate from the above)")
     return 0
+
+
+def prompt_schedule(prompts: list[str]) -> list[tuple[int, str]]:
+    """[(video frame, text)] from --prompt values: the first starts the stream, "text@N" switches
+    to `text` at video frame N."""
+    schedule = []
+    for i, item in enumerate(prompts):
+        text, at, frame = item.rpartition("@") if "@" in item else ("", "", "")
+        if at and frame.isdigit():
+            schedule.append((int(frame), text))
+        elif i == 0:
+            schedule.append((0, item))
+        else:
+            raise SystemExit(f"xjfast generate: --prompt {item!r}: a later prompt needs a switch frame, as 'text@48'")
+    if schedule[0][0] != 0 or [f for f, _ in schedule] != sorted(f for f, _ in schedule):
+        raise SystemExit("xjfast generate: --prompt: the first prompt starts at frame 0 and switches must be in order")
+    return schedule
 
 
 def parser() -> argparse.ArgumentParser:
@@ -91,7 +126,16 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, GPU, compiled archs, usable backends and why not").set_defaults(run=_info)
     g = sub.add_parser("generate", help="generate a video stream and write it as MP4")
     g.add_argument("--preset", default="tiny", choices=("tiny", "wan2.1-1.3b"))
-    g.add_argument("--prompt", default="a paper boat drifting down a rainy street")
+    g.add_argument("--prompt", action="append",
+                   help="the prompt; repeat with 'text@N' to switch to text at video frame N "
+                        "(default: 'a paper boat drifting down a rainy street')")
+    g.add_argument("--transition", type=int, default=8,
+                   help="latent frames over which a prompt switch blends old into new (0: a cut)")
+    g.add_argument("--recache", action="store_true", help="re-encode the cached frames under a new prompt")
+    g.add_argument("--speculate", default=0, type=lambda v: v if v == "auto" else int(v),
+                   help="speculative drafting depth (frames per pass, 0: off, or 'auto')")
+    g.add_argument("--drafter", default="extrapolate", help="hold | extrapolate | shallow:L")
+    g.add_argument("--accept-tol", type=float, default=0.05, help="relative L2 within which a draft is accepted")
     g.add_argument("--frames", type=int, default=48,
                    help="video frames to write (4 per latent frame; rounded up to whole blocks)")
     g.add_argument("--out", default="stream.mp4")
@@ -117,6 +161,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if getattr(args, "command", None) == "generate" and not args.prompt:
+        args.prompt = ["a paper boat drifting down a rainy street"]
     if getattr(args, "frames", 1) < 1:
         parser().error("--frames: expected a positive number of video frames")
     if getattr(args, "warmup", 0) < 0 or (getattr(args, "threads", None) or 1) < 1:
