@@ -12,10 +12,6 @@ from xjfast.tools import sass  # noqa: E402
 ARCHS = (90, 100)
 FP8_MMA = {90: "QGMMA", 100: "UTCQMMA"}
 BF16_MMA = {90: "HGMMA", 100: "UTCHMMA"}
-# Known defect, tracked: the D=128 attention kernels keep too many [128, 128] fp32 tiles live
-# around the per-unit query rotation and spill a few hundred bytes. strict: this fails as soon
-# as the spill is gone, so the marker cannot outlive the defect.
-SPILLING = {"temporal_attention[fp8,D=128]", "temporal_attention[bf16,D=128]"}
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +46,8 @@ def test_shared_memory_fits(reports, arch):
             assert r["shared_bytes"] <= r["shared_limit"], name
 
 
-def spill_cases():
-    for spec in sass.stream_specs():
-        marks = [pytest.mark.xfail(strict=True, reason="known spill, see SPILLING")] if spec.name in SPILLING else []
-        for arch in ARCHS:
-            yield pytest.param(spec.name, arch, marks=marks, id=f"{spec.name}-sm_{arch}a")
-
-
-@pytest.mark.parametrize("name, arch", list(spill_cases()))
+@pytest.mark.parametrize("name, arch", [pytest.param(spec.name, arch, id=f"{spec.name}-sm_{arch}a")
+                                        for spec in sass.stream_specs() for arch in ARCHS])
 def test_nothing_spills(reports, name, arch):
     r = reports[(name, arch)]
     assert r["stack_bytes"] == 0 and r["spill_stores"] == 0, r

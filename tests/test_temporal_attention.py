@@ -246,11 +246,13 @@ def run_backend(backend, q, k, v, kv_cache=None, **kwargs):
                      0 if kv_cache is not None else None, kwargs.get("precision", "fp8"), backend,
                      kwargs.get("frame_slots"))
     view = kv_cache.view(0) if kv_cache is not None else None
-    if backend == "reference":
-        return resolve("temporal_attention", backend, q.device).fn(q, k, v, plan, view)
+    from xjfast.backends import triton_interpreted
+    from xjfast.kernels.temporal_attention import config
+    if backend == "reference":  # simulating the kernel's online-softmax step
+        return resolve("temporal_attention", backend, q.device).fn(
+            q, k, v, plan, view, kv_tile=config(q.device, triton_interpreted())[0])
     B, L, H, D = q.shape
     out, lse = poisoned(q.shape, q.dtype), poisoned((B, H, L), torch.float32)
-    from xjfast.backends import triton_interpreted
     from xjfast.kernels.temporal_attention import temporal_attention as launch
     return launch(q, k, v, plan, view, interpret=triton_interpreted(), out=out, lse=lse)
 

@@ -6,7 +6,7 @@ kernels reproduce:
 - key units: each cache page (one frame), the keep buffer, and each block of the pass (each
   frame of it when a cache is given) is stored as K minus its own per-(head, channel) mean m;
   scores get q.m added back, which cancels the subtraction exactly;
-- K per (unit, head) and V per (unit, head, channel) scales; Q per (128-token tile, head), after
+- K per (unit, head) and V per (unit, head, channel) scales; Q per (64-token tile, head), after
   the temporal rotary of that key unit is applied to it;
 - P = exp(s - rowmax) is multiplied by 448 before its cast to e4m3 and divided after the
   product, so small weights survive next to a dominant sink key; the row sum uses unrounded P.
@@ -26,7 +26,7 @@ from xjfast.ops.rotary import rotate_leading
 PRECISIONS = ("fp8", "bf16")
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-Q_TILE = 128  # query tokens per Q quantization block (the kernels' BLOCK_M)
+Q_TILE = 64  # query tokens per Q quantization block (the kernels' BLOCK_M)
 KV_TILE = 64  # keys per step of the online softmax (the kernels' BLOCK_N): P is rounded per step
 
 
@@ -214,7 +214,9 @@ def _quantize_q(qr: torch.Tensor) -> torch.Tensor:
 
 
 @register("temporal_attention", "reference")
-def temporal_attention_reference(q, k, v, plan: AttentionPlan, view):
+def temporal_attention_reference(q, k, v, plan: AttentionPlan, view, kv_tile: int = KV_TILE):
+    """The definition; `kv_tile` is the online softmax's step whose P rounding is simulated (a
+    backend's BLOCK_N, when holding that backend to the reference that simulates it)."""
     B, L, H, D = q.shape
     first_slot = view.num_slots if view is not None else 0
     units = (_cached_units(view, plan.precision == "fp8") if view is not None else []) + \
@@ -241,7 +243,7 @@ def temporal_attention_reference(q, k, v, plan: AttentionPlan, view):
     row_sum = p.sum(dim=-1, keepdim=True)
     out = torch.zeros(B, H, L, D, device=q.device)
     sizes = [u.k.shape[1] for u in units]
-    running = _running_max(scores, row_max)
+    running = _running_max(scores, row_max, kv_tile)
     for unit, p_unit, m_run in zip(units, p.split(sizes, dim=-1), running.split(sizes, dim=-1)):
         if unit.fp8:  # P is rounded relative to the running max of the online softmax, then rescaled
             shift = torch.exp(m_run - row_max)
@@ -254,15 +256,15 @@ def temporal_attention_reference(q, k, v, plan: AttentionPlan, view):
     return out.to(q.dtype), lse
 
 
-def _running_max(scores: list, row_max: torch.Tensor) -> torch.Tensor:
-    """Per key: the online softmax's running row max once that key's KV_TILE-key tile is read
+def _running_max(scores: list, row_max: torch.Tensor, kv_tile: int) -> torch.Tensor:
+    """Per key: the online softmax's running row max once that key's kv_tile-key tile is read
     (units in slot order, each tiled from its start), as the kernels see it."""
     tile_max, tile_len = [], []
     for s in scores:
         n = s.shape[-1]
-        padded = torch.nn.functional.pad(s, (0, -n % KV_TILE), value=float("-inf"))
-        tile_max.append(padded.unflatten(-1, (-1, KV_TILE)).amax(dim=-1))
-        tile_len += [min(KV_TILE, n - i) for i in range(0, n, KV_TILE)]
+        padded = torch.nn.functional.pad(s, (0, -n % kv_tile), value=float("-inf"))
+        tile_max.append(padded.unflatten(-1, (-1, kv_tile)).amax(dim=-1))
+        tile_len += [min(kv_tile, n - i) for i in range(0, n, kv_tile)]
     running = torch.cat(tile_max, dim=-1).cummax(dim=-1).values
     running = torch.where(running == float("-inf"), row_max, running)  # rows that saw nothing yet
     lengths = torch.tensor(tile_len, device=running.device)

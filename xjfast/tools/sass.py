@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -32,9 +33,10 @@ class KernelSpec:
     function: str        # the @triton.jit function
     args: dict           # example value per runtime argument: "*bf16"-style strings for pointers
     constexprs: dict
-    num_warps: int
+    num_warps: int = 4
     num_stages: int = 2
     tags: dict = field(default_factory=dict)
+    configs: dict | None = None  # arch -> (BLOCK_N, warps, stages), as the launcher picks them
 
 
 def stream_specs() -> list[KernelSpec]:
@@ -44,10 +46,10 @@ def stream_specs() -> list[KernelSpec]:
     from xjfast.kernels.temporal_attention import BLOCK_M, CONFIGS
 
     B, H, T, L = 1, 12, 1560, 2 * 1560
+    per_arch = {90: CONFIGS["sm_90"], 100: CONFIGS["sm_100"]}
     specs = []
     for D, rope, precision in ((128, 44, "fp8"), (64, 24, "fp8"), (128, 44, "bf16")):
         fp8 = precision == "fp8"
-        block_n, warps, stages = CONFIGS["default"]
         page = "*fp8e4nv" if fp8 else "*fp8e4nv"
         pass_kv = "*fp8e4nv" if fp8 else "*bf16"
         args = dict(
@@ -59,10 +61,10 @@ def stream_specs() -> list[KernelSpec]:
             stride_pkb=L * H * D, stride_pkl=H * D, stride_pkh=D, stride_pvb=L * H * D, stride_pvl=H * D,
             stride_pvh=D, n_units=2, unit_T=T, private_ptr="*i8", slots_ptr="*i32", block_tokens=T, B=B, H=H, Lq=L, first_slot=21,
             sm_scale_log2=0.127, rope_ptr="*fp32", rope_center=27)
-        const = dict(D=D, ROPE_DIMS=rope, BLOCK_M=BLOCK_M, BLOCK_N=block_n, CACHE_FP8=fp8, PASS_FP8=fp8,
-                     CAUSAL=True, DT=tl.bfloat16, INTERPRET=False)
+        const = dict(D=D, ROPE_DIMS=rope, BLOCK_M=BLOCK_M, CACHE_FP8=fp8, PASS_FP8=fp8, CAUSAL=True,
+                     DT=tl.bfloat16, INTERPRET=False)
         specs.append(KernelSpec(f"temporal_attention[{precision},D={D}]", "temporal_attention",
-                                "temporal_attention_kernel", args, const, warps, stages,
+                                "temporal_attention_kernel", args, const, configs=per_arch,
                                 tags=dict(op="temporal_attention", precision=precision, head_dim=D)))
     specs.append(KernelSpec(
         "attention_mass[fp8,D=128]", "temporal_attention", "attention_mass_kernel",
@@ -70,7 +72,7 @@ def stream_specs() -> list[KernelSpec]:
              ck_ptr="*fp8e4nv", cks_ptr="*fp32", ckm_ptr="*fp32", mass_ptr="*fp32", page=3, slot=1, B=B, H=H,
              Lq=L, cache_T=T, first_slot=21, unit_T=T, slots_ptr="*i32", sm_scale_log2=0.127, rope_ptr="*fp32",
              rope_center=27),
-        dict(D=128, ROPE_DIMS=44, BLOCK_M=BLOCK_M, BLOCK_N=64, CACHE_FP8=True, INTERPRET=False), 8,
+        dict(D=128, ROPE_DIMS=44, BLOCK_M=BLOCK_M, CACHE_FP8=True, INTERPRET=False), configs=per_arch,
         tags=dict(op="temporal_attention")))
     specs.append(KernelSpec(
         "kv_cache_commit[fp8,D=128]", "kv_cache_commit", "kv_cache_commit_kernel",
@@ -136,6 +138,10 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(f"xjfast.kernels.{spec.module}"), spec.function)
+    if spec.configs:  # the launcher's per-architecture configuration
+        block_n, warps, stages = spec.configs[arch]
+        spec = dataclasses.replace(spec, constexprs=dict(spec.constexprs, BLOCK_N=block_n), num_warps=warps,
+                                   num_stages=stages)
     signature, attrs = _signature(fn, spec)
     source = ASTSource(fn, signature, constexprs=spec.constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
