@@ -6,16 +6,6 @@ from xjfast.engine import CacheConfig, StreamGenerator
 from xjfast.models import build
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny shapes are too small to split across threads; on a busy 2-core machine two
-    threads make these tests several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     model, decoder, encoder, preset = build("tiny")
