@@ -4,10 +4,12 @@
 #include <pybind11/stl.h>
 
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "cuda_check.h"
+#include "denoise_step.h"
 #include "device_info.h"
 
 #ifndef XJFAST_BUILT_ARCHS
@@ -15,6 +17,33 @@
 #endif
 
 namespace py = pybind11;
+
+static void copy_strides(const std::vector<int64_t>& from, int64_t* to, size_t max, const char* name) {
+  if (from.size() > max) throw std::invalid_argument(std::string(name) + ": too many strides");
+  for (size_t i = 0; i < max; ++i) to[i] = i < from.size() ? from[i] : 0;
+}
+
+// Pointers arrive as integers (tensor.data_ptr()), the stream as its handle (cuda_stream).
+static void denoise_step(uintptr_t x_t, uintptr_t model_out, uintptr_t coef, uintptr_t x0, uintptr_t x_next,
+                         int dtype, std::vector<int> shape, std::vector<int64_t> x_strides,
+                         std::vector<int64_t> model_out_strides, bool tokens, std::vector<int> patch,
+                         uint64_t frame_index, uint64_t seed, uintptr_t stream) {
+  if (shape.size() != 5 || patch.size() != 3) throw std::invalid_argument("denoise_step: shape has 5 sizes, patch 3");
+  xjfast::DenoiseArgs a{};
+  a.x_t = reinterpret_cast<const void*>(x_t);
+  a.model_out = reinterpret_cast<const void*>(model_out);
+  a.coef = reinterpret_cast<const float*>(coef);
+  a.x0 = reinterpret_cast<void*>(x0);
+  a.x_next = reinterpret_cast<void*>(x_next);
+  a.dtype = dtype;
+  a.tokens = tokens;
+  a.geometry = {shape[0], shape[1], shape[2], shape[3], shape[4], patch[0], patch[1], patch[2], {}, {}};
+  copy_strides(x_strides, a.geometry.sx, 5, "x_t");
+  copy_strides(model_out_strides, a.geometry.sm, 5, "model_out");
+  a.frame_index = frame_index;
+  a.seed = seed;
+  xjfast::denoise_step(a, reinterpret_cast<cudaStream_t>(stream));
+}
 
 static std::vector<std::string> built_archs() {
   std::vector<std::string> archs;
@@ -32,4 +61,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("driver_version", &xjfast::driver_version, "CUDA driver version (e.g. 13000), 0 without a driver");
   m.def("runtime_version", &xjfast::runtime_version, "CUDA runtime version _C was built with");
   m.def("built_archs", &built_archs, "GPU architectures whose SASS _C embeds, e.g. ['90a', '100a']");
+  m.def("denoise_step", &denoise_step, "the fused sampler step (see xjfast.ops.denoise_step)", py::arg("x_t"),
+        py::arg("model_out"), py::arg("coef"), py::arg("x0"), py::arg("x_next"), py::arg("dtype"), py::arg("shape"),
+        py::arg("x_strides"), py::arg("model_out_strides"), py::arg("tokens"), py::arg("patch"),
+        py::arg("frame_index"), py::arg("seed"), py::arg("stream"));
 }

@@ -48,14 +48,22 @@ XJ_HD void philox_normal4(uint64_t g, uint64_t frame, uint64_t seed, float out[4
   const Philox4 w = philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32),
                                   static_cast<uint32_t>(frame), static_cast<uint32_t>(frame >> 32),
                                   static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  const float two_pi = 6.283185307179586f;
   const float r0 = sqrtf(-2.0f * logf(philox_uniform(w.x[0])));
   const float r2 = sqrtf(-2.0f * logf(philox_uniform(w.x[2])));
-  const float t1 = two_pi * philox_uniform(w.x[1]), t3 = two_pi * philox_uniform(w.x[3]);
-  out[0] = r0 * cosf(t1);
-  out[1] = r0 * sinf(t1);
-  out[2] = r2 * cosf(t3);
-  out[3] = r2 * sinf(t3);
+  const float u1 = philox_uniform(w.x[1]), u3 = philox_uniform(w.x[3]);
+  float s1, c1, s3, c3;
+#if defined(__CUDA_ARCH__)
+  // sin/cos(2 pi u) as sincospi(2u): no large-argument reduction path, so no local memory
+  sincospif(2.0f * u1, &s1, &c1);
+  sincospif(2.0f * u3, &s3, &c3);
+#else
+  const float two_pi = 6.283185307179586f;
+  s1 = sinf(two_pi * u1), c1 = cosf(two_pi * u1), s3 = sinf(two_pi * u3), c3 = cosf(two_pi * u3);
+#endif
+  out[0] = r0 * c1;
+  out[1] = r0 * s1;
+  out[2] = r2 * c3;
+  out[3] = r2 * s3;
 }
 
 }  // namespace xjfast

@@ -1,5 +1,6 @@
 """The compiled extension xjfast._C: device queries, CUDA errors as exceptions, SASS for each arch."""
 import os
+import re
 import shutil
 import subprocess
 
@@ -67,3 +68,14 @@ def test_sass_of_every_arch_is_embedded():
     listing = subprocess.run([tool, "--list-elf", C.__file__], capture_output=True, text=True, check=True).stdout
     cubins = {line.rsplit(".", 2)[-2] for line in listing.splitlines() if line.endswith(".cubin")}
     assert cubins == {f"sm_{arch}" for arch in EXPECTED_ARCHS}, listing
+
+
+def test_no_kernel_spills_or_uses_local_memory():
+    """-Xptxas -v in CI's terms: every kernel in _C, for every arch, has no stack frame."""
+    tool = cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump: neither the CUDA toolkit's nor Triton's")
+    usage = subprocess.run([tool, "-res-usage", C.__file__], capture_output=True, text=True, check=True).stdout
+    frames = re.findall(r"Function (\S+):\n\s*REG:(\d+) STACK:(\d+)", usage)
+    assert frames, usage[:2000]
+    assert [(name, stack) for name, _, stack in frames if stack != "0"] == []

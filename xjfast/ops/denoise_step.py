@@ -165,3 +165,15 @@ def denoise_step_reference(x_t, model_out, coef, seed, frame_index, patch_size, 
 def denoise_step_triton(*args):
     from xjfast.kernels.denoise_step import denoise_step as launch
     launch(*args)
+
+
+@register("denoise_step", "cuda", min_capability=(8, 0))
+def denoise_step_cuda(x_t, model_out, coef, seed, frame_index, patch_size, x0, x_next):
+    from xjfast.ops._cuda import DTYPE_CODES, extension, stream_handle
+    model_out = model_out.to(x_t.dtype)  # the kernel reads one element type
+    coef = coef.to(x_t.device).contiguous()
+    extension().denoise_step(
+        x_t.data_ptr(), model_out.data_ptr(), coef.data_ptr(), x0.data_ptr(),
+        x_next.data_ptr() if x_next is not None else 0, DTYPE_CODES[x_t.dtype], list(x_t.shape),
+        list(x_t.stride()), list(model_out.stride()), model_out.dim() == 3, list(patch_size), frame_index,
+        seed or 0, stream_handle(x_t.device))

@@ -1,0 +1,30 @@
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace xjfast {
+
+struct DenoiseGeometry {
+  int B, C, F, H, W;     // latent shape of x_t and the outputs (outputs contiguous)
+  int pt, ph, pw;        // patch size (token layout only)
+  int64_t sx[5];         // x_t strides, elements
+  int64_t sm[5];         // model_out strides: 5 (latent layout) or the first 3 (tokens)
+};
+
+struct DenoiseArgs {
+  const void* x_t;
+  const void* model_out;
+  const float* coef;     // [B, 4]: a, m, keep, noise
+  void* x0;
+  void* x_next;          // nullptr: no re-noising
+  int dtype;             // DType of x_t, model_out and the outputs
+  bool tokens;
+  DenoiseGeometry geometry;
+  uint64_t frame_index, seed;
+};
+
+void denoise_step(const DenoiseArgs& args, cudaStream_t stream);
+
+}  // namespace xjfast
