@@ -11,6 +11,7 @@
 #include "cuda_check.h"
 #include "denoise_step.h"
 #include "device_info.h"
+#include "kv_cache_commit.h"
 
 #ifndef XJFAST_BUILT_ARCHS
 #error "XJFAST_BUILT_ARCHS (the comma-separated archs of CMAKE_CUDA_ARCHITECTURES) is set by CMakeLists.txt"
@@ -45,6 +46,28 @@ static void denoise_step(uintptr_t x_t, uintptr_t model_out, uintptr_t coef, uin
   xjfast::denoise_step(a, reinterpret_cast<cudaStream_t>(stream));
 }
 
+static void kv_cache_commit(uintptr_t k, uintptr_t v, std::vector<int64_t> k_strides, std::vector<int64_t> v_strides,
+                            uintptr_t page_ids, uintptr_t k_pages, uintptr_t v_pages, uintptr_t k_scale,
+                            uintptr_t k_mean, uintptr_t v_scale, int input_dtype, int storage_dtype,
+                            std::vector<int> sizes, uintptr_t stream) {
+  if (sizes.size() != 5) throw std::invalid_argument("kv_cache_commit: sizes are (n, B, T, H, D)");
+  xjfast::CommitArgs a{};
+  a.k = reinterpret_cast<const void*>(k);
+  a.v = reinterpret_cast<const void*>(v);
+  copy_strides(k_strides, a.sk, 3, "k");
+  copy_strides(v_strides, a.sv, 3, "v");
+  a.page_ids = reinterpret_cast<const int32_t*>(page_ids);
+  a.k_pages = reinterpret_cast<void*>(k_pages);
+  a.v_pages = reinterpret_cast<void*>(v_pages);
+  a.k_scale = reinterpret_cast<float*>(k_scale);
+  a.k_mean = reinterpret_cast<float*>(k_mean);
+  a.v_scale = reinterpret_cast<float*>(v_scale);
+  a.input_dtype = input_dtype;
+  a.storage_dtype = storage_dtype;
+  a.n = sizes[0], a.B = sizes[1], a.T = sizes[2], a.H = sizes[3], a.D = sizes[4];
+  xjfast::kv_cache_commit(a, reinterpret_cast<cudaStream_t>(stream));
+}
+
 static std::vector<std::string> built_archs() {
   std::vector<std::string> archs;
   std::stringstream list(XJFAST_BUILT_ARCHS);
@@ -65,4 +88,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("model_out"), py::arg("coef"), py::arg("x0"), py::arg("x_next"), py::arg("dtype"), py::arg("shape"),
         py::arg("x_strides"), py::arg("model_out_strides"), py::arg("tokens"), py::arg("patch"),
         py::arg("frame_index"), py::arg("seed"), py::arg("stream"));
+  m.def("kv_cache_commit", &kv_cache_commit, "quantize frames into cache pages (see xjfast.ops.kv_cache_commit)",
+        py::arg("k"), py::arg("v"), py::arg("k_strides"), py::arg("v_strides"), py::arg("page_ids"),
+        py::arg("k_pages"), py::arg("v_pages"), py::arg("k_scale"), py::arg("k_mean"), py::arg("v_scale"),
+        py::arg("input_dtype"), py::arg("storage_dtype"), py::arg("sizes"), py::arg("stream"));
 }

@@ -37,7 +37,7 @@ def kv_cache_commit(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids, 
     v_scale [P, B, H, D] fp32; page_ids: n distinct page indices (int32 tensor on k's device).
     """
     check_tensor("k", k, dtypes=INPUTS, ndim=4, unit_last_stride=True)
-    check_tensor("v", v, dtypes=INPUTS, ndim=4, device=k.device, unit_last_stride=True)
+    check_tensor("v", v, dtypes=(k.dtype,), ndim=4, device=k.device, unit_last_stride=True)
     check_tensor("k_pages", k_pages, dtypes=STORAGE, ndim=5, device=k.device)
     check_tensor("v_pages", v_pages, dtypes=(k_pages.dtype,), ndim=5, device=k.device)
     P, B, T, H, D = k_pages.shape
@@ -73,3 +73,13 @@ def kv_cache_commit_reference(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, 
 def kv_cache_commit_triton(*args):
     from xjfast.kernels.kv_cache_commit import kv_cache_commit as launch
     launch(*args, interpret=triton_interpreted())
+
+
+@register("kv_cache_commit", "cuda", min_capability=(8, 9))
+def kv_cache_commit_cuda(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids):
+    from xjfast.ops._cuda import DTYPE_CODES, extension, stream_handle
+    P, B, T, H, D = k_pages.shape
+    extension().kv_cache_commit(
+        k.data_ptr(), v.data_ptr(), list(k.stride()[:3]), list(v.stride()[:3]), page_ids.to(torch.int32).data_ptr(),
+        k_pages.data_ptr(), v_pages.data_ptr(), k_scale.data_ptr(), k_mean.data_ptr(), v_scale.data_ptr(),
+        DTYPE_CODES[k.dtype], DTYPE_CODES[k_pages.dtype], [page_ids.numel(), B, T, H, D], stream_handle(k.device))
