@@ -17,8 +17,10 @@ from xjfast import _ext
 from xjfast.errors import BackendUnavailable, check_choice
 
 BACKENDS = ("reference", "triton", "cuda")
-# Fastest first. Issue-4 benchmark results refine this per op and architecture.
-PREFERENCE = ("cuda", "triton", "reference")
+# The order `auto` tries. No committed GPU results rank the backends yet, so the Triton kernels
+# (held to the reference on a GPU and in the interpreter) come before the CUDA ones; the
+# benchmark results will order them per op and architecture.
+PREFERENCE = ("triton", "cuda", "reference")
 
 
 @dataclass(frozen=True)
