@@ -23,8 +23,25 @@ def patchify(x, patch=(1, 2, 2)):
     return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, (F // pt) * (H // ph) * (W // pw), pt * ph * pw * C)
 
 
+def unpatchify_wan(tokens, shape, patch):
+    """Wan2.1's unpatchify, its einsum 'fhwpqrc->cfphqwr' per sample: [B, N, pt*ph*pw*C] -> latents."""
+    B, C, F, H, W = shape
+    pt, ph, pw = patch
+    u = tokens.reshape(B, F // pt, H // ph, W // pw, pt, ph, pw, C)
+    return torch.einsum("bfhwpqrc->bcfphqwr", u).reshape(B, C, F, H, W)
+
+
 def injected_noise(monkeypatch, module, noise):
-    monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: noise.to(kw.get("dtype") or noise.dtype))
+    """Make the scheduler's randn_tensor return `noise`; the returned list counts the draws."""
+    draws = []
+
+    def randn_tensor(shape, **kw):
+        assert tuple(shape) == noise.shape
+        draws.append(shape)
+        return noise.to(kw.get("dtype") or noise.dtype)
+
+    monkeypatch.setattr(module, "randn_tensor", randn_tensor)
+    return draws
 
 
 def test_flow_matches_flow_match_euler_stochastic(monkeypatch):
@@ -34,9 +51,9 @@ def test_flow_matches_flow_match_euler_stochastic(monkeypatch):
     sched = FlowMatchEulerDiscreteScheduler(shift=5.0, stochastic_sampling=True)
     sched.set_timesteps(4)
     x_t, v = latents(), latents()
-    injected_noise(monkeypatch, module, latent_noise(SEED, 6, x_t.shape))
-    sched._step_index = 1
-    expected = sched.step(v, sched.timesteps[1], x_t).prev_sample
+    draws = injected_noise(monkeypatch, module, latent_noise(SEED, 6, x_t.shape))
+    expected = sched.step(v, sched.timesteps[1], x_t).prev_sample  # step 1: sigmas[1] -> sigmas[2]
+    assert len(draws) == 1
     sigma, sigma_next = sched.sigmas[1].item(), sched.sigmas[2].item()
     x0, x_next = denoise_step(x_t, v, sigma, sigma_next, noise_seed=SEED, frame_index=6)
     assert torch.allclose(x_next, expected, atol=1e-5)
@@ -50,9 +67,10 @@ def test_eps_matches_lcm_scheduler(monkeypatch):
     sched = LCMScheduler()
     sched.set_timesteps(4)
     x_t, eps = latents(), latents()
-    injected_noise(monkeypatch, module, latent_noise(SEED, 0, x_t.shape))
+    draws = injected_noise(monkeypatch, module, latent_noise(SEED, 0, x_t.shape))
     t, t_prev = sched.timesteps[1], sched.timesteps[2]
     result = sched.step(eps, t, x_t)
+    assert len(draws) == 1
     sigma = (1 - sched.alphas_cumprod[t]).sqrt().item()
     sigma_next = (1 - sched.alphas_cumprod[t_prev]).sqrt().item()
     x0, x_next = denoise_step(x_t, eps, sigma, sigma_next, prediction="eps", timestep=float(t), noise_seed=SEED)
@@ -60,15 +78,43 @@ def test_eps_matches_lcm_scheduler(monkeypatch):
     assert torch.allclose(x_next, result.prev_sample, atol=1e-4, rtol=1e-4)
 
 
+def test_eps_last_step_matches_lcm_without_noise():
+    pytest.importorskip("diffusers", reason="the scheduler comparison needs diffusers (pip install xjfast[dev])")
+    from diffusers import LCMScheduler
+    sched = LCMScheduler()
+    sched.set_timesteps(4)
+    x_t, eps = latents(), latents()
+    t = sched.timesteps[-1]
+    result = sched.step(eps, t, x_t)  # the last step adds no noise: prev_sample is the denoised x0
+    sigma = (1 - sched.alphas_cumprod[t]).sqrt().item()
+    x0 = denoise_step(x_t, eps, sigma, prediction="eps", timestep=float(t))
+    assert torch.allclose(x0, result.prev_sample, atol=1e-4, rtol=1e-4)
+
+
 def test_x0_prediction_is_identity():
     x_t, pred = latents(), latents()
     assert torch.equal(denoise_step(x_t, pred, 0.4, prediction="x0"), pred)
+    x0, x_next = denoise_step(x_t, pred, 0.4, 0.3, prediction="x0", noise_seed=4, frame_index=7)
+    assert torch.equal(x0, pred)
+    assert torch.allclose(x_next, 0.7 * pred + 0.3 * latent_noise(4, 7, x_t.shape), atol=1e-6)
 
 
-def test_token_layout_equals_latent_layout():
+def test_low_precision_computes_in_fp32():
     x_t, v = latents(), latents()
+    x0 = denoise_step(x_t.bfloat16(), v.half(), 0.6)
+    assert x0.dtype == torch.bfloat16
+    assert torch.equal(x0, (x_t.bfloat16().float() - 0.6 * v.half().float()).bfloat16())
+
+
+@pytest.mark.parametrize("patch", [(1, 2, 2), (2, 2, 1)])
+def test_token_layout_equals_latent_layout(patch):
+    x_t = latents()
+    B, C, F, H, W = x_t.shape
+    tokens = torch.randn(B, (F // patch[0]) * (H // patch[1]) * (W // patch[2]), patch[0] * patch[1] * patch[2] * C)
+    v = unpatchify_wan(tokens, x_t.shape, patch)
+    assert torch.equal(patchify(v, patch), tokens)  # the two test helpers are inverses
     a = denoise_step(x_t, v, 0.6, 0.2, noise_seed=1, frame_index=3)
-    b = denoise_step(x_t, patchify(v), 0.6, 0.2, noise_seed=1, frame_index=3)
+    b = denoise_step(x_t, tokens, 0.6, 0.2, noise_seed=1, frame_index=3, patch_size=patch)
     assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
@@ -90,12 +136,17 @@ def test_per_sample_sigma_and_out_buffers():
 
 @pytest.mark.parametrize("call, error, words", [
     (lambda x, v: denoise_step(x.int(), v, 0.5), TypeError, "x_t: expected dtype"),
+    (lambda x, v: denoise_step(x, v.double(), 0.5), TypeError, "model_out: expected dtype"),
+    (lambda x, v: denoise_step(x.tolist(), v, 0.5), TypeError, "x_t: expected a torch.Tensor"),
     (lambda x, v: denoise_step(x[0], v, 0.5), ValueError, "x_t: expected a 5-d"),
     (lambda x, v: denoise_step(x, v[:, :3], 0.5), ValueError, "model_out: expected the latent shape"),
     (lambda x, v: denoise_step(x, patchify(v)[:, 1:], 0.5), ValueError, "model_out: expected the latent shape"),
     (lambda x, v: denoise_step(x[..., :7], patchify(v), 0.5), ValueError, "not divisible by patch_size"),
+    (lambda x, v: denoise_step(x, patchify(v), 0.5, patch_size=(1, 2, 4)), ValueError, "model_out: expected"),
     (lambda x, v: denoise_step(x, v.to("meta"), 0.5), ValueError, "model_out: expected a tensor on cpu"),
-    (lambda x, v: denoise_step(x, v, 1.5), ValueError, r"sigma: expected values in \[0.0, 1.0\]"),
+    (lambda x, v: denoise_step(x, v, 1.5), ValueError, r"sigma: expected finite values in \[0.0, 1.0\]"),
+    (lambda x, v: denoise_step(x, v, float("nan")), ValueError, "sigma: expected finite values"),
+    (lambda x, v: denoise_step(x, v, 0.5, -0.1, noise_seed=1), ValueError, "sigma_next: expected finite values"),
     (lambda x, v: denoise_step(x, v, torch.ones(3) / 2), ValueError, r"sigma: expected a number or a tensor of shape \[2\]"),
     (lambda x, v: denoise_step(x, v, 0.5, 0.2), ValueError, "noise_seed: required"),
     (lambda x, v: denoise_step(x, v, 0.5, 0.2, noise_seed=-1), ValueError, "noise_seed: expected an int"),
@@ -103,6 +154,10 @@ def test_per_sample_sigma_and_out_buffers():
     (lambda x, v: denoise_step(x, v, 0.5, prediction="v"), ValueError, "prediction: expected one of"),
     (lambda x, v: denoise_step(x, v, 0.5, frame_index=-2), ValueError, "frame_index: expected an int in"),
     (lambda x, v: denoise_step(x, v, 0.5, out=torch.empty(3)), ValueError, "out: expected a contiguous tensor"),
+    (lambda x, v: denoise_step(x, v, 0.5, out=torch.empty_like(x).half()), TypeError, "out: expected dtype"),
+    (lambda x, v: denoise_step(x, v, 0.5, 0.2, noise_seed=1, out=torch.empty_like(x)), ValueError,
+     r"out: expected a pair \(x0, x_next\)"),
+    (lambda x, v: denoise_step(x, v, 0.5, backend="gpu"), ValueError, "backend: expected one of"),
 ])
 def test_bad_input_names_the_argument(call, error, words):
     with pytest.raises(error, match=words):
@@ -111,7 +166,7 @@ def test_bad_input_names_the_argument(call, error, words):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no GPU is present")
 def test_cuda_backend_unavailable_says_why():
-    with pytest.raises(BackendUnavailable, match="denoise_step"):
+    with pytest.raises(BackendUnavailable, match="denoise_step: backend 'cuda' is unavailable: [a-z]+"):
         denoise_step(latents(), latents(), 0.5, backend="cuda")
 
 

@@ -10,7 +10,10 @@ Predictions (sigma is the noise level of x_t, per sample or shared):
   x0_pred = (x_t - sigma * eps_pred) / sqrt(1 - sigma^2) and, with LCM's boundary scalings at
   the discrete `timestep` t (sigma_data 0.5, timestep_scaling 10),
   x0 = c_out(t) * x0_pred + c_skip(t) * x_t; x_next = sqrt(1 - sigma_next^2) * x0 + sigma_next * eps.
-  (A flow-form re-noise would not be the step these models were distilled for.)
+  (A flow-form re-noise would not be the step these models were distilled for.) This is
+  diffusers' LCMScheduler.step (prediction_type "epsilon", no clipping or thresholding, its
+  defaults) with t = timesteps[k] and alpha_bar_prev = alphas_cumprod[timesteps[k + 1]]; on the
+  schedule's last step LCM adds no noise: call without sigma_next.
 eps is drawn per latent frame from Philox4x32-10 keyed by (noise_seed, frame_index + f): see
 xjfast.ops.philox for the exact mapping every backend follows.
 """
@@ -42,7 +45,7 @@ def _per_sample(name: str, value, B: int, device, low=0.0, high=1.0) -> torch.Te
         raise ValueError(f"{name}: expected a number or a tensor of shape [{B}] (one per sample), got shape "
                          f"{tuple(t.shape)}")
     if not bool(torch.isfinite(t).all()) or bool((t < low).any()) or bool((t > high).any()):
-        raise ValueError(f"{name}: expected values in [{low}, {high}], got {t.tolist()}")
+        raise ValueError(f"{name}: expected finite values in [{low}, {high}], got {t.tolist()}")
     return t
 
 
