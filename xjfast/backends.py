@@ -1,8 +1,11 @@
 """One small registry of op implementations and the rule that picks one.
 
 Each op registers its implementations once, with the minimum compute capability they need.
-`resolve(op, backend, device)` returns a callable or raises `BackendUnavailable` naming what
-is missing; `backend="auto"` takes the first usable entry of the op's preference order.
+`resolve(op, backend, device, args)` returns a callable or raises `BackendUnavailable` naming what
+is missing; `backend="auto"` takes the first usable entry of the op's preference order. An
+implementation that covers only part of an op (say, FP8 precision only) declares `supports`: a
+function of the call's arguments returning None or the reason it cannot take them; `auto` then
+passes over it for those arguments, and an explicit request gets the reason.
 """
 from __future__ import annotations
 
@@ -29,17 +32,19 @@ class Implementation:
     backend: str
     fn: Callable
     min_capability: tuple[int, int] = (0, 0)
+    supports: Callable[..., str | None] | None = None  # (*args) -> None, or why these args are not covered
 
 
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
 
 
-def register(op: str, backend: str, *, min_capability: tuple[int, int] = (0, 0)):
+def register(op: str, backend: str, *, min_capability: tuple[int, int] = (0, 0),
+             supports: Callable[..., str | None] | None = None):
     """Decorator: record `fn` as the `backend` implementation of `op`."""
     check_choice("backend", backend, BACKENDS)
 
     def wrap(fn: Callable) -> Callable:
-        _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, fn, min_capability)
+        _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, fn, min_capability, supports)
         return fn
 
     return wrap
@@ -78,18 +83,21 @@ def implementations(op: str) -> dict[str, Implementation]:
     return dict(_REGISTRY.get(op, {}))
 
 
-def _usable(impl: Implementation, device: torch.device) -> str | None:
+def _usable(impl: Implementation, device: torch.device, args: tuple | None = None) -> str | None:
     reason = backend_unavailable_reason(impl.backend, device)
     if reason is None and device.type == "cuda" and impl.min_capability > (0, 0):
         cc = torch.cuda.get_device_capability(device)
         if cc < impl.min_capability:
             reason = (f"{impl.op}/{impl.backend} needs compute capability "
                       f">= {impl.min_capability[0]}.{impl.min_capability[1]}, this GPU has {cc[0]}.{cc[1]}")
+    if reason is None and args is not None and impl.supports is not None:
+        reason = impl.supports(*args)
     return reason
 
 
-def resolve(op: str, backend: str, device: torch.device | str) -> Implementation:
-    """The implementation of `op` to run on `device`; raises BackendUnavailable with the reason."""
+def resolve(op: str, backend: str, device: torch.device | str, args: tuple | None = None) -> Implementation:
+    """The implementation of `op` to run on `device` (for the call's `args`, where an implementation
+    covers only some); raises BackendUnavailable with the reason."""
     check_choice("backend", backend, ("auto",) + BACKENDS)
     device = torch.device(device)
     impls = _REGISTRY.get(op, {})
@@ -97,12 +105,12 @@ def resolve(op: str, backend: str, device: torch.device | str) -> Implementation
         if device.type != "cuda":
             return impls["reference"]
         for name in PREFERENCE:
-            if name in impls and _usable(impls[name], device) is None:
+            if name in impls and _usable(impls[name], device, args) is None:
                 return impls[name]
         return impls["reference"]
     if backend not in impls:
         raise BackendUnavailable(f"{op}: no {backend} implementation is available in this version of xjfast")
-    reason = _usable(impls[backend], device)
+    reason = _usable(impls[backend], device, args)
     if reason is not None:
         raise BackendUnavailable(f"{op}: backend {backend!r} is unavailable: {reason}")
     return impls[backend]

@@ -136,7 +136,8 @@ def temporal_attention(q, k, v, *, block_tokens=None, private_blocks=None, scale
         out, lse = torch.ops.xjfast.temporal_attention(q, k, v, plan.block_tokens, list(plan.private), plan.causal,
                                                        plan.scale, plan.precision, backend)
     else:
-        out, lse = resolve("temporal_attention", backend, q.device).fn(q, k, v, plan, kv_cache.view(layer))
+        args = (q, k, v, plan, kv_cache.view(layer))
+        out, lse = resolve("temporal_attention", backend, q.device, args).fn(*args)
     return (out, lse) if return_lse else out
 
 
@@ -144,8 +145,8 @@ def temporal_attention(q, k, v, *, block_tokens=None, private_blocks=None, scale
 def _temporal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tokens: int,
                            private: list[bool], causal: bool, scale: float, precision: str,
                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    plan = AttentionPlan(block_tokens, tuple(private), causal, scale, None, precision)
-    return resolve("temporal_attention", backend, q.device).fn(q, k, v, plan, None)
+    args = (q, k, v, AttentionPlan(block_tokens, tuple(private), causal, scale, None, precision), None)
+    return resolve("temporal_attention", backend, q.device, args).fn(*args)
 
 
 @_temporal_attention_op.register_fake
