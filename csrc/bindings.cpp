@@ -28,7 +28,7 @@ static void copy_strides(const std::vector<int64_t>& from, int64_t* to, size_t m
 static void denoise_step(uintptr_t x_t, uintptr_t model_out, uintptr_t coef, uintptr_t x0, uintptr_t x_next,
                          int dtype, std::vector<int> shape, std::vector<int64_t> x_strides,
                          std::vector<int64_t> model_out_strides, bool tokens, std::vector<int> patch,
-                         uint64_t frame_index, uint64_t seed, uintptr_t stream) {
+                         uint64_t frame_index, uintptr_t frame_index_ptr, uint64_t seed, uintptr_t stream) {
   if (shape.size() != 5 || patch.size() != 3) throw std::invalid_argument("denoise_step: shape has 5 sizes, patch 3");
   xjfast::DenoiseArgs a{};
   a.x_t = reinterpret_cast<const void*>(x_t);
@@ -42,6 +42,7 @@ static void denoise_step(uintptr_t x_t, uintptr_t model_out, uintptr_t coef, uin
   copy_strides(x_strides, a.geometry.sx, 5, "x_t");
   copy_strides(model_out_strides, a.geometry.sm, 5, "model_out");
   a.frame_index = frame_index;
+  a.frame_index_ptr = reinterpret_cast<const int64_t*>(frame_index_ptr);  // 0: use frame_index
   a.seed = seed;
   xjfast::denoise_step(a, reinterpret_cast<cudaStream_t>(stream));
 }
@@ -87,7 +88,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("denoise_step", &denoise_step, "the fused sampler step (see xjfast.ops.denoise_step)", py::arg("x_t"),
         py::arg("model_out"), py::arg("coef"), py::arg("x0"), py::arg("x_next"), py::arg("dtype"), py::arg("shape"),
         py::arg("x_strides"), py::arg("model_out_strides"), py::arg("tokens"), py::arg("patch"),
-        py::arg("frame_index"), py::arg("seed"), py::arg("stream"));
+        py::arg("frame_index"), py::arg("frame_index_ptr"), py::arg("seed"), py::arg("stream"));
   m.def("kv_cache_commit", &kv_cache_commit, "quantize frames into cache pages (see xjfast.ops.kv_cache_commit)",
         py::arg("k"), py::arg("v"), py::arg("k_strides"), py::arg("v_strides"), py::arg("page_ids"),
         py::arg("k_pages"), py::arg("v_pages"), py::arg("k_scale"), py::arg("k_mean"), py::arg("v_scale"),

@@ -18,13 +18,16 @@ constexpr int kThreads = 256;  // one thread per group of 4 elements
 template <typename T, bool kTokens, bool kNext>
 __global__ void denoise_step_kernel(const T* __restrict__ xt, const T* __restrict__ mo, const float* __restrict__ coef,
                                     T* __restrict__ x0, T* __restrict__ xn, DenoiseGeometry g, uint64_t frame_index,
-                                    uint64_t seed) {
+                                    const int64_t* __restrict__ frame_index_ptr, uint64_t seed) {
   const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t total = static_cast<int64_t>(g.B) * g.C * g.H * g.W;  // elements of one latent frame
   if (4 * group >= total) return;
   const int f = blockIdx.y;
   float eps[4] = {0.f, 0.f, 0.f, 0.f};
-  if (kNext) philox_normal4(static_cast<uint64_t>(group), frame_index + f, seed, eps);
+  if (kNext) {
+    const uint64_t first = frame_index_ptr != nullptr ? static_cast<uint64_t>(*frame_index_ptr) : frame_index;
+    philox_normal4(static_cast<uint64_t>(group), first + f, seed, eps);
+  }
 #pragma unroll  // eps[j] stays in registers
   for (int j = 0; j < 4; ++j) {
     const int64_t i = 4 * group + j;
@@ -56,11 +59,11 @@ void launch(const DenoiseArgs& a, cudaStream_t stream) {
   if (xn != nullptr) {
     denoise_step_kernel<T, kTokens, true><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(a.x_t), static_cast<const T*>(a.model_out), a.coef, static_cast<T*>(a.x0), xn,
-        a.geometry, a.frame_index, a.seed);
+        a.geometry, a.frame_index, a.frame_index_ptr, a.seed);
   } else {
     denoise_step_kernel<T, kTokens, false><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(a.x_t), static_cast<const T*>(a.model_out), a.coef, static_cast<T*>(a.x0), nullptr,
-        a.geometry, a.frame_index, a.seed);
+        a.geometry, a.frame_index, a.frame_index_ptr, a.seed);
   }
   XJ_CUDA_CHECK_LAUNCH("denoise_step_kernel");
 }

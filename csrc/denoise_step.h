@@ -23,6 +23,8 @@ struct DenoiseArgs {
   bool tokens;
   DenoiseGeometry geometry;
   uint64_t frame_index, seed;
+  const int64_t* frame_index_ptr;  // non-null: the frame index is read here on the device (a CUDA
+                                   // graph replays the step with the index advanced in memory)
 };
 
 void denoise_step(const DenoiseArgs& args, cudaStream_t stream);

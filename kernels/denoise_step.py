@@ -4,6 +4,8 @@ Each program handles BLOCK elements of one latent frame's flattened [B, C, H, W]
 4, one Philox call per group, as DESIGN.md fixes the mapping), reads x_t and the model output
 (latent layout, or the head's patchified token layout, un-patchified through index math), and
 writes x0 and, with a next sigma, x_next = (1 - sigma_next) * x0 + sigma_next * eps.
+The frame index is a scalar argument, or read from device memory (FRAME_IN_MEMORY) so that a
+captured CUDA graph draws each replayed frame's own noise.
 """
 import torch
 import triton
@@ -61,9 +63,9 @@ def uniform(x):
 def denoise_step_kernel(
     xt_ptr, mo_ptr, coef_ptr, x0_ptr, xn_ptr,
     s_xb, s_xc, s_xf, s_xh, s_xw, s_m0, s_m1, s_m2, s_m3, s_m4,
-    total, C, H, W, F, frame_index, seed_lo, seed_hi,
+    total, C, H, W, F, frame_index, frame_ptr, seed_lo, seed_hi,
     TOKENS: tl.constexpr, PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, HAS_NEXT: tl.constexpr,
-    BLOCK: tl.constexpr,
+    FRAME_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One program: BLOCK elements (BLOCK / 4 Philox groups) of local frame program_id(1)."""
     f = tl.program_id(1)
@@ -89,7 +91,11 @@ def denoise_step_kernel(
     out = ((b * C + c) * F + f) * (H * W) + y * W + x
     tl.store(x0_ptr + out, x0.to(x0_ptr.dtype.element_ty), mask=live)
     if HAS_NEXT:
-        n0, n1, n2, n3 = philox_normal4(group, frame_index + f, seed_lo, seed_hi)
+        if FRAME_IN_MEMORY:
+            frame = tl.load(frame_ptr) + f
+        else:
+            frame = frame_index + f
+        n0, n1, n2, n3 = philox_normal4(group, frame, seed_lo, seed_hi)
         lane = tl.arange(0, 4)[None, :]
         eps = tl.where(lane == 0, n0[:, None], tl.where(lane == 1, n1[:, None],
                                                         tl.where(lane == 2, n2[:, None], n3[:, None])))
@@ -105,9 +111,11 @@ def denoise_step(x_t, model_out, coef, seed, frame_index, patch_size, x0, x_next
     s_m = list(model_out.stride()) + [0] * (5 - model_out.dim())
     total = B * C * H * W
     grid = (triton.cdiv(total, BLOCK), F)
+    in_memory = isinstance(frame_index, torch.Tensor)  # an int64 0-d tensor on x_t's device
     denoise_step_kernel[grid](
         x_t, model_out, coef, x0, x_next if x_next is not None else x0, *x_t.stride(), *s_m,
-        total, C, H, W, F, frame_index, seed & 0xFFFFFFFF, seed >> 32,
+        total, C, H, W, F, 0 if in_memory else frame_index, frame_index if in_memory else coef,
+        seed & 0xFFFFFFFF, seed >> 32,
         TOKENS=tokens, PT=patch_size[0], PH=patch_size[1], PW=patch_size[2], HAS_NEXT=x_next is not None,
-        BLOCK=BLOCK, num_warps=4,
+        FRAME_IN_MEMORY=in_memory, BLOCK=BLOCK, num_warps=4,
     )

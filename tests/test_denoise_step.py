@@ -200,3 +200,42 @@ def test_fast_backend_stream_shape(backend):
     fast = denoise_step(x_t, v, 0.9, 0.4, noise_seed=SEED, frame_index=1000, backend=backend)
     for r, f in zip(ref, fast):
         assert (f.float() - r.float()).abs().max() < 3e-2
+
+
+FRAMES = [0, 1, 37, 2 ** 33 + 1]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + fast_backends("denoise_step"))
+@pytest.mark.parametrize("frame", FRAMES)
+def test_frame_index_in_device_memory_draws_the_same_noise(backend, frame):
+    """A step replayed from a CUDA graph reads its frame index from an int64 0-d tensor: the same
+    bits as the int form, in every backend (the reference is the CPU path of that replay too)."""
+    x_t, m = latents(F=3).to(DEVICE), patchify(latents(F=3)).to(DEVICE)
+    by_int = denoise_step(x_t, m, 0.7, 0.3, noise_seed=SEED, frame_index=frame, backend=backend)
+    out = (poisoned(x_t.shape, x_t.dtype), poisoned(x_t.shape, x_t.dtype))
+    index = torch.tensor(frame, device=DEVICE)
+    by_tensor = denoise_step(x_t, m, 0.7, 0.3, noise_seed=SEED, frame_index=index, backend=backend, out=out)
+    assert all(torch.equal(a, b) for a, b in zip(by_int, by_tensor))
+    index += 1  # the kernels read the index at run time: the next frame's noise
+    _, next_frame = denoise_step(x_t, m, 0.7, 0.3, noise_seed=SEED, frame_index=index, backend=backend)
+    assert torch.equal(next_frame, denoise_step(x_t, m, 0.7, 0.3, noise_seed=SEED, frame_index=frame + 1,
+                                                backend=backend)[1])
+    assert not torch.equal(next_frame, by_int[1])
+
+
+@pytest.mark.parametrize("frame", FRAMES)
+def test_latent_noise_with_a_tensor_frame_index(frame):
+    shape = (2, 4, 3, 6, 8)
+    assert torch.equal(latent_noise(SEED, torch.tensor(frame), shape), latent_noise(SEED, frame, shape))
+
+
+@pytest.mark.parametrize("index, words", [
+    (torch.tensor(3, dtype=torch.int32), "frame_index: expected an int or a 0-d int64 tensor"),
+    (torch.tensor([3]), r"frame_index: expected an int or a 0-d int64 tensor, got a tensor of dtype torch.int64 "
+                        r"and shape \(1,\)"),
+    (torch.tensor(3, device="meta"), "frame_index: expected a tensor on cpu"),
+    (2 ** 63, "frame_index: expected an int in"),
+])
+def test_bad_frame_index_names_the_argument(index, words):
+    with pytest.raises(ValueError, match=words):
+        denoise_step(latents(), latents(), 0.5, 0.2, noise_seed=1, frame_index=index)

@@ -19,11 +19,13 @@ xjfast.ops.philox for the exact mapping every backend follows.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from xjfast.backends import register, resolve, triton_interpreted
 from xjfast.errors import check_choice, check_tensor
-from xjfast.ops.philox import _check_seed, latent_noise
+from xjfast.ops.philox import _check_seed, check_frame_index, latent_noise
 
 PREDICTIONS = ("flow", "eps", "x0")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -37,6 +39,13 @@ def lcm_boundary_scalings(timestep: torch.Tensor):
 
 
 def _per_sample(name: str, value, B: int, device, low=0.0, high=1.0) -> torch.Tensor:
+    """[B] float64 on `device`. A number is checked on the host and written by a fill kernel, so
+    the step stays free of host syncs and host-to-device copies (CUDA-graph capturable); a tensor
+    is checked on its device (a sync)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ValueError(f"{name}: expected finite values in [{low}, {high}], got {[float(value)] * B}")
+        return torch.full((B,), float(value), dtype=torch.float64, device=device)
     t = torch.as_tensor(value, dtype=torch.float64, device=device) if not isinstance(value, torch.Tensor) \
         else value.to(device=device, dtype=torch.float64)
     if t.dim() == 0:
@@ -72,6 +81,9 @@ def denoise_step(x_t, model_out, sigma, sigma_next=None, *, prediction="flow", n
                  out=None, backend="auto", patch_size=(1, 2, 2), timestep=None):
     """One sampler step on latents x_t [B, C, F, H, W] (frames frame_index .. frame_index + F - 1).
 
+    frame_index: an int, or an int64 0-d tensor on x_t's device that the kernels read in device
+    memory (the same noise, bit for bit): a step replayed from a CUDA graph advances it there.
+
     model_out: the same latent layout, or the model head's tokens [B, F/pt * H/ph * W/pw,
     pt*ph*pw*C] (Wan2.1's unpatchify order), un-patchified on the fly. Returns x0, or
     (x0, x_next) when sigma_next is given; `out` (a tensor, or a pair with sigma_next) receives
@@ -102,28 +114,31 @@ def denoise_step(x_t, model_out, sigma, sigma_next=None, *, prediction="flow", n
         if timestep is None:
             raise ValueError("timestep: required with prediction='eps' (LCM's boundary scalings), got None")
         timestep = _per_sample("timestep", timestep, B, x_t.device, high=float("inf"))
-    if isinstance(frame_index, bool) or not isinstance(frame_index, int) or not 0 <= frame_index < 2 ** 63:
-        raise ValueError(f"frame_index: expected an int in [0, 2^63), got {frame_index!r}")
+    check_frame_index(frame_index, x_t.device, limit=2 ** 63)
+    frame_tensor = frame_index if isinstance(frame_index, torch.Tensor) else None
     outs = _outputs(out, x_t, sigma_next is not None)
     coef = _coefficients(prediction, sigma, sigma_next, timestep)
     seed = noise_seed or 0
-    torch.ops.xjfast.denoise_step(x_t, model_out, coef, seed & 0xFFFFFFFF, seed >> 32, frame_index,
-                                  list(patch_size), backend, outs[0], outs[1])
+    torch.ops.xjfast.denoise_step(x_t, model_out, coef, seed & 0xFFFFFFFF, seed >> 32,
+                                  0 if frame_tensor is not None else frame_index, list(patch_size), backend,
+                                  outs[0], outs[1], frame_tensor)
     return outs if sigma_next is not None else outs[0]
 
 
 @torch.library.custom_op("xjfast::denoise_step", mutates_args=("x0", "x_next"))
 def _denoise_step_op(x_t: torch.Tensor, model_out: torch.Tensor, coef: torch.Tensor, seed_lo: int, seed_hi: int,
                      frame_index: int, patch_size: list[int], backend: str, x0: torch.Tensor,
-                     x_next: torch.Tensor | None) -> None:
+                     x_next: torch.Tensor | None, frame_tensor: torch.Tensor | None = None) -> None:
     """The registered op (torch.compile / graph capture see one node); the seed travels as two
-    32-bit halves because the schema's int is signed 64-bit."""
-    resolve("denoise_step", backend, x_t.device).fn(x_t, model_out, coef, seed_lo | (seed_hi << 32), frame_index,
+    32-bit halves because the schema's int is signed 64-bit. frame_tensor, when given, holds the
+    frame index in device memory and replaces frame_index."""
+    frame = frame_index if frame_tensor is None else frame_tensor
+    resolve("denoise_step", backend, x_t.device).fn(x_t, model_out, coef, seed_lo | (seed_hi << 32), frame,
                                                    tuple(patch_size), x0, x_next)
 
 
 @_denoise_step_op.register_fake
-def _(x_t, model_out, coef, seed_lo, seed_hi, frame_index, patch_size, backend, x0, x_next):
+def _(x_t, model_out, coef, seed_lo, seed_hi, frame_index, patch_size, backend, x0, x_next, frame_tensor=None):
     return None
 
 
@@ -175,8 +190,10 @@ def denoise_step_cuda(x_t, model_out, coef, seed, frame_index, patch_size, x0, x
     from xjfast.ops._cuda import DTYPE_CODES, extension, stream_handle
     model_out = model_out.to(x_t.dtype)  # the kernel reads one element type
     coef = coef.to(x_t.device).contiguous()
+    in_memory = isinstance(frame_index, torch.Tensor)  # read by the kernel through its pointer
     extension().denoise_step(
         x_t.data_ptr(), model_out.data_ptr(), coef.data_ptr(), x0.data_ptr(),
         x_next.data_ptr() if x_next is not None else 0, DTYPE_CODES[x_t.dtype], list(x_t.shape),
-        list(x_t.stride()), list(model_out.stride()), model_out.dim() == 3, list(patch_size), frame_index,
-        seed or 0, stream_handle(x_t.device))
+        list(x_t.stride()), list(model_out.stride()), model_out.dim() == 3, list(patch_size),
+        0 if in_memory else frame_index, frame_index.data_ptr() if in_memory else 0, seed or 0,
+        stream_handle(x_t.device))

@@ -43,14 +43,18 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     if counter.shape[-1:] != (4,) or key.shape[-1:] != (2,):
         raise ValueError(f"counter, key: expected shapes [..., 4] and [..., 2], got {tuple(counter.shape)} "
                          f"and {tuple(key.shape)}")
-    c0, c1, c2, c3 = counter.long().unbind(-1)
-    k0, k1 = key.long().unbind(-1)
+    return torch.stack(_rounds(*counter.long().unbind(-1), *key.long().unbind(-1)), dim=-1)
+
+
+def _rounds(c0, c1, c2, c3, k0, k1):
+    """The ten rounds on words that are int64 tensors or Python ints (a key known on the host stays
+    an int, so no key tensor is built and copied to the device)."""
     for _ in range(10):
         hi0, lo0 = _mulhilo(M0, c0)
         hi1, lo1 = _mulhilo(M1, c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0, k1 = (k0 + W0) & MASK32, (k1 + W1) & MASK32
-    return torch.stack((c0, c1, c2, c3), dim=-1)
+    return c0, c1, c2, c3
 
 
 def _check_seed(seed) -> int:
@@ -64,28 +68,48 @@ def uniform(words: torch.Tensor) -> torch.Tensor:
     return (words.to(torch.float32) + 1.0) * TWO_POW_M32
 
 
-def philox_normal(seed: int, frame_index: int, numel: int, device=None) -> torch.Tensor:
-    """float32 [numel] N(0, 1) noise of latent frame `frame_index` (elements of its flattened latent)."""
+def check_frame_index(frame_index, device=None, limit: int = 2 ** 64):
+    """An int in [0, limit), or an int64 0-d tensor on `device` (read there: the index of a step
+    replayed from a CUDA graph lives in device memory; its range is the caller's to keep)."""
+    if isinstance(frame_index, torch.Tensor):
+        if frame_index.dtype != torch.int64 or frame_index.dim() != 0:
+            raise ValueError(f"frame_index: expected an int or a 0-d int64 tensor, got a tensor of dtype "
+                             f"{frame_index.dtype} and shape {tuple(frame_index.shape)}")
+        if device is not None and frame_index.device != torch.device(device):
+            raise ValueError(f"frame_index: expected a tensor on {torch.device(device)}, got one on "
+                             f"{frame_index.device}")
+    elif isinstance(frame_index, bool) or not isinstance(frame_index, int) or not 0 <= frame_index < limit:
+        exponent = limit.bit_length() - 1
+        raise ValueError(f"frame_index: expected an int in [0, 2^{exponent}) or a 0-d int64 tensor, "
+                         f"got {frame_index!r}")
+    return frame_index
+
+
+def philox_normal(seed: int, frame_index, numel: int, device=None) -> torch.Tensor:
+    """float32 [numel] N(0, 1) noise of latent frame `frame_index` (elements of its flattened latent).
+
+    frame_index: an int, or an int64 0-d tensor on `device` read by the device ops (no host sync),
+    giving bit-identical noise."""
     seed = _check_seed(seed)
-    if isinstance(frame_index, bool) or not isinstance(frame_index, int) or not 0 <= frame_index < 2 ** 64:
-        raise ValueError(f"frame_index: expected an int in [0, 2^64), got {frame_index!r}")
+    check_frame_index(frame_index, device)
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise ValueError(f"numel: expected an int >= 0, got {numel!r}")
     g = torch.arange(math.ceil(numel / 4), dtype=torch.int64, device=device)
-    counter = torch.stack((g & MASK32, g >> 32, torch.full_like(g, frame_index & MASK32),
-                           torch.full_like(g, frame_index >> 32)), dim=-1)
-    key = torch.tensor([seed & MASK32, seed >> 32], dtype=torch.int64, device=device).expand(len(g), 2)
-    u = uniform(philox4x32_10(counter, key))
-    r0, r2 = (-2.0 * u[:, 0].log()).sqrt(), (-2.0 * u[:, 2].log()).sqrt()
-    t1, t3 = TWO_PI_F32 * u[:, 1], TWO_PI_F32 * u[:, 3]
+    # an int64 tensor holds frame indices below 2^63, so its high word is a plain shift
+    c2, c3 = frame_index & MASK32, frame_index >> 32
+    x0, x1, x2, x3 = _rounds(g & MASK32, g >> 32, c2, c3, seed & MASK32, seed >> 32)
+    u0, u1, u2, u3 = (uniform(x) for x in (x0, x1, x2, x3))
+    r0, r2 = (-2.0 * u0.log()).sqrt(), (-2.0 * u2.log()).sqrt()
+    t1, t3 = TWO_PI_F32 * u1, TWO_PI_F32 * u3
     gauss = torch.stack((r0 * t1.cos(), r0 * t1.sin(), r2 * t3.cos(), r2 * t3.sin()), dim=-1)
     return gauss.flatten()[:numel]
 
 
-def latent_noise(seed: int, frame_index: int, shape, device=None) -> torch.Tensor:
+def latent_noise(seed: int, frame_index, shape, device=None) -> torch.Tensor:
     """float32 noise shaped like a latent block [B, C, F, H, W] for frames frame_index.. +F-1.
 
-    Frame f draws from its own stream, so a frame's noise does not depend on its block."""
+    Frame f draws from its own stream, so a frame's noise does not depend on its block.
+    frame_index may be an int64 0-d tensor on `device` (see philox_normal)."""
     B, C, F, H, W = shape
     frames = [philox_normal(seed, frame_index + f, B * C * H * W, device).view(B, C, H, W) for f in range(F)]
     return torch.stack(frames, dim=2)
