@@ -145,3 +145,63 @@ def test_bad_commits_name_the_argument():
         cache.commit(2, k, v)
     with pytest.raises(ValueError, match="frames: expected one"):
         cache.recache([(k, v)])
+
+
+def _state(cache):
+    return ([cache.cached_frames(i) for i in range(cache.num_layers)], cache.frames_seen,
+            [cache.view(i).page_table.tolist() for i in range(cache.num_layers)])
+
+
+@pytest.mark.parametrize("per_commit", [1, 2])
+def test_ring_commits_rotate_on_the_device_as_host_commits_do(per_commit):
+    """Commits inside ring_commits() touch only device tensors; with the host mirror advanced
+    afterwards, pages, page tables and bookkeeping equal those of plain commits, over wraps."""
+    host, ring = (StreamingKVCache(2, 1, H, D, T, sink_frames=2, window_frames=3) for _ in range(2))
+    for step in range(14 // per_commit):
+        frames = [frame(per_commit) for _ in range(2)]
+        for layer in range(2):
+            host.commit(layer, *frames[layer])
+        if ring.ring_unready(per_commit) is not None:
+            for layer in range(2):
+                ring.commit(layer, *frames[layer])
+            continue
+        ring.sync_ring()
+        before = _state(ring)
+        with ring.ring_commits():
+            for layer in range(2):
+                ring.commit(layer, *frames[layer])
+        assert _state(ring)[:2] == before[:2]  # the host mirror waits for advance_ring_mirror
+        ring.advance_ring_mirror(per_commit)
+        assert _state(ring) == _state(host)
+    assert ring.frames_seen == 14 and ring.cached_frames(1) == [0, 1, 11, 12, 13]
+    for name in ("k_pages", "v_pages", "k_scale", "k_mean", "v_scale", "page_table"):
+        assert torch.equal(getattr(ring, name).float(), getattr(host, name).float()), name
+    q, k, v = torch.randn(1, T, H, D), *frame()
+    assert torch.equal(temporal_attention(q, k, v, kv_cache=ring, layer=1),
+                       temporal_attention(q, k, v, kv_cache=host, layer=1))
+
+
+def test_ring_needs_a_full_cache_a_sync_and_no_keep_buffer():
+    cache = StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=2)
+    assert cache.ring_unready(1).startswith("warm-up: the cache is not full yet (0 of 3 frames)")
+    for _ in range(3):
+        cache.commit(0, *frame())
+    assert cache.ring_unready(1) is None
+    assert "larger than the window" in cache.ring_unready(3)
+    with pytest.raises(RuntimeError, match="sync_ring"):
+        with cache.ring_commits():
+            pass
+    cache.sync_ring()
+    assert cache.ring_head.tolist() == [0]
+    with cache.ring_commits():
+        cache.commit(0, *frame())
+    cache.advance_ring_mirror(1)
+    cache.commit(0, *frame())  # a host commit: the device ring must be synced again
+    with pytest.raises(RuntimeError, match="sync_ring"):
+        with cache.ring_commits():
+            pass
+    cache.sync_ring()
+    assert cache.ring_head.tolist() == [0] and cache.cached_frames(0) == [0, 3, 4]
+    keeping = StreamingKVCache(1, 1, H, D, T, sink_frames=0, window_frames=1, keep_tokens=4)
+    keeping.commit(0, *frame())
+    assert keeping.ring_unready(1).startswith("keep_tokens > 0")

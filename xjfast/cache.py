@@ -14,9 +14,16 @@ like one more page and placed at its own temporal slot between the sinks and the
 Keys are committed with their spatial rotary but without the temporal one: the attention op
 assigns temporal positions by slot (StreamingLLM's rule), so positions never grow with the
 stream and never exceed what the model saw in training.
+
+The bookkeeping (which page holds which frame) is host-side Python. Once the sinks and the
+window are full, a commit only rotates the ring, and inside `ring_commits()` it does so on the
+device alone: the ring position, the page ids the commit writes and the page table are device
+tensors updated by device ops, so a CUDA graph that captured the commits replays them frame
+after frame. The host mirror is then advanced by `advance_ring_mirror(frames)` per pass.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Sequence
 
 import torch
@@ -101,6 +108,13 @@ class StreamingKVCache:
         self.keep_mass = torch.zeros(num_layers, batch, keep_tokens, device=dev)
         self.mass = torch.zeros(num_layers, pages, batch, frame_tokens, device=dev) if keep_tokens else None
         self.page_table = torch.zeros(num_layers, pages, dtype=torch.int32, device=dev)
+        # the device ring: ring_head[layer] is the ring position of the oldest window page, and
+        # row h of _ring_tables is the full page table at ring position h (sinks, then the window)
+        self.ring_head = torch.zeros(num_layers, dtype=torch.int64, device=dev)
+        window = (torch.arange(window_frames)[:, None] + torch.arange(window_frames)[None, :]) % window_frames
+        rows = torch.cat((torch.arange(sink_frames).expand(window_frames, -1), sink_frames + window), dim=1)
+        self._ring_tables = rows.to(device=dev, dtype=torch.int32)
+        self._ring_mode = False
         self.reset()
 
     # ---- state -------------------------------------------------------------------------------
@@ -114,6 +128,7 @@ class StreamingKVCache:
         self._frames_seen = [0] * L
         self._lookahead = [1] * L        # frames per commit, seen last: pages next to evict
         self._frame_of_page = [[-1] * (self.sink_frames + self.window_frames) for _ in range(L)]
+        self._ring_synced = False        # ring_head holds _head (set by sync_ring)
         self.keep_mass.zero_()
         if self.mass is not None:
             self.mass.zero_()
@@ -166,10 +181,21 @@ class StreamingKVCache:
 
         When the window is full, each new frame evicts the oldest non-sink frame; with
         `keep_tokens`, the evicted frame's highest-mass tokens are merged into the keep buffer.
+        Inside `ring_commits()` the commit is a device-side ring rotation (see there).
         """
         self._check_layer(layer)
         n = self._check_frames("k", k)
         self._check_frames("v", v, n)
+        if self._ring_mode:
+            self._ring_commit(layer, k, v, n)
+            return
+        pages = self._assign_pages(layer, n)
+        self._write_pages(layer, pages, k, v)
+        self._update_page_table(layer)
+        self._ring_synced = False
+
+    def _assign_pages(self, layer: int, n: int) -> list[int]:
+        """Host bookkeeping of a commit of n frames to `layer`: the pages they go to, in order."""
         S, W = self.sink_frames, self.window_frames
         pages = []
         for _ in range(n):
@@ -187,9 +213,59 @@ class StreamingKVCache:
             pages.append(page)
             self._frame_of_page[layer][page] = self._frames_seen[layer]
             self._frames_seen[layer] += 1
-        self._write_pages(layer, pages, k, v)
         self._lookahead[layer] = n
-        self._update_page_table(layer)
+        return pages
+
+    # ---- the device ring (CUDA-graph capturable commits) -------------------------------------
+    def ring_unready(self, frames: int) -> str | None:
+        """None when a commit of `frames` frames to every layer is a pure ring rotation (sinks and
+        window full, no keep buffer), which `ring_commits()` runs on the device; else the reason."""
+        if self.keep_tokens:
+            return ("keep_tokens > 0: which tokens the compaction keeps, and how many, is decided on the host "
+                    "(kv_cache_compact returns the count; the attention-mass kernels take the evicted page as a "
+                    "scalar argument)")
+        if frames > self.window_frames:
+            return f"a commit of {frames} frames is larger than the window ({self.window_frames} frames)"
+        full = self.sink_frames + self.window_frames
+        if any(self._sinks[i] + self._window[i] < full for i in range(self.num_layers)):
+            return f"warm-up: the cache is not full yet ({self.num_frames(0)} of {full} frames)"
+        return None
+
+    def sync_ring(self) -> None:
+        """Bring the device ring position up to the host bookkeeping (a host-to-device copy, so it
+        happens outside any capture; a no-op while only ring commits have run)."""
+        if not self._ring_synced:
+            self.ring_head.copy_(torch.tensor(self._head, dtype=torch.int64))
+            self._ring_synced = True
+
+    @contextlib.contextmanager
+    def ring_commits(self):
+        """Inside, every commit is a ring rotation done by device ops only: the page ids come from
+        the device ring position, which then advances, and the page table is rewritten from it. No
+        host state changes: call `advance_ring_mirror(frames)` after the pass (or its replay).
+        Needs `ring_unready(frames) is None` and `sync_ring()` first."""
+        if not self._ring_synced:
+            raise RuntimeError("ring_commits: call sync_ring() first (host commits ran since the last ring sync)")
+        self._ring_mode = True
+        try:
+            yield
+        finally:
+            self._ring_mode = False
+
+    def _ring_commit(self, layer: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+        S = self.sink_frames
+        head = self.ring_head[layer:layer + 1]
+        order = self._ring_tables.index_select(0, head)[0]  # the page table now, the window oldest first
+        kv_cache_commit(k, v, self.k_pages[layer], self.v_pages[layer], self.k_scale[layer], self.k_mean[layer],
+                        self.v_scale[layer], order[S:S + n], backend=self.backend)  # the n oldest pages
+        head.add_(n).remainder_(self.window_frames)
+        torch.index_select(self._ring_tables, 0, head, out=self.page_table[layer:layer + 1])
+
+    def advance_ring_mirror(self, frames: int) -> None:
+        """The host bookkeeping of ring commits of `frames` frames to every layer (what a replayed
+        pass did on the device), so cached_frames(), frames_seen and view() stay true."""
+        for layer in range(self.num_layers):
+            self._assign_pages(layer, frames)
 
     def recache(self, frames: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Overwrite the cached frames in place with re-encoded K/V (e.g. under a new prompt).
