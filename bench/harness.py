@@ -14,6 +14,7 @@ import platform
 import statistics
 import subprocess
 import time
+import traceback
 from contextlib import contextmanager
 
 import torch
@@ -36,25 +37,55 @@ def summary(samples_ms: list[float], **extra) -> dict:
 
 
 def time_ms(fn, inputs: list, device: torch.device, *, warmup: int = 3, reps: int = 20) -> dict:
-    """Median/min/max milliseconds of fn(*inputs[i % len(inputs)]) over `reps` calls."""
+    """Median/min/max milliseconds of fn(*inputs[i % len(inputs)]) over `reps` calls, and the host
+    time one call takes to issue its work (`host_ms`: what a CUDA graph would save)."""
+    host = []
     for i in range(warmup):
+        t = time.perf_counter()
         fn(*inputs[i % len(inputs)])
-    samples = []
+        host.append(1e3 * (time.perf_counter() - t))
     if on_gpu(device):
-        torch.cuda.synchronize(device)
-        for i in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(*inputs[i % len(inputs)])
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-    else:
-        for i in range(reps):
-            t = time.perf_counter()
-            fn(*inputs[i % len(inputs)])
-            samples.append(1e3 * (time.perf_counter() - t))
+        return summary(_device_samples(fn, inputs, device, reps, statistics.median(host[1:] or host)),
+                       host_ms=statistics.median(host[1:] or host))
+    samples = []
+    for i in range(reps):
+        t = time.perf_counter()
+        fn(*inputs[i % len(inputs)])
+        samples.append(1e3 * (time.perf_counter() - t))
     return summary(samples)
+
+
+_FLUSH: dict = {}
+FLUSH_BYTES = 1 << 28  # 256 MiB: beyond any L2 (50 MB on H100, 126 MB on B200)
+MAX_HOLD_S = 1.0
+
+
+def _device_samples(fn, inputs, device, reps: int, host_ms: float) -> list[float]:
+    """Device milliseconds per call from CUDA events around each call. Before each call the L2 is
+    flushed (small inputs would otherwise be read from L2 and flatter bandwidth figures), and the
+    stream is first held by a spin kernel long enough for the host to queue every call, so that
+    the events time the device's work, not Python's launch overhead."""
+    flush = _FLUSH.get(device)
+    if flush is None:
+        flush = _FLUSH[device] = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    torch.cuda.synchronize(device)
+    hold_s = min(MAX_HOLD_S, 1.5 * reps * (host_ms + 0.05) / 1e3)  # + the flush's own launch
+    torch.cuda._sleep(int(hold_s * _sm_clock_hz(device)))
+    for i in range(reps):
+        flush.zero_()
+        starts[i].record()
+        fn(*inputs[i % len(inputs)])
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def _sm_clock_hz(device: torch.device) -> float:
+    """The SM clock torch reports (kHz in its properties), else 2 GHz: only sizes the hold."""
+    khz = getattr(torch.cuda.get_device_properties(device), "clock_rate", 0)
+    return 1e3 * khz if khz else 2e9
 
 
 def rate(timing: dict, amount: float, unit: str, ceiling: float | None = None) -> dict:
@@ -78,27 +109,77 @@ def accuracy(out: torch.Tensor, exact: torch.Tensor) -> dict:
             "rmse": (o - e).pow(2).mean().sqrt().item()}
 
 
-def _nvml(device: torch.device) -> dict:
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _nvml_handle(pynvml, device: torch.device):
+    """The NVML handle of torch's `device`, matched by UUID (NVML and CUDA may number GPUs
+    differently, e.g. under CUDA_VISIBLE_DEVICES), else by index."""
+    uuid = str(getattr(torch.cuda.get_device_properties(device), "uuid", "") or "")
+    if uuid:
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        except pynvml.NVMLError:
+            pass
+    return pynvml.nvmlDeviceGetHandleByIndex(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# What NVML tells of the card's state; each read on its own, as some are refused on some machines.
+_NVML_READINGS = {
+    "sm_clock_mhz": lambda n, h: n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM),
+    "mem_clock_mhz": lambda n, h: n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_MEM),
+    "power_w": lambda n, h: n.nvmlDeviceGetPowerUsage(h) / 1e3,
+    "temperature_c": lambda n, h: n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU),
+    "clock_event_reasons": lambda n, h: hex(n.nvmlDeviceGetCurrentClocksEventReasons(h)),
+}
+_NVML_FIXED = {
+    "driver": lambda n, h: _text(n.nvmlSystemGetDriverVersion()),
+    "max_sm_clock_mhz": lambda n, h: n.nvmlDeviceGetMaxClockInfo(h, n.NVML_CLOCK_SM),
+    "max_mem_clock_mhz": lambda n, h: n.nvmlDeviceGetMaxClockInfo(h, n.NVML_CLOCK_MEM),
+    "power_limit_w": lambda n, h: n.nvmlDeviceGetEnforcedPowerLimit(h) / 1e3,
+    "memory_gib": lambda n, h: round(n.nvmlDeviceGetMemoryInfo(h).total / 2 ** 30, 1),
+}
+
+
+def nvml_readings(device: torch.device, fixed: bool = False) -> dict:
+    """Clocks, power and temperature now (and with `fixed`, the driver and limits) from NVML;
+    NVML is optional: what cannot be read says why."""
     if not on_gpu(device):
-        return {"name": platform.processor() or platform.machine(), "kind": "cpu", "cores": os.cpu_count()}
-    info = {"name": torch.cuda.get_device_name(device), "kind": "cuda",
-            "capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
-            "multiprocessors": torch.cuda.get_device_properties(device).multi_processor_count}
+        return {}
     try:
         import pynvml
         pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-        info.update(
-            driver=pynvml.nvmlSystemGetDriverVersion(),
-            sm_clock_mhz=pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
-            mem_clock_mhz=pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
-            max_sm_clock_mhz=pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
-            power_w=pynvml.nvmlDeviceGetPowerUsage(h) / 1e3,
-            power_limit_w=pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1e3,
-            temperature_c=pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU))
-        pynvml.nvmlShutdown()
-    except Exception as exc:  # NVML is optional: say why it is missing
-        info["nvml"] = f"unavailable: {exc}"
+    except Exception as exc:  # not installed, or no driver library: the figures stand without it
+        return {"nvml": f"unavailable: {type(exc).__name__}: {exc}"}
+    out, failed = {}, {}
+    try:
+        handle = _nvml_handle(pynvml, device)
+        for key, read in ({**_NVML_FIXED, **_NVML_READINGS} if fixed else _NVML_READINGS).items():
+            try:
+                out[key] = read(pynvml, handle)
+            except Exception as exc:  # one refused reading must not hide the others
+                failed[key] = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:
+        failed["handle"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    if failed:
+        out["nvml_failed"] = failed
+    return out
+
+
+def _device_info(device: torch.device) -> dict:
+    if not on_gpu(device):
+        return {"name": platform.processor() or platform.machine(), "kind": "cpu", "cores": os.cpu_count()}
+    props = torch.cuda.get_device_properties(device)
+    info = {"name": props.name, "kind": "cuda", "capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count, "memory_gib": round(props.total_memory / 2 ** 30, 1),
+            "l2_bytes": getattr(props, "L2_cache_size", None)}
+    info.update(nvml_readings(device, fixed=True))
     return info
 
 
@@ -119,8 +200,11 @@ def environment(device: torch.device) -> dict:
         except md.PackageNotFoundError:
             return None
 
-    return {"device": _nvml(device), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "triton": version("triton"), "xjfast_commit": _commit(), "python": platform.python_version(),
+    from xjfast import _ext
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"device": _device_info(device), "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn,
+            "triton": version("triton"), "diffusers": version("diffusers"), "xjfast_commit": _commit(),
+            "xjfast_C_archs": _ext.built_archs(), "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -131,8 +215,10 @@ def results_name(env: dict) -> str:
 
 
 def write_json(path: str, results: dict) -> None:
-    with open(path, "w") as f:
+    """Written whole or not at all: a run killed mid-write keeps the previous complete file."""
+    with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
 
 
 @contextmanager
@@ -144,4 +230,4 @@ def section(results: dict, name: str, log):
         log(f"[{name}] done in {time.perf_counter() - t:.1f} s")
     except Exception as exc:  # a broken section must not lose the others' figures
         results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
-        log(f"[{name}] FAILED: {type(exc).__name__}: {exc}")
+        log(f"[{name}] FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")

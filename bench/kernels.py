@@ -1,30 +1,57 @@
 """Kernel benchmarks side by side with what users would run instead.
 
-temporal_attention at the stream shapes (Wan2.1-1.3B: H=12, D=128, 1560-token frames, 1 and 2
-query frames, 3/6/12/21 cached frames; and head_dim 64): xjfast FP8 and bf16 against torch SDPA
-(flash / cuDNN / memory-efficient, bf16), FlexAttention with the same block mask (compiled), and
-SageAttention / FlashInfer / flash-attn when importable. FLOPs are counted the same way for all:
-4 * B * H * D * (visible query-key pairs). Accuracy against a float64 reference sits next to speed.
-Cache commit, compaction and denoise_step report GB/s and the fraction of the copy bandwidth.
+Every implementation registered for an op (`xjfast.backends.implementations`) that can run here is
+timed, so a backend registered tomorrow appears with no edit here; one that cannot run is recorded
+with the reason. temporal_attention at the stream shapes (Wan2.1-1.3B: H=12, D=128, 1560-token
+frames, 1 and 2 query frames, 3/6/12/21 cached frames; and head_dim 64): xjfast FP8 and bf16
+against torch SDPA (flash / cuDNN / memory-efficient, bf16), FlexAttention with the same block mask
+(compiled), and SageAttention / FlashInfer / flash-attn when importable. FLOPs are counted the same
+way for all: 4 * B * H * D * (visible query-key pairs). Accuracy against a float64 reference sits
+next to speed. Cache commit, compaction and denoise_step report GB/s and the fraction of the copy
+bandwidth.
 """
 from __future__ import annotations
 
 import importlib.util
+import time
 
 import torch
 
 import xjfast
 from bench.baseline import cached_keys_values
 from bench.harness import accuracy, on_gpu, rate, time_ms
+from xjfast.backends import implementations, unusable_reason
+from xjfast.errors import BackendUnavailable
 from xjfast.ops.rotary import rotate_leading
 from xjfast.ops.temporal_attention import block_mask
 
+# The reference attention materialises fp32 scores of every (query, key) pair several times over
+# (about 20 GB at 2 query frames over 21 cached ones) and takes seconds: it defines the op, the
+# peers stand for what users run instead.
+REFERENCE_ATTENTION_ON_GPU = "the float32 PyTorch definition is not timed at GPU shapes (it defines the op)"
+
+
+def backends(op: str, device: torch.device) -> list[tuple[str, str | None]]:
+    """(backend, None or why it cannot run here) for every registered implementation of `op`."""
+    out = []
+    for name in implementations(op):
+        reason = unusable_reason(op, name, device)
+        if reason is None and name == "reference" and op == "temporal_attention" and on_gpu(device):
+            reason = REFERENCE_ATTENTION_ON_GPU
+        out.append((name, reason))
+    return out
+
 
 def attention_cases(gpu: bool):
+    """Most telling first (the engine's 2-frame pass), so a run cut short by its time budget keeps them."""
     if not gpu:  # CI: tiny shapes, reference backend
         return [dict(H=2, D=64, T=32, query_frames=q, cached=2) for q in (1, 2)]
-    cases = [dict(H=12, D=128, T=1560, query_frames=q, cached=c) for q in (1, 2) for c in (3, 6, 12, 21)]
+    cases = [dict(H=12, D=128, T=1560, query_frames=q, cached=c) for q in (2, 1) for c in (12, 3, 21, 6)]
     return cases + [dict(H=12, D=64, T=1560, query_frames=2, cached=12)]
+
+
+def _skip_reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
 
 
 def _case_data(case, device, backend, seed):
@@ -111,91 +138,182 @@ def _peers(case, cache, q, k, v, block_tokens, gpu):
         def mask_mod(b, h, q_idx, kv_idx):
             return blocks[kv_idx] <= q_idx // (block_tokens or L)
         bm = create_block_mask(mask_mod, 1, 1, L, kk.shape[2], device=q.device)
-        flex = torch.compile(flex_attention)
+        _allow_recompiles()
+        flex = torch.compile(flex_attention, dynamic=False)  # one static kernel per case, as users compile it
         peers["flex-attention"] = lambda: flex(qr, kk, vv, block_mask=bm).transpose(1, 2)
     except Exception as exc:
-        peers["flex-attention"] = f"unavailable: {type(exc).__name__}: {exc}"
-    for name, module in (("sageattention", "sageattention"), ("flashinfer", "flashinfer"),
-                         ("flash-attn", "flash_attn")):
-        if importlib.util.find_spec(module) is None:
-            peers[name] = f"not installed ({module} is not importable)"
+        peers["flex-attention"] = f"unavailable: {_skip_reason(exc)}"
+    peers.update(_libraries(qr.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), mask if masked else None))
     return peers
 
 
-def attention(device: torch.device, roof: dict) -> list[dict]:
+def _libraries(q, k, v, mask):
+    """Attention libraries a user may have installed, on [B, L, H, D] inputs (rotated, bf16)."""
+    peers = {}
+    no_mask = "takes no block mask (a 2-frame pass needs one)"
+    if importlib.util.find_spec("flash_attn") is None:
+        peers["flash-attn"] = "not installed (flash_attn is not importable)"
+    elif mask is not None:
+        peers["flash-attn"] = f"flash-attn {no_mask}"
+    else:
+        from flash_attn import flash_attn_func
+        peers["flash-attn"] = lambda: flash_attn_func(q, k, v)
+    if importlib.util.find_spec("sageattention") is None:
+        peers["sageattention"] = "not installed (sageattention is not importable)"
+    elif mask is not None:
+        peers["sageattention"] = f"SageAttention {no_mask}"
+    else:
+        from sageattention import sageattn
+        peers["sageattention"] = lambda: sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+    if importlib.util.find_spec("flashinfer") is None:
+        peers["flashinfer"] = "not installed (flashinfer is not importable)"
+    else:  # one sequence, NHD without the batch dimension; a boolean mask [Lq, Lk] where needed
+        import flashinfer
+        peers["flashinfer"] = lambda: flashinfer.single_prefill_with_kv_cache(
+            q[0], k[0], v[0], custom_mask=mask)[None]
+    return peers
+
+
+def _allow_recompiles() -> None:
+    """Each case is a new static shape for the compiled FlexAttention: without a higher limit,
+    dynamo would give up after a few shapes and run the (slow, memory-hungry) eager path."""
+    import torch._dynamo
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+
+
+def _case_name(case: dict, precision: str | None = None) -> str:
+    name = f"D{case['D']}-q{case['query_frames']}-cached{case['cached']}"
+    return f"{name}-{precision}" if precision else name
+
+
+def attention(device: torch.device, roof: dict, budget=None) -> list[dict]:
+    """One row per (case, implementation): timing, TFLOP/s and accuracy, or `skipped` with the reason.
+    `budget()` (seconds left, or None) stops before a case that would not fit."""
     gpu = on_gpu(device)
-    backend = "auto" if gpu else "reference"
     fp8_ceiling = roof.get("gemm_fp8", {}).get("TFLOP/s")
     bf16_ceiling = roof.get("gemm_bf16", {}).get("TFLOP/s")
-    rows = []
+    candidates = backends("temporal_attention", device)
+    cache_backend = "auto" if gpu else "reference"
+    rows, case_s = [], 0.0
     for case in attention_cases(gpu):
-        sets = [_case_data(case, device, backend, seed) for seed in (1, 2)]
-        cache, frames, q, k, v = sets[0]
-        T, L = case["T"], q.shape[1]
-        block_tokens = T if case["query_frames"] > 1 else None
-        n_cached = case["cached"] * T
-        tflop = 4 * case["H"] * case["D"] * _visible_pairs(L, n_cached, block_tokens) / 1e12
-        exact = _exact(frames, q, k, v, cache, block_tokens or L)
-        impls = {}
+        left = budget() if budget else None
+        if left is not None and left < 1.5 * case_s:
+            rows.append(dict(case, impl="*", skipped=f"out of the run's time budget ({left:.0f} s left)"))
+            continue
+        started = time.perf_counter()
+        rows += _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_ceiling)
+        case_s = max(case_s, time.perf_counter() - started)
+    return rows
+
+
+def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_ceiling) -> list[dict]:
+    gpu = on_gpu(device)
+    reps = 20 if gpu else 3
+    sets = [_case_data(case, device, cache_backend, seed) for seed in (1, 2)]
+    cache, frames, q, k, v = sets[0]
+    T, L = case["T"], q.shape[1]
+    block_tokens = T if case["query_frames"] > 1 else None
+    n_cached = case["cached"] * T
+    tflop = 4 * case["H"] * case["D"] * _visible_pairs(L, n_cached, block_tokens) / 1e12
+    exact = _exact(frames, q, k, v, cache, block_tokens or L)
+    rows = []
+    for backend, reason in candidates:
         for precision in ("fp8", "bf16"):
-            impls[f"xjfast-{precision}"] = (
-                lambda c, q_, k_, v_, p=precision: xjfast.temporal_attention(
-                    q_, k_, v_, block_tokens=block_tokens, kv_cache=c, layer=0, precision=p, backend=backend))
-        for name, fn in impls.items():
-            timing = time_ms(fn, [(s[0], s[2], s[3], s[4]) for s in sets], device, reps=20 if gpu else 3)
-            row = dict(case, impl=name, **rate(timing, tflop, "TFLOP/s", fp8_ceiling if "fp8" in name else bf16_ceiling),
-                       **accuracy(fn(cache, q, k, v), exact))
-            rows.append(row)
-        for name, fn in _peers(case, cache, q, k, v, block_tokens, gpu).items():
-            if isinstance(fn, str):
-                rows.append(dict(case, impl=name, skipped=fn))
+            row = dict(case, op="temporal_attention", case=_case_name(case, precision), backend=backend,
+                       precision=precision, impl=f"xjfast-{backend}-{precision}")
+            if reason is not None:
+                rows.append(dict(row, skipped=reason))
                 continue
+
+            def fn(c, q_, k_, v_, b=backend, p=precision):
+                return xjfast.temporal_attention(q_, k_, v_, block_tokens=block_tokens, kv_cache=c, layer=0,
+                                                 precision=p, backend=b)
             try:
-                timing = time_ms(lambda: fn(), [()], device, reps=20 if gpu else 3)
-                rows.append(dict(case, impl=name, **rate(timing, tflop, "TFLOP/s", bf16_ceiling), **accuracy(fn(), exact)))
-            except Exception as exc:  # a peer that cannot run this case says why
-                rows.append(dict(case, impl=name, skipped=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+                out = fn(cache, q, k, v)  # an implementation covering part of the op says so here
+                timing = time_ms(fn, [(s[0], s[2], s[3], s[4]) for s in sets], device, reps=reps)
+                ceiling = fp8_ceiling if precision == "fp8" else bf16_ceiling
+                rows.append(dict(row, **rate(timing, tflop, "TFLOP/s", ceiling), **accuracy(out, exact)))
+            except BackendUnavailable as exc:
+                rows.append(dict(row, skipped=str(exc)))
+            except Exception as exc:  # recorded; the other implementations' figures stand
+                rows.append(dict(row, error=_skip_reason(exc)))
+    for name, fn in _peers(case, cache, q, k, v, block_tokens, gpu).items():
+        row = dict(case, case=_case_name(case), impl=name)
+        if isinstance(fn, str):
+            rows.append(dict(row, skipped=fn))
+            continue
+        try:
+            timing = time_ms(lambda: fn(), [()], device, reps=reps)
+            rows.append(dict(row, **rate(timing, tflop, "TFLOP/s", bf16_ceiling), **accuracy(fn(), exact)))
+        except Exception as exc:  # a peer that cannot run this case says why
+            rows.append(dict(row, skipped=_skip_reason(exc)))
+    return rows
+
+
+def _time_backends(op: str, device, run, inputs, amount_gb: float, copy_bw: float, **row) -> list[dict]:
+    """One row per registered implementation of `op`: GB/s of `run(backend, *inputs[i])`, or why not."""
+    rows = []
+    for backend, reason in backends(op, device):
+        base = dict(op=op, backend=backend, impl=f"xjfast-{backend}", case=row.get("shape"), **row)
+        if reason is not None:
+            rows.append(dict(base, skipped=reason))
+            continue
+        try:
+            timing = time_ms(lambda *a, b=backend: run(b, *a), inputs, device)
+            rows.append(dict(base, **rate(timing, amount_gb, "GB/s", copy_bw)))
+        except BackendUnavailable as exc:  # an implementation covering part of the op
+            rows.append(dict(base, skipped=str(exc)))
+        except Exception as exc:  # recorded; the other implementations' figures stand
+            rows.append(dict(base, error=_skip_reason(exc)))
     return rows
 
 
 def memory_bound(device: torch.device, roof: dict) -> list[dict]:
-    """kv_cache_commit, kv_cache_compact and denoise_step: GB/s and fraction of copy bandwidth."""
+    """kv_cache_commit, kv_cache_compact and denoise_step: GB/s and fraction of copy bandwidth, at
+    the stream shape (a 480x832 frame: 1560 tokens of 12 heads x 128; 16 x 60 x 104 latents)."""
     from xjfast.ops.denoise_step import denoise_step
     from xjfast.ops.kv_cache_commit import kv_cache_commit
     from xjfast.ops.kv_cache_compact import kv_cache_compact
 
     gpu = on_gpu(device)
-    backend = "auto" if gpu else "reference"
-    copy_bw = roof["copy"]["GB/s"]
+    copy_bw = roof.get("copy", {}).get("GB/s")
     H, D, T, frames = (12, 128, 1560, 3) if gpu else (2, 64, 32, 1)
+    e4m3 = torch.float8_e4m3fn
+
+    def fp8_random(*shape):  # valid e4m3 values (never NaN bit patterns, never zeros)
+        return torch.randn(*shape, device=device).to(e4m3)
+
     rows = []
-    pages = [torch.empty(frames, 1, T, H, D, dtype=torch.float8_e4m3fn, device=device) for _ in range(2)]
-    scales = [torch.empty(frames, 1, H, device=device), torch.empty(frames, 1, H, D, device=device),
-              torch.empty(frames, 1, H, D, device=device)]
+    pages = [fp8_random(frames, 1, T, H, D) for _ in range(2)]
+    scales = [torch.rand(frames, 1, H, device=device) + 0.5, torch.randn(frames, 1, H, D, device=device),
+              torch.rand(frames, 1, H, D, device=device) + 0.5]
     ids = torch.arange(frames, dtype=torch.int32, device=device)
     inputs = [(torch.randn(1, frames * T, H, D, device=device, dtype=torch.bfloat16),
                torch.randn(1, frames * T, H, D, device=device, dtype=torch.bfloat16)) for _ in range(3)]
     gb = (frames * T * H * D * (2 * 2 + 2 * 1) + frames * H * D * 8) / 1e9  # bf16 K,V in; e4m3 K,V + scales out
-    t = time_ms(lambda k, v: kv_cache_commit(k, v, pages[0], pages[1], *scales, ids, backend=backend), inputs, device)
-    rows.append(dict(op="kv_cache_commit", shape=f"{frames}x[{T},{H},{D}]", **rate(t, gb, "GB/s", copy_bw)))
+    rows += _time_backends("kv_cache_commit", device,
+                           lambda b, k, v: kv_cache_commit(k, v, pages[0], pages[1], *scales, ids, backend=b),
+                           inputs, gb, copy_bw, shape=f"{frames}x[{T},{H},{D}]")
 
     K = 512 if gpu else 16
-    keep = [torch.zeros(1, K, H, D, dtype=torch.float8_e4m3fn, device=device) for _ in range(2)] + \
-        [torch.ones(1, H, device=device), torch.zeros(1, H, D, device=device), torch.ones(1, H, D, device=device)]
+    keep = [fp8_random(1, K, H, D), fp8_random(1, K, H, D), torch.rand(1, H, device=device) + 0.5,
+            torch.randn(1, H, D, device=device), torch.rand(1, H, D, device=device) + 0.5]
     page = [pages[0][0], pages[1][0], scales[0][0], scales[1][0], scales[2][0]]
     keep_mass = torch.rand(1, K, device=device)
     mass = torch.rand(1, T, device=device)
-    gb = (2 * (K + T) * H * D + 2 * K * H * D) / 1e9  # candidates read twice at most, keep written once
-    t = time_ms(lambda: kv_cache_compact(keep, keep_mass, K, page, mass, backend=backend), [()], device)
-    rows.append(dict(op="kv_cache_compact", shape=f"keep {K} + page [{T},{H},{D}]", **rate(t, gb, "GB/s", copy_bw)))
+    gb = (2 * (K + T) * H * D + 2 * K * H * D) / 1e9  # candidates read once, the keep buffer written once
+    rows += _time_backends("kv_cache_compact", device,
+                           lambda b: kv_cache_compact(keep, keep_mass, K, page, mass, backend=b),
+                           [()], gb, copy_bw, shape=f"keep {K} + page [{T},{H},{D}]")
 
     shape = (1, 16, 3, 60, 104) if gpu else (1, 4, 1, 16, 16)
     lat = [torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(3)]
     tokens = [torch.randn(1, shape[2] * shape[3] * shape[4] // 4, 4 * shape[1], device=device, dtype=torch.bfloat16)
               for _ in range(3)]
-    numel = lat[0].numel()
-    gb = 4 * numel * 2 / 1e9  # x_t and model_out in, x0 and x_next out, bf16
-    t = time_ms(lambda x, m: denoise_step(x, m, 0.8, 0.4, noise_seed=3, frame_index=100, backend=backend),
-                list(zip(lat, tokens)), device)
-    rows.append(dict(op="denoise_step", shape=str(shape), **rate(t, gb, "GB/s", copy_bw)))
+    gb = 4 * lat[0].numel() * 2 / 1e9  # x_t and model_out in, x0 and x_next out, bf16
+    rows += _time_backends("denoise_step", device,
+                           lambda b, x, m: denoise_step(x, m, 0.8, 0.4, noise_seed=3, frame_index=100, backend=b),
+                           list(zip(lat, tokens)), gb, copy_bw, shape=str(shape))
     return rows

@@ -12,6 +12,7 @@
 #include "denoise_step.h"
 #include "device_info.h"
 #include "kv_cache_commit.h"
+#include "temporal_attention.h"
 
 #ifndef XJFAST_BUILT_ARCHS
 #error "XJFAST_BUILT_ARCHS (the comma-separated archs of CMAKE_CUDA_ARCHITECTURES) is set by CMakeLists.txt"
@@ -69,6 +70,71 @@ static void kv_cache_commit(uintptr_t k, uintptr_t v, std::vector<int64_t> k_str
   xjfast::kv_cache_commit(a, reinterpret_cast<cudaStream_t>(stream));
 }
 
+// Five pointers of a family of paged key units: k, v, k_scale, k_mean, v_scale (all 0: none).
+static xjfast::PagedUnits paged_units(const std::vector<uintptr_t>& p, int tokens, const char* name) {
+  if (p.size() != 5) throw std::invalid_argument(std::string(name) + ": expected 5 pointers (k, v, k_scale, k_mean, v_scale)");
+  return {reinterpret_cast<const uint8_t*>(p[0]), reinterpret_cast<const uint8_t*>(p[1]),
+          reinterpret_cast<const float*>(p[2]), reinterpret_cast<const float*>(p[3]),
+          reinterpret_cast<const float*>(p[4]), tokens};
+}
+
+static xjfast::QueryTiles query_tiles(uintptr_t q, const std::vector<int64_t>& q_strides, int dtype,
+                                      const std::vector<int>& sizes, int first_slot, int unit_tokens,
+                                      uintptr_t frame_slots, float sm_scale_log2, uintptr_t rope, int rope_center,
+                                      int rope_dims) {
+  if (sizes.size() != 4) throw std::invalid_argument("temporal_attention: sizes are (B, H, Lq, D)");
+  xjfast::QueryTiles t{};
+  t.q = reinterpret_cast<const void*>(q);
+  copy_strides(q_strides, t.sq, 3, "q");
+  t.dtype = dtype;
+  t.B = sizes[0], t.H = sizes[1], t.Lq = sizes[2], t.D = sizes[3];
+  t.first_slot = first_slot, t.unit_T = unit_tokens;
+  t.frame_slots = reinterpret_cast<const int32_t*>(frame_slots);
+  t.sm_scale_log2 = sm_scale_log2;
+  t.rope = reinterpret_cast<const float*>(rope);
+  t.rope_center = rope_center, t.rope_dims = rope_dims;
+  return t;
+}
+
+static void temporal_attention(uintptr_t q, std::vector<int64_t> q_strides, uintptr_t out,
+                               std::vector<int64_t> out_strides, uintptr_t lse, int dtype, std::vector<int> sizes,
+                               std::vector<uintptr_t> cache, int cache_tokens, uintptr_t page_table, int n_pages,
+                               int n_sinks, std::vector<uintptr_t> keep, int keep_capacity, int keep_count,
+                               std::vector<uintptr_t> pass, int unit_tokens, int n_units, uintptr_t private_blocks,
+                               int block_tokens, bool causal, uintptr_t frame_slots, int first_slot,
+                               float sm_scale_log2, uintptr_t rope, int rope_center, int rope_dims, uintptr_t stream) {
+  xjfast::AttentionArgs a{};
+  a.qt = query_tiles(q, q_strides, dtype, sizes, first_slot, unit_tokens, frame_slots, sm_scale_log2, rope,
+                     rope_center, rope_dims);
+  a.out = reinterpret_cast<void*>(out);
+  copy_strides(out_strides, a.so, 3, "out");
+  a.lse = reinterpret_cast<float*>(lse);
+  a.cache = paged_units(cache, cache_tokens, "cache");
+  a.page_table = reinterpret_cast<const int32_t*>(page_table);
+  a.n_pages = n_pages, a.n_sinks = n_sinks;
+  a.keep = paged_units(keep, keep_capacity, "keep");
+  a.keep_count = keep_count;
+  a.pass = paged_units(pass, unit_tokens, "pass");
+  a.n_units = n_units;
+  a.private_blocks = reinterpret_cast<const int8_t*>(private_blocks);
+  a.block_tokens = block_tokens, a.causal = causal;
+  xjfast::temporal_attention(a, reinterpret_cast<cudaStream_t>(stream));
+}
+
+static void attention_mass(uintptr_t q, std::vector<int64_t> q_strides, uintptr_t lse, int dtype,
+                           std::vector<int> sizes, std::vector<uintptr_t> cache, int cache_tokens, int page, int slot,
+                           uintptr_t mass, int unit_tokens, uintptr_t frame_slots, int first_slot, float sm_scale_log2,
+                           uintptr_t rope, int rope_center, int rope_dims, uintptr_t stream) {
+  xjfast::AttentionMassArgs a{};
+  a.qt = query_tiles(q, q_strides, dtype, sizes, first_slot, unit_tokens, frame_slots, sm_scale_log2, rope,
+                     rope_center, rope_dims);
+  a.lse = reinterpret_cast<const float*>(lse);
+  a.cache = paged_units(cache, cache_tokens, "cache");
+  a.page = page, a.slot = slot;
+  a.mass = reinterpret_cast<float*>(mass);
+  xjfast::attention_mass(a, reinterpret_cast<cudaStream_t>(stream));
+}
+
 static std::vector<std::string> built_archs() {
   std::vector<std::string> archs;
   std::stringstream list(XJFAST_BUILT_ARCHS);
@@ -93,4 +159,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("k"), py::arg("v"), py::arg("k_strides"), py::arg("v_strides"), py::arg("page_ids"),
         py::arg("k_pages"), py::arg("v_pages"), py::arg("k_scale"), py::arg("k_mean"), py::arg("v_scale"),
         py::arg("input_dtype"), py::arg("storage_dtype"), py::arg("sizes"), py::arg("stream"));
+  m.def("temporal_attention", &temporal_attention,
+        "FP8 attention over paged key units (see xjfast.ops.temporal_attention)", py::arg("q"), py::arg("q_strides"),
+        py::arg("out"), py::arg("out_strides"), py::arg("lse"), py::arg("dtype"), py::arg("sizes"), py::arg("cache"),
+        py::arg("cache_tokens"), py::arg("page_table"), py::arg("n_pages"), py::arg("n_sinks"), py::arg("keep"),
+        py::arg("keep_capacity"), py::arg("keep_count"), py::arg("pass_units"), py::arg("unit_tokens"),
+        py::arg("n_units"), py::arg("private_blocks"), py::arg("block_tokens"), py::arg("causal"),
+        py::arg("frame_slots"), py::arg("first_slot"), py::arg("sm_scale_log2"), py::arg("rope"),
+        py::arg("rope_center"), py::arg("rope_dims"), py::arg("stream"));
+  m.def("attention_mass", &attention_mass, "attention mass of one cached page's keys, from the LSE",
+        py::arg("q"), py::arg("q_strides"), py::arg("lse"), py::arg("dtype"), py::arg("sizes"), py::arg("cache"),
+        py::arg("cache_tokens"), py::arg("page"), py::arg("slot"), py::arg("mass"), py::arg("unit_tokens"),
+        py::arg("frame_slots"), py::arg("first_slot"), py::arg("sm_scale_log2"), py::arg("rope"),
+        py::arg("rope_center"), py::arg("rope_dims"), py::arg("stream"));
+  m.attr("attention_block_n") = xjfast::kAttentionBlockN;
 }

@@ -1,8 +1,12 @@
 """The benchmark harness in its CPU mode (tiny shapes, reference backend), so it never rots."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+import xjfast  # noqa: F401  (registers the ops)
+from xjfast.backends import implementations
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,13 +22,27 @@ def test_cpu_mode_writes_a_complete_results_file(tmp_path):
     assert "errors" not in results
     assert results["environment"]["device"]["kind"] == "cpu" and results["environment"]["xjfast_commit"]
     assert results["roofline"]["copy"]["GB/s"] > 0
-    impls = {r["impl"] for r in results["attention"]}
-    assert {"xjfast-fp8", "xjfast-bf16", "torch-sdpa-math"} <= impls
-    for r in results["attention"]:
+    timed = [r for r in results["attention"] if "median_ms" in r]
+    assert {"xjfast-reference-fp8", "xjfast-reference-bf16", "torch-sdpa-math"} <= {r["impl"] for r in timed}
+    for r in timed:
         assert r["median_ms"] > 0 and r["min_ms"] <= r["median_ms"] <= r["max_ms"] and 0.9 < r["cosine"] <= 1
+    # every registered backend appears: timed, or skipped with the reason (no GPU here)
+    for op, rows in (("temporal_attention", results["attention"]), ("kv_cache_commit", results["memory_bound"]),
+                     ("denoise_step", results["memory_bound"])):
+        seen = {r["backend"]: r for r in rows if r.get("op") == op}
+        assert set(seen) == set(implementations(op)), op
+        assert all("GB/s" in r or "TFLOP/s" in r or r["skipped"] for r in seen.values())
+        assert "median_ms" in seen["reference"] and "CUDA device" in seen["triton"]["skipped"]
     assert {r["op"] for r in results["memory_bound"]} == {"kv_cache_commit", "kv_cache_compact", "denoise_step"}
     engines = {r["engine"] for r in results["stream"]["rows"] if "model_fps" in r}
     assert engines == {"xjfast-fp8", "baseline-sdpa-bf16"}
+    drop_in = results["diffusers_wan"]
+    if importlib.util.find_spec("diffusers") is None:
+        assert "not installed" in drop_in["skipped"]
+    else:  # the reference backend in bf16 precision mode: diffusers' own output up to float32 rounding
+        [row] = drop_in["rows"]
+        assert row["diffusers_default"]["median_ms"] > 0 and row["xjfast"]["bf16"]["rel_l2"] < 1e-5
+    assert set(results["sections_s"]) == {"roofline", "attention", "memory_bound", "diffusers_wan", "stream"}
 
 
 def test_readme_tables_come_from_results_files(tmp_path):

@@ -2,14 +2,18 @@
 
 Each op registers its implementations once, with the minimum compute capability they need.
 `resolve(op, backend, device, args)` returns a callable or raises `BackendUnavailable` naming what
-is missing; `backend="auto"` takes the first usable entry of the op's preference order. An
+is missing; `backend="auto"` takes the first usable entry of the op's order on the GPU's compute
+capability: the backends as the committed benchmark results rank them (backend_ranking.json,
+written by `python -m bench.readme_tables`), then the rest in PREFERENCE order. An
 implementation that covers only part of an op (say, FP8 precision only) declares `supports`: a
 function of the call's arguments returning None or the reason it cannot take them; `auto` then
 passes over it for those arguments, and an explicit request gets the reason.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -20,10 +24,11 @@ from xjfast import _ext
 from xjfast.errors import BackendUnavailable, check_choice
 
 BACKENDS = ("reference", "triton", "cuda")
-# The order `auto` tries. No committed GPU results rank the backends yet, so the Triton kernels
-# (held to the reference on a GPU and in the interpreter) come before the CUDA ones; the
-# benchmark results will order them per op and architecture.
+# The order `auto` tries where no committed benchmark result ranks an op's backends on a GPU's
+# compute capability: the Triton kernels (held to the reference on a GPU and in the interpreter)
+# before the CUDA ones, the reference last.
 PREFERENCE = ("triton", "cuda", "reference")
+RANKING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_ranking.json")
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,39 @@ def implementations(op: str) -> dict[str, Implementation]:
     return dict(_REGISTRY.get(op, {}))
 
 
+def registered_ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+@functools.lru_cache(maxsize=None)
+def ranking() -> dict:
+    """op -> "major.minor" -> {"order": [backends, fastest first], "source": results file, "gpu": name}.
+    Empty when the file is absent (a build that did not package it) or unreadable."""
+    try:
+        with open(RANKING_FILE) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def auto_order(op: str, capability: tuple[int, int]) -> tuple[list[str], str | None]:
+    """The backends `auto` tries for `op` on a GPU of `capability`, and the results file that
+    ranked them (None when no result covers this op and capability: PREFERENCE alone)."""
+    entry = ranking().get(op, {}).get(f"{capability[0]}.{capability[1]}")
+    ranked = [b for b in entry["order"] if b in BACKENDS] if entry else []
+    return ranked + [b for b in PREFERENCE if b not in ranked], entry["source"] if entry else None
+
+
+def unusable_reason(op: str, backend: str, device: torch.device | str, args: tuple | None = None) -> str | None:
+    """None when `op`'s `backend` implementation can run on `device` (for the call's `args`, when
+    given), else why not."""
+    impl = _REGISTRY.get(op, {}).get(backend)
+    if impl is None:
+        return f"{op}: no {backend} implementation is available in this version of xjfast"
+    return _usable(impl, torch.device(device), args)
+
+
 def _usable(impl: Implementation, device: torch.device, args: tuple | None = None) -> str | None:
     reason = backend_unavailable_reason(impl.backend, device)
     if reason is None and device.type == "cuda" and impl.min_capability > (0, 0):
@@ -104,7 +142,7 @@ def resolve(op: str, backend: str, device: torch.device | str, args: tuple | Non
     if backend == "auto":
         if device.type != "cuda":
             return impls["reference"]
-        for name in PREFERENCE:
+        for name in auto_order(op, torch.cuda.get_device_capability(device))[0]:
             if name in impls and _usable(impls[name], device, args) is None:
                 return impls[name]
         return impls["reference"]

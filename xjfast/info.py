@@ -1,5 +1,6 @@
 """What `xjfast info` reports: versions, the GPU (through NVML), the archs compiled into
-xjfast._C, and which backends can run here — each with the reason when it cannot.
+xjfast._C, which backends can run here — each with the reason when it cannot — and which one
+`backend="auto"` runs for each op here, and on what grounds.
 
 Never raises: whatever cannot be found is reported as absent, with why.
 """
@@ -11,7 +12,8 @@ import platform
 import torch
 
 from xjfast import __version__, _ext
-from xjfast.backends import BACKENDS, backend_unavailable_reason
+from xjfast.backends import (BACKENDS, auto_order, backend_unavailable_reason, implementations, registered_ops,
+                             unusable_reason)
 
 
 def _version(package: str) -> str:
@@ -74,6 +76,26 @@ def _backend_reason(name: str) -> str | None:
         return f"checking it failed: {type(exc).__name__}: {exc}"
 
 
+def _auto_picks() -> dict:
+    """op -> {"backend": what auto runs here, "why": the grounds}, for every registered op."""
+    picks = {}
+    for op in registered_ops():
+        try:
+            if not torch.cuda.is_available():
+                picks[op] = {"backend": "reference", "why": "no CUDA GPU: the reference"}
+                continue
+            capability = torch.cuda.get_device_capability()
+            order, source = auto_order(op, capability)
+            backend = next((b for b in order if b in implementations(op) and unusable_reason(op, b, "cuda") is None),
+                           "reference")
+            grounds = (f"ranked by {source}" if source else
+                       f"no benchmark ranking for compute capability {capability[0]}.{capability[1]}: default order")
+            picks[op] = {"backend": backend, "why": grounds}
+        except Exception as exc:  # a broken driver or torch install: report it, never crash `info`
+            picks[op] = {"backend": None, "why": f"checking it failed: {type(exc).__name__}: {exc}"}
+    return picks
+
+
 def collect_info() -> dict:
     """Everything `xjfast info` shows, as a dict (the GPU part from NVML, not from torch)."""
     info = {
@@ -84,6 +106,7 @@ def collect_info() -> dict:
     info.update(_extension())
     info.update(_gpus())
     info["backends"] = {name: _backend_reason(name) for name in BACKENDS}
+    info["auto"] = _auto_picks()
     return info
 
 
@@ -106,4 +129,6 @@ def format_info(info: dict) -> str:
         lines.append(f"xjfast._C: absent ({info['extension_reason']})")
     for name, reason in info["backends"].items():
         lines.append(f"backend {name:9}: " + ("usable" if reason is None else f"unavailable: {reason}"))
+    for op, pick in info["auto"].items():
+        lines.append(f"auto {op}: {pick['backend']} ({pick['why']})")
     return "\n".join(lines)
