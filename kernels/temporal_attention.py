@@ -254,55 +254,24 @@ def attention_mass_kernel(
 
 
 _DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-_DEVICE_TUPLES = {}
-_ROPE_TABLES = {}
-
-
-def _rope_table(dims: int, theta: float, D: int, max_delta: int, device):
-    """[2 * max_delta + 1, 2, D/2] fp32: cos and sin of delta * freq per channel pair, for delta
-    in [-max_delta, max_delta] (cos 1, sin 0 past the temporal pairs); cached, so a captured graph
-    keeps a valid pointer."""
-    key = (dims, theta, D, max_delta, str(device))
-    if key not in _ROPE_TABLES:
-        delta = torch.arange(-max_delta, max_delta + 1, dtype=torch.float64)[:, None]
-        pair = torch.arange(D // 2)
-        angle = delta * (theta ** (-2.0 * pair.double() / dims))[None, :]
-        rotated = pair < dims // 2
-        cos = torch.where(rotated, angle.cos(), torch.ones_like(angle))
-        sin = torch.where(rotated, angle.sin(), torch.zeros_like(angle))
-        _ROPE_TABLES[key] = torch.stack((cos, sin), dim=1).float().contiguous().to(device)
-    return _ROPE_TABLES[key], max_delta
-
-
-def _device_tuple(values: tuple, dtype, device) -> torch.Tensor:
-    """A small constant tensor, built once per value (so a captured graph keeps a valid pointer)."""
-    key = (values, dtype, str(device))
-    if key not in _DEVICE_TUPLES:
-        _DEVICE_TUPLES[key] = torch.tensor(values, dtype=dtype, device=device)
-    return _DEVICE_TUPLES[key]
-
-
-def _private_flags(private: tuple, device) -> torch.Tensor:
-    return _device_tuple(private, torch.int8, device)
 
 
 def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=None):
     """Launch on validated inputs (see xjfast.ops.temporal_attention). Returns (out, lse), written
     into `out` [B, L, H, D] and `lse` [B, H, L] when given (the tests pass poisoned buffers)."""
+    from xjfast.ops.temporal_attention import kernel_tables, pass_pages
+
     B, L, H, D = q.shape
     block_n, warps, stages = config(q.device, interpret)
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32) if lse is None else lse
-    unit_T = plan.frame_tokens or plan.block_tokens
+    tables = kernel_tables(plan, view, q)
+    unit_T = tables.unit_tokens
     n_units = L // unit_T
     fp8 = plan.precision == "fp8"
-    if fp8:  # quantize the pass's K/V once into pages, read by every query tile
-        shape = (n_units, B, unit_T, H, D)
-        ws = [torch.empty(shape, device=q.device, dtype=torch.float8_e4m3fn) for _ in range(2)]
-        ws += [torch.empty(n_units, B, H, device=q.device), torch.empty(n_units, B, H, D, device=q.device),
-               torch.empty(n_units, B, H, D, device=q.device)]
-        kv_cache_commit(k, v, *ws, torch.arange(n_units, device=q.device, dtype=torch.int32), interpret=interpret)
-        pass_k, pass_v, pass_ks, pass_km, pass_vs = ws
+    if fp8:
+        pass_k, pass_v, pass_ks, pass_km, pass_vs = pass_pages(
+            k, v, unit_T, lambda *args: kv_cache_commit(*args, interpret=interpret))
     else:
         pass_k, pass_v, pass_ks, pass_km, pass_vs = k, v, lse, lse, lse  # scales unused
     if view is not None:
@@ -310,22 +279,21 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
                  view.page_table.numel(), view.num_sinks, view.k_pages.shape[2])
         keep = (view.keep_k, view.keep_v, view.keep_k_scale, view.keep_k_mean, view.keep_v_scale, view.keep_count,
                 view.keep_k.shape[1])
-        first_slot, rope_dims = view.num_slots, view.rope_dims
-        span = view.k_pages.shape[0] + 2 + max(plan.frame_slots, default=0) + n_units
-        rope, rope_center = _rope_table(view.rope_dims, view.rope_theta, D, span, q.device)
         cache_fp8 = fp8 and view.storage == "fp8"
     else:  # no cache: zero pages and an empty keep buffer; the pointers are never read
         cache = (q, q, lse, lse, lse, lse, 0, 0, 1)
         keep = (q, q, lse, lse, lse, 0, 1)
-        first_slot, rope_dims, cache_fp8, rope, rope_center = 0, 0, False, lse, 0
+        cache_fp8 = False
+    first_slot, rope_dims, rope_center = tables.first_slot, tables.rope_dims, tables.rope_center
+    rope = tables.rope if tables.rope is not None else lse  # never read without a rotary
+    slots = tables.slots
     sm_scale_log2 = plan.scale * LOG2E
-    slots = _device_tuple(plan.frame_slots or tuple(range(n_units)), torch.int32, q.device)
     grid = (triton.cdiv(L, BLOCK_M), B * H)
     temporal_attention_kernel[grid](
         q, out, lse, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *cache, *keep,
         pass_k, pass_v, pass_ks, pass_km, pass_vs, k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), n_units, unit_T, _private_flags(plan.private, q.device), slots,
+        v.stride(0), v.stride(1), v.stride(2), n_units, unit_T, tables.private, slots,
         plan.block_tokens, B, H, L, first_slot, sm_scale_log2, rope, rope_center,
         D=D, ROPE_DIMS=rope_dims, BLOCK_M=BLOCK_M, BLOCK_N=block_n, CACHE_FP8=cache_fp8, PASS_FP8=fp8,
         CAUSAL=plan.causal, DT=_DTYPES[q.dtype], INTERPRET=interpret, num_warps=warps, num_stages=stages,

@@ -1,4 +1,6 @@
 """temporal_attention against a float64 oracle, within DESIGN.md's bounds, on every backend here."""
+import re
+
 import pytest
 import torch
 
@@ -226,7 +228,7 @@ def test_public_names():
 # ---- fast backends against the reference that simulates the same quantization ---------------
 
 from backends import DEVICE, fast_backends, poisoned  # noqa: E402
-from xjfast.backends import resolve  # noqa: E402
+from xjfast.backends import implementations, resolve  # noqa: E402
 from xjfast.ops.temporal_attention import _validate  # noqa: E402
 
 SIM_REL_L2 = 1e-2  # DESIGN.md: against the reference that simulates the same quantization
@@ -241,21 +243,44 @@ def filled_cache(frames, H, D, T, device=DEVICE, **kwargs):
     return cache
 
 
-def run_backend(backend, q, k, v, kv_cache=None, **kwargs):
-    """The backend's launch with poisoned outputs, through the op's own validation."""
+def kv_tile(backend, device):
+    """The online-softmax step of `backend`'s kernel: the reference simulates P's rounding with it."""
+    if backend == "cuda":
+        from xjfast.ops.temporal_attention import CUDA_KV_TILE
+        return CUDA_KV_TILE
+    from xjfast.backends import triton_interpreted
+    from xjfast.kernels.temporal_attention import config
+    return config(device, triton_interpreted())[0]
+
+
+def plan_of(q, k, v, kv_cache=None, backend="auto", **kwargs):
     plan = _validate(q, k, v, kwargs.get("block_tokens"), kwargs.get("private_blocks"), None, kv_cache,
                      0 if kv_cache is not None else None, kwargs.get("precision", "fp8"), backend,
                      kwargs.get("frame_slots"))
-    view = kv_cache.view(0) if kv_cache is not None else None
-    from xjfast.backends import triton_interpreted
-    from xjfast.kernels.temporal_attention import config
-    if backend == "reference":  # simulating the kernel's online-softmax step
-        return resolve("temporal_attention", backend, q.device).fn(
-            q, k, v, plan, view, kv_tile=config(q.device, triton_interpreted())[0])
+    return plan, kv_cache.view(0) if kv_cache is not None else None
+
+
+def run_backend(backend, q, k, v, kv_cache=None, simulate="triton", **kwargs):
+    """The backend's launch with poisoned outputs, through the op's own validation; the reference
+    simulates the P rounding of backend `simulate`."""
+    plan, view = plan_of(q, k, v, kv_cache, backend, **kwargs)
+    if backend == "reference":
+        return resolve("temporal_attention", backend, q.device).fn(q, k, v, plan, view,
+                                                                   kv_tile=kv_tile(simulate, q.device))
     B, L, H, D = q.shape
     out, lse = poisoned(q.shape, q.dtype), poisoned((B, H, L), torch.float32)
-    from xjfast.kernels.temporal_attention import temporal_attention as launch
-    return launch(q, k, v, plan, view, interpret=triton_interpreted(), out=out, lse=lse)
+    if backend == "triton":
+        from xjfast.backends import triton_interpreted
+        from xjfast.kernels.temporal_attention import temporal_attention as launch
+        return launch(q, k, v, plan, view, interpret=triton_interpreted(), out=out, lse=lse)
+    from xjfast.ops.temporal_attention import temporal_attention_cuda
+    return temporal_attention_cuda(q, k, v, plan, view, out=out, lse=lse)
+
+
+def uncovered(backend, q, k, v, kv_cache=None, **kwargs):
+    """Why `backend` does not take these arguments (its `supports` hook), or None."""
+    impl = implementations("temporal_attention")[backend]
+    return impl.supports(q, k, v, *plan_of(q, k, v, kv_cache, backend, **kwargs)) if impl.supports else None
 
 
 CASES = {
@@ -279,8 +304,16 @@ def test_fast_backend_matches_simulating_reference(backend, case):
     H, T = 2, 32
     q, k, v = (t.to(DEVICE) for t in qkv(L=spec["L"], H=H, D=spec["D"], dtype=spec.get("dtype", torch.bfloat16)))
     caches = [filled_cache(H=H, D=spec["D"], T=T, **spec["cache"]) if "cache" in spec else None for _ in range(2)]
+    reason = uncovered(backend, q, k, v, caches[0], **spec["kwargs"])
+    if reason is not None:  # a partial backend: an explicit request says why, auto passes over it
+        with pytest.raises(BackendUnavailable, match=re.escape(reason)):
+            temporal_attention(q, k, v, kv_cache=caches[0], layer=0 if caches[0] else None, backend=backend,
+                               **spec["kwargs"])
+        assert resolve("temporal_attention", "auto", q.device, (q, k, v, *plan_of(q, k, v, caches[0], **spec["kwargs"]))
+                       ).backend != backend
+        return
     out, lse = run_backend(backend, q, k, v, caches[0], **spec["kwargs"])
-    ref, ref_lse = run_backend("reference", q, k, v, caches[1], **spec["kwargs"])
+    ref, ref_lse = run_backend("reference", q, k, v, caches[1], simulate=backend, **spec["kwargs"])
     assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten"
     assert rel_l2(out, ref.double()) <= SIM_REL_L2
     assert (lse - ref_lse).abs().max() < 5e-3  # an fp8 rounding of q may flip where fp32 sums differ
@@ -300,7 +333,7 @@ def test_fast_backend_stream_shape(backend, dtype, D, cached, query_frames):
     q, k, v = (t.to(DEVICE) for t in qkv(L=query_frames * T, H=H, D=D, dtype=dtype))
     caches = [filled_cache(cached, H, D, T, sink_frames=1, window_frames=cached - 1) for _ in range(2)]
     out, lse = run_backend(backend, q, k, v, caches[0], block_tokens=T)
-    ref, ref_lse = run_backend("reference", q, k, v, caches[1], block_tokens=T)
+    ref, ref_lse = run_backend("reference", q, k, v, caches[1], simulate=backend, block_tokens=T)
     assert not out.isnan().any() and not lse.isnan().any()
     assert rel_l2(out, ref.double()) <= SIM_REL_L2 and (lse - ref_lse).abs().max() < 1e-2
 
@@ -312,3 +345,42 @@ def test_fast_backend_within_design_bounds_of_exact(backend):
     out = temporal_attention(q, k, v, block_tokens=256, backend=backend)
     ref, _ = exact_attention(q.cpu(), k.cpu(), v.cpu(), explicit_block_mask(1024, 256))
     assert rel_l2(out.cpu(), ref) <= FP8_REL_L2 and cosine(out.cpu(), ref) >= FP8_COS
+
+
+# ---- the CUDA kernel's host-side contract (xjfast._C imports without a GPU) ---------------------
+
+def test_cuda_kernel_step_is_the_one_the_reference_simulates():
+    C = pytest.importorskip("xjfast._C", reason="xjfast._C is not built")
+    from xjfast.ops.temporal_attention import CUDA_KV_TILE
+    assert C.attention_block_n == CUDA_KV_TILE
+
+
+def cuda_call(**change):
+    """Arguments of a valid-looking xjfast._C.temporal_attention call (fake pointers), changed."""
+    fake = 1 << 20  # 16-byte aligned; never dereferenced: validation fails before any launch
+    args = dict(q=fake, q_strides=[2 * 64 * 128, 2 * 128, 128], out=fake, out_strides=[2 * 64 * 128, 2 * 128, 128],
+                lse=fake, dtype=1, sizes=[1, 2, 64, 128], cache=[0] * 5, cache_tokens=1, page_table=0, n_pages=0,
+                n_sinks=0, keep=[0] * 5, keep_capacity=1, keep_count=0, pass_units=[fake] * 5, unit_tokens=64,
+                n_units=1, private_blocks=fake, block_tokens=64, causal=True, frame_slots=fake, first_slot=0,
+                sm_scale_log2=0.1, rope=0, rope_center=0, rope_dims=0, stream=0)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(q=0), "q and frame_slots must not be null"),
+    (dict(sizes=[1, 2, 64, 96]), "head_dim must be 64 or 128, got 96"),
+    (dict(q=(1 << 20) + 2), "q must be 16-byte aligned"),
+    (dict(q_strides=[2 * 64 * 128, 2 * 128 + 1, 128]), "q must be 16-byte aligned"),
+    (dict(pass_units=[0] * 5), "pass units: null pointer"),
+    (dict(n_units=2), "the pass units must cover Lq exactly"),
+    (dict(n_pages=3), "page_table must not be null"),
+    (dict(keep_count=5), "keep buffer: null pointer"),
+    (dict(block_tokens=48), "a block-causal mask needs block_tokens dividing Lq"),
+    (dict(rope_dims=44), "a temporal rotary needs its cos/sin table"),
+    (dict(sizes=[300, 300, 64, 128]), "B \\* H must be <= 65535"),
+])
+def test_cuda_launch_rejects_bad_arguments_before_launching(change, words):
+    C = pytest.importorskip("xjfast._C", reason="xjfast._C is not built")
+    with pytest.raises(ValueError, match=f"temporal_attention: {words}"):
+        C.temporal_attention(**cuda_call(**change))

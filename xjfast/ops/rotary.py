@@ -35,3 +35,22 @@ def rotate_leading(x: torch.Tensor, positions: torch.Tensor, dims: int, theta: f
     a, b = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
     return torch.cat((rotated, x[..., dims:]), dim=-1)
+
+
+def rope_table(dims: int, theta: float, head_dim: int, max_delta: int, device) -> torch.Tensor:
+    """[2 * max_delta + 1, 2, head_dim / 2] fp32: cos and sin of delta * freq per channel pair, for
+    delta in [-max_delta, max_delta] (cos 1, sin 0 past the `dims` rotated channels). The kernels
+    rotate a query tile by a slot difference with a gather from it: far fewer registers and
+    instructions than computing cos/sin of the tile. Built once per geometry (see constants)."""
+    from xjfast.ops.constants import device_constant
+
+    def build():
+        delta = torch.arange(-max_delta, max_delta + 1, dtype=torch.float64)[:, None]
+        pair = torch.arange(head_dim // 2)
+        angle = delta * (theta ** (-2.0 * pair.double() / dims))[None, :] if dims else delta * 0.0 * pair
+        rotated = pair < dims // 2
+        cos = torch.where(rotated, angle.cos(), torch.ones_like(angle))
+        sin = torch.where(rotated, angle.sin(), torch.zeros_like(angle))
+        return torch.stack((cos, sin), dim=1).float().contiguous()
+
+    return device_constant(("rope", dims, float(theta), head_dim, max_delta), device, build)

@@ -21,13 +21,15 @@ from xjfast.backends import register, resolve, triton_interpreted
 from xjfast.errors import check_choice, check_tensor
 from xjfast.ops.fp8 import E4M3, P_SCALE, fake_quant, round_e4m3, scale_from_amax
 from xjfast.ops.kv_cache_commit import quantize_unit
-from xjfast.ops.rotary import rotate_leading
+from xjfast.ops.constants import device_tuple
+from xjfast.ops.rotary import rope_table, rotate_leading
 
 PRECISIONS = ("fp8", "bf16")
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 Q_TILE = 64  # query tokens per Q quantization block (the kernels' BLOCK_M)
 KV_TILE = 64  # keys per step of the online softmax (the kernels' BLOCK_N): P is rounded per step
+CUDA_KV_TILE = 64  # the CUDA kernel's step (csrc/temporal_attention.h: kAttentionBlockN)
 
 
 class AttentionPlan(NamedTuple):
@@ -153,6 +155,47 @@ def _temporal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
 def _(q, k, v, block_tokens, private, causal, scale, precision, backend):
     B, L, H, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, H, L), dtype=torch.float32)
+
+
+# ---- what the fast kernels read besides q, k, v ---------------------------------------------
+
+class KernelTables(NamedTuple):
+    """Small device tables a fast kernel reads, built once per value (graph-capture safe)."""
+    slots: torch.Tensor      # int32 [units]: temporal slot of each unit of the pass, after first_slot
+    private: torch.Tensor    # int8 [blocks]
+    rope: torch.Tensor | None  # fp32 [2 * rope_center + 1, 2, D / 2] (None: no temporal rotary)
+    rope_center: int
+    rope_dims: int
+    first_slot: int
+    unit_tokens: int         # tokens per unit of the pass: a frame with a cache, a mask block without
+
+
+def kernel_tables(plan: AttentionPlan, view, q: torch.Tensor) -> KernelTables:
+    B, L, H, D = q.shape
+    unit_tokens = plan.frame_tokens or plan.block_tokens
+    n_units = L // unit_tokens
+    slots = device_tuple(plan.frame_slots or tuple(range(n_units)), torch.int32, q.device)
+    private = device_tuple(plan.private, torch.int8, q.device)
+    if view is None or view.rope_dims == 0:
+        return KernelTables(slots, private, None, 0, 0, 0 if view is None else view.num_slots, unit_tokens)
+    # the largest |query slot - unit slot|: every slot of the cache plus the pass's own
+    span = view.k_pages.shape[0] + 2 + max(plan.frame_slots, default=0) + n_units
+    rope = rope_table(view.rope_dims, view.rope_theta, D, span, q.device)
+    return KernelTables(slots, private, rope, span, view.rope_dims, view.num_slots, unit_tokens)
+
+
+def pass_pages(k: torch.Tensor, v: torch.Tensor, unit_tokens: int, commit) -> tuple:
+    """The pass's K/V [B, L, H, D] quantized once into the page format — (k, v) [U, B, unit_tokens,
+    H, D] e4m3, k_scale [U, B, H], k_mean and v_scale [U, B, H, D] — by `commit`, a backend's
+    kv_cache_commit implementation. Every query tile then reads them as e4m3 like cached pages,
+    instead of requantizing them (and they take fewer bytes)."""
+    B, L, H, D = k.shape
+    units, dev = L // unit_tokens, k.device
+    pages = [torch.empty(units, B, unit_tokens, H, D, device=dev, dtype=E4M3) for _ in range(2)]
+    scales = [torch.empty(units, B, H, device=dev), torch.empty(units, B, H, D, device=dev),
+              torch.empty(units, B, H, D, device=dev)]
+    commit(k, v, *pages, *scales, torch.arange(units, device=dev, dtype=torch.int32))
+    return (*pages, *scales)
 
 
 # ---- reference -----------------------------------------------------------------------------
@@ -286,3 +329,58 @@ def _accumulate_mass(view, units, probs) -> None:
 def temporal_attention_triton(q, k, v, plan: AttentionPlan, view):
     from xjfast.kernels.temporal_attention import temporal_attention as launch
     return launch(q, k, v, plan, view, interpret=triton_interpreted())
+
+
+def _cuda_supports(q, k, v, plan: AttentionPlan, view) -> str | None:
+    if plan.precision != "fp8":
+        return f"the CUDA kernel implements precision='fp8' (got {plan.precision!r}; backend='triton' runs it)"
+    if view is not None and view.storage != "fp8":
+        return f"the CUDA kernel reads e4m3 cache pages (this cache stores {view.storage!r}; backend='triton' reads it)"
+    return None
+
+
+def _aligned_16(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+
+
+@register("temporal_attention", "cuda", min_capability=(8, 9), supports=_cuda_supports)
+def temporal_attention_cuda(q, k, v, plan: AttentionPlan, view, *, out=None, lse=None):
+    """csrc/temporal_attention.cu (mma.sync e4m3); `out`/`lse` as the Triton launcher takes them."""
+    from xjfast.ops._cuda import DTYPE_CODES, extension, stream_handle
+    from xjfast.ops.kv_cache_commit import kv_cache_commit_cuda
+
+    B, L, H, D = q.shape
+    if not _aligned_16(q):  # query rows are read 16 bytes at a time
+        q = q.clone(memory_format=torch.contiguous_format)
+    out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype) if out is None else out
+    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32) if lse is None else lse
+    tables = kernel_tables(plan, view, q)
+    units = pass_pages(k, v, tables.unit_tokens, kv_cache_commit_cuda)
+    ptrs = lambda *ts: [t.data_ptr() for t in ts]  # noqa: E731
+    none = [0] * 5
+    rope = (tables.rope.data_ptr() if tables.rope is not None else 0, tables.rope_center, tables.rope_dims)
+    query = dict(q=q.data_ptr(), q_strides=list(q.stride()[:3]), dtype=DTYPE_CODES[q.dtype], sizes=[B, H, L, D])
+    shared = dict(unit_tokens=tables.unit_tokens, frame_slots=tables.slots.data_ptr(), first_slot=tables.first_slot,
+                  sm_scale_log2=plan.scale * 1.4426950408889634, rope=rope[0], rope_center=rope[1],
+                  rope_dims=rope[2], stream=stream_handle(q.device))
+    if view is not None:
+        cache = ptrs(view.k_pages, view.v_pages, view.k_scale, view.k_mean, view.v_scale)
+        keep = ptrs(view.keep_k, view.keep_v, view.keep_k_scale, view.keep_k_mean, view.keep_v_scale)
+        cached = dict(cache=cache, cache_tokens=view.k_pages.shape[2], page_table=view.page_table.data_ptr(),
+                      n_pages=view.page_table.numel(), n_sinks=view.num_sinks, keep=keep,
+                      keep_capacity=max(view.keep_k.shape[1], 1), keep_count=view.keep_count)
+    else:
+        cached = dict(cache=none, cache_tokens=1, page_table=0, n_pages=0, n_sinks=0, keep=none, keep_capacity=1,
+                      keep_count=0)
+    ext = extension()
+    ext.temporal_attention(**query, out=out.data_ptr(), out_strides=list(out.stride()[:3]), lse=lse.data_ptr(),
+                           **cached, pass_units=ptrs(*units), n_units=L // tables.unit_tokens,
+                           private_blocks=tables.private.data_ptr(), block_tokens=plan.block_tokens,
+                           causal=plan.causal, **shared)
+    if view is not None and view.mass is not None:
+        for unit in view.units:
+            if unit.page in view.mass_pages:
+                ext.attention_mass(**query, lse=lse.data_ptr(), cache=cached["cache"],
+                                   cache_tokens=view.k_pages.shape[2], page=unit.page, slot=unit.position,
+                                   mass=view.mass.data_ptr(), **shared)
+    return out, lse

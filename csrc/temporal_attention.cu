@@ -1,0 +1,633 @@
+// temporal_attention: FP8 attention of a pass's queries over the paged KV cache and the pass's own
+// keys, with mma.sync m16n8k32 e4m3 tensor-core instructions (sm_89 and later), the same math as
+// the Triton kernel (kernels/temporal_attention.py) and the reference it is held to.
+//
+// One CTA of 4 warps per (64-query tile, b, head); warp w owns query rows 16w..16w+15. The CTA
+// walks the key units in slot order (sink pages, the keep buffer, window pages, the pass's frames)
+// and, per unit:
+//   1. rotates its query rows' temporal channels by (query slot - unit slot), so cached keys never
+//      carry the temporal rotary; adds q.mean back (each unit stores K minus its mean);
+//   2. quantizes the rotated tile to e4m3 with one scale (tile amax / 448), into shared memory;
+//   3. streams the unit's 64-key tiles through two cp.async stages: S = Q.K^T on the tensor cores,
+//      exp2 online softmax in fp32, P scaled by 448 and rounded to e4m3, O += P.V on the tensor
+//      cores, with O kept in this unit's V-scale units while the unit is read.
+// P.V needs V with keys contiguous per channel: each tile is transposed in shared memory, its keys
+// permuted within each 16-key group so that the S accumulators of a thread are, as they are, the
+// P operand of the next mma (see key_of_position).
+#include <cuda_fp8.h>
+
+#include <cfloat>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cuda_check.h"
+#include "dtypes.cuh"
+#include "temporal_attention.h"
+
+namespace xjfast {
+namespace {
+
+constexpr int kThreads = 128, kWarps = 4;
+constexpr int kBlockM = 64;  // query rows per CTA = the Q quantization tile (xjfast.ops.temporal_attention.Q_TILE)
+constexpr int kBlockN = kAttentionBlockN;
+constexpr float kE4M3Max = 448.f, kMinScale = 1e-12f, kPScale = 448.f;
+constexpr float kLn2 = 0.69314718055994531f, kLog2e = 1.4426950408889634f;
+
+// ---- shared-memory layout ---------------------------------------------------------------------
+template <int D>
+struct Layout {
+  static constexpr int kRow = D + 16;         // bytes per e4m3 row: the pad puts an ldmatrix's 8 rows on distinct banks
+  static constexpr int kVtRow = kBlockN + 16;  // bytes per transposed V row (one channel)
+  static constexpr int kSegs = D / 16;         // 16-channel segments of a query row
+  static constexpr int kQ = 0;
+  static constexpr int kK = kQ + kBlockM * kRow;          // two stages
+  static constexpr int kV = kK + 2 * kBlockN * kRow;      // two stages
+  static constexpr int kVt = kV + 2 * kBlockN * kRow;
+  static constexpr int kPart = kVt + D * kVtRow;          // float [kBlockM][kSegs]: q.mean partial sums
+  static constexpr int kQMean = kPart + 4 * kBlockM * kSegs;  // float [kBlockM]
+  static constexpr int kWarpMax = kQMean + 4 * kBlockM;   // float [kWarps]
+  static constexpr int kColSum = kWarpMax + 4 * kWarps;   // float [kWarps][kBlockN] (attention mass only)
+  static constexpr int kBytes = kColSum + 4 * kWarps * kBlockN;
+};
+
+// ---- PTX ---------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1; src-size 0 writes zeros (keys past a unit's end read as 0).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8x8 matrices of 16-bit elements (= 8 rows x 16 bytes of e4m3); lane l addresses row l % 8 of
+// matrix l / 8, and receives bytes 4(l%4)..4(l%4)+3 of row l/4 of each matrix: the m16n8k32 e4m3
+// fragment layout of A (rows) and B (columns).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(row))
+               : "memory");
+}
+
+// d += a (16x32, row) . b (32x8, col), e4m3 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four floats -> four e4m3 bytes (cvt.rn.satfinite), the first in the lowest byte.
+__device__ __forceinline__ uint32_t pack_e4m3(float a, float b, float c, float d) {
+  const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+  const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(c, d), __NV_SATFINITE, __NV_E4M3);
+  return lo | (hi << 16);
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// ---- inputs ------------------------------------------------------------------------------------
+// Two consecutive 16-bit (or one 32-bit) elements of a 32-bit word, as floats.
+template <typename In>
+__device__ __forceinline__ float2 word_to_float2(uint32_t w);
+template <>
+__device__ __forceinline__ float2 word_to_float2<__nv_bfloat16>(uint32_t w) {
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));  // exact
+}
+template <>
+__device__ __forceinline__ float2 word_to_float2<__half>(uint32_t w) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&w));
+}
+
+// 16 consecutive channels of one query row (16-byte aligned), as floats.
+template <typename In>
+__device__ __forceinline__ void load_segment(const In* p, float (&x)[16]) {
+  if constexpr (sizeof(In) == 4) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float4 f = __ldg(reinterpret_cast<const float4*>(p) + i);
+      x[4 * i] = f.x, x[4 * i + 1] = f.y, x[4 * i + 2] = f.z, x[4 * i + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint4 w = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = word_to_float2<In>(words[j]);
+        x[8 * i + 2 * j] = f.x, x[8 * i + 2 * j + 1] = f.y;
+      }
+    }
+  }
+}
+
+// Channels seg*16..seg*16+15 of query row `row` (zeros past Lq), temporally rotated by
+// (the row's slot - unit_slot): pairs (2j, 2j+1) by the table's cos/sin, as the Triton kernel does.
+template <typename In, int D>
+__device__ __forceinline__ void rotated_segment(const QueryTiles& qt, const In* q_bh, int row, int seg,
+                                                int unit_slot, float (&x)[16]) {
+  if (row >= qt.Lq) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) x[j] = 0.f;
+    return;
+  }
+  load_segment<In>(q_bh + row * qt.sq[1] + seg * 16, x);
+  if (seg * 16 < qt.rope_dims) {  // past the temporal channels the table is the identity
+    const int delta = qt.first_slot + __ldg(qt.frame_slots + row / qt.unit_T) - unit_slot;
+    const float* trig = qt.rope + static_cast<int64_t>(delta + qt.rope_center) * D + seg * 8;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float c = __ldg(trig + j), s = __ldg(trig + D / 2 + j);
+      const float a = x[2 * j], b = x[2 * j + 1];
+      x[2 * j] = a * c - b * s;
+      x[2 * j + 1] = a * s + b * c;
+    }
+  }
+}
+
+// The query tile of rows m0..m0+63, rotated for one unit and quantized with one scale, into s_q
+// (e4m3 rows); s_qmean[r] = (rotated q_r . k_mean) * sm_scale_log2. Returns the tile's scale.
+// Two passes over the tile (the second re-reads q from L1/L2): the scale needs the whole tile's
+// amax, and holding 64 rotated values per thread would cost the registers the accumulators need.
+template <typename In, int D>
+__device__ float prepare_query_tile(const QueryTiles& qt, const In* q_bh, int m0, int unit_slot,
+                                    const float* k_mean, uint8_t* s_q, float* s_part, float* s_qmean,
+                                    float* s_warp_max) {
+  using L = Layout<D>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float amax = 0.f;
+  for (int item = threadIdx.x; item < kBlockM * L::kSegs; item += kThreads) {
+    const int row = item / L::kSegs, seg = item % L::kSegs;
+    float x[16];
+    rotated_segment<In, D>(qt, q_bh, m0 + row, seg, unit_slot, x);
+    float dot = 0.f;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) dot += x[j] * __ldg(k_mean + seg * 16 + j), amax = fmaxf(amax, fabsf(x[j]));
+    s_part[item] = dot;
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+  if (lane == 0) s_warp_max[warp] = amax;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) amax = fmaxf(amax, s_warp_max[w]);
+  const float q_scale = fmaxf(amax, kMinScale * kE4M3Max) / kE4M3Max;
+  for (int item = threadIdx.x; item < kBlockM * L::kSegs; item += kThreads) {
+    const int row = item / L::kSegs, seg = item % L::kSegs;
+    float x[16];
+    rotated_segment<In, D>(qt, q_bh, m0 + row, seg, unit_slot, x);
+    uint4 packed;  // x / q_scale by true division: the same e4m3 roundings as the reference
+    packed.x = pack_e4m3(x[0] / q_scale, x[1] / q_scale, x[2] / q_scale, x[3] / q_scale);
+    packed.y = pack_e4m3(x[4] / q_scale, x[5] / q_scale, x[6] / q_scale, x[7] / q_scale);
+    packed.z = pack_e4m3(x[8] / q_scale, x[9] / q_scale, x[10] / q_scale, x[11] / q_scale);
+    packed.w = pack_e4m3(x[12] / q_scale, x[13] / q_scale, x[14] / q_scale, x[15] / q_scale);
+    *reinterpret_cast<uint4*>(s_q + row * L::kRow + seg * 16) = packed;
+  }
+  if (threadIdx.x < kBlockM) {
+    float dot = 0.f;
+#pragma unroll
+    for (int seg = 0; seg < L::kSegs; ++seg) dot += s_part[threadIdx.x * L::kSegs + seg];
+    s_qmean[threadIdx.x] = dot * qt.sm_scale_log2;
+  }
+  __syncthreads();
+  return q_scale;
+}
+
+// Lane's address of this warp's 16 query rows in s_q for ldmatrix: rows 0-7 | rows 8-15 of
+// bytes 0-15, then the same of bytes 16-31 (the A fragment a0, a1, a2, a3 of 32 channels).
+template <int D>
+__device__ __forceinline__ const uint8_t* query_fragment_row(const uint8_t* s_q) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  return s_q + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Layout<D>::kRow + (lane >> 4) * 16;
+}
+
+// Keys n0..n0+63 of a unit (rows `stride` bytes apart, `valid` of them) into a shared tile of
+// 64 rows; missing rows are zero-filled, so their V rows contribute 0 * 0.
+template <int D>
+__device__ __forceinline__ void load_key_tile(uint8_t* s_tile, const uint8_t* base, int64_t stride, int n0,
+                                              int valid) {
+  constexpr int kChunks = D / 16;
+  for (int c = threadIdx.x; c < kBlockN * kChunks; c += kThreads) {
+    const int r = c / kChunks, col = c % kChunks;
+    const bool live = n0 + r < valid;
+    cp_async_16(s_tile + r * Layout<D>::kRow + col * 16, live ? base + (n0 + r) * stride + col * 16 : base, live);
+  }
+}
+
+// S (this warp's 16 rows x 64 keys, fp32) = Q . K^T, as 8 m16n8 accumulators. The Q fragments
+// are re-read from shared memory per tile (4 ldmatrix) rather than held: the registers go to O.
+template <int D>
+__device__ __forceinline__ void query_key_scores(const uint8_t* q_row, const uint8_t* s_k,
+                                                 float (&s)[kBlockN / 8][4]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+  // matrices: keys 0-7 of bytes 0-15 | 16-31 (b0, b1 of one n-tile), then keys 8-15 (the next n-tile)
+  const uint8_t* row = s_k + ((lane & 7) + (lane >> 4) * 8) * Layout<D>::kRow + ((lane >> 3) & 1) * 16;
+#pragma unroll
+  for (int kc = 0; kc < D / 32; ++kc) {
+    uint32_t qa[4];
+    ldmatrix_x4(qa, q_row + kc * 32);
+#pragma unroll
+    for (int p = 0; p < kBlockN / 16; ++p) {
+      uint32_t b[4];
+      ldmatrix_x4(b, row + p * 16 * Layout<D>::kRow + kc * 32);
+      mma_e4m3(s[2 * p], qa, b[0], b[1]);
+      mma_e4m3(s[2 * p + 1], qa, b[2], b[3]);
+    }
+  }
+}
+
+// Which key of a 16-key group sits at position p of the P operand. The S accumulator of lane
+// (g, t) holds keys 2t, 2t+1 of each 8-key n-tile; packed as they are into the A operand of the
+// P.V mma (4 consecutive positions 4t..4t+3 per register) they land in this order.
+__device__ __forceinline__ int key_of_position(int p) {
+  const int t = p >> 2, i = p & 3;
+  return 2 * t + (i & 1) + 8 * (i >> 1);
+}
+
+// V tile [64 keys][D] -> s_vt [D channels][64 positions], positions ordered by key_of_position.
+// Each thread moves a 4-position x 4-channel block: four 32-bit loads, a byte transpose, four stores.
+template <int D>
+__device__ __forceinline__ void transpose_value_tile(const uint8_t* s_v, uint8_t* s_vt) {
+  using L = Layout<D>;
+  constexpr int kGroups = kBlockN / 4;  // position groups; consecutive threads take consecutive ones
+  for (int item = threadIdx.x; item < kGroups * (D / 4); item += kThreads) {
+    const int group = item % kGroups, c = (item / kGroups) * 4;
+    const int p = group * 4, base = p & ~15;
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      w[i] = *reinterpret_cast<const uint32_t*>(s_v + (base + key_of_position((p & 15) + i)) * L::kRow + c);
+    const uint32_t t0 = __byte_perm(w[0], w[1], 0x5140), t1 = __byte_perm(w[0], w[1], 0x7362);
+    const uint32_t t2 = __byte_perm(w[2], w[3], 0x5140), t3 = __byte_perm(w[2], w[3], 0x7362);
+    *reinterpret_cast<uint32_t*>(s_vt + (c + 0) * L::kVtRow + p) = __byte_perm(t0, t2, 0x5410);
+    *reinterpret_cast<uint32_t*>(s_vt + (c + 1) * L::kVtRow + p) = __byte_perm(t0, t2, 0x7632);
+    *reinterpret_cast<uint32_t*>(s_vt + (c + 2) * L::kVtRow + p) = __byte_perm(t1, t3, 0x5410);
+    *reinterpret_cast<uint32_t*>(s_vt + (c + 3) * L::kVtRow + p) = __byte_perm(t1, t3, 0x7632);
+  }
+}
+
+// o += P (16 x 64, e4m3 of p * 448) . V^T tile, over D/8 m16n8 accumulators.
+template <int D>
+__device__ __forceinline__ void probability_value_product(const float (&p)[kBlockN / 8][4], const uint8_t* s_vt,
+                                                          float (&o)[D / 8][4]) {
+  const int lane = threadIdx.x % 32;
+  const uint8_t* row = s_vt + ((lane & 7) + (lane >> 4) * 8) * Layout<D>::kVtRow + ((lane >> 3) & 1) * 16;
+#pragma unroll
+  for (int kc = 0; kc < kBlockN / 32; ++kc) {
+    const int j = 4 * kc;  // the four S n-tiles of these 32 keys
+    const uint32_t a[4] = {
+        pack_e4m3(p[j][0] * kPScale, p[j][1] * kPScale, p[j + 1][0] * kPScale, p[j + 1][1] * kPScale),
+        pack_e4m3(p[j][2] * kPScale, p[j][3] * kPScale, p[j + 1][2] * kPScale, p[j + 1][3] * kPScale),
+        pack_e4m3(p[j + 2][0] * kPScale, p[j + 2][1] * kPScale, p[j + 3][0] * kPScale, p[j + 3][1] * kPScale),
+        pack_e4m3(p[j + 2][2] * kPScale, p[j + 2][3] * kPScale, p[j + 3][2] * kPScale, p[j + 3][3] * kPScale)};
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4(b, row + dp * 16 * Layout<D>::kVtRow + kc * 32);
+      mma_e4m3(o[2 * dp], a, b[0], b[1]);
+      mma_e4m3(o[2 * dp + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// One key unit as the kernel reads it.
+struct Unit {
+  const uint8_t* k;
+  const uint8_t* v;
+  int64_t stride;      // bytes between keys
+  int tokens;
+  float k_scale;
+  const float* k_mean;
+  const float* v_scale;
+  int slot;
+};
+
+__device__ __forceinline__ Unit paged_unit(const PagedUnits& u, int64_t unit, int b, int h, int B, int H, int D,
+                                           int tokens, int slot) {
+  const int64_t bh = (unit * B + b) * H + h;
+  const int64_t base = ((unit * B + b) * u.T * H + h) * D;
+  return Unit{u.k + base, u.v + base, static_cast<int64_t>(H) * D, tokens, __ldg(u.k_scale + bh),
+              u.k_mean + bh * D, u.v_scale + bh * D, slot};
+}
+
+template <typename In, int D>
+__global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const AttentionArgs a) {
+  using L = Layout<D>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* s_q = smem + L::kQ;
+  uint8_t* s_vt = smem + L::kVt;
+  float* s_part = reinterpret_cast<float*>(smem + L::kPart);
+  float* s_qmean = reinterpret_cast<float*>(smem + L::kQMean);
+  float* s_warp_max = reinterpret_cast<float*>(smem + L::kWarpMax);
+
+  const QueryTiles& qt = a.qt;
+  const int m0 = blockIdx.x * kBlockM, b = blockIdx.y / qt.H, h = blockIdx.y % qt.H;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const In* q_bh = static_cast<const In*>(qt.q) + b * qt.sq[0] + h * qt.sq[2];
+  const int rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};  // this thread's accumulator rows
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+  const int keep_units = a.keep_count > 0 ? 1 : 0;
+  const int cached_units = a.n_pages + keep_units;
+  for (int ui = 0; ui < cached_units + a.n_units; ++ui) {
+    // ---- the unit: sinks, the keep buffer, window pages, then the pass's frames ----
+    Unit unit;
+    bool visible[2] = {true, true};
+    if (ui < cached_units) {
+      const bool is_keep = keep_units && ui == a.n_sinks;
+      const int i = ui - (ui > a.n_sinks ? keep_units : 0);  // page-table entry
+      unit = is_keep ? paged_unit(a.keep, 0, b, h, qt.B, qt.H, D, a.keep_count, ui)
+                     : paged_unit(a.cache, __ldg(a.page_table + i), b, h, qt.B, qt.H, D, a.cache.T, ui);
+    } else {
+      const int u = ui - cached_units;
+      unit = paged_unit(a.pass, u, b, h, qt.B, qt.H, D, a.pass.T, qt.first_slot + __ldg(qt.frame_slots + u));
+      if (a.causal) {
+        const int unit_block = u * a.pass.T / a.block_tokens;
+        const bool hidden = a.private_blocks[unit_block] != 0;
+        bool any = false;
+        for (int r = m0 + threadIdx.x; r < min(m0 + kBlockM, qt.Lq); r += kThreads) {
+          const int row_block = r / a.block_tokens;
+          any |= row_block == unit_block || (unit_block < row_block && !hidden);
+        }
+        if (!__syncthreads_or(any)) continue;  // no row of the tile sees this unit: skip it whole
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int row_block = rows[e] / a.block_tokens;
+          visible[e] = row_block == unit_block || (unit_block < row_block && !hidden);
+        }
+      }
+    }
+
+    const int tiles = (unit.tokens + kBlockN - 1) / kBlockN;
+    load_key_tile<D>(smem + L::kK, unit.k, unit.stride, 0, unit.tokens);
+    load_key_tile<D>(smem + L::kV, unit.v, unit.stride, 0, unit.tokens);
+    cp_async_commit();
+    const float q_scale =
+        prepare_query_tile<In, D>(qt, q_bh, m0, unit.slot, unit.k_mean, s_q, s_part, s_qmean, s_warp_max);
+    const float q_mean[2] = {s_qmean[warp * 16 + g], s_qmean[warp * 16 + g + 8]};
+    const float score_scale = q_scale * unit.k_scale * qt.sm_scale_log2;
+
+    // O in this unit's V-scale units (times P's 448) while it is read: each P.V accumulates in place.
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      const float2 vs = *reinterpret_cast<const float2*>(unit.v_scale + i * 8 + 2 * t);
+      o[i][0] *= kPScale / vs.x, o[i][1] *= kPScale / vs.y, o[i][2] *= kPScale / vs.x, o[i][3] *= kPScale / vs.y;
+    }
+
+    for (int tile = 0; tile < tiles; ++tile) {
+      const int stage = tile & 1, n0 = tile * kBlockN;
+      uint8_t* s_k = smem + L::kK + stage * kBlockN * L::kRow;
+      uint8_t* s_v = smem + L::kV + stage * kBlockN * L::kRow;
+      if (tile + 1 < tiles) {  // prefetch the next tile into the other stage
+        load_key_tile<D>(smem + L::kK + (stage ^ 1) * kBlockN * L::kRow, unit.k, unit.stride, n0 + kBlockN,
+                         unit.tokens);
+        load_key_tile<D>(smem + L::kV + (stage ^ 1) * kBlockN * L::kRow, unit.v, unit.stride, n0 + kBlockN,
+                         unit.tokens);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();  // this tile's K and V are in shared memory
+      transpose_value_tile<D>(s_v, s_vt);
+      float s[kBlockN / 8][4];
+      query_key_scores<D>(query_fragment_row<D>(s_q), s_k, s);
+
+      // exp2 online softmax over this tile, rows g and g + 8 of the warp
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool live = n0 + j * 8 + 2 * t + (e & 1) < unit.tokens && visible[e / 2];
+          s[j][e] = live ? s[j][e] * score_scale + q_mean[e / 2] : -INFINITY;
+          tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
+        }
+      }
+      float m_safe[2], row_sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float m_new = fmaxf(m[r], quad_max(tile_max[r]));
+        m_safe[r] = m_new == -INFINITY ? 0.f : m_new;  // a row that has seen no key yet
+        const float alpha = exp2f(m[r] - m_safe[r]);
+        m[r] = m_new;
+        l[r] *= alpha;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) o[i][2 * r] *= alpha, o[i][2 * r + 1] *= alpha;
+      }
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[j][e] = exp2f(s[j][e] - m_safe[e / 2]);
+          row_sum[e / 2] += s[j][e];
+        }
+      }
+      l[0] += row_sum[0], l[1] += row_sum[1];  // this thread's columns; the quad is summed at the end
+      __syncthreads();  // the transposed V tile is complete
+      probability_value_product<D>(s, s_vt, o);
+      __syncthreads();  // this stage and s_vt are free for the next prefetch and transpose
+    }
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      const float2 vs = *reinterpret_cast<const float2*>(unit.v_scale + i * 8 + 2 * t);
+      o[i][0] *= vs.x / kPScale, o[i][1] *= vs.y / kPScale, o[i][2] *= vs.x / kPScale, o[i][3] *= vs.y / kPScale;
+    }
+  }
+
+  // ---- normalize and write out rows g, g+8; LSE in natural log ----
+  In* out_bh = static_cast<In*>(a.out) + b * a.so[0] + h * a.so[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float total = quad_sum(l[r]);
+    if (rows[r] >= qt.Lq) continue;
+    const float inv = 1.f / total;
+    In* out_row = out_bh + rows[r] * a.so[1];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      out_row[i * 8 + 2 * t] = from_float<In>(o[i][2 * r] * inv);
+      out_row[i * 8 + 2 * t + 1] = from_float<In>(o[i][2 * r + 1] * inv);
+    }
+    if (t == 0) a.lse[(static_cast<int64_t>(b) * qt.H + h) * qt.Lq + rows[r]] = (m[r] + log2f(total)) * kLn2;
+  }
+}
+
+// One CTA per (64 keys of the page, b, head): every query tile, quantized as the attention did,
+// p = exp2(s - lse) summed over the queries, added to mass with atomics (summing the heads too).
+template <typename In, int D>
+__global__ void __launch_bounds__(kThreads) attention_mass_kernel(const AttentionMassArgs a) {
+  using L = Layout<D>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* s_q = smem + L::kQ;
+  uint8_t* s_k = smem + L::kK;
+  float* s_part = reinterpret_cast<float*>(smem + L::kPart);
+  float* s_qmean = reinterpret_cast<float*>(smem + L::kQMean);
+  float* s_warp_max = reinterpret_cast<float*>(smem + L::kWarpMax);
+  float* s_colsum = reinterpret_cast<float*>(smem + L::kColSum);
+
+  const QueryTiles& qt = a.qt;
+  const int n0 = blockIdx.x * kBlockN, b = blockIdx.y / qt.H, h = blockIdx.y % qt.H;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const In* q_bh = static_cast<const In*>(qt.q) + b * qt.sq[0] + h * qt.sq[2];
+  const Unit unit = paged_unit(a.cache, a.page, b, h, qt.B, qt.H, D, a.cache.T, a.slot);
+  load_key_tile<D>(s_k, unit.k, unit.stride, n0, unit.tokens);
+  cp_async_commit();
+
+  float colsum[kBlockN / 8][2] = {};
+  for (int m0 = 0; m0 < qt.Lq; m0 += kBlockM) {
+    const float q_scale =
+        prepare_query_tile<In, D>(qt, q_bh, m0, unit.slot, unit.k_mean, s_q, s_part, s_qmean, s_warp_max);
+    cp_async_wait<0>();
+    __syncthreads();  // the key tile (first iteration) and s_q are in shared memory
+    float s[kBlockN / 8][4];
+    query_key_scores<D>(query_fragment_row<D>(s_q), s_k, s);
+    const float score_scale = q_scale * unit.k_scale * qt.sm_scale_log2;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = m0 + warp * 16 + g + 8 * r;
+      if (row >= qt.Lq) continue;
+      const float shift = s_qmean[warp * 16 + g + 8 * r] -
+                          __ldg(a.lse + (static_cast<int64_t>(b) * qt.H + h) * qt.Lq + row) * kLog2e;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+        colsum[j][0] += exp2f(s[j][2 * r] * score_scale + shift), colsum[j][1] += exp2f(s[j][2 * r + 1] * score_scale + shift);
+    }
+    __syncthreads();  // s_q and s_qmean are read before the next tile overwrites them
+  }
+  // sum over the warp's rows (lanes of equal t), then over the warps
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+#pragma unroll
+      for (int offset = 4; offset < 32; offset *= 2) colsum[j][e] += __shfl_xor_sync(0xffffffffu, colsum[j][e], offset);
+      if (g == 0) s_colsum[warp * kBlockN + j * 8 + 2 * t + e] = colsum[j][e];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < kBlockN && n0 + threadIdx.x < unit.tokens) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += s_colsum[w * kBlockN + threadIdx.x];
+    atomicAdd(a.mass + (static_cast<int64_t>(a.page) * qt.B + b) * unit.tokens + n0 + threadIdx.x, total);
+  }
+}
+
+// ---- host side ---------------------------------------------------------------------------------
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("temporal_attention: " + what);
+}
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+void check_queries(const QueryTiles& qt, size_t element) {
+  require(qt.q != nullptr && qt.frame_slots != nullptr, "q and frame_slots must not be null");
+  require(qt.D == 64 || qt.D == 128, "head_dim must be 64 or 128, got " + std::to_string(qt.D));
+  require(qt.B > 0 && qt.H > 0 && qt.Lq > 0 && qt.unit_T > 0, "expected positive B, H, Lq and unit tokens");
+  require(static_cast<int64_t>(qt.B) * qt.H <= 65535, "B * H must be <= 65535 (the grid's second dimension)");
+  // Query rows are read 16 bytes at a time.
+  require(aligned(qt.q, 16) && (qt.sq[0] * element) % 16 == 0 && (qt.sq[1] * element) % 16 == 0 &&
+              (qt.sq[2] * element) % 16 == 0,
+          "q must be 16-byte aligned, with strides that are multiples of 16 bytes");
+  require(qt.rope_dims == 0 || (qt.rope != nullptr && qt.rope_center >= 0 && qt.rope_dims % 2 == 0 &&
+                                qt.rope_dims <= qt.D),
+          "a temporal rotary needs its cos/sin table and an even rope_dims <= head_dim");
+}
+
+void check_units(const PagedUnits& u, const char* name, bool used) {
+  if (!used) return;
+  require(u.k && u.v && u.k_scale && u.k_mean && u.v_scale, std::string(name) + ": null pointer");
+  require(u.T > 0, std::string(name) + ": tokens per unit must be positive");
+  require(aligned(u.k, 16) && aligned(u.v, 16) && aligned(u.v_scale, 8),
+          std::string(name) + ": e4m3 storage must be 16-byte aligned (and V scales 8-byte)");
+}
+
+template <typename Kernel>
+void configure(Kernel kernel, int smem) {
+  // More than 48 KiB of dynamic shared memory needs an opt-in per kernel.
+  XJ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+}
+
+template <typename In, int D>
+void launch_attention(const AttentionArgs& a, cudaStream_t stream) {
+  constexpr int smem = Layout<D>::kBytes;
+  configure(temporal_attention_kernel<In, D>, smem);  // per call: the attribute is per device
+  const dim3 grid((a.qt.Lq + kBlockM - 1) / kBlockM, a.qt.B * a.qt.H);
+  temporal_attention_kernel<In, D><<<grid, kThreads, smem, stream>>>(a);
+  XJ_CUDA_CHECK_LAUNCH("temporal_attention_kernel");
+}
+
+template <typename In, int D>
+void launch_mass(const AttentionMassArgs& a, cudaStream_t stream) {
+  constexpr int smem = Layout<D>::kBytes;
+  configure(attention_mass_kernel<In, D>, smem);  // per call: the attribute is per device
+  const dim3 grid((a.cache.T + kBlockN - 1) / kBlockN, a.qt.B * a.qt.H);
+  attention_mass_kernel<In, D><<<grid, kThreads, smem, stream>>>(a);
+  XJ_CUDA_CHECK_LAUNCH("attention_mass_kernel");
+}
+
+size_t element_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+template <typename Launch>
+void dispatch(int dtype, int D, Launch&& launch) {
+  dispatch_float(dtype, "temporal_attention q dtype", [&](auto t) {
+    if (D == 64) launch(t, std::integral_constant<int, 64>{});
+    else launch(t, std::integral_constant<int, 128>{});
+  });
+}
+
+}  // namespace
+
+void temporal_attention(const AttentionArgs& a, cudaStream_t stream) {
+  const QueryTiles& qt = a.qt;
+  check_queries(qt, element_size(qt.dtype));
+  require(a.out != nullptr && a.lse != nullptr, "out and lse must not be null");
+  require(aligned(a.out, 4) && a.so[0] % 2 == 0 && a.so[1] % 2 == 0 && a.so[2] % 2 == 0,
+          "out must be 4-byte aligned with even strides");
+  require(a.n_pages >= 0 && a.n_sinks >= 0 && a.n_sinks <= a.n_pages && a.keep_count >= 0,
+          "expected 0 <= n_sinks <= n_pages and keep_count >= 0");
+  require(a.n_pages == 0 || a.page_table != nullptr, "page_table must not be null with cached pages");
+  check_units(a.cache, "cache", a.n_pages > 0);
+  check_units(a.keep, "keep buffer", a.keep_count > 0);
+  require(a.keep_count <= a.keep.T, "keep_count exceeds the keep buffer");
+  check_units(a.pass, "pass units", true);
+  require(a.n_units > 0 && static_cast<int64_t>(a.n_units) * a.pass.T == qt.Lq,
+          "the pass units must cover Lq exactly");
+  require(!a.causal || (a.private_blocks != nullptr && a.block_tokens > 0 && qt.Lq % a.block_tokens == 0),
+          "a block-causal mask needs block_tokens dividing Lq and the private flags");
+  dispatch(qt.dtype, qt.D, [&](auto t, auto d) { launch_attention<decltype(t), decltype(d)::value>(a, stream); });
+}
+
+void attention_mass(const AttentionMassArgs& a, cudaStream_t stream) {
+  check_queries(a.qt, element_size(a.qt.dtype));
+  require(a.lse != nullptr && a.mass != nullptr, "lse and mass must not be null");
+  check_units(a.cache, "cache", true);
+  require(a.page >= 0 && a.slot >= 0, "page and slot must be >= 0");
+  dispatch(a.qt.dtype, a.qt.D, [&](auto t, auto d) { launch_mass<decltype(t), decltype(d)::value>(a, stream); });
+}
+
+}  // namespace xjfast

@@ -1,0 +1,66 @@
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace xjfast {
+
+// The query side, shared by the attention and the attention-mass kernels: q [B, Lq, H, D] and how
+// each query row finds its temporal slot (first_slot + frame_slots[row / unit_T]).
+struct QueryTiles {
+  const void* q;
+  int64_t sq[3];               // strides (b, token, head), elements; channel stride 1
+  int dtype;                   // DType of q (and of the output)
+  int B, H, Lq, D;
+  int first_slot, unit_T;
+  const int32_t* frame_slots;  // [Lq / unit_T]
+  float sm_scale_log2;         // softmax scale times log2(e)
+  const float* rope;           // [2 * rope_center + 1, 2, D / 2] cos, sin per slot difference
+  int rope_center, rope_dims;  // rope_dims == 0: no temporal rotary
+};
+
+// Key units in the page format (e4m3 rows of D bytes, H * D bytes apart; K minus its mean with one
+// scale per (unit, b, head); V with one scale per (unit, b, head, channel)).
+struct PagedUnits {
+  const uint8_t* k;            // [units, B, T, H, D]
+  const uint8_t* v;
+  const float* k_scale;        // [units, B, H]
+  const float* k_mean;         // [units, B, H, D]
+  const float* v_scale;        // [units, B, H, D]
+  int T;                       // tokens per unit
+};
+
+struct AttentionArgs {
+  QueryTiles qt;
+  void* out;                   // like q
+  int64_t so[3];
+  float* lse;                  // [B, H, Lq], natural log
+  PagedUnits cache;            // cached pages, read in slot order through the page table
+  const int32_t* page_table;
+  int n_pages, n_sinks;
+  PagedUnits keep;             // the keep buffer as one unit of keep_count tokens ([1, B, K, H, D])
+  int keep_count;
+  PagedUnits pass;             // the pass's own frames (mask blocks without a cache), quantized like pages
+  int n_units;
+  const int8_t* private_blocks;  // per mask block
+  int block_tokens;
+  bool causal;
+};
+
+// mass[page, b, t] += sum over heads and queries of softmax(q . k_t) for the keys of one page.
+struct AttentionMassArgs {
+  QueryTiles qt;
+  const float* lse;            // [B, H, Lq] from the attention launch
+  PagedUnits cache;
+  int page, slot;
+  float* mass;                 // [P, B, T]
+};
+
+void temporal_attention(const AttentionArgs& args, cudaStream_t stream);
+void attention_mass(const AttentionMassArgs& args, cudaStream_t stream);
+
+// The online softmax's step (keys per tile): the reference simulates P's rounding with it.
+constexpr int kAttentionBlockN = 64;
+
+}  // namespace xjfast
