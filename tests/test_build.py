@@ -79,3 +79,37 @@ def test_no_kernel_spills_or_uses_local_memory():
     frames = re.findall(r"Function (\S+):\n\s*REG:(\d+) STACK:(\d+)", usage)
     assert frames, usage[:2000]
     assert [(name, stack) for name, _, stack in frames if stack != "0"] == []
+
+
+def sass_by_function() -> dict:
+    """{(arch, mangled kernel name): its SASS text} for every kernel in _C."""
+    tool = cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump: neither the CUDA toolkit's nor Triton's")
+    listing = subprocess.run([tool, "-sass", C.__file__], capture_output=True, text=True, check=True).stdout
+    functions, arch, name = {}, None, None
+    for line in listing.splitlines():
+        if match := re.match(r"\s*code for (sm_\w+)", line):
+            arch, name = match.group(1), None
+        elif match := re.match(r"\s*Function : (\S+)", line):
+            name = match.group(1)
+            functions[(arch, name)] = ""
+        elif name is not None:
+            functions[(arch, name)] += line + "\n"
+    return functions
+
+
+def test_attention_kernels_multiply_e4m3_on_the_tensor_cores():
+    """mma.sync e4m3 (m16n8k32) on sm_90a/sm_100a: the hardware's FP8 path for mma.sync unpacks the
+    e4m3 operands for the 16-bit HMMA (F2FP...E4M3.UNPACK_B + HMMA.16816.F32); a scalar fallback
+    (FFMA over the keys) would show no HMMA. cp.async (LDGSTS) feeds shared memory, ldmatrix (LDSM)
+    the fragments."""
+    kernels = {key: sass for key, sass in sass_by_function().items()
+               if "temporal_attention_kernel" in key[1] or "attention_mass_kernel" in key[1]}
+    assert {arch for arch, _ in kernels} == {f"sm_{arch}" for arch in EXPECTED_ARCHS}
+    for (arch, name), sass in kernels.items():
+        assert re.search(r"\bHMMA\.16816\.F32\b", sass), (arch, name)
+        assert re.search(r"\bF2FP\.F16\.E4M3\.UNPACK_B\b", sass), (arch, name)
+        assert "LDSM" in sass and "LDGSTS" in sass, (arch, name)
+        if "temporal_attention_kernel" in name:  # P is rounded to e4m3 in registers, saturating
+            assert re.search(r"\bF2FP\.SATFINITE\.E4M3\.F32", sass), (arch, name)
