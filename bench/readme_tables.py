@@ -1,17 +1,21 @@
-"""Regenerate the README's performance tables from the newest results file per GPU.
+"""Regenerate the README's performance tables, and the backend ranking `backend="auto"` follows,
+from the newest results file per GPU.
 
-    python -m bench.readme_tables        (rewrites the block between the markers in README.md)
+    python -m bench.readme_tables        (rewrites the block between the markers in README.md
+                                          and xjfast/backend_ranking.json)
 Only figures that a results file holds are written; nothing is typed by hand.
 """
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+RANKING = os.path.join(ROOT, "xjfast", "backend_ranking.json")
 
 
 def newest_per_gpu(results_dir: str) -> dict:
@@ -26,6 +30,42 @@ def newest_per_gpu(results_dir: str) -> dict:
         if gpu not in newest or env["date"] > newest[gpu][1]["environment"]["date"]:
             newest[gpu] = (os.path.basename(path), data)
     return newest
+
+
+def rank_backends(results: dict) -> dict:
+    """op -> xjfast backends fastest first, from one results file. Each backend scores the geometric
+    mean, over the cases it ran, of its time over the best time any backend had in that case (a
+    backend covering part of an op is judged where it runs); skipped backends are not ranked."""
+    times: dict = {}  # op -> case -> backend -> median ms
+    for row in results.get("attention", []) + results.get("memory_bound", []):
+        if "backend" in row and "median_ms" in row:
+            times.setdefault(row["op"], {}).setdefault(row["case"], {})[row["backend"]] = row["median_ms"]
+    ranking = {}
+    for op, cases in times.items():
+        ratios: dict = {}
+        for by_backend in cases.values():
+            best = min(by_backend.values())
+            for backend, ms in by_backend.items():
+                ratios.setdefault(backend, []).append(ms / best)
+        score = {b: math.exp(sum(map(math.log, r)) / len(r)) for b, r in ratios.items()}
+        ranking[op] = sorted(score, key=lambda b: (score[b], b))
+    return ranking
+
+
+def ranking_file(results_dir: str) -> dict:
+    """op -> "major.minor" -> {"order", "source", "gpu"}: per compute capability, the newest results
+    file among the GPUs of that capability."""
+    per_capability: dict = {}
+    for gpu, (name, data) in newest_per_gpu(results_dir).items():
+        capability = data["environment"]["device"].get("capability")
+        if capability and (capability not in per_capability or
+                           data["environment"]["date"] > per_capability[capability][2]["environment"]["date"]):
+            per_capability[capability] = (gpu, name, data)
+    out: dict = {}
+    for capability, (gpu, name, data) in sorted(per_capability.items()):
+        for op, order in rank_backends(data).items():
+            out.setdefault(op, {})[capability] = {"order": order, "source": f"bench/results/{name}", "gpu": gpu}
+    return out
 
 
 def tables(results_dir: str) -> str:
@@ -45,9 +85,25 @@ def tables(results_dir: str) -> str:
             if "TFLOP/s" in r:
                 out.append(f"| {r['impl']} | {r['D']} | {r['query_frames']} | {r['cached']} | {r['TFLOP/s']:.1f} | "
                            f"{r['median_ms']:.3f} | {r['rel_l2']:.2e} |")
-        out.append("\n| memory-bound op | shape | GB/s | % of copy bandwidth |\n|---|---|---|---|")
+        out.append("\n| memory-bound op | implementation | shape | GB/s | % of copy bandwidth |\n|---|---|---|---|---|")
         for r in data.get("memory_bound", []):
-            out.append(f"| {r['op']} | {r['shape']} | {r['GB/s']:.0f} | {100 * r.get('fraction_of_ceiling', 0):.0f}% |")
+            if "GB/s" in r:
+                out.append(f"| {r['op']} | {r['impl']} | {r['shape']} | {r['GB/s']:.0f} | "
+                           f"{100 * r.get('fraction_of_ceiling', 0):.0f}% |")
+        drop_in = [r for r in data.get("diffusers_wan", {}).get("rows", []) if "diffusers_default" in r]
+        if drop_in:
+            out.append("\n| diffusers WanTransformer3DModel (1.3B, bf16) | tokens | default attention ms | "
+                       "xjfast | ms | speedup | rel L2 vs default |\n|---|---|---|---|---|---|---|")
+            for r in drop_in:
+                for precision, fig in r["xjfast"].items():
+                    if "speedup" in fig:
+                        out.append(f"| {r['latent_frames']} latent frame(s) at 480x832 | {r['tokens']} | "
+                                   f"{r['diffusers_default']['median_ms']:.1f} | enable(precision=\"{precision}\") | "
+                                   f"{fig['median_ms']:.1f} | {fig['speedup']:.2f}x | {fig['rel_l2']:.2e} |")
+        skipped = sorted({f"{r['impl']} ({r['skipped']})" for r in data.get("attention", []) + data.get("memory_bound", [])
+                          if r.get("skipped") and r.get("backend")})
+        if skipped:
+            out.append("\nNot measured: " + "; ".join(skipped) + ".")
         out.append("\n| stream engine | steps | frames/block | sink+window | model fps | end-to-end fps | "
                    "first frame ms | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|---|---|")
         for r in data.get("stream", {}).get("rows", []):
@@ -67,6 +123,9 @@ def main() -> int:
     text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
     with open(readme, "w") as f:
         f.write(text)
+    with open(RANKING, "w") as f:
+        json.dump(ranking_file(os.path.join(ROOT, "bench", "results")), f, indent=1, sort_keys=True)
+        f.write("\n")
     return 0
 
 

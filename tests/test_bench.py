@@ -49,3 +49,86 @@ def test_readme_tables_come_from_results_files(tmp_path):
     sys.path.insert(0, ROOT)
     from bench.readme_tables import tables
     assert "No GPU results yet" in tables(str(tmp_path))
+
+
+def _gpu_results(name, date, capability, rows):
+    return {"environment": {"device": {"name": name, "kind": "cuda", "capability": capability}, "date": date},
+            "attention": [r for r in rows if r["op"] == "temporal_attention"],
+            "memory_bound": [r for r in rows if r["op"] != "temporal_attention"]}
+
+
+def test_ranking_comes_from_the_newest_results_per_capability(tmp_path):
+    sys.path.insert(0, ROOT)
+    from bench.readme_tables import rank_backends, ranking_file
+
+    def row(op, case, backend, ms):
+        return {"op": op, "case": case, "backend": backend, "impl": f"xjfast-{backend}", "median_ms": ms}
+    rows = [row("temporal_attention", "fp8", "triton", 2.0), row("temporal_attention", "fp8", "cuda", 1.0),
+            row("temporal_attention", "bf16", "triton", 3.0),  # cuda covers fp8 only: judged where it runs
+            {"op": "temporal_attention", "case": "bf16", "backend": "cuda", "skipped": "fp8 only"},
+            row("denoise_step", "s", "triton", 0.5), row("denoise_step", "s", "cuda", 0.6),
+            row("denoise_step", "s", "reference", 4.0)]
+    assert rank_backends(_gpu_results("H100", "2026-11-01", "9.0", rows)) == {
+        "temporal_attention": ["cuda", "triton"], "denoise_step": ["triton", "cuda", "reference"]}
+    older = [row("denoise_step", "s", "cuda", 0.1), row("denoise_step", "s", "triton", 0.5)]
+    for name, data in (("h100-new.json", _gpu_results("H100", "2026-11-02", "9.0", rows)),
+                       ("h200-old.json", _gpu_results("H200", "2026-10-01", "9.0", older)),
+                       ("b200.json", _gpu_results("B200", "2026-10-01", "10.0", older))):
+        (tmp_path / name).write_text(json.dumps(data))
+    ranking = ranking_file(str(tmp_path))
+    assert ranking["denoise_step"]["9.0"] == {"order": ["triton", "cuda", "reference"],
+                                              "source": "bench/results/h100-new.json", "gpu": "H100"}
+    assert ranking["denoise_step"]["10.0"]["order"] == ["cuda", "triton"]
+    assert "10.0" not in ranking["temporal_attention"]
+
+
+class _FakeNVML:
+    """NVML as nvidia-ml-py exposes it, on a machine where the power reading is refused."""
+    NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 1, 2, 0
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self):
+        self.calls = []
+
+    def nvmlInit(self):
+        self.calls.append("init")
+
+    def nvmlShutdown(self):
+        self.calls.append("shutdown")
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        self.calls.append(uuid)
+        return "handle"
+
+    def nvmlDeviceGetClockInfo(self, h, which):
+        return {1: 1980, 2: 2619}[which]
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        raise self.NVMLError("Not Supported")
+
+    def nvmlDeviceGetTemperature(self, h, sensor):
+        return 41
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        return 0
+
+    def nvmlSystemGetDriverVersion(self):
+        return b"580.159.04"
+
+
+def test_nvml_readings_survive_a_refused_reading(monkeypatch):
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from bench import harness
+    fake = _FakeNVML()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"uuid": "1234-abcd"})())
+    out = harness.nvml_readings(torch.device("cuda", 0))
+    assert out["sm_clock_mhz"] == 1980 and out["temperature_c"] == 41 and "power_w" not in out
+    assert "Not Supported" in out["nvml_failed"]["power_w"]
+    assert fake.calls == ["init", "GPU-1234-abcd", "shutdown"]
+    fixed = harness.nvml_readings(torch.device("cuda", 0), fixed=True)
+    assert fixed["driver"] == "580.159.04"  # bytes from older bindings, text in the results

@@ -1,4 +1,8 @@
-"""xjfast info: reports what can run here and why not, without raising on a CPU machine."""
+"""xjfast info: reports what can run here and why not, without raising on a CPU machine; what
+backend="auto" picks, from the committed benchmark ranking."""
+import json
+import re
+
 import pytest
 import torch
 
@@ -57,3 +61,53 @@ def test_capability_reason_names_the_archs(monkeypatch):
     assert _ext.capability_reason((9, 0)) is None
     reason = _ext.capability_reason((10, 0))
     assert "sm_90a" in reason and "10.0" in reason and 'XJFAST_CUDA_ARCHS="100a"' in reason
+
+
+@pytest.fixture
+def ranked(monkeypatch):
+    """A ranking that puts CUDA first for denoise_step on compute capability 9.0, and a faked
+    device query saying an H100 is there (no kernel runs)."""
+    from xjfast import backends
+    ranking = {"denoise_step": {"9.0": {"order": ["cuda", "triton", "reference"], "source": "bench/results/h100.json",
+                                        "gpu": "NVIDIA H100 80GB HBM3"}}}
+    monkeypatch.setattr(backends, "ranking", lambda: ranking)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    fake_c = type("C", (), {"built_archs": staticmethod(lambda: ["90a"]), "runtime_version": staticmethod(lambda: 13000)})
+    monkeypatch.setattr(_ext, "_load", lambda: (fake_c, None))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return backends
+
+
+def test_auto_follows_the_ranking_then_the_default_order(ranked):
+    assert ranked.auto_order("denoise_step", (9, 0)) == (["cuda", "triton", "reference"], "bench/results/h100.json")
+    # no entry for this op, or for this capability: the default order, and no source
+    assert ranked.auto_order("temporal_attention", (9, 0)) == (list(ranked.PREFERENCE), None)
+    assert ranked.auto_order("denoise_step", (10, 0)) == (list(ranked.PREFERENCE), None)
+    assert ranked.resolve("denoise_step", "auto", "cuda").backend == "cuda"
+    assert ranked.resolve("kv_cache_commit", "auto", "cuda").backend == "triton"
+    assert ranked.resolve("denoise_step", "auto", "cpu").backend == "reference"
+
+
+def test_a_partial_ranking_keeps_the_other_backends_after_it(ranked, monkeypatch):
+    monkeypatch.setattr(ranked, "ranking", lambda: {"denoise_step": {"9.0": {"order": ["reference"], "source": "x"}}})
+    assert ranked.auto_order("denoise_step", (9, 0))[0] == ["reference", "triton", "cuda"]
+
+
+def test_info_tells_what_auto_picks_and_why(ranked):
+    info = collect_info()
+    assert info["auto"]["denoise_step"] == {"backend": "cuda", "why": "ranked by bench/results/h100.json"}
+    assert info["auto"]["temporal_attention"]["backend"] == "triton"
+    assert "default order" in info["auto"]["temporal_attention"]["why"]
+    assert "auto denoise_step: cuda (ranked by bench/results/h100.json)" in format_info(info)
+
+
+def test_the_committed_ranking_file_is_well_formed():
+    from xjfast import backends
+    with open(backends.RANKING_FILE) as f:
+        ranking = json.load(f)
+    for op, per_capability in ranking.items():
+        assert op in backends.registered_ops()
+        for capability, entry in per_capability.items():
+            assert re.fullmatch(r"\d+\.\d+", capability) and entry["source"].startswith("bench/results/")
+            assert entry["order"] and set(entry["order"]) <= set(backends.BACKENDS)
