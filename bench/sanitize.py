@@ -1,30 +1,102 @@
-"""One small launch of every GPU kernel, for compute-sanitizer (memcheck, racecheck)."""
+"""One small launch of every GPU kernel of every GPU backend, for compute-sanitizer (memcheck,
+racecheck). Backends come from the registry, so a kernel registered tomorrow is checked with no
+edit here; what cannot run says why. Shapes are small and not multiples of the tiles, so the
+tails are exercised. Run under PYTORCH_NO_CUDA_MEMORY_CACHING=1: each tensor is then its own
+allocation, and an out-of-bounds access cannot land unseen in a neighbour inside torch's pool.
+
+    compute-sanitizer --tool memcheck python -m bench.sanitize
+"""
 from __future__ import annotations
+
+import sys
 
 import torch
 
 import xjfast
+from xjfast.backends import implementations, registered_ops, unusable_reason
+from xjfast.errors import BackendUnavailable
 from xjfast.ops.denoise_step import denoise_step
+from xjfast.ops.kv_cache_commit import kv_cache_commit
+from xjfast.ops.kv_cache_compact import kv_cache_compact
+
+H, D, T, KEEP = 2, 128, 80, 24  # frames of 80 tokens: not a multiple of the 64-token tiles
+E4M3 = torch.float8_e4m3fn
 
 
-def main() -> None:
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    H, D, T = 2, 128, 80  # a frame that is not a multiple of the tiles: the tails are exercised
-    cache = xjfast.StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=2, keep_tokens=24, device=device)
-    for _ in range(4):  # commit, eviction and compaction
-        cache.commit(0, torch.randn(1, T, H, D, device=device, dtype=torch.bfloat16),
-                     torch.randn(1, T, H, D, device=device, dtype=torch.bfloat16))
-        q, k, v = (torch.randn(1, 2 * T, H, D, device=device, dtype=torch.bfloat16) for _ in range(3))
+def _stored(device, tokens):
+    """(k, v, k_scale, k_mean, v_scale) of one unit: valid e4m3 values and positive scales."""
+    return [torch.randn(1, tokens, H, D, device=device).to(E4M3) for _ in range(2)] + [
+        torch.rand(1, H, device=device) + 0.5, torch.randn(1, H, D, device=device),
+        torch.rand(1, H, D, device=device) + 0.5]
+
+
+def launches(op: str, backend: str, device) -> list[tuple[str, callable]]:
+    """(label, call) for each small launch of `op` on `backend`."""
+    def bf16(*shape):
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16)
+
+    if op == "kv_cache_commit":
+        pages = [torch.randn(3, 1, T, H, D, device=device).to(E4M3) for _ in range(2)]
+        scales = [torch.empty(3, 1, H, device=device), torch.empty(3, 1, H, D, device=device),
+                  torch.empty(3, 1, H, D, device=device)]
+        ids = torch.tensor([2, 0], dtype=torch.int32, device=device)
+        return [("two frames into pages 2 and 0", lambda: kv_cache_commit(
+            bf16(1, 2 * T, H, D), bf16(1, 2 * T, H, D), *pages, *scales, ids, backend=backend))]
+    if op == "kv_cache_compact":
+        keep, page = _stored(device, KEEP), _stored(device, T)
+        return [("a page into a half-full keep buffer", lambda: kv_cache_compact(
+            keep, torch.rand(1, KEEP, device=device), KEEP // 2, page, torch.rand(1, T, device=device),
+            backend=backend))]
+    if op == "denoise_step":
+        x = bf16(1, 16, 2, 10, 14)
+        return [("head tokens, re-noised", lambda: denoise_step(x, bf16(1, 2 * 5 * 7, 64), 0.7, 0.3, noise_seed=1,
+                                                                 frame_index=5, backend=backend)),
+                ("latent layout", lambda: denoise_step(x, bf16(1, 16, 2, 10, 14), 0.7, backend=backend))]
+    if op == "temporal_attention":
+        # a cache through eviction and compaction (keep buffer, attention mass), filled by `auto`
+        cache = xjfast.StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=2, keep_tokens=KEEP, device=device)
+        for _ in range(4):
+            cache.commit(0, bf16(1, T, H, D), bf16(1, T, H, D))
+        q, k, v = (bf16(1, 2 * T, H, D) for _ in range(3))
+        out = []
         for precision in ("fp8", "bf16"):
-            xjfast.temporal_attention(q, k, v, block_tokens=T, private_blocks=[False, True], kv_cache=cache,
-                                      layer=0, precision=precision)
-    xjfast.temporal_attention(q, k, v, block_tokens=T)  # no cache
-    x = torch.randn(1, 16, 2, 10, 14, device=device, dtype=torch.bfloat16)
-    denoise_step(x, torch.randn(1, 2 * 5 * 7, 64, device=device, dtype=torch.bfloat16), 0.7, 0.3, noise_seed=1)
-    torch.cuda.synchronize()
-    print("sanitize: every kernel launched")
+            out.append((f"{precision}, cache with keep buffer, private block", lambda p=precision: xjfast.temporal_attention(
+                q, k, v, block_tokens=T, private_blocks=[False, True], kv_cache=cache, layer=0, precision=p,
+                backend=backend)))
+            out.append((f"{precision}, no cache", lambda p=precision: xjfast.temporal_attention(
+                q, k, v, block_tokens=T, precision=p, backend=backend)))
+        return out
+    raise KeyError(op)
+
+
+def main(device="cuda", backends=None) -> int:
+    torch.manual_seed(0)
+    failed = 0
+    for op in registered_ops():
+        for backend in backends or [b for b in implementations(op) if b != "reference"]:
+            reason = unusable_reason(op, backend, device)
+            if reason is not None:
+                print(f"sanitize {op}/{backend}: not launched ({reason})")
+                continue
+            try:
+                calls = launches(op, backend, device)
+            except KeyError:
+                failed += 1
+                print(f"sanitize {op}: FAILED: bench/sanitize.py defines no small launch for this op")
+                break
+            for label, call in calls:
+                try:
+                    call()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    print(f"sanitize {op}/{backend} ({label}): launched")
+                except BackendUnavailable as exc:  # an implementation covering part of the op
+                    print(f"sanitize {op}/{backend} ({label}): not covered ({exc})")
+                except Exception as exc:  # the others still run; the exit status tells
+                    failed += 1
+                    print(f"sanitize {op}/{backend} ({label}): FAILED {type(exc).__name__}: {exc}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

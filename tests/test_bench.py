@@ -132,3 +132,16 @@ def test_nvml_readings_survive_a_refused_reading(monkeypatch):
     assert fake.calls == ["init", "GPU-1234-abcd", "shutdown"]
     fixed = harness.nvml_readings(torch.device("cuda", 0), fixed=True)
     assert fixed["driver"] == "580.159.04"  # bytes from older bindings, text in the results
+
+
+def test_sanitize_launches_every_op_with_valid_arguments(capsys):
+    """The launches compute-sanitizer runs on a GPU, with the reference on the CPU: every op has
+    one, and every argument is one the op accepts (a typo here would cost the GPU run)."""
+    sys.path.insert(0, ROOT)
+    from bench import sanitize
+    from xjfast.backends import registered_ops
+    assert sanitize.main(device="cpu", backends=["reference"]) == 0
+    printed = capsys.readouterr().out
+    assert "FAILED" not in printed
+    for op in registered_ops():
+        assert f"sanitize {op}/reference (" in printed
