@@ -12,6 +12,7 @@
 #include "denoise_step.h"
 #include "device_info.h"
 #include "kv_cache_commit.h"
+#include "kv_cache_compact.h"
 #include "temporal_attention.h"
 
 #ifndef XJFAST_BUILT_ARCHS
@@ -52,7 +53,7 @@ static void kv_cache_commit(uintptr_t k, uintptr_t v, std::vector<int64_t> k_str
                             uintptr_t page_ids, uintptr_t k_pages, uintptr_t v_pages, uintptr_t k_scale,
                             uintptr_t k_mean, uintptr_t v_scale, int input_dtype, int storage_dtype,
                             std::vector<int> sizes, uintptr_t stream) {
-  if (sizes.size() != 5) throw std::invalid_argument("kv_cache_commit: sizes are (n, B, T, H, D)");
+  if (sizes.size() != 6) throw std::invalid_argument("kv_cache_commit: sizes are (n, B, T, H, D, P)");
   xjfast::CommitArgs a{};
   a.k = reinterpret_cast<const void*>(k);
   a.v = reinterpret_cast<const void*>(v);
@@ -66,8 +67,32 @@ static void kv_cache_commit(uintptr_t k, uintptr_t v, std::vector<int64_t> k_str
   a.v_scale = reinterpret_cast<float*>(v_scale);
   a.input_dtype = input_dtype;
   a.storage_dtype = storage_dtype;
-  a.n = sizes[0], a.B = sizes[1], a.T = sizes[2], a.H = sizes[3], a.D = sizes[4];
+  a.n = sizes[0], a.B = sizes[1], a.T = sizes[2], a.H = sizes[3], a.D = sizes[4], a.P = sizes[5];
   xjfast::kv_cache_commit(a, reinterpret_cast<cudaStream_t>(stream));
+}
+
+// keep and page: (k, v, k_scale, k_mean, v_scale) pointers of contiguous tensors.
+static void kv_cache_compact(std::vector<uintptr_t> keep, std::vector<uintptr_t> page, uintptr_t top,
+                             int storage_dtype, std::vector<int> sizes, int keep_count, int count, uintptr_t stream) {
+  if (keep.size() != 5 || page.size() != 5)
+    throw std::invalid_argument("kv_cache_compact: keep and page are 5 pointers each (k, v, k_scale, k_mean, v_scale)");
+  if (sizes.size() != 5) throw std::invalid_argument("kv_cache_compact: sizes are (B, K, T, H, D)");
+  xjfast::CompactArgs a{};
+  a.keep_k = reinterpret_cast<void*>(keep[0]);
+  a.keep_v = reinterpret_cast<void*>(keep[1]);
+  a.keep_k_scale = reinterpret_cast<float*>(keep[2]);
+  a.keep_k_mean = reinterpret_cast<float*>(keep[3]);
+  a.keep_v_scale = reinterpret_cast<float*>(keep[4]);
+  a.page_k = reinterpret_cast<const void*>(page[0]);
+  a.page_v = reinterpret_cast<const void*>(page[1]);
+  a.page_k_scale = reinterpret_cast<const float*>(page[2]);
+  a.page_k_mean = reinterpret_cast<const float*>(page[3]);
+  a.page_v_scale = reinterpret_cast<const float*>(page[4]);
+  a.top = reinterpret_cast<const int64_t*>(top);
+  a.storage_dtype = storage_dtype;
+  a.B = sizes[0], a.K = sizes[1], a.T = sizes[2], a.H = sizes[3], a.D = sizes[4];
+  a.keep_count = keep_count, a.count = count;
+  xjfast::kv_cache_compact(a, reinterpret_cast<cudaStream_t>(stream));
 }
 
 // Five pointers of a family of paged key units: k, v, k_scale, k_mean, v_scale (all 0: none).
@@ -159,6 +184,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("k"), py::arg("v"), py::arg("k_strides"), py::arg("v_strides"), py::arg("page_ids"),
         py::arg("k_pages"), py::arg("v_pages"), py::arg("k_scale"), py::arg("k_mean"), py::arg("v_scale"),
         py::arg("input_dtype"), py::arg("storage_dtype"), py::arg("sizes"), py::arg("stream"));
+  m.def("kv_cache_compact", &kv_cache_compact,
+        "merge an evicted page's selected tokens into the keep buffer (see xjfast.ops.kv_cache_compact)",
+        py::arg("keep"), py::arg("page"), py::arg("top"), py::arg("storage_dtype"), py::arg("sizes"),
+        py::arg("keep_count"), py::arg("count"), py::arg("stream"));
   m.def("temporal_attention", &temporal_attention,
         "FP8 attention over paged key units (see xjfast.ops.temporal_attention)", py::arg("q"), py::arg("q_strides"),
         py::arg("out"), py::arg("out_strides"), py::arg("lse"), py::arg("dtype"), py::arg("sizes"), py::arg("cache"),

@@ -1,131 +1,268 @@
 // kv_cache_commit: whole frames of K/V -> pages: K minus its per-channel mean in e4m3 with one
 // scale per (page, b, head), V in e4m3 with one scale per channel, and the mean itself.
-// One block per (frame, b*head); each thread owns 8 consecutive channels of one token row, so a
-// warp reads whole rows; pass 1 folds sum/max/min of K and max|V| per channel (reduced across
-// the block's rows in shared memory), pass 2 re-reads (L2) and writes the quantized values.
-#include <cuda_fp8.h>
+//
+// A unit (frame, b, head) is spread over a thread-block cluster of up to 8 CTAs, each owning a
+// contiguous chunk of the frame's tokens, so one frame of 12 heads fills ~100 SMs instead of 12.
+// Each thread owns 8 consecutive channels of a row (16-byte loads of bf16/fp16, two of fp32),
+// with 4 rows' loads in flight. Pass 1 folds sum/max/min of K and max |V| per channel and keeps
+// the raw rows in shared memory; the CTAs exchange their partial statistics through distributed
+// shared memory (each combines them in rank order, so all compute the same bits); pass 2
+// quantizes the rows from shared memory and stores 8 e4m3 bytes (or 16 bf16 bytes) at once.
+// HBM sees the input once. When a CTA's chunk does not fit in shared memory (fp32 input or
+// frames of ~2300+ tokens), pass 2 re-reads it from global memory instead: the chunk was just
+// read, so that read is served by L2.
+// Clusters need sm_90; the body compiles to a trap for older targets (the op registers the CUDA
+// backend for compute capability 9.0 and up).
+#include <cooperative_groups.h>
 
-#include <cfloat>
+#include <algorithm>
+#include <atomic>
+#include <climits>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "cuda_check.h"
 #include "dtypes.cuh"
 #include "kv_cache_commit.h"
+#include "kv_unit.cuh"
 
 namespace xjfast {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kVec = 8;  // channels per thread
-constexpr float kE4M3Max = 448.0f, kMinScale = 1e-12f;
+namespace cg = cooperative_groups;
 
-template <typename S>
-__device__ __forceinline__ void store_value(S* p, float x) { *p = from_float<S>(x); }
-template <>
-__device__ __forceinline__ void store_value(__nv_fp8_storage_t* p, float x) {
-  *p = __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);  // cvt.rn.satfinite, as the reference rounds
+constexpr int kThreads = 256, kWarps = kThreads / 32;
+constexpr int kVec = 8;                 // channels per thread
+constexpr int kUnroll = 4;              // rows per thread whose loads are in flight together
+constexpr int kMaxCluster = 8;          // the portable cluster size
+constexpr int kMinChunk = 128;          // tokens per CTA below which a unit takes fewer CTAs
+constexpr int kStageBytes = 160 << 10;  // shared memory for a CTA's staged rows (sm_90/100: 227 KiB)
+constexpr int kMaxD = 128;
+
+template <typename In, typename S, bool kStaged>
+__global__ void __launch_bounds__(kThreads) kv_cache_commit_kernel(CommitArgs a) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+  using Row = Packed<In, kVec>;
+  extern __shared__ uint4 staged_words[];  // kStaged: this CTA's chunk of K rows, then of V rows
+  __shared__ float scratch[4 * kWarps * kMaxD];
+  __shared__ float partial[4 * kMaxD];  // this CTA's statistics, read by every CTA of the cluster
+  __shared__ float mean_s[kMaxD], v_scale_s[kMaxD], k_amax_s[kMaxD];
+
+  cg::cluster_group cluster = cg::this_cluster();
+  const int C = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
+  const int unit = blockIdx.x / C, frame = unit / (a.B * a.H), b = unit / a.H % a.B, h = unit % a.H;
+  const int D = a.D, lanes = D / kVec, rows = kThreads / lanes, row = threadIdx.x / lanes;
+  const int c0 = threadIdx.x % lanes * kVec;
+  const int64_t page = a.page_ids[frame];
+  if (page < 0 || page >= a.P) return;  // the whole cluster (one frame) leaves: no write out of bounds
+  const int chunk = (a.T + C - 1) / C, t_begin = min(a.T, rank * chunk), t_end = min(a.T, t_begin + chunk);
+  const int64_t token0 = static_cast<int64_t>(frame) * a.T;
+  const In* k = static_cast<const In*>(a.k) + b * a.sk[0] + h * a.sk[2] + token0 * a.sk[1] + c0;
+  const In* v = static_cast<const In*>(a.v) + b * a.sv[0] + h * a.sv[2] + token0 * a.sv[1] + c0;
+  Row* staged_k = reinterpret_cast<Row*>(staged_words);
+  Row* staged_v = staged_k + static_cast<int64_t>(chunk) * lanes;
+  const auto slot = [&](int t) { return (t - t_begin) * lanes + threadIdx.x % lanes; };
+
+  UnitStats<kVec> stats;
+  for (int t0 = t_begin + row; t0 < t_end; t0 += kUnroll * rows) {
+    Row kr[kUnroll], vr[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = t0 + u * rows;
+      if (t < t_end) kr[u] = load_packed<In, kVec>(k + t * a.sk[1]), vr[u] = load_packed<In, kVec>(v + t * a.sv[1]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = t0 + u * rows;
+      if (t >= t_end) continue;
+      if constexpr (kStaged) staged_k[slot(t)] = kr[u], staged_v[slot(t)] = vr[u];
+      float kf[kVec], vf[kVec];
+      unpack(kr[u], kf), unpack(vr[u], vf);
+      stats.fold(kf, vf);
+    }
+  }
+  stats.template reduce_block<kThreads>(scratch, partial, D, lanes);
+  cluster.sync();  // every CTA's partial statistics are complete and visible to the cluster
+  for (int c = threadIdx.x; c < D; c += kThreads) {
+    float su = 0.f, ma = -INFINITY, mi = INFINITY, va = 0.f;
+    for (int r = 0; r < C; ++r) {
+      const float* p = cluster.map_shared_rank(partial, r);
+      su += p[c], ma = fmaxf(ma, p[D + c]), mi = fminf(mi, p[2 * D + c]), va = fmaxf(va, p[3 * D + c]);
+    }
+    scratch[c] = su, scratch[D + c] = ma, scratch[2 * D + c] = mi, scratch[3 * D + c] = va;
+  }
+  __syncthreads();
+  const bool fp8 = std::is_same_v<S, __nv_fp8_storage_t>;
+  const float k_scale = unit_scales<kThreads>(scratch, D, a.T, fp8, mean_s, v_scale_s, k_amax_s);
+  const int64_t bh = (page * a.B + b) * a.H + h;
+  if (rank == 0) {
+    for (int c = threadIdx.x; c < D; c += kThreads) a.k_mean[bh * D + c] = mean_s[c], a.v_scale[bh * D + c] = v_scale_s[c];
+    if (threadIdx.x == 0) a.k_scale[bh] = k_scale;
+  }
+
+  float mean[kVec], v_scale[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) mean[j] = mean_s[c0 + j], v_scale[j] = v_scale_s[c0 + j];
+  // row t of the page is token t of head h: [P, B, T, H, D]
+  S* kp = static_cast<S*>(a.k_pages) + ((page * a.B + b) * a.T * a.H + h) * D + c0;
+  S* vp = static_cast<S*>(a.v_pages) + ((page * a.B + b) * a.T * a.H + h) * D + c0;
+  for (int t0 = t_begin + row; t0 < t_end; t0 += kUnroll * rows) {
+    Row kr[kUnroll], vr[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = t0 + u * rows;
+      if (t >= t_end) continue;
+      if constexpr (kStaged) {
+        kr[u] = staged_k[slot(t)], vr[u] = staged_v[slot(t)];
+      } else {
+        kr[u] = load_packed<In, kVec>(k + t * a.sk[1]), vr[u] = load_packed<In, kVec>(v + t * a.sv[1]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = t0 + u * rows;
+      if (t >= t_end) continue;
+      float kf[kVec], vf[kVec];
+      unpack(kr[u], kf), unpack(vr[u], vf);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) kf[j] = (kf[j] - mean[j]) / k_scale, vf[j] = vf[j] / v_scale[j];
+      const int64_t out = static_cast<int64_t>(t) * a.H * D;
+      store_packed(kp + out, pack<S, kVec>(kf)), store_packed(vp + out, pack<S, kVec>(vf));
+    }
+  }
+  cluster.sync();  // no CTA exits while another may still read its `partial`
+#else
+  __trap();  // unreachable: clusters need sm_90, and the CUDA backend is registered for 9.0+
+#endif
+}
+
+int current_device() {
+  int device = 0;
+  XJ_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
+
+// Clusters need compute capability 9.0: say so instead of launching what cannot run.
+void check_clusters_supported() {
+  const int device = current_device();
+  int major = 0, minor = 0;
+  XJ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  XJ_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  if (major < 9)
+    throw std::invalid_argument("kv_cache_commit: the CUDA kernel uses thread-block clusters (compute capability "
+                                "9.0 and up), GPU " + std::to_string(device) + " has " + std::to_string(major) + "." +
+                                std::to_string(minor));
+}
+
+// The kernel's dynamic shared memory above 48 KiB must be allowed once per device.
+template <typename Kernel>
+void allow_staging(Kernel kernel, std::atomic<uint64_t>& devices) {
+  const int device = current_device();
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit && (devices.load() & bit)) return;
+  XJ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStageBytes));
+  devices.fetch_or(bit);
+}
+
+template <typename In, typename S, bool kStaged>
+void launch(const CommitArgs& a, int cluster, int64_t blocks, size_t smem, cudaStream_t stream) {
+  const auto kernel = kv_cache_commit_kernel<In, S, kStaged>;
+  if (smem > (48 << 10)) {
+    static std::atomic<uint64_t> devices{0};
+    allow_staging(kernel, devices);
+  }
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = cluster, attribute.val.clusterDim.y = 1, attribute.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  XJ_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, a));
 }
 
 template <typename In, typename S>
-__global__ void __launch_bounds__(kThreads) kv_cache_commit_kernel(CommitArgs a) {
-  extern __shared__ float smem[];  // 4 * rows * D floats: sum, max, min, max|v| per row group
-  const int frame = blockIdx.x, b = blockIdx.y / a.H, h = blockIdx.y % a.H, D = a.D;
-  const int lanes = D / kVec, lane = threadIdx.x % lanes, row = threadIdx.x / lanes, rows = kThreads / lanes;
-  const int c0 = lane * kVec;
-  const int64_t page = a.page_ids[frame];
-  const In* k = static_cast<const In*>(a.k) + b * a.sk[0] + h * a.sk[2] + static_cast<int64_t>(frame) * a.T * a.sk[1];
-  const In* v = static_cast<const In*>(a.v) + b * a.sv[0] + h * a.sv[2] + static_cast<int64_t>(frame) * a.T * a.sv[1];
-
-  float sum[kVec], mx[kVec], mn[kVec], vmax[kVec];
-#pragma unroll
-  for (int j = 0; j < kVec; ++j) sum[j] = 0.f, mx[j] = -FLT_MAX, mn[j] = FLT_MAX, vmax[j] = 0.f;
-  if (row < rows) {
-    for (int t = row; t < a.T; t += rows) {
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        const float kk = to_float(k[t * a.sk[1] + c0 + j]), vv = to_float(v[t * a.sv[1] + c0 + j]);
-        sum[j] += kk, mx[j] = fmaxf(mx[j], kk), mn[j] = fminf(mn[j], kk), vmax[j] = fmaxf(vmax[j], fabsf(vv));
-      }
-    }
-  }
-  float* s_sum = smem;
-  float* s_max = smem + rows * D;
-  float* s_min = smem + 2 * rows * D;
-  float* s_vmax = smem + 3 * rows * D;
-#pragma unroll
-  for (int j = 0; j < kVec; ++j) {
-    s_sum[row * D + c0 + j] = sum[j], s_max[row * D + c0 + j] = mx[j];
-    s_min[row * D + c0 + j] = mn[j], s_vmax[row * D + c0 + j] = vmax[j];
-  }
-  __syncthreads();
-  // per channel: reduce the row groups (thread c < D owns channel c), then the K amax over channels
-  __shared__ float s_mean[128], s_vscale[128], s_kamax[128];
-  __shared__ float s_kscale;
-  if (threadIdx.x < D) {
-    const int c = threadIdx.x;
-    float su = 0.f, ma = -FLT_MAX, mi = FLT_MAX, va = 0.f;
-    for (int r = 0; r < rows; ++r) {
-      su += s_sum[r * D + c], ma = fmaxf(ma, s_max[r * D + c]);
-      mi = fminf(mi, s_min[r * D + c]), va = fmaxf(va, s_vmax[r * D + c]);
-    }
-    const float mean = su / a.T;
-    const bool fp8 = a.storage_dtype == kFloat8E4M3;
-    s_mean[c] = mean;
-    s_kamax[c] = fmaxf(ma - mean, mean - mi);
-    s_vscale[c] = fp8 ? fmaxf(va, kMinScale * kE4M3Max) / kE4M3Max : 1.0f;
-    const int64_t row_bh = (page * a.B + b) * a.H + h;
-    a.k_mean[row_bh * D + c] = mean;
-    a.v_scale[row_bh * D + c] = s_vscale[c];
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float amax = 0.f;
-    for (int c = 0; c < D; ++c) amax = fmaxf(amax, s_kamax[c]);
-    const bool fp8 = a.storage_dtype == kFloat8E4M3;
-    s_kscale = fp8 ? fmaxf(amax, kMinScale * kE4M3Max) / kE4M3Max : 1.0f;
-    a.k_scale[(page * a.B + b) * a.H + h] = s_kscale;
-  }
-  __syncthreads();
-  if (row >= rows) return;
-  const float k_scale = s_kscale;
-  S* kp = static_cast<S*>(a.k_pages) + ((page * a.B + b) * a.T * a.H + h) * static_cast<int64_t>(D);
-  S* vp = static_cast<S*>(a.v_pages) + ((page * a.B + b) * a.T * a.H + h) * static_cast<int64_t>(D);
-  for (int t = row; t < a.T; t += rows) {
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      const int c = c0 + j;
-      const int64_t out = static_cast<int64_t>(t) * a.H * D + c;
-      store_value(kp + out, (to_float(k[t * a.sk[1] + c]) - s_mean[c]) / k_scale);
-      store_value(vp + out, to_float(v[t * a.sv[1] + c]) / s_vscale[c]);
-    }
-  }
+void launch_storage(const CommitArgs& a, cudaStream_t stream) {
+  const int cluster = static_cast<int>(std::min<int64_t>(kMaxCluster, std::max<int64_t>(1, (a.T + int64_t{kMinChunk} - 1) / kMinChunk)));
+  const int64_t chunk = (a.T + cluster - 1) / cluster;
+  const int64_t stage = 2 * chunk * a.D * static_cast<int64_t>(sizeof(In));
+  const int64_t blocks = static_cast<int64_t>(a.n) * a.B * a.H * cluster;
+  if (blocks > INT_MAX)
+    throw std::invalid_argument("kv_cache_commit: n * B * H = " + std::to_string(blocks / cluster) +
+                                " units are more than one launch can hold (" + std::to_string(INT_MAX / cluster) + ")");
+  if (stage <= kStageBytes) launch<In, S, true>(a, cluster, blocks, static_cast<size_t>(stage), stream);
+  else launch<In, S, false>(a, cluster, blocks, 0, stream);
 }
 
 template <typename In>
-void launch_storage(const CommitArgs& a, cudaStream_t stream) {
-  const dim3 grid(a.n, a.B * a.H);
-  const size_t smem = 4 * sizeof(float) * (kThreads / (a.D / kVec)) * a.D;
+void launch_input(const CommitArgs& a, cudaStream_t stream) {
   switch (a.storage_dtype) {
-    case kFloat8E4M3: kv_cache_commit_kernel<In, __nv_fp8_storage_t><<<grid, kThreads, smem, stream>>>(a); break;
-    case kBFloat16: kv_cache_commit_kernel<In, __nv_bfloat16><<<grid, kThreads, smem, stream>>>(a); break;
-    case kFloat32: kv_cache_commit_kernel<In, float><<<grid, kThreads, smem, stream>>>(a); break;
-    default: throw std::invalid_argument("kv_cache_commit: storage dtype must be e4m3, bfloat16 or float32");
+    case kFloat8E4M3: return launch_storage<In, __nv_fp8_storage_t>(a, stream);
+    case kBFloat16: return launch_storage<In, __nv_bfloat16>(a, stream);
+    case kFloat32: return launch_storage<In, float>(a, stream);
+    default:
+      throw std::invalid_argument("kv_cache_commit: storage dtype must be e4m3, bfloat16 or float32 (code " +
+                                  std::to_string(a.storage_dtype) + ")");
   }
-  XJ_CUDA_CHECK_LAUNCH("kv_cache_commit_kernel");
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The vector loads need the tensor's address and every stride that moves between rows (of a
+// dimension longer than 1) to be multiples of 16 bytes.
+void check_input(const char* name, const void* p, const int64_t* strides, const int64_t* sizes, int element) {
+  bool ok = aligned16(p);
+  for (int i = 0; i < 3; ++i) ok = ok && (sizes[i] == 1 || strides[i] * element % 16 == 0);
+  if (!ok)
+    throw std::invalid_argument(std::string("kv_cache_commit: ") + name + ": the CUDA kernel reads 16-byte vectors, "
+                                "so the address and the (b, token, head) strides must be multiples of 16 bytes; got "
+                                "address " + std::to_string(reinterpret_cast<uintptr_t>(p)) + ", strides (" +
+                                std::to_string(strides[0]) + ", " + std::to_string(strides[1]) + ", " +
+                                std::to_string(strides[2]) + ") of " + std::to_string(element) + "-byte elements");
+}
+
+int input_element_bytes(int dtype) {
+  switch (dtype) {
+    case kFloat32: return 4;
+    case kBFloat16: case kFloat16: return 2;
+    default:
+      throw std::invalid_argument("kv_cache_commit: input dtype must be float32, bfloat16 or float16 (code " +
+                                  std::to_string(dtype) + ")");
+  }
 }
 
 }  // namespace
 
 void kv_cache_commit(const CommitArgs& a, cudaStream_t stream) {
-  if (!a.k || !a.v || !a.page_ids || !a.k_pages || !a.v_pages || !a.k_scale || !a.k_mean || !a.v_scale)
-    throw std::invalid_argument("kv_cache_commit: a null pointer among the inputs and the storage");
+  const std::pair<const char*, const void*> pointers[] = {
+      {"k", a.k}, {"v", a.v}, {"page_ids", a.page_ids}, {"k_pages", a.k_pages}, {"v_pages", a.v_pages},
+      {"k_scale", a.k_scale}, {"k_mean", a.k_mean}, {"v_scale", a.v_scale}};
+  for (const auto& [name, p] : pointers)
+    if (p == nullptr) throw std::invalid_argument(std::string("kv_cache_commit: ") + name + " is a null pointer");
   if (a.D != 64 && a.D != 128)
     throw std::invalid_argument("kv_cache_commit: head_dim must be 64 or 128, got " + std::to_string(a.D));
-  if (a.n <= 0 || a.B <= 0 || a.H <= 0 || a.T <= 0 || a.B * a.H > 65535)
-    throw std::invalid_argument("kv_cache_commit: expected positive sizes and B * H <= 65535");
-  dispatch_float(a.input_dtype, "kv_cache_commit input dtype", [&](auto t) { launch_storage<decltype(t)>(a, stream); });
+  if (a.n <= 0 || a.B <= 0 || a.T <= 0 || a.H <= 0 || a.P <= 0)
+    throw std::invalid_argument("kv_cache_commit: sizes (n, B, T, H, P) must be positive, got (" +
+                                std::to_string(a.n) + ", " + std::to_string(a.B) + ", " + std::to_string(a.T) + ", " +
+                                std::to_string(a.H) + ", " + std::to_string(a.P) + ")");
+  const int element = input_element_bytes(a.input_dtype);
+  const int64_t sizes[3] = {a.B, static_cast<int64_t>(a.n) * a.T, a.H};
+  check_input("k", a.k, a.sk, sizes, element);
+  check_input("v", a.v, a.sv, sizes, element);
+  for (const auto& [name, p] : {pointers[3], pointers[4]})
+    if (!aligned16(p))
+      throw std::invalid_argument(std::string("kv_cache_commit: ") + name + ": the storage must be 16-byte aligned "
+                                  "for the vector stores, got address " + std::to_string(reinterpret_cast<uintptr_t>(p)));
+  for (const auto& [name, p] : {pointers[2], pointers[5], pointers[6], pointers[7]})
+    if (reinterpret_cast<uintptr_t>(p) % 4)
+      throw std::invalid_argument(std::string("kv_cache_commit: ") + name + ": expected a 4-byte aligned address");
+  check_clusters_supported();
+  dispatch_float(a.input_dtype, "kv_cache_commit input dtype", [&](auto t) { launch_input<decltype(t)>(a, stream); });
 }
 
 }  // namespace xjfast

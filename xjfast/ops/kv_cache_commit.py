@@ -75,11 +75,15 @@ def kv_cache_commit_triton(*args):
     launch(*args, interpret=triton_interpreted())
 
 
-@register("kv_cache_commit", "cuda", min_capability=(8, 9))
+# Thread-block clusters (one frame's head spread over up to 8 SMs) need compute capability 9.0.
+@register("kv_cache_commit", "cuda", min_capability=(9, 0))
 def kv_cache_commit_cuda(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids):
+    """csrc/kv_cache_commit.cu. k/v and the pages are read and written 16 bytes at a time: a k or v
+    whose address or (b, token, head) strides are not multiples of 16 bytes is a ValueError.
+    A page id outside [0, P) is skipped by the kernel (the op cannot read device ids without a sync)."""
     from xjfast.ops._cuda import DTYPE_CODES, extension, stream_handle
     P, B, T, H, D = k_pages.shape
     extension().kv_cache_commit(
         k.data_ptr(), v.data_ptr(), list(k.stride()[:3]), list(v.stride()[:3]), page_ids.to(torch.int32).data_ptr(),
         k_pages.data_ptr(), v_pages.data_ptr(), k_scale.data_ptr(), k_mean.data_ptr(), v_scale.data_ptr(),
-        DTYPE_CODES[k.dtype], DTYPE_CODES[k_pages.dtype], [page_ids.numel(), B, T, H, D], stream_handle(k.device))
+        DTYPE_CODES[k.dtype], DTYPE_CODES[k_pages.dtype], [page_ids.numel(), B, T, H, D, P], stream_handle(k.device))

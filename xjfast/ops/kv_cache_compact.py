@@ -29,20 +29,33 @@ def kv_cache_compact(keep, keep_mass, keep_count: int, page, page_mass, *, backe
     page = (k [B, T, H, D], v, k_scale, k_mean, v_scale) of the evicted page, page_mass [B, T].
     """
     names = ("k", "v", "k_scale", "k_mean", "v_scale")
-    for prefix, group in (("keep", keep), ("page", page)):
-        for name, t in zip(names, group):
-            check_tensor(f"{prefix}.{name}", t, dtypes=STORAGE if name in "kv" else (torch.float32,),
-                         device=keep[0].device)
+    check_tensor("keep.k", keep[0], dtypes=STORAGE, ndim=4)
     B, K, H, D = keep[0].shape
-    if page[0].shape[0] != B or page[0].shape[2:] != (H, D):
-        raise ValueError(f"page.k: expected shape [{B}, T, {H}, {D}] like the keep buffer, got {tuple(page[0].shape)}")
+    T = page[0].shape[1] if isinstance(page[0], torch.Tensor) and page[0].dim() == 4 else None
+    for prefix, group, tokens in (("keep", keep, K), ("page", page, T)):
+        if len(group) != 5:
+            raise ValueError(f"{prefix}: expected 5 tensors ({', '.join(names)}), got {len(group)}")
+        for name, t in zip(names, group):
+            # one storage dtype throughout: a cache stores every unit alike
+            check_tensor(f"{prefix}.{name}", t, dtypes=(keep[0].dtype,) if name in "kv" else (torch.float32,),
+                         device=keep[0].device)
+            shape = {"k": (B, tokens, H, D), "v": (B, tokens, H, D), "k_scale": (B, H)}.get(name, (B, H, D))
+            if tuple(t.shape) != shape:
+                like_keep = prefix == "page" and name in "kv"
+                expected = f"[{B}, T, {H}, {D}] like the keep buffer" if like_keep else str(list(shape))
+                raise ValueError(f"{prefix}.{name}: expected shape {expected}, got {tuple(t.shape)}")
+            if not t.is_contiguous():  # cache storage; the kernels index it as such
+                raise ValueError(f"{prefix}.{name}: expected a contiguous tensor (cache storage), got strides {t.stride()}")
     if keep_mass.shape != (B, K) or page_mass.shape != page[0].shape[:2]:
         raise ValueError(f"keep_mass/page_mass: expected shapes {(B, K)} and {tuple(page[0].shape[:2])}, "
                          f"got {tuple(keep_mass.shape)} and {tuple(page_mass.shape)}")
     if not 0 <= keep_count <= K:
         raise ValueError(f"keep_count: expected an int in [0, {K}], got {keep_count}")
     top, mass = select_keep(keep_mass, keep_count, page_mass)
-    resolve("kv_cache_compact", backend, keep[0].device).fn(keep, keep_count, page, top)
+    if top.shape[1] == 0:  # nothing to keep (no slots, or no candidates): the buffer stays as it is
+        return 0
+    args = (keep, keep_count, page, top)
+    resolve("kv_cache_compact", backend, keep[0].device, args).fn(*args)
     keep_mass[:, :top.shape[1]] = mass
     return top.shape[1]
 
@@ -69,3 +82,20 @@ def kv_cache_compact_reference(keep, keep_count, page, top):
 def kv_cache_compact_triton(*args):
     from xjfast.kernels.kv_cache_compact import kv_cache_compact as launch
     launch(*args, interpret=triton_interpreted())
+
+
+def _cuda_supports(keep, keep_count, page, top) -> str | None:
+    D = keep[0].shape[-1]
+    return None if D in (64, 128) else f"the CUDA kernel takes head_dim 64 or 128, got {D}"
+
+
+@register("kv_cache_compact", "cuda", min_capability=(8, 9), supports=_cuda_supports)
+def kv_cache_compact_cuda(keep, keep_count, page, top):
+    """csrc/kv_cache_compact.cu: one block per (b, head), rows moved 16 bytes at a time (the
+    storage must be 16-byte aligned: a ValueError otherwise)."""
+    from xjfast.ops._cuda import DTYPE_CODES, extension, stream_handle
+    B, K, H, D = keep[0].shape
+    top = top.contiguous()
+    extension().kv_cache_compact([t.data_ptr() for t in keep], [t.data_ptr() for t in page], top.data_ptr(),
+                                 DTYPE_CODES[keep[0].dtype], [B, K, page[0].shape[1], H, D], keep_count,
+                                 top.shape[1], stream_handle(keep[0].device))
