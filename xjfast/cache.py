@@ -16,14 +16,16 @@ assigns temporal positions by slot (StreamingLLM's rule), so positions never gro
 stream and never exceed what the model saw in training.
 
 The bookkeeping (which page holds which frame) is host-side Python. Once the sinks and the
-window are full, a commit only rotates the ring, and inside `ring_commits()` it does so on the
-device alone: the ring position, the page ids the commit writes and the page table are device
-tensors updated by device ops, so a CUDA graph that captured the commits replays them frame
-after frame. The host mirror is then advanced by `advance_ring_mirror(frames)` per pass.
+window are full, a commit only rotates the ring, and inside `ring_commits()` the device side of
+it is done by device ops alone: the ring position, the page ids the commit writes and the page
+table are device tensors, so a CUDA graph that captured the commits replays them frame after
+frame. A replay runs no Python: `advance_ring_mirror(frames)` then brings the host bookkeeping
+along (and `frozen_mirror()` keeps a capture, which records but runs nothing, from moving it).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import NamedTuple, Sequence
 
 import torch
@@ -188,6 +190,7 @@ class StreamingKVCache:
         self._check_frames("v", v, n)
         if self._ring_mode:
             self._ring_commit(layer, k, v, n)
+            self._assign_pages(layer, n)  # the same pages, on the host's books
             return
         pages = self._assign_pages(layer, n)
         self._write_pages(layer, pages, k, v)
@@ -228,7 +231,7 @@ class StreamingKVCache:
             return f"a commit of {frames} frames is larger than the window ({self.window_frames} frames)"
         full = self.sink_frames + self.window_frames
         if any(self._sinks[i] + self._window[i] < full for i in range(self.num_layers)):
-            return f"warm-up: the cache is not full yet ({self.num_frames(0)} of {full} frames)"
+            return "warm-up: the cache (sinks and window) is not full yet"
         return None
 
     def sync_ring(self) -> None:
@@ -240,10 +243,10 @@ class StreamingKVCache:
 
     @contextlib.contextmanager
     def ring_commits(self):
-        """Inside, every commit is a ring rotation done by device ops only: the page ids come from
-        the device ring position, which then advances, and the page table is rewritten from it. No
-        host state changes: call `advance_ring_mirror(frames)` after the pass (or its replay).
-        Needs `ring_unready(frames) is None` and `sync_ring()` first."""
+        """Inside, the device side of every commit is a ring rotation by device ops only: the page
+        ids come from the device ring position, which then advances, and the page table is
+        rewritten from it (the host bookkeeping runs as for any commit). Needs
+        `ring_unready(frames) is None` and `sync_ring()` first."""
         if not self._ring_synced:
             raise RuntimeError("ring_commits: call sync_ring() first (host commits ran since the last ring sync)")
         self._ring_mode = True
@@ -262,10 +265,22 @@ class StreamingKVCache:
         torch.index_select(self._ring_tables, 0, head, out=self.page_table[layer:layer + 1])
 
     def advance_ring_mirror(self, frames: int) -> None:
-        """The host bookkeeping of ring commits of `frames` frames to every layer (what a replayed
-        pass did on the device), so cached_frames(), frames_seen and view() stay true."""
+        """The host bookkeeping of ring commits of `frames` frames to every layer that ran on the
+        device without Python (a replayed graph), so cached_frames(), frames_seen and view() stay true."""
         for layer in range(self.num_layers):
             self._assign_pages(layer, frames)
+
+    @contextlib.contextmanager
+    def frozen_mirror(self):
+        """The host bookkeeping as it was on entry, again on exit: a CUDA graph capture runs the
+        Python of its commits, but none of their device work."""
+        saved = copy.deepcopy((self._sinks, self._window, self._head, self._keep_count, self._frames_seen,
+                               self._lookahead, self._frame_of_page))
+        try:
+            yield
+        finally:
+            (self._sinks, self._window, self._head, self._keep_count, self._frames_seen, self._lookahead,
+             self._frame_of_page) = saved
 
     def recache(self, frames: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Overwrite the cached frames in place with re-encoded K/V (e.g. under a new prompt).

@@ -14,6 +14,8 @@ kept: 1 + accepted frames per pass, the accepted drafts' keys/values committed a
 Prompt switching (`set_prompt(..., transition_frames=N, recache=...)`): the text conditioning is
 blended from the old prompt to the new over N frames; `recache` re-encodes the cached frames
 under the new prompt in one pass (as LongLive does), so the scene morphs instead of cutting.
+CUDA graphs (`cuda_graph`): once the cache is full, the plain step is captured once and replayed
+for every later frame (xjfast.engine.static_step); passes that cannot be replayed run eagerly.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 from xjfast.cache import KEEP, StreamingKVCache
 from xjfast.engine.schedule import shifted_sigmas, step_seed
 from xjfast.engine.speculation import MAX_DEPTH, DepthController, extrapolate, hold, parse_drafter, relative_l2
+from xjfast.engine.static_step import StaticStep
 from xjfast.models.decoder import VIDEO_FRAMES_PER_LATENT
 from xjfast.ops.denoise_step import denoise_step
 from xjfast.ops.philox import latent_noise
@@ -51,7 +54,7 @@ class StreamGenerator:
     def __init__(self, model, decoder, cache_config: CacheConfig = CacheConfig(), steps: int = 1,
                  frames_per_block: int = 1, seed: int = 0, backend: str = "auto", *, latent_hw=(16, 16),
                  batch: int = 1, precision: str = "fp8", shift: float = 5.0, text_encoder=None,
-                 speculate=0, drafter="extrapolate", accept_tol: float = 0.05):
+                 speculate=0, drafter="extrapolate", accept_tol: float = 0.05, cuda_graph: bool | None = None):
         if not isinstance(frames_per_block, int) or frames_per_block < 1:
             raise ValueError(f"frames_per_block: expected an int >= 1, got {frames_per_block!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -63,6 +66,8 @@ class StreamGenerator:
                              f"frames_per_block={frames_per_block}")
         if not isinstance(accept_tol, (int, float)) or accept_tol < 0:
             raise ValueError(f"accept_tol: expected a relative L2 tolerance >= 0, got {accept_tol!r}")
+        if cuda_graph not in (None, True, False):
+            raise ValueError(f"cuda_graph: expected True, False or None (True on a CUDA device), got {cuda_graph!r}")
         self.drafter = parse_drafter(drafter)
         self.model, self.decoder, self.text_encoder = model, decoder, text_encoder
         self.sigmas = shifted_sigmas(steps, shift)
@@ -79,6 +84,9 @@ class StreamGenerator:
                                       keep_tokens=cache_config.keep_tokens, storage=cache_config.storage,
                                       device=self.device, backend=backend)
         self.prompt_kv, self._embeds = None, None
+        # the steady-state step: replayed from a CUDA graph on a GPU; run eagerly elsewhere
+        self._static = StaticStep(self, self.device.type == "cuda" if cuda_graph is None else cuda_graph)
+        self._timestep_rows = {}
         self.reset()
 
     def reset(self) -> None:
@@ -93,6 +101,7 @@ class StreamGenerator:
         self.conditioning_weights = []   # weight of the newest prompt, per block generated
         fixed = None if self.speculate == "auto" else max(1, self.speculate)
         self.depth = DepthController(fixed)
+        self._static.reset()
 
     # ---- prompts ---------------------------------------------------------------------------
     def _embeddings(self, prompt) -> torch.Tensor:
@@ -166,7 +175,8 @@ class StreamGenerator:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _noise(self, first: int, frames: int) -> torch.Tensor:
+    def _noise(self, first, frames: int) -> torch.Tensor:
+        """Initial noise of `frames` frames from frame `first` (an int or an int64 0-d device tensor)."""
         shape = (self.batch, self.model.cfg.in_channels, frames, *self.latent_hw)
         return latent_noise(step_seed(self.seed, 0), first, shape, self.device).to(self.dtype)
 
@@ -176,14 +186,33 @@ class StreamGenerator:
         keep = set(self.cache.cached_frames(0)) | set(range(first + latents.shape[2] - 2, first + latents.shape[2]))
         self._latents = {f: x for f, x in self._latents.items() if f in keep}
 
-    def _plain_pass(self, first: int) -> torch.Tensor:
+    def _timesteps(self, sigma: float, with_clean: bool) -> torch.Tensor:
+        """[B, blocks] timesteps of a pass ([clean | noisy] or [noisy]): built once, so a pass makes
+        no host-to-device copy (and a captured graph keeps the pointer)."""
+        key = (sigma, with_clean)
+        if key not in self._timestep_rows:
+            row = [[0.0, sigma * 1000]] if with_clean else [[sigma * 1000]]
+            self._timestep_rows[key] = torch.tensor(row, device=self.device).expand(self.batch, -1)
+        return self._timestep_rows[key]
+
+    def _block(self, first: int) -> torch.Tensor:
+        """The plain pass of the block at `first`: the static step when the stream is steady."""
+        reason = self._static.unready()
+        if reason is None:
+            return self._static.run(first)
+        self._static.note_eager(reason)
+        return self._denoise(self._previous, first, self.prompt_kv)
+
+    def _denoise(self, previous, first, prompt_kv) -> torch.Tensor:
+        """The step loop of one block: noise, the model over [clean previous | noisy] (committing the
+        clean block), then denoise_step per sigma. `first` is the block's first frame index, an int
+        or an int64 0-d device tensor (the static step's), which keys the same noise."""
         fpb = self.frames_per_block
         x = self._noise(first, fpb)
         for k, sigma in enumerate(self.sigmas[:-1]):
-            with_clean = k == 0 and self._previous is not None
-            inputs = torch.cat((self._previous, x), dim=2) if with_clean else x
-            t = torch.tensor([[0.0, sigma * 1000]] if with_clean else [[sigma * 1000]], device=self.device)
-            tokens = self.model(inputs, t.expand(self.batch, -1), self.prompt_kv, cache=self.cache,
+            with_clean = k == 0 and previous is not None
+            inputs = torch.cat((previous, x), dim=2) if with_clean else x
+            tokens = self.model(inputs, self._timesteps(sigma, with_clean), prompt_kv, cache=self.cache,
                                 commit_frames=fpb if with_clean else 0, block_frames=fpb,
                                 precision=self.precision, backend=self.backend)
             noisy = tokens[:, -fpb * self.frame_tokens:]
@@ -260,9 +289,10 @@ class StreamGenerator:
         switching = self._advance_transition()
         depth = 1 if switching or self._previous is None else self.depth.choose()
         if depth > 1:
+            self._static.note_eager("speculation: a drafted pass")
             x, accepted = self._speculative_pass(first, depth)
         else:
-            x, accepted = self._plain_pass(first), 0
+            x, accepted = self._block(first), 0
         self._sync()
         model_done = time.perf_counter()
         if self._previous is not None and not switching:
@@ -315,6 +345,7 @@ class StreamGenerator:
                 "frames_per_pass": latent_frames / len(self._frames) if self._frames else float("nan"),
                 "speedup_over_no_speculation": self.depth.speedup(),
             },
+            "cuda_graph": self._static.stats(),
             "switch_frames": len(switch),
             "switch_latency_p50_ms": 1e3 * statistics.median(switch) if switch else None,
             "switch_latency_max_ms": 1e3 * max(switch) if switch else None,

@@ -1,0 +1,212 @@
+"""The steady-state step that StreamGenerator captures in a CUDA graph: it makes the same stream as
+the plain passes, it does nothing that depends on the host (so capture cannot break unnoticed),
+and on a GPU the replayed stream equals the eager one."""
+import dataclasses
+import traceback
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from xjfast.engine import CacheConfig, StreamGenerator
+from xjfast.models import build
+from xjfast.models.decoder import PreviewDecoder
+from xjfast.models.dit import CausalDiT
+from xjfast.models.presets import PRESETS, init_weights
+
+from backends import DEVICE
+
+PROMPT, OTHER = "waves breaking on black sand", "a paper boat on a rainy street"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build("tiny")
+
+
+def generator(tiny, cuda_graph, **kwargs):
+    model, decoder, encoder, preset = tiny
+    options = dict(cache_config=CacheConfig(1, 3), latent_hw=preset.latent_hw, text_encoder=encoder,
+                   backend="reference", seed=5)
+    options.update(kwargs)
+    g = StreamGenerator(model, decoder, cuda_graph=cuda_graph, **options)
+    g.set_prompt(PROMPT)
+    return g
+
+
+def assert_same_stream(a, b):
+    for x, y in zip(a, b):
+        assert x.index == y.index
+        assert torch.equal(x.latents, y.latents), f"frame {x.index}: max |diff| " \
+            f"{(x.latents.float() - y.latents.float()).abs().max().item()}"
+        assert torch.equal(x.video, y.video)
+
+
+@pytest.mark.parametrize("steps, frames_per_block", [(1, 1), (2, 2)])
+def test_static_step_makes_the_plain_stream(tiny, steps, frames_per_block):
+    """The static step (the code a CUDA graph captures, run eagerly here) against the plain passes,
+    over more frames than sinks + window, so the device ring wraps several times."""
+    static = generator(tiny, True, steps=steps, frames_per_block=frames_per_block)
+    plain = generator(tiny, False, steps=steps, frames_per_block=frames_per_block)
+    blocks = 12 // frames_per_block
+    assert_same_stream([static.step() for _ in range(blocks)], [plain.step() for _ in range(blocks)])
+    assert static.cache.cached_frames(0) == plain.cache.cached_frames(0)
+    assert static.cache.frames_seen == plain.cache.frames_seen == 12 - frames_per_block
+    s = static.stats()["cuda_graph"]
+    steady = blocks - 1 - -(-4 // frames_per_block)  # after the first block and the cache's warm-up
+    assert s["static_steps_eager"] == steady and s["replayed_frames"] == 0 and not s["in_use"]
+    assert s["fallback"].startswith("not a CUDA device")
+    assert plain.stats()["cuda_graph"]["fallback"] == "cuda_graph=False"
+
+
+def test_static_step_follows_prompt_switches_transitions_and_resets(tiny):
+    """The prompt's K/V are static buffers that a switch or each transition frame copies into."""
+    static, plain = generator(tiny, True), generator(tiny, False)
+    frames = ([], [])
+    for i in range(16):
+        for g, out in zip((static, plain), frames):
+            if i == 6:
+                g.set_prompt(OTHER, transition_frames=3)
+            if i == 11:
+                g.set_prompt(PROMPT)
+            if i == 13:
+                g.reset()
+            out.append(g.step())
+    assert_same_stream(*frames)
+    assert static.stats()["cuda_graph"]["static_steps_eager"] == 8
+
+
+class HostDependence(TorchDispatchMode):
+    """Fails on what a captured CUDA graph cannot hold: a read of a device value by the host
+    (.item(), bool(), data-dependent output shapes) and tensors built from Python data."""
+
+    FORBIDDEN = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default,
+                 torch.ops.aten.lift_fresh_copy.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        host = (func in self.FORBIDDEN or torch.Tag.data_dependent_output in func.tags
+                or torch.Tag.dynamic_output_shape in func.tags)
+        if host and not _in_triton_interpreter():
+            raise AssertionError(f"{func} in the captured step:\n{''.join(traceback.format_stack(limit=12))}")
+        return func(*args, **(kwargs or {}))
+
+
+class HostTransfer(TorchFunctionMode):
+    """Fails on Python-level reads of tensors by the host (tolist, numpy, .cpu(), int(t), ...) and on
+    .to() another device."""
+
+    FORBIDDEN = {"tolist", "numpy", "cpu", "item", "__bool__", "__int__", "__float__", "__index__"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        moved = name == "to" and isinstance(args[0], torch.Tensor) and any(
+            isinstance(a, (str, torch.device)) and torch.device(a).type != args[0].device.type
+            for a in list(args[1:]) + list((kwargs or {}).values()))
+        if (name in self.FORBIDDEN or moved) and not _in_triton_interpreter():
+            raise AssertionError(f"Tensor.{name} in the captured step:\n{''.join(traceback.format_stack(limit=12))}")
+        return func(*args, **(kwargs or {}))
+
+
+def _in_triton_interpreter() -> bool:
+    """Triton's CPU interpreter copies kernel arguments to the host by design; a GPU launch does not."""
+    return any("/triton/" in frame.filename for frame in traceback.extract_stack())
+
+
+def steady_generator(tiny, backend):
+    g = generator(tiny, True, cache_config=CacheConfig(0, 2), backend=backend)
+    while g.cache.ring_unready(1) is not None or g._previous is None:
+        g.step()
+    g.step()  # one static step (the warm-up a capture follows)
+    assert g.stats()["cuda_graph"]["static_steps_eager"] + g.stats()["cuda_graph"]["replayed_frames"] >= 1
+    return g
+
+
+def test_the_captured_step_never_depends_on_the_host(tiny):
+    """The function StreamGenerator captures, with the kernels a GPU runs (Triton, interpreted here),
+    under modes that fail on host reads, host data and device transfers: a change that would break
+    the capture (an .item(), a torch.tensor([...]) per pass, a .tolist() of a page table) fails here."""
+    g = steady_generator(tiny, "triton" if DEVICE.type == "cpu" else "auto")
+    ring, frame = g.cache.ring_head.clone(), g._static.frame.clone()
+    with HostDependence(), HostTransfer():
+        g._static._step()
+    assert int(g._static.frame) == int(frame) + 1  # the step advanced its device state itself
+    assert not torch.equal(g.cache.ring_head, ring)
+
+
+def test_the_detector_catches_host_dependence(tiny):
+    """The modes above are not vacuous: each kind of host dependence they exist for trips them."""
+    x = torch.randn(4)
+    for bad in (lambda: x.sum().item(), lambda: torch.tensor([1, 2]), lambda: bool(x[0] > 0), lambda: x.nonzero(),
+                lambda: x.tolist(), lambda: x.to("meta")):
+        with pytest.raises(AssertionError, match="in the captured step"):
+            with HostDependence(), HostTransfer():
+                bad()
+
+
+def test_cuda_graph_argument_is_checked(tiny):
+    with pytest.raises(ValueError, match="cuda_graph: expected True, False or None"):
+        generator(tiny, "yes")
+    assert generator(tiny, None).stats()["cuda_graph"]["requested"] is (DEVICE.type == "cuda")
+
+
+# ---- GPU: the captured graph, replayed --------------------------------------------------------
+
+def gpu_generator(model, decoder, latent_hw, cuda_graph, encoder=None, **kwargs):
+    g = StreamGenerator(model, decoder, CacheConfig(1, 3), latent_hw=latent_hw, text_encoder=encoder,
+                        cuda_graph=cuda_graph, seed=7, **kwargs)
+    g.set_prompt(PROMPT if encoder is not None else
+                 torch.randn(16, model.cfg.text_dim, generator=torch.Generator().manual_seed(1)).to(DEVICE,
+                                                                                                  torch.bfloat16))
+    return g
+
+
+def assert_graph_stream_equals_eager(model, decoder, latent_hw, encoder=None, frames=12, **kwargs):
+    graph = gpu_generator(model, decoder, latent_hw, True, encoder, **kwargs)
+    eager = gpu_generator(model, decoder, latent_hw, False, encoder, **kwargs)
+    assert_same_stream([graph.step() for _ in range(frames)], [eager.step() for _ in range(frames)])
+    s = graph.stats()["cuda_graph"]
+    assert s["in_use"] and s["captures"] == 1 and s["fallback"] is None, s
+    assert s["replayed_frames"] == frames - 1 - 4 - 2  # first block, cache warm-up, eager warm-up
+    assert graph.cache.cached_frames(0) == eager.cache.cached_frames(0) and graph.cache.frames_seen == frames - 1
+
+
+@pytest.mark.gpu
+def test_graph_stream_equals_eager_stream_tiny():
+    model, decoder, encoder, preset = build("tiny", device=DEVICE, dtype=torch.bfloat16)
+    assert_graph_stream_equals_eager(model, decoder, preset.latent_hw, encoder, frames=3 * 4)
+
+
+@pytest.mark.gpu
+def test_graph_replays_through_a_prompt_transition():
+    model, decoder, encoder, preset = build("tiny", device=DEVICE, dtype=torch.bfloat16)
+    graph, eager = (gpu_generator(model, decoder, preset.latent_hw, flag, encoder) for flag in (True, False))
+    frames = ([], [])
+    for i in range(14):
+        for g, out in zip((graph, eager), frames):
+            if i == 8:
+                g.set_prompt(OTHER, transition_frames=3)
+            out.append(g.step())
+    assert_same_stream(*frames)
+    assert graph.stats()["cuda_graph"]["captures"] == 1 and graph.stats()["cuda_graph"]["in_use"]
+
+
+@pytest.mark.gpu
+def test_graph_stream_equals_eager_stream_wan_shaped():
+    """Wan2.1-1.3B's block (dim 1536, 12 heads x 128, FFN 8960) and frame (1560 tokens), 2 blocks."""
+    cfg = dataclasses.replace(PRESETS["wan2.1-1.3b"].dit, layers=2)
+    with torch.device("meta"):
+        model = CausalDiT(cfg)
+    model = model.to_empty(device=DEVICE).to(torch.bfloat16)
+    init_weights(model, 0)
+    assert_graph_stream_equals_eager(model.eval(), PreviewDecoder(cfg.in_channels).to(DEVICE), (60, 104))
+
+
+@pytest.mark.gpu
+def test_reference_backend_on_a_gpu_is_not_captured_and_says_why():
+    model, decoder, encoder, preset = build("tiny", device=DEVICE, dtype=torch.bfloat16)
+    g = gpu_generator(model, decoder, preset.latent_hw, True, encoder, backend="reference", precision="bf16")
+    for _ in range(8):
+        g.step()
+    s = g.stats()["cuda_graph"]
+    assert not s["in_use"] and s["captures"] == 0 and "reference implementation" in s["fallback"]
