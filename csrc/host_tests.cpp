@@ -2,13 +2,143 @@
 //   philox C0 C1 C2 C3 K0 K1      -> the four Philox words (hex)
 //   normal SEED FRAME N           -> the first N Gaussians of a latent frame
 //   e4m3                          -> reads floats (one per line) from stdin, prints e4m3 bytes
+//   fragments SEED                -> one warp of the attention kernel's S = Q.K^T and O = P.V, its
+//                                    operands gathered by mma_fragments.cuh from shared-memory tiles
+//                                    laid out as the kernel lays them, multiplied per the PTX ISA's
+//                                    fragment layouts, against plain matrix products: "ok" or the
+//                                    first mismatch
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
+#include <random>
+#include <vector>
+
 #include "e4m3.cuh"
+#include "mma_fragments.cuh"
 #include "philox.cuh"
+
+namespace {
+
+using Regs4 = uint32_t[32][4];
+
+// ldmatrix.sync.aligned.m8n8.x4.b16: lane l gives row address addr[l] (row l % 8 of matrix l / 8);
+// lane l receives bytes 4(l%4)..4(l%4)+3 of row l / 4 of each matrix m, in register m.
+void ldmatrix_x4(const std::vector<uint8_t>& smem, const int (&addr)[32], Regs4& r) {
+  for (int lane = 0; lane < 32; ++lane)
+    for (int m = 0; m < 4; ++m) memcpy(&r[lane][m], smem.data() + addr[8 * m + lane / 4] + 4 * (lane % 4), 4);
+}
+
+uint8_t byte_of(uint32_t w, int i) { return static_cast<uint8_t>(w >> (8 * i)); }
+
+// mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 with A = a[lane][0..3] and B = b[lane][lo],
+// b[lane][lo + 1], per the PTX ISA's layouts; products and sums in double (exact for e4m3).
+void mma(double (&d)[32][4], const Regs4& a, const Regs4& b, int lo) {
+  double A[16][32], B[32][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+      A[g][4 * t + i] = xjfast::e4m3_to_float(byte_of(a[lane][0], i));
+      A[g + 8][4 * t + i] = xjfast::e4m3_to_float(byte_of(a[lane][1], i));
+      A[g][16 + 4 * t + i] = xjfast::e4m3_to_float(byte_of(a[lane][2], i));
+      A[g + 8][16 + 4 * t + i] = xjfast::e4m3_to_float(byte_of(a[lane][3], i));
+      B[4 * t + i][g] = xjfast::e4m3_to_float(byte_of(b[lane][lo], i));
+      B[16 + 4 * t + i][g] = xjfast::e4m3_to_float(byte_of(b[lane][lo + 1], i));
+    }
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    for (int e = 0; e < 4; ++e) {
+      double sum = 0;
+      for (int k = 0; k < 32; ++k) sum += A[g + 8 * (e / 2)][k] * B[k][2 * t + (e & 1)];
+      d[lane][e] += sum;
+    }
+  }
+}
+
+int check(const char* what, double got, double want, int row, int col) {
+  if (got == want) return 0;
+  printf("%s mismatch at row %d, column %d: %.9g != %.9g\n", what, row, col, got, want);
+  return 1;
+}
+
+// One warp, 16 query rows, one 64-key tile, head_dim 128, shared-memory strides as the kernel's.
+int fragments(uint32_t seed) {
+  constexpr int D = 128, N = 64, kRow = D + 16, kVtRow = N + 16;
+  std::mt19937 rng(seed);
+  auto code = [&] { uint8_t c = static_cast<uint8_t>(rng()); return (c & 0x7F) == 0x7F ? uint8_t(0x7E) : c; };
+  std::vector<uint8_t> s_q(16 * kRow), s_k(N * kRow), s_v(N * kRow), s_vt(D * kVtRow);
+  for (int r = 0; r < 16; ++r) for (int c = 0; c < D; ++c) s_q[r * kRow + c] = code();
+  for (int n = 0; n < N; ++n) for (int c = 0; c < D; ++c) s_k[n * kRow + c] = code(), s_v[n * kRow + c] = code();
+  auto dec = [](uint8_t c) { return static_cast<double>(xjfast::e4m3_to_float(c)); };
+
+  // S = Q.K^T, as query_key_scores gathers it
+  static double s[N / 8][32][4] = {};
+  for (int kc = 0; kc < D / 32; ++kc) {
+    Regs4 qa, b;
+    int addr[32];
+    for (int l = 0; l < 32; ++l) addr[l] = xjfast::a_fragment_row(l) * kRow + kc * 32 + xjfast::a_fragment_byte(l);
+    ldmatrix_x4(s_q, addr, qa);
+    for (int p = 0; p < N / 16; ++p) {
+      for (int l = 0; l < 32; ++l) addr[l] = (p * 16 + xjfast::b_fragment_row(l)) * kRow + kc * 32 + xjfast::b_fragment_byte(l);
+      ldmatrix_x4(s_k, addr, b);
+      mma(s[2 * p], qa, b, 0);
+      mma(s[2 * p + 1], qa, b, 2);
+    }
+  }
+  int bad = 0;
+  for (int j = 0; j < N / 8; ++j)
+    for (int l = 0; l < 32 && !bad; ++l)
+      for (int e = 0; e < 4 && !bad; ++e) {
+        const int row = l / 4 + 8 * (e / 2), key = 8 * j + 2 * (l % 4) + (e & 1);
+        double want = 0;
+        for (int c = 0; c < D; ++c) want += dec(s_q[row * kRow + c]) * dec(s_k[key * kRow + c]);
+        bad |= check("S = Q.K^T", s[j][l][e], want, row, key);
+      }
+
+  // O = e4m3(P * 448) . V, P held in the S accumulators' layout, V transposed as the kernel does
+  float p[32][N / 8][4];
+  std::uniform_real_distribution<float> unit(0.f, 1.f);
+  for (auto& lane : p) for (auto& tile : lane) for (float& x : tile) x = unit(rng);
+  for (int item = 0; item < N / 4 * (D / 4); ++item) {
+    int pos, c, key[4];
+    xjfast::transpose_item(item, N, pos, c, key);
+    uint32_t w[4], out[4];
+    for (int i = 0; i < 4; ++i) memcpy(&w[i], &s_v[key[i] * kRow + c], 4);
+    xjfast::transpose_4x4_bytes(w, out);
+    for (int j = 0; j < 4; ++j) memcpy(&s_vt[(c + j) * kVtRow + pos], &out[j], 4);
+  }
+  static double o[D / 8][32][4] = {};
+  for (int kc = 0; kc < N / 32; ++kc) {
+    Regs4 a, b;
+    for (int l = 0; l < 32; ++l) xjfast::p_fragment(p[l] + 4 * kc, 448.f, a[l]);
+    for (int dp = 0; dp < D / 16; ++dp) {
+      int addr[32];
+      for (int l = 0; l < 32; ++l) addr[l] = (dp * 16 + xjfast::b_fragment_row(l)) * kVtRow + kc * 32 + xjfast::b_fragment_byte(l);
+      ldmatrix_x4(s_vt, addr, b);
+      mma(o[2 * dp], a, b, 0);
+      mma(o[2 * dp + 1], a, b, 2);
+    }
+  }
+  double P[16][N];  // e4m3(P * 448) by row and key, from where each lane holds it
+  for (int l = 0; l < 32; ++l)
+    for (int j = 0; j < N / 8; ++j)
+      for (int e = 0; e < 4; ++e)
+        P[l / 4 + 8 * (e / 2)][8 * j + 2 * (l % 4) + (e & 1)] = dec(xjfast::float_to_e4m3(p[l][j][e] * 448.f));
+  for (int dn = 0; dn < D / 8 && !bad; ++dn)
+    for (int l = 0; l < 32 && !bad; ++l)
+      for (int e = 0; e < 4 && !bad; ++e) {
+        const int row = l / 4 + 8 * (e / 2), ch = 8 * dn + 2 * (l % 4) + (e & 1);
+        double want = 0;
+        for (int key = 0; key < N; ++key) want += P[row][key] * dec(s_v[key * kRow + ch]);
+        bad |= check("O = P.V", o[dn][l][e], want, row, ch);
+      }
+  if (!bad) printf("ok\n");
+  return bad;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   if (argc == 8 && !strcmp(argv[1], "philox")) {
@@ -36,6 +166,7 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
-  fprintf(stderr, "usage: host_tests philox C0 C1 C2 C3 K0 K1 | normal SEED FRAME N | e4m3 < floats\n");
+  if (argc == 3 && !strcmp(argv[1], "fragments")) return fragments(static_cast<uint32_t>(strtoul(argv[2], nullptr, 0)));
+  fprintf(stderr, "usage: host_tests philox C0 C1 C2 C3 K0 K1 | normal SEED FRAME N | e4m3 < floats | fragments SEED\n");
   return 2;
 }

@@ -23,6 +23,7 @@
 
 #include "cuda_check.h"
 #include "dtypes.cuh"
+#include "mma_fragments.cuh"
 #include "temporal_attention.h"
 
 namespace xjfast {
@@ -68,9 +69,7 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// Four 8x8 matrices of 16-bit elements (= 8 rows x 16 bytes of e4m3); lane l addresses row l % 8 of
-// matrix l / 8, and receives bytes 4(l%4)..4(l%4)+3 of row l/4 of each matrix: the m16n8k32 e4m3
-// fragment layout of A (rows) and B (columns).
+// Four 8x8 matrices of 16-bit elements (= 8 rows x 16 bytes of e4m3); see mma_fragments.cuh.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -85,13 +84,6 @@ __device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], 
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Four floats -> four e4m3 bytes (cvt.rn.satfinite), the first in the lowest byte.
-__device__ __forceinline__ uint32_t pack_e4m3(float a, float b, float c, float d) {
-  const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
-  const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(c, d), __NV_SATFINITE, __NV_E4M3);
-  return lo | (hi << 16);
 }
 
 __device__ __forceinline__ float quad_max(float x) {
@@ -211,12 +203,11 @@ __device__ float prepare_query_tile(const QueryTiles& qt, const In* q_bh, int m0
   return q_scale;
 }
 
-// Lane's address of this warp's 16 query rows in s_q for ldmatrix: rows 0-7 | rows 8-15 of
-// bytes 0-15, then the same of bytes 16-31 (the A fragment a0, a1, a2, a3 of 32 channels).
+// Lane's ldmatrix address of this warp's 16 query rows in s_q (the A operand of 32 channels).
 template <int D>
 __device__ __forceinline__ const uint8_t* query_fragment_row(const uint8_t* s_q) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  return s_q + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Layout<D>::kRow + (lane >> 4) * 16;
+  return s_q + (warp * 16 + a_fragment_row(lane)) * Layout<D>::kRow + a_fragment_byte(lane);
 }
 
 // Keys n0..n0+63 of a unit (rows `stride` bytes apart, `valid` of them) into a shared tile of
@@ -240,8 +231,7 @@ __device__ __forceinline__ void query_key_scores(const uint8_t* q_row, const uin
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int j = 0; j < kBlockN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-  // matrices: keys 0-7 of bytes 0-15 | 16-31 (b0, b1 of one n-tile), then keys 8-15 (the next n-tile)
-  const uint8_t* row = s_k + ((lane & 7) + (lane >> 4) * 8) * Layout<D>::kRow + ((lane >> 3) & 1) * 16;
+  const uint8_t* row = s_k + b_fragment_row(lane) * Layout<D>::kRow + b_fragment_byte(lane);
 #pragma unroll
   for (int kc = 0; kc < D / 32; ++kc) {
     uint32_t qa[4];
@@ -256,33 +246,20 @@ __device__ __forceinline__ void query_key_scores(const uint8_t* q_row, const uin
   }
 }
 
-// Which key of a 16-key group sits at position p of the P operand. The S accumulator of lane
-// (g, t) holds keys 2t, 2t+1 of each 8-key n-tile; packed as they are into the A operand of the
-// P.V mma (4 consecutive positions 4t..4t+3 per register) they land in this order.
-__device__ __forceinline__ int key_of_position(int p) {
-  const int t = p >> 2, i = p & 3;
-  return 2 * t + (i & 1) + 8 * (i >> 1);
-}
-
 // V tile [64 keys][D] -> s_vt [D channels][64 positions], positions ordered by key_of_position.
 // Each thread moves a 4-position x 4-channel block: four 32-bit loads, a byte transpose, four stores.
 template <int D>
 __device__ __forceinline__ void transpose_value_tile(const uint8_t* s_v, uint8_t* s_vt) {
   using L = Layout<D>;
-  constexpr int kGroups = kBlockN / 4;  // position groups; consecutive threads take consecutive ones
-  for (int item = threadIdx.x; item < kGroups * (D / 4); item += kThreads) {
-    const int group = item % kGroups, c = (item / kGroups) * 4;
-    const int p = group * 4, base = p & ~15;
-    uint32_t w[4];
+  for (int item = threadIdx.x; item < kBlockN / 4 * (D / 4); item += kThreads) {
+    int p, c, key[4];
+    transpose_item(item, kBlockN, p, c, key);
+    uint32_t w[4], out[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-      w[i] = *reinterpret_cast<const uint32_t*>(s_v + (base + key_of_position((p & 15) + i)) * L::kRow + c);
-    const uint32_t t0 = __byte_perm(w[0], w[1], 0x5140), t1 = __byte_perm(w[0], w[1], 0x7362);
-    const uint32_t t2 = __byte_perm(w[2], w[3], 0x5140), t3 = __byte_perm(w[2], w[3], 0x7362);
-    *reinterpret_cast<uint32_t*>(s_vt + (c + 0) * L::kVtRow + p) = __byte_perm(t0, t2, 0x5410);
-    *reinterpret_cast<uint32_t*>(s_vt + (c + 1) * L::kVtRow + p) = __byte_perm(t0, t2, 0x7632);
-    *reinterpret_cast<uint32_t*>(s_vt + (c + 2) * L::kVtRow + p) = __byte_perm(t1, t3, 0x5410);
-    *reinterpret_cast<uint32_t*>(s_vt + (c + 3) * L::kVtRow + p) = __byte_perm(t1, t3, 0x7632);
+    for (int i = 0; i < 4; ++i) w[i] = *reinterpret_cast<const uint32_t*>(s_v + key[i] * L::kRow + c);
+    transpose_4x4_bytes(w, out);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) *reinterpret_cast<uint32_t*>(s_vt + (c + j) * L::kVtRow + p) = out[j];
   }
 }
 
@@ -291,15 +268,11 @@ template <int D>
 __device__ __forceinline__ void probability_value_product(const float (&p)[kBlockN / 8][4], const uint8_t* s_vt,
                                                           float (&o)[D / 8][4]) {
   const int lane = threadIdx.x % 32;
-  const uint8_t* row = s_vt + ((lane & 7) + (lane >> 4) * 8) * Layout<D>::kVtRow + ((lane >> 3) & 1) * 16;
+  const uint8_t* row = s_vt + b_fragment_row(lane) * Layout<D>::kVtRow + b_fragment_byte(lane);
 #pragma unroll
   for (int kc = 0; kc < kBlockN / 32; ++kc) {
-    const int j = 4 * kc;  // the four S n-tiles of these 32 keys
-    const uint32_t a[4] = {
-        pack_e4m3(p[j][0] * kPScale, p[j][1] * kPScale, p[j + 1][0] * kPScale, p[j + 1][1] * kPScale),
-        pack_e4m3(p[j][2] * kPScale, p[j][3] * kPScale, p[j + 1][2] * kPScale, p[j + 1][3] * kPScale),
-        pack_e4m3(p[j + 2][0] * kPScale, p[j + 2][1] * kPScale, p[j + 3][0] * kPScale, p[j + 3][1] * kPScale),
-        pack_e4m3(p[j + 2][2] * kPScale, p[j + 2][3] * kPScale, p[j + 3][2] * kPScale, p[j + 3][3] * kPScale)};
+    uint32_t a[4];  // from the four S n-tiles of these 32 keys
+    p_fragment(p + 4 * kc, kPScale, a);
 #pragma unroll
     for (int dp = 0; dp < D / 16; ++dp) {
       uint32_t b[4];

@@ -1,4 +1,4 @@
-"""The CUDA sources' shared __host__ __device__ code (Philox, e4m3), compiled for the host."""
+"""The CUDA sources' shared __host__ __device__ code (Philox, e4m3, mma fragments), compiled for the host."""
 import os
 import shutil
 import subprocess
@@ -55,3 +55,11 @@ def test_e4m3_conversion_matches_torch_on_every_class_of_value(host_tests):
     parsed = torch.tensor([float(f"{v:.9g}") for v in values.tolist()])
     expected = parsed.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
     assert torch.equal(host, expected)
+
+
+def test_attention_mma_fragments_follow_the_ptx_layouts(host_tests):
+    """The CUDA attention kernel's operand gathering (csrc/mma_fragments.cuh: ldmatrix addresses, the
+    P operand built from S accumulators, V transposed into P's key order), run on the host against
+    the PTX ISA's m16n8k32 e4m3 layouts: S = Q.K^T and O = e4m3(448 P).V come out exactly."""
+    seed = torch.randint(0, 2**31, ()).item()
+    assert run(host_tests, "fragments", seed).strip() == "ok", f"seed {seed}"

@@ -1,0 +1,93 @@
+// Where the operands of mma.sync m16n8k32 (e4m3) come from: the shared-memory rows each lane
+// points ldmatrix at, the key order of the P operand built from S accumulators, and the byte
+// transpose that gives V that order. __host__ __device__ so that tests/test_csrc_host.py runs
+// this very code against the PTX ISA's fragment layouts on the host (csrc/host_tests.cpp).
+//
+// The layouts (PTX ISA, mma.m16n8k32 with .e4m3; g = lane / 4, t = lane % 4):
+//   A (16 x 32): reg0 = row g, bytes 4t..4t+3; reg1 = row g+8, same bytes; reg2, reg3 = bytes +16.
+//   B (32 x 8):  reg0 = column g, k = 4t..4t+3; reg1 = k + 16.
+//   C (16 x 8):  c0, c1 = row g, columns 2t, 2t+1; c2, c3 = row g+8.
+// ldmatrix.x4 (b16): lane l gives the address of row l % 8 of matrix l / 8; each lane receives,
+// of each matrix, bytes 4(l%4)..4(l%4)+3 of its row l / 4 — one e4m3 operand register.
+#pragma once
+
+#include <cstdint>
+
+#include "e4m3.cuh"
+#include "host_device.h"
+
+#if defined(__CUDACC__)
+#include <cuda_fp8.h>
+#endif
+
+namespace xjfast {
+
+// A operand from a row-major tile (rows = M, bytes = K): matrices rows 0-7 | rows 8-15 of bytes
+// 0-15, then the same of bytes 16-31 (reg0..reg3).
+XJ_HD int a_fragment_row(int lane) { return (lane & 7) + ((lane >> 3) & 1) * 8; }
+XJ_HD int a_fragment_byte(int lane) { return (lane >> 4) * 16; }
+
+// B operands of two n-tiles from a tile whose rows are N (keys, or channels of V^T) and bytes K:
+// rows 0-7 of bytes 0-15 | 16-31 (reg0, reg1 of the first n-tile), then rows 8-15 (the second).
+XJ_HD int b_fragment_row(int lane) { return (lane & 7) + (lane >> 4) * 8; }
+XJ_HD int b_fragment_byte(int lane) { return ((lane >> 3) & 1) * 16; }
+
+// Which key of a 16-key group sits at position p of the P operand. Lane (g, t) holds the S
+// accumulators of keys 2t, 2t+1 of each 8-key n-tile; packed as they are, two n-tiles per
+// register (positions 4t..4t+3), they give this order. V^T's columns are stored in it.
+XJ_HD int key_of_position(int p) {
+  const int t = p >> 2, i = p & 3;
+  return 2 * t + (i & 1) + 8 * (i >> 1);
+}
+
+XJ_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t selector) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(x, y, selector);
+#else
+  const uint64_t bytes = (static_cast<uint64_t>(y) << 32) | x;
+  uint32_t out = 0;
+  for (int n = 0; n < 4; ++n) out |= static_cast<uint32_t>((bytes >> (8 * ((selector >> (4 * n)) & 7))) & 0xFF) << (8 * n);
+  return out;
+#endif
+}
+
+// Four words (4 bytes each, say 4 channels of 4 keys) -> four words (4 keys of each channel).
+XJ_HD void transpose_4x4_bytes(const uint32_t (&w)[4], uint32_t (&out)[4]) {
+  const uint32_t t0 = byte_perm(w[0], w[1], 0x5140), t1 = byte_perm(w[0], w[1], 0x7362);
+  const uint32_t t2 = byte_perm(w[2], w[3], 0x5140), t3 = byte_perm(w[2], w[3], 0x7362);
+  out[0] = byte_perm(t0, t2, 0x5410), out[1] = byte_perm(t0, t2, 0x7632);
+  out[2] = byte_perm(t1, t3, 0x5410), out[3] = byte_perm(t1, t3, 0x7632);
+}
+
+// Four floats -> four e4m3 bytes, round to nearest even, saturating; the first in the lowest byte.
+XJ_HD uint32_t pack_e4m3(float a, float b, float c, float d) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+  const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(c, d), __NV_SATFINITE, __NV_E4M3);
+  return lo | (hi << 16);
+#else
+  return static_cast<uint32_t>(float_to_e4m3(a)) | (static_cast<uint32_t>(float_to_e4m3(b)) << 8) |
+         (static_cast<uint32_t>(float_to_e4m3(c)) << 16) | (static_cast<uint32_t>(float_to_e4m3(d)) << 24);
+#endif
+}
+
+// The P operand of 32 keys (A, 16 x 32) from the S accumulators s[0..3] of their four n-tiles, each
+// value times `scale` (P's 448) before its rounding; key order per key_of_position.
+XJ_HD void p_fragment(const float (*s)[4], float scale, uint32_t (&a)[4]) {
+  a[0] = pack_e4m3(s[0][0] * scale, s[0][1] * scale, s[1][0] * scale, s[1][1] * scale);
+  a[1] = pack_e4m3(s[0][2] * scale, s[0][3] * scale, s[1][2] * scale, s[1][3] * scale);
+  a[2] = pack_e4m3(s[2][0] * scale, s[2][1] * scale, s[3][0] * scale, s[3][1] * scale);
+  a[3] = pack_e4m3(s[2][2] * scale, s[2][3] * scale, s[3][2] * scale, s[3][3] * scale);
+}
+
+// Item `item` of the V-tile transpose (tile of `keys` keys, 4 positions x 4 channels per item,
+// consecutive items taking consecutive position groups): its first position p, first channel c,
+// and the keys of positions p..p+3.
+XJ_HD void transpose_item(int item, int keys, int& p, int& c, int (&key)[4]) {
+  const int groups = keys / 4;
+  p = (item % groups) * 4;
+  c = (item / groups) * 4;
+  for (int i = 0; i < 4; ++i) key[i] = (p & ~15) + key_of_position((p & 15) + i);
+}
+
+}  // namespace xjfast
