@@ -1,5 +1,5 @@
 # make test [TESTS=tests/test_x.py] [PYTEST_ARGS=-x] | make demo | make wheel ARCHS="90a" | make sass
-# make gpu-check [OUT=dir]
+# make gpu-check [OUT=dir] | make profile OP=temporal_attention [BACKEND=triton] [OUT=dir]
 #
 # Each target sets itself up from a fresh clone (`make setup` does only that): a .venv in the
 # repo; torch 2.13.0 (a CPU build, from local disk) where there is no GPU, while a GPU machine
@@ -19,7 +19,7 @@ ARCHS ?= 90a;100a
 TRITON_VERSION ?= 3.9.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: setup venv test demo wheel sass gpu-check clean
+.PHONY: setup venv test demo wheel sass gpu-check profile clean
 
 setup venv: $(STAMP)
 
@@ -56,6 +56,17 @@ sass: $(STAMP)
 # On a GPU machine: its own python3 (with torch), no .venv; see bench/gpu_check.sh.
 gpu-check:
 	bash bench/gpu_check.sh $(OUT)
+
+# Nsight Compute on one launch of OP at the stream shape (bench/profile.py), into OUT (default
+# out/): OUT/profile-OP.ncu-rep, and the per-kernel summary on stdout. The clocks are left as found.
+OP ?= temporal_attention
+BACKEND ?= auto
+PROFILE_OUT = $(or $(OUT),out)
+profile:
+	mkdir -p $(PROFILE_OUT)
+	ncu --profile-from-start off --clock-control none --set full -f -o $(PROFILE_OUT)/profile-$(OP) \
+		$(PYTHON) -m bench.profile $(OP) $(BACKEND)
+	ncu --import $(PROFILE_OUT)/profile-$(OP).ncu-rep --print-summary per-kernel
 
 # A wheel holding SASS for ARCHS only, into dist/. A clean build/ so that no file left there by
 # an earlier build ends up in the wheel; the in-place install in .venv is left as it is.

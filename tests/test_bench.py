@@ -12,7 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_cpu_mode_writes_a_complete_results_file(tmp_path):
-    env = dict(os.environ, XJFAST_BENCH_DEVICE="cpu", PYTHONPATH=ROOT)
+    # keep what PYTHONPATH holds (gpu_check.sh puts carried wheels, diffusers, there)
+    env = dict(os.environ, XJFAST_BENCH_DEVICE="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     env.pop("TRITON_INTERPRET", None)
     run = subprocess.run([sys.executable, "-m", "bench.run", str(tmp_path)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
