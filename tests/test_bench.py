@@ -147,3 +147,16 @@ def test_sanitize_launches_every_op_with_valid_arguments(capsys):
     assert "FAILED" not in printed
     for op in registered_ops():
         assert f"sanitize {op}/reference (" in printed
+
+
+def test_attention_stops_taking_cases_when_the_budget_is_spent():
+    """The most telling case always runs; the next is skipped, saying why, when no time is left."""
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from bench import kernels
+    rows = kernels.attention(torch.device("cpu"), {}, budget=lambda: -1.0)
+    first, second = kernels.attention_cases(False)
+    assert any(r["query_frames"] == first["query_frames"] and "median_ms" in r for r in rows)
+    [skipped] = [r for r in rows if r["query_frames"] == second["query_frames"]]
+    assert "time budget" in skipped["skipped"]
