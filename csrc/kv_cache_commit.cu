@@ -168,6 +168,7 @@ void allow_staging(Kernel kernel, std::atomic<uint64_t>& devices) {
 
 template <typename In, typename S, bool kStaged>
 void launch(const CommitArgs& a, int cluster, int64_t blocks, size_t smem, cudaStream_t stream) {
+  check_clusters_supported();
   const auto kernel = kv_cache_commit_kernel<In, S, kStaged>;
   if (smem > (48 << 10)) {
     static std::atomic<uint64_t> devices{0};
@@ -261,7 +262,6 @@ void kv_cache_commit(const CommitArgs& a, cudaStream_t stream) {
   for (const auto& [name, p] : {pointers[2], pointers[5], pointers[6], pointers[7]})
     if (reinterpret_cast<uintptr_t>(p) % 4)
       throw std::invalid_argument(std::string("kv_cache_commit: ") + name + ": expected a 4-byte aligned address");
-  check_clusters_supported();
   dispatch_float(a.input_dtype, "kv_cache_commit input dtype", [&](auto t) { launch_input<decltype(t)>(a, stream); });
 }
 

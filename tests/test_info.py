@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from xjfast import _ext
-from xjfast.backends import backend_unavailable_reason
+from xjfast.backends import backend_unavailable_reason, resolve
+from xjfast.errors import BackendUnavailable
 from xjfast.info import collect_info, format_info
 
 
@@ -111,3 +112,35 @@ def test_the_committed_ranking_file_is_well_formed():
         for capability, entry in per_capability.items():
             assert re.fullmatch(r"\d+\.\d+", capability) and entry["source"].startswith("bench/results/")
             assert entry["order"] and set(entry["order"]) <= set(backends.BACKENDS)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A GPU of a chosen compute capability and an `_C` built for 90a and 100a, without either."""
+    fake_ext = type("C", (), {"built_archs": staticmethod(lambda: ["90a", "100a"])})
+    monkeypatch.setattr(_ext, "_load", lambda: (fake_ext, None))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def with_capability(capability):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    return with_capability
+
+
+@pytest.mark.parametrize("op", ["kv_cache_commit", "kv_cache_compact", "denoise_step"])
+def test_cuda_backend_on_a_gpu_without_sass_says_so(fake_gpu, op):
+    # rather than a launch failing with "no kernel image is available for execution on the device"
+    fake_gpu((12, 0))
+    with pytest.raises(BackendUnavailable, match=r"backend 'cuda' is unavailable: xjfast._C holds SASS for "
+                                                 r"sm_90a, sm_100a, none of which runs on this GPU \(compute "
+                                                 r"capability 12.0\); rebuild with XJFAST_CUDA_ARCHS=\"120a\""):
+        resolve(op, "cuda", "cuda")
+    fake_gpu((9, 0))
+    assert resolve(op, "cuda", "cuda").backend == "cuda"
+
+
+def test_cuda_commit_needs_clusters(fake_gpu, monkeypatch):
+    monkeypatch.setattr(_ext, "_load", lambda: (type("C", (), {"built_archs": staticmethod(lambda: ["89"])}), None))
+    fake_gpu((8, 9))
+    with pytest.raises(BackendUnavailable, match=r"kv_cache_commit/cuda needs compute capability >= 9.0, this GPU has 8.9"):
+        resolve("kv_cache_commit", "cuda", "cuda")
+    assert resolve("kv_cache_compact", "cuda", "cuda").backend == "cuda"

@@ -2,9 +2,11 @@
 import pytest
 import torch
 
+from xjfast.ops.kv_cache_commit import quantize_unit
 from xjfast.ops.kv_cache_compact import kv_cache_compact, select_keep
 
-from backends import DEVICE, fast_backends
+from backends import DEVICE, fast_backends, poisoned
+from test_kv_cache_commit import assert_units_match
 
 E4M3 = torch.float8_e4m3fn
 
@@ -47,3 +49,101 @@ def test_compact_matches_reference(backend, dtype):
     assert out_count == ref_count == 12 and torch.equal(out_mass, ref_mass)
     for r, o in zip(dequantized(ref_keep), dequantized(out_keep)):
         assert ((o - r).norm() / r.norm()) < 1e-2
+
+
+# ---- at the stream's shape, one eviction at a time against the reference ----------------------
+
+def committed_unit(B, T, H, D, dtype, store):
+    """A page as the cache holds it: random K (with a per-channel bias, so the mean matters) and V,
+    quantized by the reference commit."""
+    k = torch.randn(B, T, H, D, device=DEVICE) + 4 * torch.randn(1, 1, H, D, device=DEVICE)
+    v = torch.randn(B, T, H, D, device=DEVICE) * (torch.rand(1, 1, H, D, device=DEVICE) * 10 + 0.1)
+    return list(quantize_unit(k.to(dtype), v.to(dtype), store))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", fast_backends("kv_cache_compact"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("store", [E4M3, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_compact_stream_shape(backend, dtype, store, D):
+    B, K, T, H = 1, 512, 1560, 12
+    torch.manual_seed(D)
+    # the keep buffer and its scales start poisoned: the first eviction fills them from the page alone
+    keep = [poisoned((B, K, H, D), store), poisoned((B, K, H, D), store), poisoned((B, H), torch.float32),
+            poisoned((B, H, D), torch.float32), poisoned((B, H, D), torch.float32)]
+    keep_mass, count = torch.zeros(B, K, device=DEVICE), 0
+    for _ in range(3):  # then the candidates come from both the buffer and the page
+        page, mass = committed_unit(B, T, H, D, dtype, store), torch.rand(B, T, device=DEVICE)
+        ref_keep, ref_mass = [t.clone() for t in keep], keep_mass.clone()
+        out_keep, out_mass = [t.clone() for t in keep], keep_mass.clone()
+        ref_count = kv_cache_compact(ref_keep, ref_mass, count, page, mass, backend="reference")
+        out_count = kv_cache_compact(out_keep, out_mass, count, page, mass, backend=backend)
+        assert out_count == ref_count == K and torch.equal(out_mass, ref_mass)
+        assert_units_match(ref_keep, out_keep, store)
+        keep, keep_mass, count = ref_keep, ref_mass, ref_count  # go on from the reference's state
+
+
+def test_nothing_to_keep_leaves_the_buffer_as_it_is():
+    keep = page(1, 4, 2, 64, E4M3)
+    before = [t.clone() for t in keep]
+    empty = page(1, 0, 2, 64, E4M3)
+    assert kv_cache_compact(keep, torch.zeros(1, 4), 0, empty, torch.zeros(1, 0)) == 0
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip(keep, before))
+
+
+def test_bad_arguments_name_them():
+    keep, p = page(1, 4, 2, 64, E4M3), page(1, 8, 2, 64, E4M3)
+    mass, page_mass = torch.zeros(1, 4, device=DEVICE), torch.rand(1, 8, device=DEVICE)
+    with pytest.raises(TypeError, match=r"page.k: expected dtype torch.float8_e4m3fn, got torch.bfloat16"):
+        kv_cache_compact(keep, mass, 0, [p[0].to(torch.bfloat16)] + p[1:], page_mass)
+    with pytest.raises(ValueError, match=r"page.k: expected shape \[1, T, 2, 64\] like the keep buffer"):
+        kv_cache_compact(keep, mass, 0, [p[0][:, :, :1]] + p[1:], page_mass)
+    with pytest.raises(ValueError, match=r"keep.k_mean: expected shape \[1, 2, 64\]"):
+        kv_cache_compact(keep[:3] + [keep[3][:, :1]] + keep[4:], mass, 0, p, page_mass)
+    with pytest.raises(ValueError, match=r"page.v_scale: expected a contiguous tensor"):
+        kv_cache_compact(keep, mass, 0, p[:4] + [p[4].transpose(1, 2).contiguous().transpose(1, 2)], page_mass)
+    with pytest.raises(ValueError, match=r"keep: expected 5 tensors"):
+        kv_cache_compact(keep[:4], mass, 0, p, page_mass)
+    with pytest.raises(ValueError, match=r"keep_count: expected an int in \[0, 4\], got 5"):
+        kv_cache_compact(keep, mass, 5, p, page_mass)
+
+
+# The CUDA entry point checks its arguments before touching the GPU, so these run anywhere _C is built.
+def compact_args(**changes):
+    fake = 1 << 20  # an aligned address that is never dereferenced: every case raises first
+    args = dict(keep=[fake] * 5, page=[fake] * 5, top=fake, storage_dtype=3, sizes=[1, 512, 1560, 12, 128],
+                keep_count=512, count=512, stream=0)
+    return {**args, **changes}
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(keep=[0] + [1 << 20] * 4), "keep.k is a null pointer"),
+    (dict(page=[1 << 20] * 4 + [0]), "page.v_scale is a null pointer"),
+    (dict(top=0), "top is a null pointer"),
+    (dict(page=[(1 << 20) + 8] + [1 << 20] * 4), "page.k: the CUDA kernel moves 16-byte vectors"),
+    (dict(keep=[1 << 20] * 3 + [(1 << 20) + 2, 1 << 20]), "keep.k_mean: expected a 4-byte aligned address"),
+    (dict(top=(1 << 20) + 4), "top: expected a 8-byte aligned address"),
+    (dict(sizes=[1, 512, 1560, 12, 80]), "head_dim must be 64 or 128, got 80"),
+    (dict(sizes=[1, 512, 1560, 12]), r"sizes are \(B, K, T, H, D\)"),
+    (dict(keep=[1 << 20] * 4), "keep and page are 5 pointers each"),
+    (dict(sizes=[0, 512, 1560, 12, 128]), "expected B, K, H >= 1 and T >= 0"),
+    (dict(sizes=[65536, 512, 1560, 65536, 128]), "blocks are more than one launch can hold"),
+    (dict(keep_count=513), r"keep_count must be in \[0, K = 512\], got 513"),
+    (dict(count=513), r"count must be in \[1, min\(K, keep_count \+ T\)\]"),
+    (dict(count=0), r"count must be in \[1, min\(K, keep_count \+ T\)\]"),
+    (dict(keep_count=0, sizes=[1, 512, 100, 12, 128]), r"count must be in \[1, min\(K, keep_count \+ T\)\]"),
+    (dict(storage_dtype=2), "storage dtype must be e4m3, bfloat16 or float32"),
+])
+def test_cuda_entry_point_rejects_bad_arguments_before_launching(changes, message):
+    C = pytest.importorskip("xjfast._C", reason="xjfast._C is not built")
+    with pytest.raises(ValueError, match=message):
+        C.kv_cache_compact(**compact_args(**changes))
+
+
+def test_cuda_entry_point_reaches_the_launch_with_good_arguments():
+    C = pytest.importorskip("xjfast._C", reason="xjfast._C is not built")
+    if torch.cuda.is_available():
+        pytest.skip("checks how far a well-formed call gets where there is no GPU")
+    with pytest.raises(C.CudaError, match="launch of kv_cache_compact_kernel"):
+        C.kv_cache_compact(**compact_args())
