@@ -127,7 +127,8 @@ static void temporal_attention(uintptr_t q, std::vector<int64_t> q_strides, uint
                                int n_sinks, std::vector<uintptr_t> keep, int keep_capacity, int keep_count,
                                std::vector<uintptr_t> pass, int unit_tokens, int n_units, uintptr_t private_blocks,
                                int block_tokens, bool causal, uintptr_t frame_slots, int first_slot,
-                               float sm_scale_log2, uintptr_t rope, int rope_center, int rope_dims, uintptr_t stream) {
+                               float sm_scale_log2, uintptr_t rope, int rope_center, int rope_dims, int core,
+                               uintptr_t stream) {
   xjfast::AttentionArgs a{};
   a.qt = query_tiles(q, q_strides, dtype, sizes, first_slot, unit_tokens, frame_slots, sm_scale_log2, rope,
                      rope_center, rope_dims);
@@ -143,13 +144,14 @@ static void temporal_attention(uintptr_t q, std::vector<int64_t> q_strides, uint
   a.n_units = n_units;
   a.private_blocks = reinterpret_cast<const int8_t*>(private_blocks);
   a.block_tokens = block_tokens, a.causal = causal;
+  a.core = core;
   xjfast::temporal_attention(a, reinterpret_cast<cudaStream_t>(stream));
 }
 
 static void attention_mass(uintptr_t q, std::vector<int64_t> q_strides, uintptr_t lse, int dtype,
                            std::vector<int> sizes, std::vector<uintptr_t> cache, int cache_tokens, int page, int slot,
                            uintptr_t mass, int unit_tokens, uintptr_t frame_slots, int first_slot, float sm_scale_log2,
-                           uintptr_t rope, int rope_center, int rope_dims, uintptr_t stream) {
+                           uintptr_t rope, int rope_center, int rope_dims, int core, uintptr_t stream) {
   xjfast::AttentionMassArgs a{};
   a.qt = query_tiles(q, q_strides, dtype, sizes, first_slot, unit_tokens, frame_slots, sm_scale_log2, rope,
                      rope_center, rope_dims);
@@ -157,6 +159,7 @@ static void attention_mass(uintptr_t q, std::vector<int64_t> q_strides, uintptr_
   a.cache = paged_units(cache, cache_tokens, "cache");
   a.page = page, a.slot = slot;
   a.mass = reinterpret_cast<float*>(mass);
+  a.core = core;
   xjfast::attention_mass(a, reinterpret_cast<cudaStream_t>(stream));
 }
 
@@ -195,11 +198,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("keep_capacity"), py::arg("keep_count"), py::arg("pass_units"), py::arg("unit_tokens"),
         py::arg("n_units"), py::arg("private_blocks"), py::arg("block_tokens"), py::arg("causal"),
         py::arg("frame_slots"), py::arg("first_slot"), py::arg("sm_scale_log2"), py::arg("rope"),
-        py::arg("rope_center"), py::arg("rope_dims"), py::arg("stream"));
+        py::arg("rope_center"), py::arg("rope_dims"), py::arg("core"), py::arg("stream"));
   m.def("attention_mass", &attention_mass, "attention mass of one cached page's keys, from the LSE",
         py::arg("q"), py::arg("q_strides"), py::arg("lse"), py::arg("dtype"), py::arg("sizes"), py::arg("cache"),
         py::arg("cache_tokens"), py::arg("page"), py::arg("slot"), py::arg("mass"), py::arg("unit_tokens"),
         py::arg("frame_slots"), py::arg("first_slot"), py::arg("sm_scale_log2"), py::arg("rope"),
-        py::arg("rope_center"), py::arg("rope_dims"), py::arg("stream"));
+        py::arg("rope_center"), py::arg("rope_dims"), py::arg("core"), py::arg("stream"));
   m.attr("attention_block_n") = xjfast::kAttentionBlockN;
+  m.attr("attention_cores") = py::dict(py::arg("auto") = static_cast<int>(xjfast::kCoreAuto),
+                                       py::arg("mma") = static_cast<int>(xjfast::kCoreMmaSync),
+                                       py::arg("wgmma") = static_cast<int>(xjfast::kCoreWgmma));
 }

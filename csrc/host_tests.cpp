@@ -7,11 +7,15 @@
 //                                    laid out as the kernel lays them, multiplied per the PTX ISA's
 //                                    fragment layouts, against plain matrix products: "ok" or the
 //                                    first mismatch
+//   wgmma SEED                    -> the same for the warpgroup's wgmma (sm_90a) path: Q, K and V^T
+//                                    tiles in core-matrix layout, read through the kernel's
+//                                    descriptors as the PTX ISA defines them, P from registers
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
+#include <array>
 #include <random>
 #include <vector>
 
@@ -138,6 +142,117 @@ int fragments(uint32_t seed) {
   return bad;
 }
 
+// A wgmma operand in shared memory, as the PTX ISA reads a K-major descriptor without swizzle:
+// element (row, k) of k-step at start + (row / 8) * stride + (k / 16) * leading + (row % 8) * 16 + k % 16.
+uint8_t descriptor_element(const std::vector<uint8_t>& smem, uint64_t desc, int row, int k) {
+  const uint32_t start = (desc & 0x3FFF) << 4, leading = ((desc >> 16) & 0x3FFF) << 4;
+  const uint32_t stride = ((desc >> 32) & 0x3FFF) << 4;
+  if (desc >> 62) throw 0;  // a swizzle mode: not what the kernel lays out
+  return smem[start + (row / 8) * stride + (k / 16) * leading + (row % 8) * 16 + k % 16];
+}
+
+// wgmma m64nNk32 e4m3 over the warpgroup's 128 threads: acc[thread][n-tile][4] += A . B^T, with A
+// (64 x 32) from a descriptor or, when `a_regs` is given, from each warp's registers (rows
+// 16w..16w+15, the mma.sync A layout), and B (N x 32) from a descriptor.
+void wgmma(std::vector<double>& acc, int n_tiles, const std::vector<uint8_t>& smem, uint64_t a_desc,
+           const std::vector<std::array<uint32_t, 4>>* a_regs, uint64_t b_desc) {
+  std::vector<double> A(64 * 32), B(n_tiles * 8 * 32);
+  for (int m = 0; m < 64; ++m)
+    for (int k = 0; k < 32; ++k) {
+      uint8_t code;
+      if (a_regs) {
+        const int w = m / 16, r = m % 16, t = (k % 16) / 4;
+        code = byte_of((*a_regs)[32 * w + 4 * (r % 8) + t][(r / 8) + 2 * (k / 16)], k % 4);
+      } else {
+        code = descriptor_element(smem, a_desc, m, k);
+      }
+      A[m * 32 + k] = xjfast::e4m3_to_float(code);
+    }
+  for (int n = 0; n < n_tiles * 8; ++n)
+    for (int k = 0; k < 32; ++k) B[n * 32 + k] = xjfast::e4m3_to_float(descriptor_element(smem, b_desc, n, k));
+  for (int thread = 0; thread < 128; ++thread) {
+    const int w = thread / 32, g = (thread % 32) / 4, t = thread % 4;
+    for (int j = 0; j < n_tiles; ++j)
+      for (int e = 0; e < 4; ++e) {
+        const int m = 16 * w + g + 8 * (e / 2), n = 8 * j + 2 * t + (e & 1);
+        double sum = 0;
+        for (int k = 0; k < 32; ++k) sum += A[m * 32 + k] * B[n * 32 + k];
+        acc[(thread * n_tiles + j) * 4 + e] += sum;
+      }
+  }
+}
+
+// One CTA's S = Q.K^T (64 x 64) and O = e4m3(448 P).V (64 x 128) as WgmmaCore computes them.
+int wgmma_tiles(uint32_t seed) {
+  constexpr int D = 128, N = 64, kVRow = D + 16;
+  const int row_group = xjfast::k_major_group_stride(D), vt_group = xjfast::k_major_group_stride(N);
+  std::mt19937 rng(seed);
+  auto code = [&] { uint8_t c = static_cast<uint8_t>(rng()); return (c & 0x7F) == 0x7F ? uint8_t(0x7E) : c; };
+  auto dec = [](uint8_t c) { return static_cast<double>(xjfast::e4m3_to_float(c)); };
+  // one shared-memory space: Q, K (core matrices), V (row-major, padded), V^T (core matrices)
+  const int q0 = 0, k0 = 64 * D, v0 = k0 + N * D, vt0 = v0 + N * kVRow;
+  std::vector<uint8_t> smem(vt0 + D * N);
+  std::vector<uint8_t> q(64 * D), k(N * D), v(N * D);
+  for (auto* m : {&q, &k, &v}) for (auto& x : *m) x = code();
+  for (int r = 0; r < 64; ++r) for (int c = 0; c < D; ++c) smem[q0 + xjfast::core_matrix_offset(r, c, row_group)] = q[r * D + c];
+  for (int r = 0; r < N; ++r) for (int c = 0; c < D; ++c) smem[k0 + xjfast::core_matrix_offset(r, c, row_group)] = k[r * D + c];
+  for (int r = 0; r < N; ++r) for (int c = 0; c < D; ++c) smem[v0 + r * kVRow + c] = v[r * D + c];
+
+  std::vector<double> s(128 * (N / 8) * 4, 0.0);
+  for (int kc = 0; kc < D / 32; ++kc)
+    wgmma(s, N / 8, smem, xjfast::k_step_descriptor(q0, kc, row_group), nullptr,
+          xjfast::k_step_descriptor(k0, kc, row_group));
+  int bad = 0;
+  for (int thread = 0; thread < 128 && !bad; ++thread)
+    for (int j = 0; j < N / 8 && !bad; ++j)
+      for (int e = 0; e < 4 && !bad; ++e) {
+        const int row = 16 * (thread / 32) + (thread % 32) / 4 + 8 * (e / 2), key = 8 * j + 2 * (thread % 4) + (e & 1);
+        double want = 0;
+        for (int c = 0; c < D; ++c) want += dec(q[row * D + c]) * dec(k[key * D + c]);
+        bad |= check("wgmma S = Q.K^T", s[(thread * (N / 8) + j) * 4 + e], want, row, key);
+      }
+
+  for (int item = 0; item < N / 4 * (D / 4); ++item) {  // transpose_value_tile with WgmmaCore::vt_offset
+    int pos, c, key[4];
+    xjfast::transpose_item(item, N, pos, c, key);
+    uint32_t w[4], out[4];
+    for (int i = 0; i < 4; ++i) memcpy(&w[i], &smem[v0 + key[i] * kVRow + c], 4);
+    xjfast::transpose_4x4_bytes(w, out);
+    for (int j = 0; j < 4; ++j) memcpy(&smem[vt0 + xjfast::core_matrix_offset(c + j, pos, vt_group)], &out[j], 4);
+  }
+  std::vector<std::array<float, 4>> p(128 * (N / 8));  // P in the S accumulator layout
+  std::uniform_real_distribution<float> unit(0.f, 1.f);
+  for (auto& tile : p) for (float& x : tile) x = unit(rng);
+  std::vector<double> o(128 * (D / 8) * 4, 0.0);
+  for (int kc = 0; kc < N / 32; ++kc) {
+    std::vector<std::array<uint32_t, 4>> a(128);
+    for (int thread = 0; thread < 128; ++thread) {
+      float tiles[4][4];
+      for (int j = 0; j < 4; ++j) for (int e = 0; e < 4; ++e) tiles[j][e] = p[thread * (N / 8) + 4 * kc + j][e];
+      uint32_t regs[4];
+      xjfast::p_fragment(tiles, 448.f, regs);
+      for (int r = 0; r < 4; ++r) a[thread][r] = regs[r];
+    }
+    wgmma(o, D / 8, smem, 0, &a, xjfast::k_step_descriptor(vt0, kc, vt_group));
+  }
+  std::vector<double> P(64 * N);
+  for (int thread = 0; thread < 128; ++thread)
+    for (int j = 0; j < N / 8; ++j)
+      for (int e = 0; e < 4; ++e)
+        P[(16 * (thread / 32) + (thread % 32) / 4 + 8 * (e / 2)) * N + 8 * j + 2 * (thread % 4) + (e & 1)] =
+            dec(xjfast::float_to_e4m3(p[thread * (N / 8) + j][e] * 448.f));
+  for (int thread = 0; thread < 128 && !bad; ++thread)
+    for (int dn = 0; dn < D / 8 && !bad; ++dn)
+      for (int e = 0; e < 4 && !bad; ++e) {
+        const int row = 16 * (thread / 32) + (thread % 32) / 4 + 8 * (e / 2), ch = 8 * dn + 2 * (thread % 4) + (e & 1);
+        double want = 0;
+        for (int key = 0; key < N; ++key) want += P[row * N + key] * dec(v[key * D + ch]);
+        bad |= check("wgmma O = P.V", o[(thread * (D / 8) + dn) * 4 + e], want, row, ch);
+      }
+  if (!bad) printf("ok\n");
+  return bad;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -166,7 +281,8 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
+  if (argc == 3 && !strcmp(argv[1], "wgmma")) return wgmma_tiles(static_cast<uint32_t>(strtoul(argv[2], nullptr, 0)));
   if (argc == 3 && !strcmp(argv[1], "fragments")) return fragments(static_cast<uint32_t>(strtoul(argv[2], nullptr, 0)));
-  fprintf(stderr, "usage: host_tests philox C0 C1 C2 C3 K0 K1 | normal SEED FRAME N | e4m3 < floats | fragments SEED\n");
+  fprintf(stderr, "usage: host_tests philox C0 C1 C2 C3 K0 K1 | normal SEED FRAME N | e4m3 < floats | fragments SEED | wgmma SEED\n");
   return 2;
 }

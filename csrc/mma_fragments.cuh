@@ -9,6 +9,9 @@
 //   C (16 x 8):  c0, c1 = row g, columns 2t, 2t+1; c2, c3 = row g+8.
 // ldmatrix.x4 (b16): lane l gives the address of row l % 8 of matrix l / 8; each lane receives,
 // of each matrix, bytes 4(l%4)..4(l%4)+3 of its row l / 4 — one e4m3 operand register.
+// wgmma (sm_90a) m64nNk32 e4m3: the accumulators and an A operand in registers follow the same
+// per-warp layouts, warp w of the warpgroup holding rows 16w..16w+15; operands in shared memory
+// are read through descriptors (core_matrix_offset, wgmma_descriptor).
 #pragma once
 
 #include <cstdint>
@@ -88,6 +91,31 @@ XJ_HD void transpose_item(int item, int keys, int& p, int& c, int (&key)[4]) {
   p = (item % groups) * 4;
   c = (item / groups) * 4;
   for (int i = 0; i < 4; ++i) key[i] = (p & ~15) + key_of_position((p & 15) + i);
+}
+
+// A wgmma operand in shared memory, K-major and without swizzle, is made of "core matrices" of 8
+// rows x 16 bytes stored as 128 contiguous bytes; along K they lie kCoreMatrixBytes apart (the
+// descriptor's leading byte offset), from one group of 8 rows to the next `group_stride` apart
+// (its stride byte offset). Byte `byte` of row `row` of such a tile:
+constexpr int kCoreMatrixBytes = 128;
+XJ_HD int core_matrix_offset(int row, int byte, int group_stride) {
+  return (row / 8) * group_stride + (byte / 16) * kCoreMatrixBytes + (row % 8) * 16 + byte % 16;
+}
+
+// The group stride of a K-major tile with rows of `row_bytes` bytes, core matrices along K adjacent.
+XJ_HD constexpr int k_major_group_stride(int row_bytes) { return (row_bytes / 16) * kCoreMatrixBytes; }
+
+// The 64-bit shared-memory matrix descriptor of wgmma: start address, leading and stride byte
+// offsets (each in 16-byte units), no swizzle (bits 62-63 zero), base offset 0.
+XJ_HD uint64_t wgmma_descriptor(uint32_t smem_address, uint32_t leading_bytes, uint32_t stride_bytes) {
+  return static_cast<uint64_t>((smem_address & 0x3FFFF) >> 4) | (static_cast<uint64_t>(leading_bytes >> 4) << 16) |
+         (static_cast<uint64_t>(stride_bytes >> 4) << 32);
+}
+
+// The descriptor of k-step kc (32 bytes along K: two core matrices) of a K-major tile whose groups
+// of 8 rows lie `group_stride` bytes apart, core matrices along K adjacent.
+XJ_HD uint64_t k_step_descriptor(uint32_t tile_address, int kc, int group_stride) {
+  return wgmma_descriptor(tile_address + kc * 2 * kCoreMatrixBytes, kCoreMatrixBytes, group_stride);
 }
 
 }  // namespace xjfast

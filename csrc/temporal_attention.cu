@@ -1,6 +1,7 @@
 // temporal_attention: FP8 attention of a pass's queries over the paged KV cache and the pass's own
-// keys, with mma.sync m16n8k32 e4m3 tensor-core instructions (sm_89 and later), the same math as
-// the Triton kernel (kernels/temporal_attention.py) and the reference it is held to.
+// keys on the tensor cores, the same math as the Triton kernel (kernels/temporal_attention.py) and
+// the reference it is held to. Two cores (attention_cores.cuh) do the products: wgmma on sm_90a
+// (Hopper's FP8 path), mma.sync m16n8k32 elsewhere (sm_89 and later); the host picks by GPU.
 //
 // One CTA of 4 warps per (64-query tile, b, head); warp w owns query rows 16w..16w+15. The CTA
 // walks the key units in slot order (sink pages, the keep buffer, window pages, the pass's frames)
@@ -11,9 +12,9 @@
 //   3. streams the unit's 64-key tiles through two cp.async stages: S = Q.K^T on the tensor cores,
 //      exp2 online softmax in fp32, P scaled by 448 and rounded to e4m3, O += P.V on the tensor
 //      cores, with O kept in this unit's V-scale units while the unit is read.
-// P.V needs V with keys contiguous per channel: each tile is transposed in shared memory, its keys
-// permuted within each 16-key group so that the S accumulators of a thread are, as they are, the
-// P operand of the next mma (see key_of_position).
+// P.V needs V with keys contiguous per channel (e4m3 operands are K-major only): each tile is
+// transposed in shared memory, its keys permuted within each 16-key group so that the S
+// accumulators of a thread are, as they are, the P operand of the next product (key_of_position).
 #include <cuda_fp8.h>
 
 #include <cfloat>
@@ -22,6 +23,7 @@
 #include <string>
 
 #include "cuda_check.h"
+#include "attention_cores.cuh"
 #include "dtypes.cuh"
 #include "mma_fragments.cuh"
 #include "temporal_attention.h"
@@ -30,22 +32,22 @@ namespace xjfast {
 namespace {
 
 constexpr int kThreads = 128, kWarps = 4;
-constexpr int kBlockM = 64;  // query rows per CTA = the Q quantization tile (xjfast.ops.temporal_attention.Q_TILE)
-constexpr int kBlockN = kAttentionBlockN;
+constexpr int kBlockM = kCoreBlockM;  // the Q quantization tile (xjfast.ops.temporal_attention.Q_TILE)
+constexpr int kBlockN = kCoreBlockN;
+static_assert(kBlockN == kAttentionBlockN, "the step the reference simulates");
 constexpr float kE4M3Max = 448.f, kMinScale = 1e-12f, kPScale = 448.f;
 constexpr float kLn2 = 0.69314718055994531f, kLog2e = 1.4426950408889634f;
 
 // ---- shared-memory layout ---------------------------------------------------------------------
-template <int D>
+template <int D, class Core>
 struct Layout {
-  static constexpr int kRow = D + 16;         // bytes per e4m3 row: the pad puts an ldmatrix's 8 rows on distinct banks
-  static constexpr int kVtRow = kBlockN + 16;  // bytes per transposed V row (one channel)
   static constexpr int kSegs = D / 16;         // 16-channel segments of a query row
+  static constexpr int kVRow = D + 16;         // V tiles arrive row-major (padded) for the transpose
   static constexpr int kQ = 0;
-  static constexpr int kK = kQ + kBlockM * kRow;          // two stages
-  static constexpr int kV = kK + 2 * kBlockN * kRow;      // two stages
-  static constexpr int kVt = kV + 2 * kBlockN * kRow;
-  static constexpr int kPart = kVt + D * kVtRow;          // float [kBlockM][kSegs]: q.mean partial sums
+  static constexpr int kK = kQ + Core::kQBytes;            // two stages
+  static constexpr int kV = kK + 2 * Core::kKBytes;        // two stages
+  static constexpr int kVt = kV + 2 * kBlockN * kVRow;
+  static constexpr int kPart = kVt + Core::kVtBytes;       // float [kBlockM][kSegs]: q.mean partial sums
   static constexpr int kQMean = kPart + 4 * kBlockM * kSegs;  // float [kBlockM]
   static constexpr int kWarpMax = kQMean + 4 * kBlockM;   // float [kWarps]
   static constexpr int kColSum = kWarpMax + 4 * kWarps;   // float [kWarps][kBlockN] (attention mass only)
@@ -53,10 +55,6 @@ struct Layout {
 };
 
 // ---- PTX ---------------------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // 16 bytes global -> shared, bypassing L1; src-size 0 writes zeros (keys past a unit's end read as 0).
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
@@ -67,23 +65,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// Four 8x8 matrices of 16-bit elements (= 8 rows x 16 bytes of e4m3); see mma_fragments.cuh.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(row))
-               : "memory");
-}
-
-// d += a (16x32, row) . b (32x8, col), e4m3 inputs, fp32 accumulators.
-__device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ float quad_max(float x) {
@@ -159,11 +140,11 @@ __device__ __forceinline__ void rotated_segment(const QueryTiles& qt, const In* 
 // (e4m3 rows); s_qmean[r] = (rotated q_r . k_mean) * sm_scale_log2. Returns the tile's scale.
 // Two passes over the tile (the second re-reads q from L1/L2): the scale needs the whole tile's
 // amax, and holding 64 rotated values per thread would cost the registers the accumulators need.
-template <typename In, int D>
+template <typename In, int D, class Core>
 __device__ float prepare_query_tile(const QueryTiles& qt, const In* q_bh, int m0, int unit_slot,
                                     const float* k_mean, uint8_t* s_q, float* s_part, float* s_qmean,
                                     float* s_warp_max) {
-  using L = Layout<D>;
+  using L = Layout<D, Core>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float amax = 0.f;
   for (int item = threadIdx.x; item < kBlockM * L::kSegs; item += kThreads) {
@@ -191,8 +172,9 @@ __device__ float prepare_query_tile(const QueryTiles& qt, const In* q_bh, int m0
     packed.y = pack_e4m3(x[4] / q_scale, x[5] / q_scale, x[6] / q_scale, x[7] / q_scale);
     packed.z = pack_e4m3(x[8] / q_scale, x[9] / q_scale, x[10] / q_scale, x[11] / q_scale);
     packed.w = pack_e4m3(x[12] / q_scale, x[13] / q_scale, x[14] / q_scale, x[15] / q_scale);
-    *reinterpret_cast<uint4*>(s_q + row * L::kRow + seg * 16) = packed;
+    *reinterpret_cast<uint4*>(s_q + Core::chunk_offset(row, seg)) = packed;
   }
+  if constexpr (Core::kAsyncProxy) fence_proxy_async();
   if (threadIdx.x < kBlockM) {
     float dot = 0.f;
 #pragma unroll
@@ -203,84 +185,36 @@ __device__ float prepare_query_tile(const QueryTiles& qt, const In* q_bh, int m0
   return q_scale;
 }
 
-// Lane's ldmatrix address of this warp's 16 query rows in s_q (the A operand of 32 channels).
-template <int D>
-__device__ __forceinline__ const uint8_t* query_fragment_row(const uint8_t* s_q) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  return s_q + (warp * 16 + a_fragment_row(lane)) * Layout<D>::kRow + a_fragment_byte(lane);
-}
-
-// Keys n0..n0+63 of a unit (rows `stride` bytes apart, `valid` of them) into a shared tile of
-// 64 rows; missing rows are zero-filled, so their V rows contribute 0 * 0.
-template <int D>
-__device__ __forceinline__ void load_key_tile(uint8_t* s_tile, const uint8_t* base, int64_t stride, int n0,
-                                              int valid) {
+// Keys n0..n0+63 of a unit (rows `stride` bytes apart, `valid` of them) into a shared tile, the
+// 16-byte chunk `c` of key r at offset(r, c); missing keys are zero-filled (their V rows then
+// contribute 0 * 0).
+template <int D, class Offset>
+__device__ __forceinline__ void load_tile(uint8_t* s_tile, const uint8_t* base, int64_t stride, int n0, int valid,
+                                          Offset offset) {
   constexpr int kChunks = D / 16;
   for (int c = threadIdx.x; c < kBlockN * kChunks; c += kThreads) {
     const int r = c / kChunks, col = c % kChunks;
     const bool live = n0 + r < valid;
-    cp_async_16(s_tile + r * Layout<D>::kRow + col * 16, live ? base + (n0 + r) * stride + col * 16 : base, live);
+    cp_async_16(s_tile + offset(r, col), live ? base + (n0 + r) * stride + col * 16 : base, live);
   }
 }
 
-// S (this warp's 16 rows x 64 keys, fp32) = Q . K^T, as 8 m16n8 accumulators. The Q fragments
-// are re-read from shared memory per tile (4 ldmatrix) rather than held: the registers go to O.
-template <int D>
-__device__ __forceinline__ void query_key_scores(const uint8_t* q_row, const uint8_t* s_k,
-                                                 float (&s)[kBlockN / 8][4]) {
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int j = 0; j < kBlockN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-  const uint8_t* row = s_k + b_fragment_row(lane) * Layout<D>::kRow + b_fragment_byte(lane);
-#pragma unroll
-  for (int kc = 0; kc < D / 32; ++kc) {
-    uint32_t qa[4];
-    ldmatrix_x4(qa, q_row + kc * 32);
-#pragma unroll
-    for (int p = 0; p < kBlockN / 16; ++p) {
-      uint32_t b[4];
-      ldmatrix_x4(b, row + p * 16 * Layout<D>::kRow + kc * 32);
-      mma_e4m3(s[2 * p], qa, b[0], b[1]);
-      mma_e4m3(s[2 * p + 1], qa, b[2], b[3]);
-    }
-  }
-}
-
-// V tile [64 keys][D] -> s_vt [D channels][64 positions], positions ordered by key_of_position.
-// Each thread moves a 4-position x 4-channel block: four 32-bit loads, a byte transpose, four stores.
-template <int D>
+// V tile [64 keys][D] (row-major) -> the core's V^T tile [D channels][64 positions], positions
+// ordered by key_of_position. Each thread moves 4 positions x 4 channels: four 32-bit loads, a
+// byte transpose, four stores.
+template <int D, class Core>
 __device__ __forceinline__ void transpose_value_tile(const uint8_t* s_v, uint8_t* s_vt) {
-  using L = Layout<D>;
   for (int item = threadIdx.x; item < kBlockN / 4 * (D / 4); item += kThreads) {
     int p, c, key[4];
     transpose_item(item, kBlockN, p, c, key);
     uint32_t w[4], out[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = *reinterpret_cast<const uint32_t*>(s_v + key[i] * L::kRow + c);
+    for (int i = 0; i < 4; ++i) w[i] = *reinterpret_cast<const uint32_t*>(s_v + key[i] * Layout<D, Core>::kVRow + c);
     transpose_4x4_bytes(w, out);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) *reinterpret_cast<uint32_t*>(s_vt + (c + j) * L::kVtRow + p) = out[j];
+    for (int j = 0; j < 4; ++j) *reinterpret_cast<uint32_t*>(s_vt + Core::vt_offset(c + j, p)) = out[j];
   }
-}
-
-// o += P (16 x 64, e4m3 of p * 448) . V^T tile, over D/8 m16n8 accumulators.
-template <int D>
-__device__ __forceinline__ void probability_value_product(const float (&p)[kBlockN / 8][4], const uint8_t* s_vt,
-                                                          float (&o)[D / 8][4]) {
-  const int lane = threadIdx.x % 32;
-  const uint8_t* row = s_vt + b_fragment_row(lane) * Layout<D>::kVtRow + b_fragment_byte(lane);
-#pragma unroll
-  for (int kc = 0; kc < kBlockN / 32; ++kc) {
-    uint32_t a[4];  // from the four S n-tiles of these 32 keys
-    p_fragment(p + 4 * kc, kPScale, a);
-#pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-      uint32_t b[4];
-      ldmatrix_x4(b, row + dp * 16 * Layout<D>::kVtRow + kc * 32);
-      mma_e4m3(o[2 * dp], a, b[0], b[1]);
-      mma_e4m3(o[2 * dp + 1], a, b[2], b[3]);
-    }
-  }
+  if constexpr (Core::kAsyncProxy) fence_proxy_async();
 }
 
 // One key unit as the kernel reads it.
@@ -303,9 +237,10 @@ __device__ __forceinline__ Unit paged_unit(const PagedUnits& u, int64_t unit, in
               u.k_mean + bh * D, u.v_scale + bh * D, slot};
 }
 
-template <typename In, int D>
+template <typename In, int D, template <int> class CoreT>
 __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const AttentionArgs a) {
-  using L = Layout<D>;
+  using Core = CoreT<D>;
+  using L = Layout<D, Core>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* s_q = smem + L::kQ;
   uint8_t* s_vt = smem + L::kVt;
@@ -356,11 +291,13 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
     }
 
     const int tiles = (unit.tokens + kBlockN - 1) / kBlockN;
-    load_key_tile<D>(smem + L::kK, unit.k, unit.stride, 0, unit.tokens);
-    load_key_tile<D>(smem + L::kV, unit.v, unit.stride, 0, unit.tokens);
+    const auto k_offset = [](int r, int c) { return Core::chunk_offset(r, c); };
+    const auto v_offset = [](int r, int c) { return r * L::kVRow + c * 16; };
+    load_tile<D>(smem + L::kK, unit.k, unit.stride, 0, unit.tokens, k_offset);
+    load_tile<D>(smem + L::kV, unit.v, unit.stride, 0, unit.tokens, v_offset);
     cp_async_commit();
-    const float q_scale =
-        prepare_query_tile<In, D>(qt, q_bh, m0, unit.slot, unit.k_mean, s_q, s_part, s_qmean, s_warp_max);
+    const float q_scale = prepare_query_tile<In, D, Core>(qt, q_bh, m0, unit.slot, unit.k_mean, s_q, s_part,
+                                                          s_qmean, s_warp_max);
     const float q_mean[2] = {s_qmean[warp * 16 + g], s_qmean[warp * 16 + g + 8]};
     const float score_scale = q_scale * unit.k_scale * qt.sm_scale_log2;
 
@@ -373,22 +310,23 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
 
     for (int tile = 0; tile < tiles; ++tile) {
       const int stage = tile & 1, n0 = tile * kBlockN;
-      uint8_t* s_k = smem + L::kK + stage * kBlockN * L::kRow;
-      uint8_t* s_v = smem + L::kV + stage * kBlockN * L::kRow;
+      uint8_t* s_k = smem + L::kK + stage * Core::kKBytes;
+      uint8_t* s_v = smem + L::kV + stage * kBlockN * L::kVRow;
       if (tile + 1 < tiles) {  // prefetch the next tile into the other stage
-        load_key_tile<D>(smem + L::kK + (stage ^ 1) * kBlockN * L::kRow, unit.k, unit.stride, n0 + kBlockN,
-                         unit.tokens);
-        load_key_tile<D>(smem + L::kV + (stage ^ 1) * kBlockN * L::kRow, unit.v, unit.stride, n0 + kBlockN,
-                         unit.tokens);
+        load_tile<D>(smem + L::kK + (stage ^ 1) * Core::kKBytes, unit.k, unit.stride, n0 + kBlockN, unit.tokens,
+                     k_offset);
+        load_tile<D>(smem + L::kV + (stage ^ 1) * kBlockN * L::kVRow, unit.v, unit.stride, n0 + kBlockN,
+                     unit.tokens, v_offset);
         cp_async_commit();
         cp_async_wait<1>();
       } else {
         cp_async_wait<0>();
       }
+      if constexpr (Core::kAsyncProxy) fence_proxy_async();
       __syncthreads();  // this tile's K and V are in shared memory
-      transpose_value_tile<D>(s_v, s_vt);
+      transpose_value_tile<D, Core>(s_v, s_vt);
       float s[kBlockN / 8][4];
-      query_key_scores<D>(query_fragment_row<D>(s_q), s_k, s);
+      Core::scores(s_q, s_k, s);
 
       // exp2 online softmax over this tile, rows g and g + 8 of the warp
       float tile_max[2] = {-INFINITY, -INFINITY};
@@ -421,8 +359,11 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
         }
       }
       l[0] += row_sum[0], l[1] += row_sum[1];  // this thread's columns; the quad is summed at the end
+      uint32_t pa[kBlockN / 32][4];  // P * 448 rounded to e4m3, as the product's A operand
+#pragma unroll
+      for (int kc = 0; kc < kBlockN / 32; ++kc) p_fragment(s + 4 * kc, kPScale, pa[kc]);
       __syncthreads();  // the transposed V tile is complete
-      probability_value_product<D>(s, s_vt, o);
+      Core::accumulate_pv(pa, s_vt, o);
       __syncthreads();  // this stage and s_vt are free for the next prefetch and transpose
     }
 #pragma unroll
@@ -451,9 +392,10 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
 
 // One CTA per (64 keys of the page, b, head): every query tile, quantized as the attention did,
 // p = exp2(s - lse) summed over the queries, added to mass with atomics (summing the heads too).
-template <typename In, int D>
+template <typename In, int D, template <int> class CoreT>
 __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const AttentionMassArgs a) {
-  using L = Layout<D>;
+  using Core = CoreT<D>;
+  using L = Layout<D, Core>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* s_q = smem + L::kQ;
   uint8_t* s_k = smem + L::kK;
@@ -467,17 +409,18 @@ __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const Attentio
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const In* q_bh = static_cast<const In*>(qt.q) + b * qt.sq[0] + h * qt.sq[2];
   const Unit unit = paged_unit(a.cache, a.page, b, h, qt.B, qt.H, D, a.cache.T, a.slot);
-  load_key_tile<D>(s_k, unit.k, unit.stride, n0, unit.tokens);
+  load_tile<D>(s_k, unit.k, unit.stride, n0, unit.tokens, [](int r, int c) { return Core::chunk_offset(r, c); });
   cp_async_commit();
 
   float colsum[kBlockN / 8][2] = {};
   for (int m0 = 0; m0 < qt.Lq; m0 += kBlockM) {
-    const float q_scale =
-        prepare_query_tile<In, D>(qt, q_bh, m0, unit.slot, unit.k_mean, s_q, s_part, s_qmean, s_warp_max);
+    const float q_scale = prepare_query_tile<In, D, Core>(qt, q_bh, m0, unit.slot, unit.k_mean, s_q, s_part,
+                                                          s_qmean, s_warp_max);
     cp_async_wait<0>();
+    if constexpr (Core::kAsyncProxy) fence_proxy_async();
     __syncthreads();  // the key tile (first iteration) and s_q are in shared memory
     float s[kBlockN / 8][4];
-    query_key_scores<D>(query_fragment_row<D>(s_q), s_k, s);
+    Core::scores(s_q, s_k, s);
     const float score_scale = q_scale * unit.k_scale * qt.sm_scale_log2;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -545,21 +488,36 @@ void configure(Kernel kernel, int smem) {
   XJ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
 }
 
-template <typename In, int D>
+// The core for this launch: wgmma where the GPU is sm_90 (the sm_90a SASS of _C), else mma.sync.
+bool use_wgmma(int core) {
+  if (core == kCoreMmaSync) return false;
+  int device = 0, major = 0, minor = 0;
+  XJ_CUDA_CHECK(cudaGetDevice(&device));
+  XJ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  XJ_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  const bool hopper = major == 9 && minor == 0;
+  require(core != kCoreWgmma || hopper, "the wgmma core needs an sm_90 GPU, this one is sm_" +
+                                            std::to_string(major * 10 + minor));
+  return hopper;
+}
+
+template <typename In, int D, template <int> class CoreT>
 void launch_attention(const AttentionArgs& a, cudaStream_t stream) {
-  constexpr int smem = Layout<D>::kBytes;
-  configure(temporal_attention_kernel<In, D>, smem);  // per call: the attribute is per device
+  constexpr int smem = Layout<D, CoreT<D>>::kBytes;
+  const auto kernel = temporal_attention_kernel<In, D, CoreT>;
+  configure(kernel, smem);  // per call: the attribute is per device
   const dim3 grid((a.qt.Lq + kBlockM - 1) / kBlockM, a.qt.B * a.qt.H);
-  temporal_attention_kernel<In, D><<<grid, kThreads, smem, stream>>>(a);
+  kernel<<<grid, kThreads, smem, stream>>>(a);
   XJ_CUDA_CHECK_LAUNCH("temporal_attention_kernel");
 }
 
-template <typename In, int D>
+template <typename In, int D, template <int> class CoreT>
 void launch_mass(const AttentionMassArgs& a, cudaStream_t stream) {
-  constexpr int smem = Layout<D>::kBytes;
-  configure(attention_mass_kernel<In, D>, smem);  // per call: the attribute is per device
+  constexpr int smem = Layout<D, CoreT<D>>::kBytes;
+  const auto kernel = attention_mass_kernel<In, D, CoreT>;
+  configure(kernel, smem);
   const dim3 grid((a.cache.T + kBlockN - 1) / kBlockN, a.qt.B * a.qt.H);
-  attention_mass_kernel<In, D><<<grid, kThreads, smem, stream>>>(a);
+  kernel<<<grid, kThreads, smem, stream>>>(a);
   XJ_CUDA_CHECK_LAUNCH("attention_mass_kernel");
 }
 
@@ -592,7 +550,12 @@ void temporal_attention(const AttentionArgs& a, cudaStream_t stream) {
           "the pass units must cover Lq exactly");
   require(!a.causal || (a.private_blocks != nullptr && a.block_tokens > 0 && qt.Lq % a.block_tokens == 0),
           "a block-causal mask needs block_tokens dividing Lq and the private flags");
-  dispatch(qt.dtype, qt.D, [&](auto t, auto d) { launch_attention<decltype(t), decltype(d)::value>(a, stream); });
+  require(a.core == kCoreAuto || a.core == kCoreMmaSync || a.core == kCoreWgmma, "unknown core");
+  const bool wgmma = use_wgmma(a.core);
+  dispatch(qt.dtype, qt.D, [&](auto t, auto d) {
+    if (wgmma) launch_attention<decltype(t), decltype(d)::value, WgmmaCore>(a, stream);
+    else launch_attention<decltype(t), decltype(d)::value, MmaSyncCore>(a, stream);
+  });
 }
 
 void attention_mass(const AttentionMassArgs& a, cudaStream_t stream) {
@@ -600,7 +563,12 @@ void attention_mass(const AttentionMassArgs& a, cudaStream_t stream) {
   require(a.lse != nullptr && a.mass != nullptr, "lse and mass must not be null");
   check_units(a.cache, "cache", true);
   require(a.page >= 0 && a.slot >= 0, "page and slot must be >= 0");
-  dispatch(a.qt.dtype, a.qt.D, [&](auto t, auto d) { launch_mass<decltype(t), decltype(d)::value>(a, stream); });
+  require(a.core == kCoreAuto || a.core == kCoreMmaSync || a.core == kCoreWgmma, "unknown core");
+  const bool wgmma = use_wgmma(a.core);
+  dispatch(a.qt.dtype, a.qt.D, [&](auto t, auto d) {
+    if (wgmma) launch_mass<decltype(t), decltype(d)::value, WgmmaCore>(a, stream);
+    else launch_mass<decltype(t), decltype(d)::value, MmaSyncCore>(a, stream);
+  });
 }
 
 }  // namespace xjfast

@@ -6,6 +6,9 @@
 
 namespace xjfast {
 
+// Which tensor-core path multiplies: auto (wgmma on sm_90, else mma.sync), or one of them.
+enum AttentionCore : int { kCoreAuto = 0, kCoreMmaSync = 1, kCoreWgmma = 2 };
+
 // The query side, shared by the attention and the attention-mass kernels: q [B, Lq, H, D] and how
 // each query row finds its temporal slot (first_slot + frame_slots[row / unit_T]).
 struct QueryTiles {
@@ -46,6 +49,7 @@ struct AttentionArgs {
   const int8_t* private_blocks;  // per mask block
   int block_tokens;
   bool causal;
+  int core;                    // AttentionCore
 };
 
 // mass[page, b, t] += sum over heads and queries of softmax(q . k_t) for the keys of one page.
@@ -55,6 +59,7 @@ struct AttentionMassArgs {
   PagedUnits cache;
   int page, slot;
   float* mass;                 // [P, B, T]
+  int core;                    // AttentionCore
 };
 
 void temporal_attention(const AttentionArgs& args, cudaStream_t stream);

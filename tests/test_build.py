@@ -100,16 +100,25 @@ def sass_by_function() -> dict:
 
 
 def test_attention_kernels_multiply_e4m3_on_the_tensor_cores():
-    """mma.sync e4m3 (m16n8k32) on sm_90a/sm_100a: the hardware's FP8 path for mma.sync unpacks the
-    e4m3 operands for the 16-bit HMMA (F2FP...E4M3.UNPACK_B + HMMA.16816.F32); a scalar fallback
-    (FFMA over the keys) would show no HMMA. cp.async (LDGSTS) feeds shared memory, ldmatrix (LDSM)
-    the fragments."""
+    """Two tensor-core paths (csrc/attention_cores.cuh). wgmma on sm_90a: QGMMA e4m3, no 16-bit MMA
+    (built for sm_100a it only traps: the host never picks it there). mma.sync m16n8k32 e4m3
+    elsewhere: the hardware unpacks the e4m3 operands for the 16-bit HMMA
+    (F2FP...E4M3.UNPACK_B + HMMA.16816.F32); a scalar fallback would show no HMMA. cp.async
+    (LDGSTS) feeds shared memory in both."""
     kernels = {key: sass for key, sass in sass_by_function().items()
                if "temporal_attention_kernel" in key[1] or "attention_mass_kernel" in key[1]}
     assert {arch for arch, _ in kernels} == {f"sm_{arch}" for arch in EXPECTED_ARCHS}
     for (arch, name), sass in kernels.items():
-        assert re.search(r"\bHMMA\.16816\.F32\b", sass), (arch, name)
-        assert re.search(r"\bF2FP\.F16\.E4M3\.UNPACK_B\b", sass), (arch, name)
-        assert "LDSM" in sass and "LDGSTS" in sass, (arch, name)
+        assert "LDGSTS" in sass, (arch, name)
+        if "WgmmaCore" not in name:
+            assert re.search(r"\bHMMA\.16816\.F32\b", sass), (arch, name)
+            assert re.search(r"\bF2FP\.F16\.E4M3\.UNPACK_B\b", sass) and "LDSM" in sass, (arch, name)
+        elif arch == "sm_90a":
+            assert re.search(r"\bQGMMA\.64x64x32\.F32\.E4M3\.E4M3\b", sass), (arch, name)
+            assert "HMMA" not in sass, (arch, name)
+            if "temporal_attention_kernel" in name:  # P.V: m64 x head_dim
+                assert re.search(r"\bQGMMA\.64x(64|128)x32\.F32\.E4M3\.E4M3\b", sass), (arch, name)
+        else:
+            assert "BPT.TRAP" in sass and not re.search(r"MMA", sass), (arch, name)
         if "temporal_attention_kernel" in name:  # P is rounded to e4m3 in registers, saturating
             assert re.search(r"\bF2FP\.SATFINITE\.E4M3\.F32", sass), (arch, name)

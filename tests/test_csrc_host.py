@@ -63,3 +63,11 @@ def test_attention_mma_fragments_follow_the_ptx_layouts(host_tests):
     the PTX ISA's m16n8k32 e4m3 layouts: S = Q.K^T and O = e4m3(448 P).V come out exactly."""
     seed = torch.randint(0, 2**31, ()).item()
     assert run(host_tests, "fragments", seed).strip() == "ok", f"seed {seed}"
+
+
+def test_attention_wgmma_tiles_follow_the_ptx_layouts(host_tests):
+    """The sm_90a path: Q, K and V^T tiles written in the core-matrix layout the kernel uses, read back
+    through its wgmma descriptors as the PTX ISA defines K-major no-swizzle operands, P from
+    registers: S and O exact (a consistent mistake in the K order would still give S; O catches it)."""
+    seed = torch.randint(0, 2**31, ()).item()
+    assert run(host_tests, "wgmma", seed).strip() == "ok", f"seed {seed}"

@@ -260,9 +260,9 @@ def plan_of(q, k, v, kv_cache=None, backend="auto", **kwargs):
     return plan, kv_cache.view(0) if kv_cache is not None else None
 
 
-def run_backend(backend, q, k, v, kv_cache=None, simulate="triton", **kwargs):
+def run_backend(backend, q, k, v, kv_cache=None, simulate="triton", core=None, **kwargs):
     """The backend's launch with poisoned outputs, through the op's own validation; the reference
-    simulates the P rounding of backend `simulate`."""
+    simulates the P rounding of backend `simulate`; `core`: the CUDA kernel's tensor-core path."""
     plan, view = plan_of(q, k, v, kv_cache, backend, **kwargs)
     if backend == "reference":
         return resolve("temporal_attention", backend, q.device).fn(q, k, v, plan, view,
@@ -274,7 +274,7 @@ def run_backend(backend, q, k, v, kv_cache=None, simulate="triton", **kwargs):
         from xjfast.kernels.temporal_attention import temporal_attention as launch
         return launch(q, k, v, plan, view, interpret=triton_interpreted(), out=out, lse=lse)
     from xjfast.ops.temporal_attention import temporal_attention_cuda
-    return temporal_attention_cuda(q, k, v, plan, view, out=out, lse=lse)
+    return temporal_attention_cuda(q, k, v, plan, view, out=out, lse=lse, core=core)
 
 
 def uncovered(backend, q, k, v, kv_cache=None, **kwargs):
@@ -338,6 +338,50 @@ def test_fast_backend_stream_shape(backend, dtype, D, cached, query_frames):
     assert rel_l2(out, ref.double()) <= SIM_REL_L2 and (lse - ref_lse).abs().max() < 1e-2
 
 
+def cuda_cores():
+    """The CUDA kernel's tensor-core paths this GPU runs: mma.sync everywhere, wgmma on sm_90."""
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+    return ["mma"] + (["wgmma"] if hopper else [])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [b for b in fast_backends("temporal_attention") if b.values[0] == "cuda"])
+@pytest.mark.parametrize("core", cuda_cores())
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_cores_match_simulating_reference(backend, core, case):
+    """Each tensor-core path of the CUDA kernel on every masking / cache / keep-buffer case."""
+    spec = CASES[case]
+    H, T = 2, 32
+    q, k, v = (t.to(DEVICE) for t in qkv(L=spec["L"], H=H, D=spec["D"], dtype=spec.get("dtype", torch.bfloat16)))
+    caches = [filled_cache(H=H, D=spec["D"], T=T, **spec["cache"]) if "cache" in spec else None for _ in range(2)]
+    if uncovered(backend, q, k, v, caches[0], **spec["kwargs"]) is not None:
+        pytest.skip("a case the CUDA kernel does not cover (tested above: it says so)")
+    out, lse = run_backend(backend, q, k, v, caches[0], core=core, **spec["kwargs"])
+    ref, ref_lse = run_backend("reference", q, k, v, caches[1], simulate=backend, **spec["kwargs"])
+    assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten"
+    assert rel_l2(out, ref.double()) <= SIM_REL_L2 and (lse - ref_lse).abs().max() < 5e-3
+    if caches[0] is not None and caches[0].mass is not None:
+        assert torch.allclose(caches[0].mass, caches[1].mass, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("core", cuda_cores())
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_cores_at_the_stream_shape(core, D):
+    """Wan2.1-1.3B's stream shape (12 heads, 1560-token frames, 12 cached, 2 query frames) per core."""
+    from xjfast.backends import backend_unavailable_reason
+    reason = backend_unavailable_reason("cuda", DEVICE)
+    if reason is not None:
+        pytest.skip(reason)
+    H, T = 12, 1560
+    q, k, v = (t.to(DEVICE) for t in qkv(L=2 * T, H=H, D=D, dtype=torch.bfloat16))
+    caches = [filled_cache(12, H, D, T, sink_frames=1, window_frames=11) for _ in range(2)]
+    out, lse = run_backend("cuda", q, k, v, caches[0], core=core, block_tokens=T)
+    ref, ref_lse = run_backend("reference", q, k, v, caches[1], simulate="cuda", block_tokens=T)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert rel_l2(out, ref.double()) <= SIM_REL_L2 and (lse - ref_lse).abs().max() < 1e-2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", fast_backends("temporal_attention"))
 def test_fast_backend_within_design_bounds_of_exact(backend):
@@ -362,7 +406,7 @@ def cuda_call(**change):
                 lse=fake, dtype=1, sizes=[1, 2, 64, 128], cache=[0] * 5, cache_tokens=1, page_table=0, n_pages=0,
                 n_sinks=0, keep=[0] * 5, keep_capacity=1, keep_count=0, pass_units=[fake] * 5, unit_tokens=64,
                 n_units=1, private_blocks=fake, block_tokens=64, causal=True, frame_slots=fake, first_slot=0,
-                sm_scale_log2=0.1, rope=0, rope_center=0, rope_dims=0, stream=0)
+                sm_scale_log2=0.1, rope=0, rope_center=0, rope_dims=0, core=0, stream=0)
     args.update(change)
     return args
 
@@ -379,6 +423,7 @@ def cuda_call(**change):
     (dict(block_tokens=48), "a block-causal mask needs block_tokens dividing Lq"),
     (dict(rope_dims=44), "a temporal rotary needs its cos/sin table"),
     (dict(sizes=[300, 300, 64, 128]), "B \\* H must be <= 65535"),
+    (dict(core=7), "unknown core"),
 ])
 def test_cuda_launch_rejects_bad_arguments_before_launching(change, words):
     C = pytest.importorskip("xjfast._C", reason="xjfast._C is not built")

@@ -343,9 +343,22 @@ def _aligned_16(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
 
 
+CUDA_CORES = ("auto", "mma", "wgmma")
+
+
+def cuda_core() -> str:
+    """The tensor-core path of the CUDA kernel: XJFAST_CUDA_ATTENTION_CORE = auto (wgmma on sm_90,
+    mma.sync elsewhere), mma or wgmma — so benchmarks and tests can run either on a Hopper GPU."""
+    import os
+    core = os.environ.get("XJFAST_CUDA_ATTENTION_CORE", "auto")
+    check_choice("XJFAST_CUDA_ATTENTION_CORE", core, CUDA_CORES)
+    return core
+
+
 @register("temporal_attention", "cuda", min_capability=(8, 9), supports=_cuda_supports)
-def temporal_attention_cuda(q, k, v, plan: AttentionPlan, view, *, out=None, lse=None):
-    """csrc/temporal_attention.cu (mma.sync e4m3); `out`/`lse` as the Triton launcher takes them."""
+def temporal_attention_cuda(q, k, v, plan: AttentionPlan, view, *, out=None, lse=None, core=None):
+    """csrc/temporal_attention.cu; `out`/`lse` as the Triton launcher takes them; `core` one of
+    CUDA_CORES (default: cuda_core())."""
     from xjfast.ops._cuda import DTYPE_CODES, extension, stream_handle
     from xjfast.ops.kv_cache_commit import kv_cache_commit_cuda
 
@@ -373,6 +386,7 @@ def temporal_attention_cuda(q, k, v, plan: AttentionPlan, view, *, out=None, lse
         cached = dict(cache=none, cache_tokens=1, page_table=0, n_pages=0, n_sinks=0, keep=none, keep_capacity=1,
                       keep_count=0)
     ext = extension()
+    shared["core"] = ext.attention_cores[core or cuda_core()]
     ext.temporal_attention(**query, out=out.data_ptr(), out_strides=list(out.stride()[:3]), lse=lse.data_ptr(),
                            **cached, pass_units=ptrs(*units), n_units=L // tables.unit_tokens,
                            private_blocks=tables.private.data_ptr(), block_tokens=plan.block_tokens,
