@@ -175,6 +175,8 @@ struct WgmmaCore {
   __device__ static int vt_offset(int ch, int pos) { return core_matrix_offset(ch, pos, kVtGroup); }
 
   __device__ static void scores(const uint8_t* s_q, const uint8_t* s_k, float (&s)[kCoreBlockN / 8][4]) {
+#pragma unroll
+    for (int j = 0; j < kCoreBlockN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;  // (the first k-step ignores them)
     wgmma_fence();
 #pragma unroll
     for (int kc = 0; kc < D / 32; ++kc)

@@ -52,6 +52,7 @@ struct Layout {
   static constexpr int kWarpMax = kQMean + 4 * kBlockM;   // float [kWarps]
   static constexpr int kColSum = kWarpMax + 4 * kWarps;   // float [kWarps][kBlockN] (attention mass only)
   static constexpr int kBytes = kColSum + 4 * kWarps * kBlockN;
+  static_assert(kK % 128 == 0 && kV % 128 == 0 && kVt % 128 == 0, "tiles start 128-byte aligned");
 };
 
 // ---- PTX ---------------------------------------------------------------------------------------
@@ -241,7 +242,7 @@ template <typename In, int D, template <int> class CoreT>
 __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const AttentionArgs a) {
   using Core = CoreT<D>;
   using L = Layout<D, Core>;
-  extern __shared__ __align__(16) uint8_t smem[];
+  extern __shared__ __align__(128) uint8_t smem[];  // tile bases stay 128-byte aligned
   uint8_t* s_q = smem + L::kQ;
   uint8_t* s_vt = smem + L::kVt;
   float* s_part = reinterpret_cast<float*>(smem + L::kPart);
@@ -396,7 +397,7 @@ template <typename In, int D, template <int> class CoreT>
 __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const AttentionMassArgs a) {
   using Core = CoreT<D>;
   using L = Layout<D, Core>;
-  extern __shared__ __align__(16) uint8_t smem[];
+  extern __shared__ __align__(128) uint8_t smem[];  // tile bases stay 128-byte aligned
   uint8_t* s_q = smem + L::kQ;
   uint8_t* s_k = smem + L::kK;
   float* s_part = reinterpret_cast<float*>(smem + L::kPart);
