@@ -143,7 +143,7 @@ def _peers(case, cache, q, k, v, block_tokens, gpu):
         peers["flex-attention"] = lambda: flex(qr, kk, vv, block_mask=bm).transpose(1, 2)
     except Exception as exc:
         peers["flex-attention"] = f"unavailable: {_skip_reason(exc)}"
-    peers.update(_libraries(qr.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), mask if masked else None))
+    peers.update(_libraries(*(t.transpose(1, 2).contiguous() for t in (qr, kk, vv)), mask if masked else None))
     return peers
 
 

@@ -92,7 +92,7 @@ def tables(results_dir: str) -> str:
                            f"{100 * r.get('fraction_of_ceiling', 0):.0f}% |")
         drop_in = [r for r in data.get("diffusers_wan", {}).get("rows", []) if "diffusers_default" in r]
         if drop_in:
-            out.append("\n| diffusers WanTransformer3DModel (1.3B, bf16) | tokens | default attention ms | "
+            out.append(f"\n| diffusers {data['diffusers_wan'].get('model')} | tokens | default attention ms | "
                        "xjfast | ms | speedup | rel L2 vs default |\n|---|---|---|---|---|---|---|")
             for r in drop_in:
                 for precision, fig in r["xjfast"].items():
