@@ -1,4 +1,5 @@
 """The ops are torch.library custom ops with fake implementations: torch.compile sees one node each."""
+import pytest
 import torch
 
 from xjfast.models import build
@@ -18,13 +19,17 @@ def test_custom_ops_pass_opcheck():
 
 
 @torch.no_grad()
-def test_tiny_preset_compiles_with_fullgraph_on_the_cpu():
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_tiny_preset_compiles_with_fullgraph_on_the_cpu(precision):
     model, _, encoder, _ = build("tiny")
     kv = model.prompt_kv(encoder("a kite over the dunes"))
     x, t = torch.randn(1, 4, 2, 16, 16), torch.tensor([[0.0, 500.0]])
 
     def forward(x, t):
-        return model(x, t, kv, block_frames=1, precision="fp8", backend="reference")
+        return model(x, t, kv, block_frames=1, precision=precision, backend="reference")
 
-    compiled = torch.compile(forward, fullgraph=True)
-    assert torch.allclose(compiled(x, t), forward(x, t), atol=1e-4)
+    compiled, eager = torch.compile(forward, fullgraph=True)(x, t), forward(x, t)
+    if precision == "bf16":  # no quantization: the same function to float32 rounding
+        assert torch.allclose(compiled, eager, atol=1e-4)
+    else:  # inductor's float32 reassociation may move a value across an e4m3 rounding boundary
+        assert (compiled - eager).norm() <= 1e-2 * eager.norm()
