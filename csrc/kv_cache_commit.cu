@@ -8,9 +8,9 @@
 // the raw rows in shared memory; the CTAs exchange their partial statistics through distributed
 // shared memory (each combines them in rank order, so all compute the same bits); pass 2
 // quantizes the rows from shared memory and stores 8 e4m3 bytes (or 16 bf16 bytes) at once.
-// HBM sees the input once. When a CTA's chunk does not fit in shared memory (fp32 input or
-// frames of ~2300+ tokens), pass 2 re-reads it from global memory instead: the chunk was just
-// read, so that read is served by L2.
+// HBM sees the input once. When a CTA's chunk does not fit in its 160 KiB (fp32 input at
+// D=128, or frames of more than 2560 tokens of bf16/fp16 at D=128), pass 2 re-reads it from
+// global memory instead: the chunk was just read, so that read is served by L2.
 // Clusters need sm_90; the body compiles to a trap for older targets (the op registers the CUDA
 // backend for compute capability 9.0 and up).
 #include <cooperative_groups.h>
