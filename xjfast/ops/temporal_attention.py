@@ -355,7 +355,8 @@ def cuda_core() -> str:
     return core
 
 
-@register("temporal_attention", "cuda", min_capability=(8, 9), supports=_cuda_supports)
+# sm_90: the pass's K/V are quantized by the CUDA commit kernel, which runs thread-block clusters.
+@register("temporal_attention", "cuda", min_capability=(9, 0), supports=_cuda_supports)
 def temporal_attention_cuda(q, k, v, plan: AttentionPlan, view, *, out=None, lse=None, core=None):
     """csrc/temporal_attention.cu; `out`/`lse` as the Triton launcher takes them; `core` one of
     CUDA_CORES (default: cuda_core())."""
@@ -363,8 +364,8 @@ def temporal_attention_cuda(q, k, v, plan: AttentionPlan, view, *, out=None, lse
     from xjfast.ops.kv_cache_commit import kv_cache_commit_cuda
 
     B, L, H, D = q.shape
-    if not _aligned_16(q):  # query rows are read 16 bytes at a time
-        q = q.clone(memory_format=torch.contiguous_format)
+    # rows are read 16 bytes at a time (q here, k and v by the commit kernel)
+    q, k, v = (t if _aligned_16(t) else t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
     out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32) if lse is None else lse
     tables = kernel_tables(plan, view, q)
