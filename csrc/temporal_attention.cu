@@ -137,15 +137,32 @@ __device__ __forceinline__ void rotated_segment(const QueryTiles& qt, const In* 
   }
 }
 
-// The query tile of rows m0..m0+63, rotated for one unit and quantized with one scale, into s_q
-// (e4m3 rows); s_qmean[r] = (rotated q_r . k_mean) * sm_scale_log2. Returns the tile's scale.
+// Where a CTA's query tile lives in shared memory: the e4m3 tile, q.mean partial sums and per-row
+// results, the warps' amax.
+struct QueryScratch {
+  uint8_t* q;
+  float* part;
+  float* mean;
+  float* warp_max;
+};
+
+template <int D, class Core>
+__device__ __forceinline__ QueryScratch query_scratch(uint8_t* smem) {
+  using L = Layout<D, Core>;
+  return {smem + L::kQ, reinterpret_cast<float*>(smem + L::kPart), reinterpret_cast<float*>(smem + L::kQMean),
+          reinterpret_cast<float*>(smem + L::kWarpMax)};
+}
+
+// The query tile of rows m0..m0+63, rotated for one unit and quantized with one scale, into
+// scratch.q (e4m3); scratch.mean[r] = (rotated q_r . k_mean) * sm_scale_log2. Returns its scale.
 // Two passes over the tile (the second re-reads q from L1/L2): the scale needs the whole tile's
 // amax, and holding 64 rotated values per thread would cost the registers the accumulators need.
 template <typename In, int D, class Core>
 __device__ float prepare_query_tile(const QueryTiles& qt, const In* q_bh, int m0, int unit_slot,
-                                    const float* k_mean, uint8_t* s_q, float* s_part, float* s_qmean,
-                                    float* s_warp_max) {
+                                    const float* k_mean, const QueryScratch& scratch) {
   using L = Layout<D, Core>;
+  uint8_t* s_q = scratch.q;
+  float *s_part = scratch.part, *s_qmean = scratch.mean, *s_warp_max = scratch.warp_max;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float amax = 0.f;
   for (int item = threadIdx.x; item < kBlockM * L::kSegs; item += kThreads) {
@@ -243,11 +260,8 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
   using Core = CoreT<D>;
   using L = Layout<D, Core>;
   extern __shared__ __align__(128) uint8_t smem[];  // tile bases stay 128-byte aligned
-  uint8_t* s_q = smem + L::kQ;
+  const QueryScratch scratch = query_scratch<D, Core>(smem);
   uint8_t* s_vt = smem + L::kVt;
-  float* s_part = reinterpret_cast<float*>(smem + L::kPart);
-  float* s_qmean = reinterpret_cast<float*>(smem + L::kQMean);
-  float* s_warp_max = reinterpret_cast<float*>(smem + L::kWarpMax);
 
   const QueryTiles& qt = a.qt;
   const int m0 = blockIdx.x * kBlockM, b = blockIdx.y / qt.H, h = blockIdx.y % qt.H;
@@ -297,9 +311,8 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
     load_tile<D>(smem + L::kK, unit.k, unit.stride, 0, unit.tokens, k_offset);
     load_tile<D>(smem + L::kV, unit.v, unit.stride, 0, unit.tokens, v_offset);
     cp_async_commit();
-    const float q_scale = prepare_query_tile<In, D, Core>(qt, q_bh, m0, unit.slot, unit.k_mean, s_q, s_part,
-                                                          s_qmean, s_warp_max);
-    const float q_mean[2] = {s_qmean[warp * 16 + g], s_qmean[warp * 16 + g + 8]};
+    const float q_scale = prepare_query_tile<In, D, Core>(qt, q_bh, m0, unit.slot, unit.k_mean, scratch);
+    const float q_mean[2] = {scratch.mean[warp * 16 + g], scratch.mean[warp * 16 + g + 8]};
     const float score_scale = q_scale * unit.k_scale * qt.sm_scale_log2;
 
     // O in this unit's V-scale units (times P's 448) while it is read: each P.V accumulates in place.
@@ -327,7 +340,7 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
       __syncthreads();  // this tile's K and V are in shared memory
       transpose_value_tile<D, Core>(s_v, s_vt);
       float s[kBlockN / 8][4];
-      Core::scores(s_q, s_k, s);
+      Core::scores(scratch.q, s_k, s);
 
       // exp2 online softmax over this tile, rows g and g + 8 of the warp
       float tile_max[2] = {-INFINITY, -INFINITY};
@@ -398,11 +411,8 @@ __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const Attentio
   using Core = CoreT<D>;
   using L = Layout<D, Core>;
   extern __shared__ __align__(128) uint8_t smem[];  // tile bases stay 128-byte aligned
-  uint8_t* s_q = smem + L::kQ;
+  const QueryScratch scratch = query_scratch<D, Core>(smem);
   uint8_t* s_k = smem + L::kK;
-  float* s_part = reinterpret_cast<float*>(smem + L::kPart);
-  float* s_qmean = reinterpret_cast<float*>(smem + L::kQMean);
-  float* s_warp_max = reinterpret_cast<float*>(smem + L::kWarpMax);
   float* s_colsum = reinterpret_cast<float*>(smem + L::kColSum);
 
   const QueryTiles& qt = a.qt;
@@ -415,25 +425,24 @@ __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const Attentio
 
   float colsum[kBlockN / 8][2] = {};
   for (int m0 = 0; m0 < qt.Lq; m0 += kBlockM) {
-    const float q_scale = prepare_query_tile<In, D, Core>(qt, q_bh, m0, unit.slot, unit.k_mean, s_q, s_part,
-                                                          s_qmean, s_warp_max);
+    const float q_scale = prepare_query_tile<In, D, Core>(qt, q_bh, m0, unit.slot, unit.k_mean, scratch);
     cp_async_wait<0>();
     if constexpr (Core::kAsyncProxy) fence_proxy_async();
-    __syncthreads();  // the key tile (first iteration) and s_q are in shared memory
+    __syncthreads();  // the key tile (first iteration) and the query tile are in shared memory
     float s[kBlockN / 8][4];
-    Core::scores(s_q, s_k, s);
+    Core::scores(scratch.q, s_k, s);
     const float score_scale = q_scale * unit.k_scale * qt.sm_scale_log2;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = m0 + warp * 16 + g + 8 * r;
       if (row >= qt.Lq) continue;
-      const float shift = s_qmean[warp * 16 + g + 8 * r] -
+      const float shift = scratch.mean[warp * 16 + g + 8 * r] -
                           __ldg(a.lse + (static_cast<int64_t>(b) * qt.H + h) * qt.Lq + row) * kLog2e;
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j)
         colsum[j][0] += exp2f(s[j][2 * r] * score_scale + shift), colsum[j][1] += exp2f(s[j][2 * r + 1] * score_scale + shift);
     }
-    __syncthreads();  // s_q and s_qmean are read before the next tile overwrites them
+    __syncthreads();  // the query tile is read before the next one overwrites it
   }
   // sum over the warp's rows (lanes of equal t), then over the warps
 #pragma unroll
