@@ -176,8 +176,9 @@ CASES = [("flow", {}, False), ("flow", {}, True), ("x0", {}, True), ("eps", dict
 @pytest.mark.parametrize("backend", fast_backends("denoise_step"))
 @pytest.mark.parametrize("prediction, extra, tokens", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_backend_matches_reference(backend, prediction, extra, tokens, dtype):
-    x_t, m = latents(F=3, dtype=dtype).to(DEVICE), latents(F=3, dtype=dtype).to(DEVICE)
+@pytest.mark.parametrize("W", [12, 10])  # rows of whole groups of 4 (vector accesses) or not
+def test_fast_backend_matches_reference(backend, prediction, extra, tokens, dtype, W):
+    x_t, m = latents(F=3, W=W, dtype=dtype).to(DEVICE), latents(F=3, W=W, dtype=dtype).to(DEVICE)
     m = patchify(m) if tokens else m.transpose(3, 4).contiguous().transpose(3, 4)  # a strided latent view
     kwargs = dict(prediction=prediction, noise_seed=SEED, frame_index=2 ** 33 + 1, **extra)
     ref = denoise_step(x_t, m, 0.7, 0.3, backend="reference", **kwargs)
