@@ -231,3 +231,20 @@ def section(results: dict, name: str, log):
     except Exception as exc:  # a broken section must not lose the others' figures
         results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
         log(f"[{name}] FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+
+
+@contextmanager
+def cuda_attention_core(core):
+    """XJFAST_CUDA_ATTENTION_CORE=core while the block runs (None: leave it as it is)."""
+    if core is None:
+        yield
+        return
+    before = os.environ.get("XJFAST_CUDA_ATTENTION_CORE")
+    os.environ["XJFAST_CUDA_ATTENTION_CORE"] = core
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["XJFAST_CUDA_ATTENTION_CORE"]
+        else:
+            os.environ["XJFAST_CUDA_ATTENTION_CORE"] = before

@@ -19,7 +19,7 @@ import torch
 
 import xjfast
 from bench.baseline import cached_keys_values
-from bench.harness import accuracy, on_gpu, rate, time_ms
+from bench.harness import accuracy, cuda_attention_core, on_gpu, rate, time_ms
 from xjfast.backends import implementations, unusable_reason
 from xjfast.errors import BackendUnavailable
 from xjfast.ops.rotary import rotate_leading
@@ -219,10 +219,13 @@ def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_c
     tflop = 4 * case["H"] * case["D"] * _visible_pairs(L, n_cached, block_tokens) / 1e12
     exact = _exact(frames, q, k, v, cache, block_tokens or L)
     rows = []
-    for backend, reason in candidates:
+    for backend, reason, core in _with_cuda_cores(candidates, device):
         for precision in ("fp8", "bf16"):
+            label = f"{backend}[{core}]" if core else backend
             row = dict(case, op="temporal_attention", case=_case_name(case, precision), backend=backend,
-                       precision=precision, impl=f"xjfast-{backend}-{precision}")
+                       precision=precision, impl=f"xjfast-{label}-{precision}")
+            if core:
+                row["core"] = core
             if reason is not None:
                 rows.append(dict(row, skipped=reason))
                 continue
@@ -231,8 +234,9 @@ def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_c
                 return xjfast.temporal_attention(q_, k_, v_, block_tokens=block_tokens, kv_cache=c, layer=0,
                                                  precision=p, backend=b)
             try:
-                out = fn(cache, q, k, v)  # an implementation covering part of the op says so here
-                timing = time_ms(fn, [(s[0], s[2], s[3], s[4]) for s in sets], device, reps=reps)
+                with cuda_attention_core(core):
+                    out = fn(cache, q, k, v)  # an implementation covering part of the op says so here
+                    timing = time_ms(fn, [(s[0], s[2], s[3], s[4]) for s in sets], device, reps=reps)
                 ceiling = fp8_ceiling if precision == "fp8" else bf16_ceiling
                 rows.append(dict(row, **rate(timing, tflop, "TFLOP/s", ceiling), **accuracy(out, exact)))
             except BackendUnavailable as exc:
@@ -250,6 +254,16 @@ def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_c
         except Exception as exc:  # a peer that cannot run this case says why
             rows.append(dict(row, skipped=_skip_reason(exc)))
     return rows
+
+
+def _with_cuda_cores(candidates, device):
+    """(backend, reason, core): the CUDA attention once per tensor-core path on sm_90 (wgmma and
+    mma.sync, side by side), once (its auto choice) elsewhere."""
+    hopper = on_gpu(device) and torch.cuda.get_device_capability(device) == (9, 0)
+    for backend, reason in candidates:
+        cores = ("wgmma", "mma") if backend == "cuda" and reason is None and hopper else (None,)
+        for core in cores:
+            yield backend, reason, core
 
 
 def _time_backends(op: str, device, run, inputs, amount_gb: float, copy_bw: float, **row) -> list[dict]:

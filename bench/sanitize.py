@@ -13,6 +13,7 @@ import sys
 import torch
 
 import xjfast
+from bench.harness import cuda_attention_core
 from xjfast.backends import implementations, registered_ops, unusable_reason
 from xjfast.errors import BackendUnavailable
 from xjfast.ops.denoise_step import denoise_step
@@ -59,6 +60,13 @@ def launches(op: str, backend: str, device) -> list[tuple[str, callable]]:
             cache.commit(0, bf16(1, T, H, D), bf16(1, T, H, D))
         q, k, v = (bf16(1, 2 * T, H, D) for _ in range(3))
         out = []
+        if backend == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
+            # auto runs the wgmma core on sm_90: the mma.sync core gets its own launch
+            def mma_core():
+                with cuda_attention_core("mma"):
+                    return xjfast.temporal_attention(q, k, v, block_tokens=T, private_blocks=[False, True],
+                                                     kv_cache=cache, layer=0, backend=backend)
+            out.append(("fp8, cache with keep buffer, mma.sync core", mma_core))
         for precision in ("fp8", "bf16"):
             out.append((f"{precision}, cache with keep buffer, private block", lambda p=precision: xjfast.temporal_attention(
                 q, k, v, block_tokens=T, private_blocks=[False, True], kv_cache=cache, layer=0, precision=p,
