@@ -224,8 +224,8 @@ def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_c
             label = f"{backend}[{core}]" if core else backend
             row = dict(case, op="temporal_attention", case=_case_name(case, precision), backend=backend,
                        precision=precision, impl=f"xjfast-{label}-{precision}")
-            if core:
-                row["core"] = core
+            if core:  # auto runs wgmma on sm_90: only that row ranks the backend
+                row.update(core=core, auto_core=core == "wgmma")
             if reason is not None:
                 rows.append(dict(row, skipped=reason))
                 continue

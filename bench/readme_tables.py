@@ -35,10 +35,11 @@ def newest_per_gpu(results_dir: str) -> dict:
 def rank_backends(results: dict) -> dict:
     """op -> xjfast backends fastest first, from one results file. Each backend scores the geometric
     mean, over the cases it ran, of its time over the best time any backend had in that case (a
-    backend covering part of an op is judged where it runs); skipped backends are not ranked."""
+    backend covering part of an op is judged where it runs; of a kernel timed per tensor-core path,
+    the path auto runs); skipped backends are not ranked."""
     times: dict = {}  # op -> case -> backend -> median ms
     for row in results.get("attention", []) + results.get("memory_bound", []):
-        if "backend" in row and "median_ms" in row:
+        if "backend" in row and "median_ms" in row and row.get("auto_core", True):
             times.setdefault(row["op"], {}).setdefault(row["case"], {})[row["backend"]] = row["median_ms"]
     ranking = {}
     for op, cases in times.items():
