@@ -33,3 +33,27 @@ def test_tiny_preset_compiles_with_fullgraph_on_the_cpu(precision):
         assert torch.allclose(compiled, eager, atol=1e-4)
     else:  # inductor's float32 reassociation may move a value across an e4m3 rounding boundary
         assert (compiled - eager).norm() <= 1e-2 * eager.norm()
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_tiny_preset_compiles_and_captures_in_a_cuda_graph_on_the_gpu():
+    """The fast ops as custom ops: fullgraph compile, and CUDA-graph capture of the eager forward."""
+    model, _, encoder, _ = build("tiny")
+    model = model.cuda().to(torch.bfloat16)
+    kv = model.prompt_kv(encoder("a kite over the dunes").cuda().to(torch.bfloat16))
+    x = torch.randn(1, 4, 2, 16, 16, device="cuda", dtype=torch.bfloat16)
+    t = torch.tensor([[0.0, 500.0]], device="cuda")
+
+    def forward(x, t):
+        return model(x, t, kv, block_frames=1, precision="fp8")  # auto: the GPU kernels
+
+    eager = forward(x, t).float()
+    compiled = torch.compile(forward, fullgraph=True)(x, t).float()
+    assert (compiled - eager).norm() <= 1e-2 * eager.norm()
+    forward(x, t)  # warm-up on the capture stream's allocator
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = forward(x, t)
+    graph.replay()
+    assert (captured.float() - eager).norm() <= 1e-3 * eager.norm()  # (library kernels may differ in capture)

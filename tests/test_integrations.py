@@ -132,3 +132,64 @@ def test_diffusers_enable_rejects_other_models():
     from xjfast.integrations.diffusers import enable
     with pytest.raises(TypeError, match="model: expected one of WanTransformer3DModel"):
         enable(torch.nn.Linear(2, 2))
+
+
+# ---- on a GPU: the FP8 kernels behind the same one-liners -------------------------------------
+
+def gpu_bhld(L=1024, D=128, H=4):
+    q, k, v = (torch.randn(1, H, L, D, device="cuda") for _ in range(3))
+    k = k + 2 * torch.randn(1, H, 1, D, device="cuda")  # per-channel bias, what K smoothing is for
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+def exact_bhld(q, k, v):
+    out, _ = exact_attention(*(t.transpose(1, 2).cpu() for t in (q, k, v)))
+    return out.transpose(1, 2)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_sdpa_on_the_gpu_runs_fp8_within_design_bounds():
+    q, k, v = gpu_bhld()
+    out = sdpa(q, k, v)
+    ref = exact_bhld(q, k, v)
+    assert fallback_counts() == {}, "accelerated, not handed to torch"
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    assert rel_l2(out.cpu(), ref) <= 7e-2 and cosine(out.cpu(), ref) >= 0.997
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_sdpa_bf16_on_the_gpu_holds_itself_as_flashattention_does():
+    q, k, v = gpu_bhld(L=512)
+    ref = exact_bhld(q, k, v)
+    torch_bf16 = torch.nn.functional.scaled_dot_product_attention(q, k, v).cpu()
+    out = sdpa(q, k, v, precision="bf16").cpu()
+    assert (out.double() - ref).abs().max() <= 2 * (torch_bf16.double() - ref).abs().max() + 1e-5
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_patch_routes_torch_sdpa_through_xjfast_on_the_gpu():
+    q, k, v = gpu_bhld(L=256)
+    direct = sdpa(q, k, v)
+    with patch():
+        routed = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(routed, direct) and fallback_counts() == {}
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_diffusers_wan_on_the_gpu_fp8_stays_close():
+    from xjfast.integrations.diffusers import disable, enable
+    model = tiny_wan_transformer(perturb=True).cuda().to(torch.bfloat16)
+    inputs = (torch.randn(1, 4, 3, 16, 16, device="cuda", dtype=torch.bfloat16), torch.tensor([500], device="cuda"),
+              torch.randn(1, 7, 32, device="cuda", dtype=torch.bfloat16))
+    reference = model(*inputs).sample.float()
+    enable(model)
+    out = model(*inputs).sample.float()
+    disable(model)
+    # self-attention ran on the FP8 kernels; only the text cross-attention went to torch
+    assert set(fallback_counts()) == {"query/key/value shapes differ (e.g. cross-attention) or are not [B, H, L, D]"}
+    assert 1e-4 < rel_l2(out.cpu(), reference.cpu().double()) < 5e-2
+    assert torch.equal(model(*inputs).sample.float(), reference)  # disable restored diffusers' attention

@@ -49,3 +49,16 @@ def test_mismatched_checkpoint_lists_missing_and_unexpected_keys():
         CausalDiT.from_pretrained({"foo": torch.zeros(1)})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         CausalDiT.from_pretrained("/nonexistent/weights.safetensors")
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_diffusers_weights_reproduce_diffusers_forward_on_the_gpu_in_fp8():
+    reference = tiny_wan_transformer(perturb=True).cuda().to(torch.bfloat16)
+    x = torch.randn(1, 4, 3, 16, 16, device="cuda", dtype=torch.bfloat16)
+    t, context = torch.tensor([500.0], device="cuda"), torch.randn(1, 7, 32, device="cuda", dtype=torch.bfloat16)
+    expected = reference(x, t, context).sample.float()
+    model = CausalDiT.from_pretrained(reference.state_dict(), heads=2).cuda().to(torch.bfloat16)
+    tokens = model(x, t[:, None], model.prompt_kv(context), block_frames=3, precision="fp8")  # auto: a GPU kernel
+    out = unpatchify(tokens, x.shape, (1, 2, 2)).float()
+    assert (out - expected).norm() <= 5e-2 * expected.norm()
