@@ -149,7 +149,8 @@ static void temporal_attention(uintptr_t q, std::vector<int64_t> q_strides, uint
 }
 
 static void attention_mass(uintptr_t q, std::vector<int64_t> q_strides, uintptr_t lse, int dtype,
-                           std::vector<int> sizes, std::vector<uintptr_t> cache, int cache_tokens, int page, int slot,
+                           std::vector<int> sizes, std::vector<uintptr_t> cache, int cache_tokens, uintptr_t page_table,
+                           int table_index, int slot,
                            uintptr_t mass, int unit_tokens, uintptr_t frame_slots, int first_slot, float sm_scale_log2,
                            uintptr_t rope, int rope_center, int rope_dims, int core, uintptr_t stream) {
   xjfast::AttentionMassArgs a{};
@@ -157,7 +158,8 @@ static void attention_mass(uintptr_t q, std::vector<int64_t> q_strides, uintptr_
                      rope_center, rope_dims);
   a.lse = reinterpret_cast<const float*>(lse);
   a.cache = paged_units(cache, cache_tokens, "cache");
-  a.page = page, a.slot = slot;
+  a.page_table = reinterpret_cast<const int32_t*>(page_table);
+  a.table_index = table_index, a.slot = slot;
   a.mass = reinterpret_cast<float*>(mass);
   a.core = core;
   xjfast::attention_mass(a, reinterpret_cast<cudaStream_t>(stream));
@@ -201,7 +203,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("rope_center"), py::arg("rope_dims"), py::arg("core"), py::arg("stream"));
   m.def("attention_mass", &attention_mass, "attention mass of one cached page's keys, from the LSE",
         py::arg("q"), py::arg("q_strides"), py::arg("lse"), py::arg("dtype"), py::arg("sizes"), py::arg("cache"),
-        py::arg("cache_tokens"), py::arg("page"), py::arg("slot"), py::arg("mass"), py::arg("unit_tokens"),
+        py::arg("cache_tokens"), py::arg("page_table"), py::arg("table_index"), py::arg("slot"), py::arg("mass"),
+        py::arg("unit_tokens"),
         py::arg("frame_slots"), py::arg("first_slot"), py::arg("sm_scale_log2"), py::arg("rope"),
         py::arg("rope_center"), py::arg("rope_dims"), py::arg("core"), py::arg("stream"));
   m.attr("attention_block_n") = xjfast::kAttentionBlockN;

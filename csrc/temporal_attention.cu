@@ -419,7 +419,8 @@ __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const Attentio
   const int n0 = blockIdx.x * kBlockN, b = blockIdx.y / qt.H, h = blockIdx.y % qt.H;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const In* q_bh = static_cast<const In*>(qt.q) + b * qt.sq[0] + h * qt.sq[2];
-  const Unit unit = paged_unit(a.cache, a.page, b, h, qt.B, qt.H, D, a.cache.T, a.slot);
+  const int page = __ldg(a.page_table + a.table_index);
+  const Unit unit = paged_unit(a.cache, page, b, h, qt.B, qt.H, D, a.cache.T, a.slot);
   load_tile<D>(s_k, unit.k, unit.stride, n0, unit.tokens, [](int r, int c) { return Core::chunk_offset(r, c); });
   cp_async_commit();
 
@@ -459,7 +460,7 @@ __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const Attentio
     float total = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) total += s_colsum[w * kBlockN + threadIdx.x];
-    atomicAdd(a.mass + (static_cast<int64_t>(a.page) * qt.B + b) * unit.tokens + n0 + threadIdx.x, total);
+    atomicAdd(a.mass + (static_cast<int64_t>(page) * qt.B + b) * unit.tokens + n0 + threadIdx.x, total);
   }
 }
 
@@ -572,7 +573,8 @@ void attention_mass(const AttentionMassArgs& a, cudaStream_t stream) {
   check_queries(a.qt, element_size(a.qt.dtype));
   require(a.lse != nullptr && a.mass != nullptr, "lse and mass must not be null");
   check_units(a.cache, "cache", true);
-  require(a.page >= 0 && a.slot >= 0, "page and slot must be >= 0");
+  require(a.page_table != nullptr && a.table_index >= 0 && a.slot >= 0,
+          "the page table must not be null, table_index and slot must be >= 0");
   require(a.core == kCoreAuto || a.core == kCoreMmaSync || a.core == kCoreWgmma, "unknown core");
   const bool wgmma = use_wgmma(a.core);
   dispatch(a.qt.dtype, a.qt.D, [&](auto t, auto d) {

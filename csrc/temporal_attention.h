@@ -52,12 +52,14 @@ struct AttentionArgs {
   int core;                    // AttentionCore
 };
 
-// mass[page, b, t] += sum over heads and queries of softmax(q . k_t) for the keys of one page.
+// mass[page, b, t] += sum over heads and queries of softmax(q . k_t) for the keys of one page,
+// page = page_table[table_index]: read on the device, so a captured graph follows the ring.
 struct AttentionMassArgs {
   QueryTiles qt;
   const float* lse;            // [B, H, Lq] from the attention launch
   PagedUnits cache;
-  int page, slot;
+  const int32_t* page_table;
+  int table_index, slot;
   float* mass;                 // [P, B, T]
   int core;                    // AttentionCore
 };

@@ -216,12 +216,15 @@ def temporal_attention_kernel(
 @triton.jit
 def attention_mass_kernel(
     q_ptr, lse_ptr, stride_qb, stride_ql, stride_qh, ck_ptr, cks_ptr, ckm_ptr, mass_ptr,
-    page, slot, B, H, Lq, cache_T, first_slot, unit_T, slots_ptr, sm_scale_log2, rope_ptr, rope_center,
+    page_table_ptr, table_index, slot, B, H, Lq, cache_T, first_slot, unit_T, slots_ptr, sm_scale_log2, rope_ptr,
+    rope_center,
     D: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CACHE_FP8: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """mass[page, b, t] += sum over queries (and, by atomics, heads) of softmax(q.k_t) for one page."""
+    """mass[page, b, t] += sum over queries (and, by atomics, heads) of softmax(q.k_t) for one page,
+    page = page_table[table_index]: read on the device, so a captured graph follows the ring."""
     pid_n = tl.program_id(0)
+    page = tl.load(page_table_ptr + table_index).to(tl.int64)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -299,11 +302,10 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
         CAUSAL=plan.causal, DT=_DTYPES[q.dtype], INTERPRET=interpret, num_warps=warps, num_stages=stages,
     )
     if view is not None and view.mass is not None:
-        for unit in view.units:
-            if unit.page in view.mass_pages:
-                attention_mass_kernel[(triton.cdiv(view.k_pages.shape[2], block_n), B * H)](
-                    q, lse, q.stride(0), q.stride(1), q.stride(2), view.k_pages, view.k_scale, view.k_mean,
-                    view.mass, unit.page, unit.position, B, H, L, view.k_pages.shape[2], first_slot, unit_T, slots,
-                    sm_scale_log2, rope, rope_center, D=D, ROPE_DIMS=rope_dims, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-                    CACHE_FP8=cache_fp8, INTERPRET=interpret, num_warps=warps, num_stages=stages)
+        for table_index, slot in view.mass_units:
+            attention_mass_kernel[(triton.cdiv(view.k_pages.shape[2], block_n), B * H)](
+                q, lse, q.stride(0), q.stride(1), q.stride(2), view.k_pages, view.k_scale, view.k_mean, view.mass,
+                view.page_table, table_index, slot, B, H, L, view.k_pages.shape[2], first_slot, unit_T, slots,
+                sm_scale_log2, rope, rope_center, D=D, ROPE_DIMS=rope_dims, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+                CACHE_FP8=cache_fp8, INTERPRET=interpret, num_warps=warps, num_stages=stages)
     return out, lse

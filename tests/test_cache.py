@@ -151,18 +151,26 @@ def test_bad_commits_name_the_argument():
 
 def _state(cache):
     return ([cache.cached_frames(i) for i in range(cache.num_layers)], cache.frames_seen,
-            [cache.view(i).page_table.tolist() for i in range(cache.num_layers)])
+            [cache.view(i).page_table.tolist() for i in range(cache.num_layers)],
+            [cache.keep_count(i) for i in range(cache.num_layers)])
 
 
+@pytest.mark.parametrize("keep_tokens", [0, 12])
 @pytest.mark.parametrize("replayed", [False, True])
 @pytest.mark.parametrize("per_commit", [1, 2])
-def test_ring_commits_rotate_on_the_device_as_host_commits_do(per_commit, replayed):
+def test_ring_commits_rotate_on_the_device_as_host_commits_do(per_commit, replayed, keep_tokens):
     """Ring commits rotate the ring with device ops; pages, page tables and bookkeeping equal those
     of plain commits over wraps, also when the host's books are kept out of the commits (as in a
-    graph capture) and advanced afterwards (as after a replay)."""
-    host, ring = (StreamingKVCache(2, 1, H, D, T, sink_frames=2, window_frames=3) for _ in range(2))
+    graph capture) and advanced afterwards (as after a replay). With a keep buffer, the evicted
+    pages' tokens, chosen by the attention mass each pass accumulates, are compacted alike."""
+    host, ring = (StreamingKVCache(2, 1, H, D, T, sink_frames=2, window_frames=3, keep_tokens=keep_tokens)
+                  for _ in range(2))
     for step in range(14 // per_commit):
         frames = [frame(per_commit) for _ in range(2)]
+        q, own = torch.randn(1, T, H, D), frame()
+        for cache in (host, ring):  # a pass over the cache: the mass of the pages next to go
+            for layer in range(2):
+                temporal_attention(q, *own, kv_cache=cache, layer=layer)
         for layer in range(2):
             host.commit(layer, *frames[layer])
         if ring.ring_unready(per_commit) is not None:
@@ -179,14 +187,18 @@ def test_ring_commits_rotate_on_the_device_as_host_commits_do(per_commit, replay
             ring.advance_ring_mirror(per_commit)
         assert _state(ring) == _state(host)
     assert ring.frames_seen == 14 and ring.cached_frames(1) == [0, 1, 11, 12, 13]
-    for name in ("k_pages", "v_pages", "k_scale", "k_mean", "v_scale", "page_table"):
+    names = ["k_pages", "v_pages", "k_scale", "k_mean", "v_scale", "page_table"]
+    if keep_tokens:
+        names += ["keep_k", "keep_v", "keep_k_scale", "keep_k_mean", "keep_v_scale", "keep_mass", "mass"]
+        assert ring.keep_count(0) == keep_tokens and host.keep_mass.sum() > 0
+    for name in names:
         assert torch.equal(getattr(ring, name).float(), getattr(host, name).float()), name
     q, k, v = torch.randn(1, T, H, D), *frame()
     assert torch.equal(temporal_attention(q, k, v, kv_cache=ring, layer=1),
                        temporal_attention(q, k, v, kv_cache=host, layer=1))
 
 
-def test_ring_needs_a_full_cache_a_sync_and_no_keep_buffer():
+def test_ring_needs_a_full_cache_a_sync_and_a_full_keep_buffer():
     cache = StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=2)
     assert cache.ring_unready(1) == "warm-up: the cache (sinks and window) is not full yet"
     for _ in range(3):
@@ -206,6 +218,9 @@ def test_ring_needs_a_full_cache_a_sync_and_no_keep_buffer():
             pass
     cache.sync_ring()
     assert cache.ring_head.tolist() == [0] and cache.cached_frames(0) == [0, 3, 4]
-    keeping = StreamingKVCache(1, 1, H, D, T, sink_frames=0, window_frames=1, keep_tokens=4)
+    keeping = StreamingKVCache(1, 1, H, D, T, sink_frames=0, window_frames=1, keep_tokens=2 * T)
     keeping.commit(0, *frame())
-    assert keeping.ring_unready(1).startswith("keep_tokens > 0")
+    for _ in range(2):  # each eviction adds T tokens to the keep buffer, until it is full
+        assert keeping.ring_unready(1) == "warm-up: the keep buffer is not full yet"
+        keeping.commit(0, *frame())
+    assert keeping.ring_unready(1) is None and keeping.keep_count(0) == 2 * T

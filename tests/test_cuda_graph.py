@@ -43,18 +43,24 @@ def assert_same_stream(a, b):
         assert torch.equal(x.video, y.video)
 
 
-@pytest.mark.parametrize("steps, frames_per_block", [(1, 1), (2, 2)])
-def test_static_step_makes_the_plain_stream(tiny, steps, frames_per_block):
+@pytest.mark.parametrize("steps, frames_per_block, keep_tokens", [(1, 1, 0), (2, 2, 0), (1, 1, 48)])
+def test_static_step_makes_the_plain_stream(tiny, steps, frames_per_block, keep_tokens):
     """The static step (the code a CUDA graph captures, run eagerly here) against the plain passes,
-    over more frames than sinks + window, so the device ring wraps several times."""
-    static = generator(tiny, True, steps=steps, frames_per_block=frames_per_block)
-    plain = generator(tiny, False, steps=steps, frames_per_block=frames_per_block)
+    over more frames than sinks + window, so the device ring wraps several times; with a keep
+    buffer (48 of each evicted frame's 64 tokens fill it at the first eviction), the evicted
+    pages are compacted from device indices."""
+    options = dict(steps=steps, frames_per_block=frames_per_block, cache_config=CacheConfig(1, 3, keep_tokens))
+    static, plain = generator(tiny, True, **options), generator(tiny, False, **options)
     blocks = 12 // frames_per_block
     assert_same_stream([static.step() for _ in range(blocks)], [plain.step() for _ in range(blocks)])
     assert static.cache.cached_frames(0) == plain.cache.cached_frames(0)
     assert static.cache.frames_seen == plain.cache.frames_seen == 12 - frames_per_block
+    if keep_tokens:
+        assert torch.equal(static.cache.keep_k.float(), plain.cache.keep_k.float())
+        assert static.cache.keep_count(0) == keep_tokens
     s = static.stats()["cuda_graph"]
-    steady = blocks - 1 - -(-4 // frames_per_block)  # after the first block and the cache's warm-up
+    # after the first block, the cache's warm-up (and the keep buffer's: the first eviction)
+    steady = blocks - 1 - -(-4 // frames_per_block) - (1 if keep_tokens else 0)
     assert s["static_steps_eager"] == steady and s["replayed_frames"] == 0 and not s["in_use"]
     assert s["fallback"].startswith("not a CUDA device")
     assert plain.stats()["cuda_graph"]["fallback"] == "cuda_graph=False"
@@ -113,8 +119,8 @@ def _in_triton_interpreter() -> bool:
     return any("/triton/" in frame.filename for frame in traceback.extract_stack())
 
 
-def steady_generator(tiny, backend):
-    g = generator(tiny, True, cache_config=CacheConfig(0, 2), backend=backend)
+def steady_generator(tiny, backend, keep_tokens=0):
+    g = generator(tiny, True, cache_config=CacheConfig(0, 2, keep_tokens), backend=backend)
     while g.cache.ring_unready(1) is not None or g._previous is None:
         g.step()
     g.step()  # one static step (the warm-up a capture follows)
@@ -122,11 +128,13 @@ def steady_generator(tiny, backend):
     return g
 
 
-def test_the_captured_step_never_depends_on_the_host(tiny):
+@pytest.mark.parametrize("keep_tokens", [0, 48])
+def test_the_captured_step_never_depends_on_the_host(tiny, keep_tokens):
     """The function StreamGenerator captures, with the kernels a GPU runs (Triton, interpreted here),
     under modes that fail on host reads, host data and device transfers: a change that would break
-    the capture (an .item(), a torch.tensor([...]) per pass, a .tolist() of a page table) fails here."""
-    g = steady_generator(tiny, "triton" if DEVICE.type == "cpu" else "auto")
+    the capture (an .item(), a torch.tensor([...]) per pass, a .tolist() of a page table) fails here.
+    With a keep buffer: the compaction of the evicted page and the attention mass too."""
+    g = steady_generator(tiny, "triton" if DEVICE.type == "cpu" else "auto", keep_tokens)
     ring, frame = g.cache.ring_head.clone(), g._static.frame.clone()
     with HostDependence(), HostTransfer():
         g._static._step()
@@ -152,8 +160,8 @@ def test_cuda_graph_argument_is_checked(tiny):
 
 # ---- GPU: the captured graph, replayed --------------------------------------------------------
 
-def gpu_generator(model, decoder, latent_hw, cuda_graph, encoder=None, **kwargs):
-    g = StreamGenerator(model, decoder, CacheConfig(1, 3), latent_hw=latent_hw, text_encoder=encoder,
+def gpu_generator(model, decoder, latent_hw, cuda_graph, encoder=None, keep_tokens=0, **kwargs):
+    g = StreamGenerator(model, decoder, CacheConfig(1, 3, keep_tokens), latent_hw=latent_hw, text_encoder=encoder,
                         cuda_graph=cuda_graph, seed=7, **kwargs)
     g.set_prompt(PROMPT if encoder is not None else
                  torch.randn(16, model.cfg.text_dim, generator=torch.Generator().manual_seed(1)).to(DEVICE,
@@ -161,20 +169,22 @@ def gpu_generator(model, decoder, latent_hw, cuda_graph, encoder=None, **kwargs)
     return g
 
 
-def assert_graph_stream_equals_eager(model, decoder, latent_hw, encoder=None, frames=12, **kwargs):
-    graph = gpu_generator(model, decoder, latent_hw, True, encoder, **kwargs)
-    eager = gpu_generator(model, decoder, latent_hw, False, encoder, **kwargs)
+def assert_graph_stream_equals_eager(model, decoder, latent_hw, encoder=None, frames=12, keep_tokens=0, **kwargs):
+    graph = gpu_generator(model, decoder, latent_hw, True, encoder, keep_tokens, **kwargs)
+    eager = gpu_generator(model, decoder, latent_hw, False, encoder, keep_tokens, **kwargs)
     assert_same_stream([graph.step() for _ in range(frames)], [eager.step() for _ in range(frames)])
     s = graph.stats()["cuda_graph"]
     assert s["in_use"] and s["captures"] == 1 and s["fallback"] is None, s
-    assert s["replayed_frames"] == frames - 1 - 4 - 2  # first block, cache warm-up, eager warm-up
+    # first block, cache warm-up (and the keep buffer's: one eviction fills it here), eager warm-up
+    assert s["replayed_frames"] == frames - 1 - 4 - (1 if keep_tokens else 0) - 2
     assert graph.cache.cached_frames(0) == eager.cache.cached_frames(0) and graph.cache.frames_seen == frames - 1
 
 
 @pytest.mark.gpu
-def test_graph_stream_equals_eager_stream_tiny():
+@pytest.mark.parametrize("keep_tokens", [0, 48])
+def test_graph_stream_equals_eager_stream_tiny(keep_tokens):
     model, decoder, encoder, preset = build("tiny", device=DEVICE, dtype=torch.bfloat16)
-    assert_graph_stream_equals_eager(model, decoder, preset.latent_hw, encoder, frames=3 * 4)
+    assert_graph_stream_equals_eager(model, decoder, preset.latent_hw, encoder, frames=3 * 4, keep_tokens=keep_tokens)
 
 
 @pytest.mark.gpu

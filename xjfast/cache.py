@@ -21,6 +21,8 @@ it is done by device ops alone: the ring position, the page ids the commit write
 table are device tensors, so a CUDA graph that captured the commits replays them frame after
 frame. A replay runs no Python: `advance_ring_mirror(frames)` then brings the host bookkeeping
 along (and `frozen_mirror()` keeps a capture, which records but runs nothing, from moving it).
+With a keep buffer, ring commits start once it is full (how many tokens it holds then stays
+put): the evicted pages are gathered by device index and compacted into it the same way.
 """
 from __future__ import annotations
 
@@ -67,6 +69,8 @@ class CacheLayerView(NamedTuple):
     keep_count: int             # tokens in the keep buffer (its slot follows the sinks when > 0)
     mass: torch.Tensor | None   # [P, B, T] fp32 accumulator, None when keep_tokens == 0
     mass_pages: tuple           # pages whose tokens' attention mass the op accumulates
+    mass_units: tuple           # the same as (page-table index, temporal slot): fast kernels read the
+                                # page from the device table, so a captured graph follows the ring
     storage: str
     rope_dims: int
     rope_theta: float
@@ -190,15 +194,17 @@ class StreamingKVCache:
         self._check_frames("v", v, n)
         if self._ring_mode:
             self._ring_commit(layer, k, v, n)
-            self._assign_pages(layer, n)  # the same pages, on the host's books
+            self._assign_pages(layer, n, compact=False)  # the same pages, on the host's books
             return
         pages = self._assign_pages(layer, n)
         self._write_pages(layer, pages, k, v)
         self._update_page_table(layer)
         self._ring_synced = False
 
-    def _assign_pages(self, layer: int, n: int) -> list[int]:
-        """Host bookkeeping of a commit of n frames to `layer`: the pages they go to, in order."""
+    def _assign_pages(self, layer: int, n: int, compact: bool = True) -> list[int]:
+        """Host bookkeeping of a commit of n frames to `layer`: the pages they go to, in order.
+        With `compact` (host commits) an evicted page is merged into the keep buffer here; without
+        (ring commits, whose device work ran already) only the kept-token count is advanced."""
         S, W = self.sink_frames, self.window_frames
         pages = []
         for _ in range(n):
@@ -210,8 +216,10 @@ class StreamingKVCache:
                 self._window[layer] += 1
             else:  # evict the oldest window page: its slot in the ring now holds the new frame
                 page = S + self._head[layer]
-                if self.keep_tokens:
+                if self.keep_tokens and compact:
                     self._compact(layer, page)
+                elif self.keep_tokens:
+                    self._keep_count[layer] = min(self.keep_tokens, self._keep_count[layer] + self.frame_tokens)
                 self._head[layer] = (self._head[layer] + 1) % W
             pages.append(page)
             self._frame_of_page[layer][page] = self._frames_seen[layer]
@@ -222,16 +230,15 @@ class StreamingKVCache:
     # ---- the device ring (CUDA-graph capturable commits) -------------------------------------
     def ring_unready(self, frames: int) -> str | None:
         """None when a commit of `frames` frames to every layer is a pure ring rotation (sinks and
-        window full, no keep buffer), which `ring_commits()` runs on the device; else the reason."""
-        if self.keep_tokens:
-            return ("keep_tokens > 0: which tokens the compaction keeps, and how many, is decided on the host "
-                    "(kv_cache_compact returns the count; the attention-mass kernels take the evicted page as a "
-                    "scalar argument)")
+        window full, and the keep buffer full when there is one: then how many tokens it keeps no
+        longer changes), which `ring_commits()` runs on the device; else the reason."""
         if frames > self.window_frames:
             return f"a commit of {frames} frames is larger than the window ({self.window_frames} frames)"
         full = self.sink_frames + self.window_frames
         if any(self._sinks[i] + self._window[i] < full for i in range(self.num_layers)):
             return "warm-up: the cache (sinks and window) is not full yet"
+        if any(count < self.keep_tokens for count in self._keep_count):
+            return "warm-up: the keep buffer is not full yet"
         return None
 
     def sync_ring(self) -> None:
@@ -259,8 +266,14 @@ class StreamingKVCache:
         S = self.sink_frames
         head = self.ring_head[layer:layer + 1]
         order = self._ring_tables.index_select(0, head)[0]  # the page table now, the window oldest first
+        evicted = order[S:S + n]  # the n oldest pages, which the new frames overwrite
+        if self.keep_tokens:
+            for i in range(n):  # oldest first, as host commits merge them
+                self._compact_ring(layer, evicted[i:i + 1])
         kv_cache_commit(k, v, self.k_pages[layer], self.v_pages[layer], self.k_scale[layer], self.k_mean[layer],
-                        self.v_scale[layer], order[S:S + n], backend=self.backend)  # the n oldest pages
+                        self.v_scale[layer], evicted, backend=self.backend)
+        if self.mass is not None:
+            self.mass[layer].index_fill_(0, evicted.long(), 0.0)
         head.add_(n).remainder_(self.window_frames)
         torch.index_select(self._ring_tables, 0, head, out=self.page_table[layer:layer + 1])
 
@@ -268,7 +281,7 @@ class StreamingKVCache:
         """The host bookkeeping of ring commits of `frames` frames to every layer that ran on the
         device without Python (a replayed graph), so cached_frames(), frames_seen and view() stay true."""
         for layer in range(self.num_layers):
-            self._assign_pages(layer, frames)
+            self._assign_pages(layer, frames, compact=False)
 
     @contextlib.contextmanager
     def frozen_mirror(self):
@@ -312,6 +325,17 @@ class StreamingKVCache:
         self._keep_count[layer] = kv_cache_compact(keep, self.keep_mass[layer], self._keep_count[layer], evicted,
                                                    self.mass[layer, page], backend=self.backend)
 
+    def _compact_ring(self, layer: int, page: torch.Tensor) -> None:
+        """_compact with the evicted page given as a device index: its storage is gathered by
+        device ops (a copy of one page), and the full keep buffer keeps its size."""
+        keep = (self.keep_k[layer], self.keep_v[layer], self.keep_k_scale[layer], self.keep_k_mean[layer],
+                self.keep_v_scale[layer])
+        index = page.long()
+        evicted = tuple(t[layer].index_select(0, index)[0] for t in
+                        (self.k_pages, self.v_pages, self.k_scale, self.k_mean, self.v_scale))
+        kv_cache_compact(keep, self.keep_mass[layer], self.keep_tokens, evicted,
+                         self.mass[layer].index_select(0, index)[0], backend=self.backend)
+
     def _update_page_table(self, layer: int) -> None:
         pages = self._slot_pages(layer)
         self.page_table[layer, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
@@ -333,12 +357,14 @@ class StreamingKVCache:
         units += [KeyUnit(p, len(units) + i, T) for i, p in enumerate(pages[sinks:])]
         window = pages[sinks:]
         mass_pages = tuple(window[:self._lookahead[layer]]) if self.mass is not None else ()
+        first = len(units) - len(window)  # the slot of the oldest window page
+        mass_units = tuple((sinks + i, first + i) for i in range(len(mass_pages)))
         return CacheLayerView(
             self.k_pages[layer], self.v_pages[layer], self.k_scale[layer], self.k_mean[layer],
             self.v_scale[layer], self.keep_k[layer], self.keep_v[layer], self.keep_k_scale[layer],
             self.keep_k_mean[layer], self.keep_v_scale[layer], self.page_table[layer, :len(pages)],
             tuple(units), len(units), sinks, self._keep_count[layer],
-            None if self.mass is None else self.mass[layer], mass_pages,
+            None if self.mass is None else self.mass[layer], mass_pages, mass_units,
             self.storage, self.rope_dims, self.rope_theta)
 
     def __repr__(self) -> str:

@@ -393,9 +393,8 @@ def temporal_attention_cuda(q, k, v, plan: AttentionPlan, view, *, out=None, lse
                            private_blocks=tables.private.data_ptr(), block_tokens=plan.block_tokens,
                            causal=plan.causal, **shared)
     if view is not None and view.mass is not None:
-        for unit in view.units:
-            if unit.page in view.mass_pages:
-                ext.attention_mass(**query, lse=lse.data_ptr(), cache=cached["cache"],
-                                   cache_tokens=view.k_pages.shape[2], page=unit.page, slot=unit.position,
-                                   mass=view.mass.data_ptr(), **shared)
+        for table_index, slot in view.mass_units:
+            ext.attention_mass(**query, lse=lse.data_ptr(), cache=cached["cache"], cache_tokens=view.k_pages.shape[2],
+                               page_table=cached["page_table"], table_index=table_index, slot=slot,
+                               mass=view.mass.data_ptr(), **shared)
     return out, lse
