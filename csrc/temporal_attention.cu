@@ -1,7 +1,7 @@
 // temporal_attention: FP8 attention of a pass's queries over the paged KV cache and the pass's own
 // keys on the tensor cores, the same math as the Triton kernel (kernels/temporal_attention.py) and
 // the reference it is held to. Two cores (attention_cores.cuh) do the products: wgmma on sm_90a
-// (Hopper's FP8 path), mma.sync m16n8k32 elsewhere (sm_89 and later); the host picks by GPU.
+// (Hopper's FP8 path), mma.sync m16n8k32 elsewhere; the host picks by GPU.
 //
 // One CTA of 4 warps per (64-query tile, b, head); warp w owns query rows 16w..16w+15. The CTA
 // walks the key units in slot order (sink pages, the keep buffer, window pages, the pass's frames)
@@ -22,8 +22,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "cuda_check.h"
 #include "attention_cores.cuh"
+#include "cuda_check.h"
 #include "dtypes.cuh"
 #include "mma_fragments.cuh"
 #include "temporal_attention.h"
