@@ -32,7 +32,6 @@ from xjfast.engine.speculation import MAX_DEPTH, DepthController, extrapolate, h
 from xjfast.engine.static_step import StaticStep
 from xjfast.models.decoder import VIDEO_FRAMES_PER_LATENT
 from xjfast.ops.denoise_step import denoise_step
-from xjfast.ops.philox import latent_noise
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,7 @@ class StreamGenerator:
         # the steady-state step: replayed from a CUDA graph on a GPU; run eagerly elsewhere
         self._static = StaticStep(self, self.device.type == "cuda" if cuda_graph is None else cuda_graph)
         self._timestep_rows = {}
+        self._zeros = {}  # latent shape -> zeros, the x0 of _noise
         self.reset()
 
     def reset(self) -> None:
@@ -176,9 +176,16 @@ class StreamGenerator:
             torch.cuda.synchronize(self.device)
 
     def _noise(self, first, frames: int) -> torch.Tensor:
-        """Initial noise of `frames` frames from frame `first` (an int or an int64 0-d device tensor)."""
+        """Initial noise of `frames` frames from frame `first` (an int or an int64 0-d device tensor):
+        the fused step's re-noise from sigma 1 (x_next = 0 * x0 + 1 * eps = eps exactly, the Philox
+        stream of latent_noise), one kernel on a GPU where the PyTorch Philox takes a few hundred."""
         shape = (self.batch, self.model.cfg.in_channels, frames, *self.latent_hw)
-        return latent_noise(step_seed(self.seed, 0), first, shape, self.device).to(self.dtype)
+        if shape not in self._zeros:  # kept: a captured graph reads it
+            self._zeros[shape] = torch.zeros(shape, device=self.device)
+        zeros = self._zeros[shape]
+        _, eps = denoise_step(zeros, zeros, 1.0, 1.0, prediction="x0", noise_seed=step_seed(self.seed, 0),
+                              frame_index=first, backend=self.backend)
+        return eps.to(self.dtype)
 
     def _remember(self, first: int, latents: torch.Tensor) -> None:
         for f in range(latents.shape[2]):
