@@ -9,6 +9,8 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -26,6 +28,28 @@ inline void check(cudaError_t status, const char* call) {
     throw CudaError(status, std::string(call) + " failed: " + cudaGetErrorName(status) + " (" +
                                 cudaGetErrorString(status) + ")");
   }
+}
+
+}  // namespace xjfast
+
+namespace xjfast {
+
+inline int current_device() {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice(&device)");
+  return device;
+}
+
+// More than 48 KiB of dynamic shared memory must be allowed per kernel and device: done once per
+// device (`devices` holds a bit per device index already allowed; one static per kernel).
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, int bytes, std::atomic<uint64_t>& devices) {
+  const int device = current_device();
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit && (devices.load() & bit)) return;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+        "cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)");
+  devices.fetch_or(bit);
 }
 
 }  // namespace xjfast

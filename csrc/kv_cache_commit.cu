@@ -24,6 +24,7 @@
 #include <utility>
 
 #include "cuda_check.h"
+#include "device_info.h"
 #include "dtypes.cuh"
 #include "kv_cache_commit.h"
 #include "kv_unit.cuh"
@@ -138,32 +139,14 @@ __global__ void __launch_bounds__(kThreads) kv_cache_commit_kernel(CommitArgs a)
 #endif
 }
 
-int current_device() {
-  int device = 0;
-  XJ_CUDA_CHECK(cudaGetDevice(&device));
-  return device;
-}
-
 // Clusters need compute capability 9.0: say so instead of launching what cannot run.
 void check_clusters_supported() {
   const int device = current_device();
-  int major = 0, minor = 0;
-  XJ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  XJ_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  const auto [major, minor] = compute_capability(device);
   if (major < 9)
     throw std::invalid_argument("kv_cache_commit: the CUDA kernel uses thread-block clusters (compute capability "
                                 "9.0 and up), GPU " + std::to_string(device) + " has " + std::to_string(major) + "." +
                                 std::to_string(minor));
-}
-
-// The kernel's dynamic shared memory above 48 KiB must be allowed once per device.
-template <typename Kernel>
-void allow_staging(Kernel kernel, std::atomic<uint64_t>& devices) {
-  const int device = current_device();
-  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
-  if (bit && (devices.load() & bit)) return;
-  XJ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStageBytes));
-  devices.fetch_or(bit);
 }
 
 template <typename In, typename S, bool kStaged>
@@ -172,7 +155,7 @@ void launch(const CommitArgs& a, int cluster, int64_t blocks, size_t smem, cudaS
   const auto kernel = kv_cache_commit_kernel<In, S, kStaged>;
   if (smem > (48 << 10)) {
     static std::atomic<uint64_t> devices{0};
-    allow_staging(kernel, devices);
+    allow_dynamic_smem(kernel, kStageBytes, devices);
   }
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeClusterDimension;

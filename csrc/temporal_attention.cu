@@ -24,6 +24,7 @@
 
 #include "attention_cores.cuh"
 #include "cuda_check.h"
+#include "device_info.h"
 #include "dtypes.cuh"
 #include "mma_fragments.cuh"
 #include "temporal_attention.h"
@@ -493,19 +494,10 @@ void check_units(const PagedUnits& u, const char* name, bool used) {
           std::string(name) + ": e4m3 storage must be 16-byte aligned (and V scales 8-byte)");
 }
 
-template <typename Kernel>
-void configure(Kernel kernel, int smem) {
-  // More than 48 KiB of dynamic shared memory needs an opt-in per kernel.
-  XJ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-}
-
 // The core for this launch: wgmma where the GPU is sm_90 (the sm_90a SASS of _C), else mma.sync.
 bool use_wgmma(int core) {
   if (core == kCoreMmaSync) return false;
-  int device = 0, major = 0, minor = 0;
-  XJ_CUDA_CHECK(cudaGetDevice(&device));
-  XJ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  XJ_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  const auto [major, minor] = compute_capability(current_device());
   const bool hopper = major == 9 && minor == 0;
   require(core != kCoreWgmma || hopper, "the wgmma core needs an sm_90 GPU, this one is sm_" +
                                             std::to_string(major * 10 + minor));
@@ -516,7 +508,8 @@ template <typename In, int D, template <int> class CoreT>
 void launch_attention(const AttentionArgs& a, cudaStream_t stream) {
   constexpr int smem = Layout<D, CoreT<D>>::kBytes;
   const auto kernel = temporal_attention_kernel<In, D, CoreT>;
-  configure(kernel, smem);  // per call: the attribute is per device
+  static std::atomic<uint64_t> devices{0};
+  allow_dynamic_smem(kernel, smem, devices);
   const dim3 grid((a.qt.Lq + kBlockM - 1) / kBlockM, a.qt.B * a.qt.H);
   kernel<<<grid, kThreads, smem, stream>>>(a);
   XJ_CUDA_CHECK_LAUNCH("temporal_attention_kernel");
@@ -526,7 +519,8 @@ template <typename In, int D, template <int> class CoreT>
 void launch_mass(const AttentionMassArgs& a, cudaStream_t stream) {
   constexpr int smem = Layout<D, CoreT<D>>::kBytes;
   const auto kernel = attention_mass_kernel<In, D, CoreT>;
-  configure(kernel, smem);
+  static std::atomic<uint64_t> devices{0};
+  allow_dynamic_smem(kernel, smem, devices);
   const dim3 grid((a.cache.T + kBlockN - 1) / kBlockN, a.qt.B * a.qt.H);
   kernel<<<grid, kThreads, smem, stream>>>(a);
   XJ_CUDA_CHECK_LAUNCH("attention_mass_kernel");

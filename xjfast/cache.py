@@ -317,9 +317,12 @@ class StreamingKVCache:
         if self.mass is not None:
             self.mass[layer, ids.long()] = 0.0
 
-    def _compact(self, layer: int, page: int) -> None:
-        keep = (self.keep_k[layer], self.keep_v[layer], self.keep_k_scale[layer], self.keep_k_mean[layer],
+    def _keep_buffer(self, layer: int) -> tuple:
+        return (self.keep_k[layer], self.keep_v[layer], self.keep_k_scale[layer], self.keep_k_mean[layer],
                 self.keep_v_scale[layer])
+
+    def _compact(self, layer: int, page: int) -> None:
+        keep = self._keep_buffer(layer)
         evicted = (self.k_pages[layer, page], self.v_pages[layer, page], self.k_scale[layer, page],
                    self.k_mean[layer, page], self.v_scale[layer, page])
         self._keep_count[layer] = kv_cache_compact(keep, self.keep_mass[layer], self._keep_count[layer], evicted,
@@ -328,8 +331,7 @@ class StreamingKVCache:
     def _compact_ring(self, layer: int, page: torch.Tensor) -> None:
         """_compact with the evicted page given as a device index: its storage is gathered by
         device ops (a copy of one page), and the full keep buffer keeps its size."""
-        keep = (self.keep_k[layer], self.keep_v[layer], self.keep_k_scale[layer], self.keep_k_mean[layer],
-                self.keep_v_scale[layer])
+        keep = self._keep_buffer(layer)
         index = page.long()
         evicted = tuple(t[layer].index_select(0, index)[0] for t in
                         (self.k_pages, self.v_pages, self.k_scale, self.k_mean, self.v_scale))
