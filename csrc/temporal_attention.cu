@@ -504,26 +504,27 @@ bool use_wgmma(int core) {
   return hopper;
 }
 
+// One launch, with the opt-in for the kernel's shared memory (once per device and kernel).
+template <auto Kernel, class Args>
+void launch_kernel(const Args& a, int smem, dim3 grid, const char* what, cudaStream_t stream) {
+  static std::atomic<uint64_t> devices{0};
+  allow_dynamic_smem(Kernel, smem, devices);
+  Kernel<<<grid, kThreads, smem, stream>>>(a);
+  check(cudaGetLastError(), what);
+}
+
 template <typename In, int D, template <int> class CoreT>
 void launch_attention(const AttentionArgs& a, cudaStream_t stream) {
-  constexpr int smem = Layout<D, CoreT<D>>::kBytes;
-  const auto kernel = temporal_attention_kernel<In, D, CoreT>;
-  static std::atomic<uint64_t> devices{0};
-  allow_dynamic_smem(kernel, smem, devices);
-  const dim3 grid((a.qt.Lq + kBlockM - 1) / kBlockM, a.qt.B * a.qt.H);
-  kernel<<<grid, kThreads, smem, stream>>>(a);
-  XJ_CUDA_CHECK_LAUNCH("temporal_attention_kernel");
+  launch_kernel<temporal_attention_kernel<In, D, CoreT>>(a, Layout<D, CoreT<D>>::kBytes,
+                                                         dim3((a.qt.Lq + kBlockM - 1) / kBlockM, a.qt.B * a.qt.H),
+                                                         "launch of temporal_attention_kernel", stream);
 }
 
 template <typename In, int D, template <int> class CoreT>
 void launch_mass(const AttentionMassArgs& a, cudaStream_t stream) {
-  constexpr int smem = Layout<D, CoreT<D>>::kBytes;
-  const auto kernel = attention_mass_kernel<In, D, CoreT>;
-  static std::atomic<uint64_t> devices{0};
-  allow_dynamic_smem(kernel, smem, devices);
-  const dim3 grid((a.cache.T + kBlockN - 1) / kBlockN, a.qt.B * a.qt.H);
-  kernel<<<grid, kThreads, smem, stream>>>(a);
-  XJ_CUDA_CHECK_LAUNCH("attention_mass_kernel");
+  launch_kernel<attention_mass_kernel<In, D, CoreT>>(a, Layout<D, CoreT<D>>::kBytes,
+                                                     dim3((a.cache.T + kBlockN - 1) / kBlockN, a.qt.B * a.qt.H),
+                                                     "launch of attention_mass_kernel", stream);
 }
 
 size_t element_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
