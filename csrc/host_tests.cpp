@@ -7,9 +7,11 @@
 //                                    laid out as the kernel lays them, multiplied per the PTX ISA's
 //                                    fragment layouts, against plain matrix products: "ok" or the
 //                                    first mismatch
-//   wgmma SEED                    -> the same for the warpgroup's wgmma (sm_90a) path: Q, K and V^T
-//                                    tiles in core-matrix layout, read through the kernel's
-//                                    descriptors as the PTX ISA defines them, P from registers
+//   wgmma SEED D                  -> the same for the warpgroup's wgmma (sm_90a) path, head_dim D: Q,
+//                                    K and V^T tiles in core-matrix layout, read through the
+//                                    kernel's descriptors as the PTX ISA defines them, P from registers
+//   wgmma-tma SEED D              -> the same with K and V as TMA writes them for the
+//                                    warp-specialized kernel (D-byte swizzle)
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
@@ -142,13 +144,23 @@ int fragments(uint32_t seed) {
   return bad;
 }
 
-// A wgmma operand in shared memory, as the PTX ISA reads a K-major descriptor without swizzle:
-// element (row, k) of k-step at start + (row / 8) * stride + (k / 16) * leading + (row % 8) * 16 + k % 16.
+// The address bits the 32/64/128-byte swizzle modes of TMA and wgmma XOR: chunk bits 4.. with bits
+// 7.. (1, 2 or 3 of them), as CUDA's programming guide draws the patterns.
+uint32_t swizzle_address(uint32_t address, uint32_t width) {
+  return address ^ (((address >> 7) & (width / 16 - 1)) << 4);
+}
+
+// A wgmma operand in shared memory, as the PTX ISA reads a K-major descriptor (canonical layouts;
+// one k-step of 32 bytes). No swizzle: element (row, k) at start + (row / 8) * stride +
+// (k / 16) * leading + (row % 8) * 16 + k % 16. Swizzle of width W (mode 1: 128, 2: 64, 3: 32
+// bytes): rows of W bytes, at start + (row / 8) * stride + (row % 8) * W + k, that address swizzled.
 uint8_t descriptor_element(const std::vector<uint8_t>& smem, uint64_t desc, int row, int k) {
   const uint32_t start = (desc & 0x3FFF) << 4, leading = ((desc >> 16) & 0x3FFF) << 4;
   const uint32_t stride = ((desc >> 32) & 0x3FFF) << 4;
-  if (desc >> 62) throw 0;  // a swizzle mode: not what the kernel lays out
-  return smem[start + (row / 8) * stride + (k / 16) * leading + (row % 8) * 16 + k % 16];
+  const int mode = static_cast<int>(desc >> 62);
+  if (mode == 0) return smem[start + (row / 8) * stride + (k / 16) * leading + (row % 8) * 16 + k % 16];
+  const uint32_t width = 256u >> mode;
+  return smem[swizzle_address(start + (row / 8) * stride + (row % 8) * width + k, width)];
 }
 
 // wgmma m64nNk32 e4m3 over the warpgroup's 128 threads: acc[thread][n-tile][4] += A . B^T, with A
@@ -182,26 +194,40 @@ void wgmma(std::vector<double>& acc, int n_tiles, const std::vector<uint8_t>& sm
   }
 }
 
-// One CTA's S = Q.K^T (64 x 64) and O = e4m3(448 P).V (64 x 128) as WgmmaCore computes them.
-int wgmma_tiles(uint32_t seed) {
-  constexpr int D = 128, N = 64, kVRow = D + 16;
+// One CTA's S = Q.K^T (64 x 64) and O = e4m3(448 P).V (64 x D) as a wgmma kernel computes them:
+// Q always in core matrices; K and V either as WgmmaCore loads them (K in core matrices, V
+// row-major padded) or, `tma`, as the TMA of the warp-specialized kernel writes them (rows of D
+// bytes with the D-byte swizzle, the tiles 1024-byte aligned), read back through
+// swizzled_k_step_descriptor and swizzled_offset. V^T in core matrices either way.
+int wgmma_tiles(uint32_t seed, int D, bool tma) {
+  constexpr int N = 64;
+  const int kVRow = tma ? D : D + 16;
   const int row_group = xjfast::k_major_group_stride(D), vt_group = xjfast::k_major_group_stride(N);
   std::mt19937 rng(seed);
   auto code = [&] { uint8_t c = static_cast<uint8_t>(rng()); return (c & 0x7F) == 0x7F ? uint8_t(0x7E) : c; };
   auto dec = [](uint8_t c) { return static_cast<double>(xjfast::e4m3_to_float(c)); };
-  // one shared-memory space: Q, K (core matrices), V (row-major, padded), V^T (core matrices)
-  const int q0 = 0, k0 = 64 * D, v0 = k0 + N * D, vt0 = v0 + N * kVRow;
+  // one shared-memory space: Q (core matrices), K, V, V^T (core matrices)
+  const int q0 = 0, k0 = 64 * D + 1024, v0 = k0 + N * D + 1024, vt0 = v0 + N * kVRow;
   std::vector<uint8_t> smem(vt0 + D * N);
   std::vector<uint8_t> q(64 * D), k(N * D), v(N * D);
   for (auto* m : {&q, &k, &v}) for (auto& x : *m) x = code();
   for (int r = 0; r < 64; ++r) for (int c = 0; c < D; ++c) smem[q0 + xjfast::core_matrix_offset(r, c, row_group)] = q[r * D + c];
-  for (int r = 0; r < N; ++r) for (int c = 0; c < D; ++c) smem[k0 + xjfast::core_matrix_offset(r, c, row_group)] = k[r * D + c];
-  for (int r = 0; r < N; ++r) for (int c = 0; c < D; ++c) smem[v0 + r * kVRow + c] = v[r * D + c];
+  for (int r = 0; r < N; ++r)
+    for (int c = 0; c < D; ++c) {
+      if (tma) {  // the box [N rows][D bytes] at its linear address, then the address swizzled
+        smem[swizzle_address(k0 + r * D + c, D)] = k[r * D + c];
+        smem[swizzle_address(v0 + r * D + c, D)] = v[r * D + c];
+      } else {
+        smem[k0 + xjfast::core_matrix_offset(r, c, row_group)] = k[r * D + c];
+        smem[v0 + r * kVRow + c] = v[r * D + c];
+      }
+    }
+  auto v_offset = [&](int r, int c) { return tma ? xjfast::swizzled_offset(r, c, D) : r * kVRow + c; };
 
   std::vector<double> s(128 * (N / 8) * 4, 0.0);
   for (int kc = 0; kc < D / 32; ++kc)
     wgmma(s, N / 8, smem, xjfast::k_step_descriptor(q0, kc, row_group), nullptr,
-          xjfast::k_step_descriptor(k0, kc, row_group));
+          tma ? xjfast::swizzled_k_step_descriptor(k0, kc, D) : xjfast::k_step_descriptor(k0, kc, row_group));
   int bad = 0;
   for (int thread = 0; thread < 128 && !bad; ++thread)
     for (int j = 0; j < N / 8 && !bad; ++j)
@@ -216,7 +242,7 @@ int wgmma_tiles(uint32_t seed) {
     int pos, c, key[4];
     xjfast::transpose_item(item, N, pos, c, key);
     uint32_t w[4], out[4];
-    for (int i = 0; i < 4; ++i) memcpy(&w[i], &smem[v0 + key[i] * kVRow + c], 4);
+    for (int i = 0; i < 4; ++i) memcpy(&w[i], &smem[v0 + v_offset(key[i], c)], 4);
     xjfast::transpose_4x4_bytes(w, out);
     for (int j = 0; j < 4; ++j) memcpy(&smem[vt0 + xjfast::core_matrix_offset(c + j, pos, vt_group)], &out[j], 4);
   }
@@ -281,8 +307,9 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
-  if (argc == 3 && !strcmp(argv[1], "wgmma")) return wgmma_tiles(static_cast<uint32_t>(strtoul(argv[2], nullptr, 0)));
+  if (argc == 4 && (!strcmp(argv[1], "wgmma") || !strcmp(argv[1], "wgmma-tma")))
+    return wgmma_tiles(static_cast<uint32_t>(strtoul(argv[2], nullptr, 0)), atoi(argv[3]), argv[1][5] == '-');
   if (argc == 3 && !strcmp(argv[1], "fragments")) return fragments(static_cast<uint32_t>(strtoul(argv[2], nullptr, 0)));
-  fprintf(stderr, "usage: host_tests philox C0 C1 C2 C3 K0 K1 | normal SEED FRAME N | e4m3 < floats | fragments SEED | wgmma SEED\n");
+  fprintf(stderr, "usage: host_tests philox C0 C1 C2 C3 K0 K1 | normal SEED FRAME N | e4m3 < floats | fragments SEED | wgmma SEED D | wgmma-tma SEED D\n");
   return 2;
 }

@@ -118,4 +118,22 @@ XJ_HD uint64_t k_step_descriptor(uint32_t tile_address, int kc, int group_stride
   return wgmma_descriptor(tile_address + kc * 2 * kCoreMatrixBytes, kCoreMatrixBytes, group_stride);
 }
 
+// TMA's CU_TENSOR_MAP_SWIZZLE_64B / _128B and wgmma's matching modes store a tile of rows of
+// `row_bytes` (64 or 128, one swizzle width) with the 16-byte chunks of each row permuted: the chunk
+// bits of the address (4 and up) XORed with its bits 7 and up (2 or 3 of them), on a 1024-byte
+// aligned tile. Byte `byte` of row `row` of such a tile:
+XJ_HD int swizzled_offset(int row, int byte, int row_bytes) {
+  const int linear = row * row_bytes + byte;
+  return linear ^ (((linear >> 7) & (row_bytes / 16 - 1)) << 4);
+}
+
+// The descriptor of k-step kc of a K-major tile TMA wrote with that swizzle: 8-row groups
+// 8 * row_bytes apart (stride byte offset), the leading offset unused (one k-step lies inside a
+// row), mode 1 (128-byte) or 2 (64-byte) in bits 62-63; the k-step starts kc * 32 bytes into the
+// rows and the hardware swizzles the addresses it forms.
+XJ_HD uint64_t swizzled_k_step_descriptor(uint32_t tile_address, int kc, int row_bytes) {
+  const uint64_t mode = row_bytes == 128 ? 1 : 2;
+  return wgmma_descriptor(tile_address + kc * 32, 16, 8 * row_bytes) | (mode << 62);
+}
+
 }  // namespace xjfast

@@ -22,6 +22,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "attention_common.cuh"
 #include "attention_cores.cuh"
 #include "cuda_check.h"
 #include "device_info.h"
@@ -32,12 +33,7 @@
 namespace xjfast {
 namespace {
 
-constexpr int kThreads = 128, kWarps = 4;
-constexpr int kBlockM = kCoreBlockM;  // the Q quantization tile (xjfast.ops.temporal_attention.Q_TILE)
-constexpr int kBlockN = kCoreBlockN;
-static_assert(kBlockN == kAttentionBlockN, "the step the reference simulates");
-constexpr float kE4M3Max = 448.f, kMinScale = 1e-12f, kPScale = 448.f;
-constexpr float kLn2 = 0.69314718055994531f, kLog2e = 1.4426950408889634f;
+constexpr int kThreads = kGroupThreads, kWarps = kGroupWarps;
 
 // ---- shared-memory layout ---------------------------------------------------------------------
 template <int D, class Core>
@@ -69,139 +65,11 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
-// ---- inputs ------------------------------------------------------------------------------------
-// Two consecutive 16-bit (or one 32-bit) elements of a 32-bit word, as floats.
-template <typename In>
-__device__ __forceinline__ float2 word_to_float2(uint32_t w);
-template <>
-__device__ __forceinline__ float2 word_to_float2<__nv_bfloat16>(uint32_t w) {
-  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));  // exact
-}
-template <>
-__device__ __forceinline__ float2 word_to_float2<__half>(uint32_t w) {
-  return __half22float2(*reinterpret_cast<const __half2*>(&w));
-}
-
-// 16 consecutive channels of one query row (16-byte aligned), as floats.
-template <typename In>
-__device__ __forceinline__ void load_segment(const In* p, float (&x)[16]) {
-  if constexpr (sizeof(In) == 4) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float4 f = __ldg(reinterpret_cast<const float4*>(p) + i);
-      x[4 * i] = f.x, x[4 * i + 1] = f.y, x[4 * i + 2] = f.z, x[4 * i + 3] = f.w;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const uint4 w = __ldg(reinterpret_cast<const uint4*>(p) + i);
-      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = word_to_float2<In>(words[j]);
-        x[8 * i + 2 * j] = f.x, x[8 * i + 2 * j + 1] = f.y;
-      }
-    }
-  }
-}
-
-// Channels seg*16..seg*16+15 of query row `row` (zeros past Lq), temporally rotated by
-// (the row's slot - unit_slot): pairs (2j, 2j+1) by the table's cos/sin, as the Triton kernel does.
-template <typename In, int D>
-__device__ __forceinline__ void rotated_segment(const QueryTiles& qt, const In* q_bh, int row, int seg,
-                                                int unit_slot, float (&x)[16]) {
-  if (row >= qt.Lq) {
-#pragma unroll
-    for (int j = 0; j < 16; ++j) x[j] = 0.f;
-    return;
-  }
-  load_segment<In>(q_bh + row * qt.sq[1] + seg * 16, x);
-  if (seg * 16 < qt.rope_dims) {  // past the temporal channels the table is the identity
-    const int delta = qt.first_slot + __ldg(qt.frame_slots + row / qt.unit_T) - unit_slot;
-    const float* trig = qt.rope + static_cast<int64_t>(delta + qt.rope_center) * D + seg * 8;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float c = __ldg(trig + j), s = __ldg(trig + D / 2 + j);
-      const float a = x[2 * j], b = x[2 * j + 1];
-      x[2 * j] = a * c - b * s;
-      x[2 * j + 1] = a * s + b * c;
-    }
-  }
-}
-
-// Where a CTA's query tile lives in shared memory: the e4m3 tile, q.mean partial sums and per-row
-// results, the warps' amax.
-struct QueryScratch {
-  uint8_t* q;
-  float* part;
-  float* mean;
-  float* warp_max;
-};
-
 template <int D, class Core>
 __device__ __forceinline__ QueryScratch query_scratch(uint8_t* smem) {
   using L = Layout<D, Core>;
   return {smem + L::kQ, reinterpret_cast<float*>(smem + L::kPart), reinterpret_cast<float*>(smem + L::kQMean),
           reinterpret_cast<float*>(smem + L::kWarpMax)};
-}
-
-// The query tile of rows m0..m0+63, rotated for one unit and quantized with one scale, into
-// scratch.q (e4m3); scratch.mean[r] = (rotated q_r . k_mean) * sm_scale_log2. Returns its scale.
-// Two passes over the tile (the second re-reads q from L1/L2): the scale needs the whole tile's
-// amax, and holding 64 rotated values per thread would cost the registers the accumulators need.
-template <typename In, int D, class Core>
-__device__ float prepare_query_tile(const QueryTiles& qt, const In* q_bh, int m0, int unit_slot,
-                                    const float* k_mean, const QueryScratch& scratch) {
-  using L = Layout<D, Core>;
-  uint8_t* s_q = scratch.q;
-  float *s_part = scratch.part, *s_qmean = scratch.mean, *s_warp_max = scratch.warp_max;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float amax = 0.f;
-  for (int item = threadIdx.x; item < kBlockM * L::kSegs; item += kThreads) {
-    const int row = item / L::kSegs, seg = item % L::kSegs;
-    float x[16];
-    rotated_segment<In, D>(qt, q_bh, m0 + row, seg, unit_slot, x);
-    float dot = 0.f;
-#pragma unroll
-    for (int j = 0; j < 16; ++j) dot += x[j] * __ldg(k_mean + seg * 16 + j), amax = fmaxf(amax, fabsf(x[j]));
-    s_part[item] = dot;
-  }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-  if (lane == 0) s_warp_max[warp] = amax;
-  __syncthreads();
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) amax = fmaxf(amax, s_warp_max[w]);
-  const float q_scale = fmaxf(amax, kMinScale * kE4M3Max) / kE4M3Max;
-  for (int item = threadIdx.x; item < kBlockM * L::kSegs; item += kThreads) {
-    const int row = item / L::kSegs, seg = item % L::kSegs;
-    float x[16];
-    rotated_segment<In, D>(qt, q_bh, m0 + row, seg, unit_slot, x);
-    uint4 packed;  // x / q_scale by true division: the same e4m3 roundings as the reference
-    packed.x = pack_e4m3(x[0] / q_scale, x[1] / q_scale, x[2] / q_scale, x[3] / q_scale);
-    packed.y = pack_e4m3(x[4] / q_scale, x[5] / q_scale, x[6] / q_scale, x[7] / q_scale);
-    packed.z = pack_e4m3(x[8] / q_scale, x[9] / q_scale, x[10] / q_scale, x[11] / q_scale);
-    packed.w = pack_e4m3(x[12] / q_scale, x[13] / q_scale, x[14] / q_scale, x[15] / q_scale);
-    *reinterpret_cast<uint4*>(s_q + Core::chunk_offset(row, seg)) = packed;
-  }
-  if constexpr (Core::kAsyncProxy) fence_proxy_async();
-  if (threadIdx.x < kBlockM) {
-    float dot = 0.f;
-#pragma unroll
-    for (int seg = 0; seg < L::kSegs; ++seg) dot += s_part[threadIdx.x * L::kSegs + seg];
-    s_qmean[threadIdx.x] = dot * qt.sm_scale_log2;
-  }
-  __syncthreads();
-  return q_scale;
 }
 
 // Keys n0..n0+63 of a unit (rows `stride` bytes apart, `valid` of them) into a shared tile, the
@@ -218,44 +86,6 @@ __device__ __forceinline__ void load_tile(uint8_t* s_tile, const uint8_t* base, 
   }
 }
 
-// V tile [64 keys][D] (row-major) -> the core's V^T tile [D channels][64 positions], positions
-// ordered by key_of_position. Each thread moves 4 positions x 4 channels: four 32-bit loads, a
-// byte transpose, four stores.
-template <int D, class Core>
-__device__ __forceinline__ void transpose_value_tile(const uint8_t* s_v, uint8_t* s_vt) {
-  for (int item = threadIdx.x; item < kBlockN / 4 * (D / 4); item += kThreads) {
-    int p, c, key[4];
-    transpose_item(item, kBlockN, p, c, key);
-    uint32_t w[4], out[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = *reinterpret_cast<const uint32_t*>(s_v + key[i] * Layout<D, Core>::kVRow + c);
-    transpose_4x4_bytes(w, out);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) *reinterpret_cast<uint32_t*>(s_vt + Core::vt_offset(c + j, p)) = out[j];
-  }
-  if constexpr (Core::kAsyncProxy) fence_proxy_async();
-}
-
-// One key unit as the kernel reads it.
-struct Unit {
-  const uint8_t* k;
-  const uint8_t* v;
-  int64_t stride;      // bytes between keys
-  int tokens;
-  float k_scale;
-  const float* k_mean;
-  const float* v_scale;
-  int slot;
-};
-
-__device__ __forceinline__ Unit paged_unit(const PagedUnits& u, int64_t unit, int b, int h, int B, int H, int D,
-                                           int tokens, int slot) {
-  const int64_t bh = (unit * B + b) * H + h;
-  const int64_t base = ((unit * B + b) * u.T * H + h) * D;
-  return Unit{u.k + base, u.v + base, static_cast<int64_t>(H) * D, tokens, __ldg(u.k_scale + bh),
-              u.k_mean + bh * D, u.v_scale + bh * D, slot};
-}
-
 template <typename In, int D, template <int> class CoreT>
 __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const AttentionArgs a) {
   using Core = CoreT<D>;
@@ -266,45 +96,20 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
 
   const QueryTiles& qt = a.qt;
   const int m0 = blockIdx.x * kBlockM, b = blockIdx.y / qt.H, h = blockIdx.y % qt.H;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4;
   const In* q_bh = static_cast<const In*>(qt.q) + b * qt.sq[0] + h * qt.sq[2];
   const int rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};  // this thread's accumulator rows
 
-  float o[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-
-  const int keep_units = a.keep_count > 0 ? 1 : 0;
-  const int cached_units = a.n_pages + keep_units;
-  for (int ui = 0; ui < cached_units + a.n_units; ++ui) {
-    // ---- the unit: sinks, the keep buffer, window pages, then the pass's frames ----
-    Unit unit;
-    bool visible[2] = {true, true};
-    if (ui < cached_units) {
-      const bool is_keep = keep_units && ui == a.n_sinks;
-      const int i = ui - (ui > a.n_sinks ? keep_units : 0);  // page-table entry
-      unit = is_keep ? paged_unit(a.keep, 0, b, h, qt.B, qt.H, D, a.keep_count, ui)
-                     : paged_unit(a.cache, __ldg(a.page_table + i), b, h, qt.B, qt.H, D, a.cache.T, ui);
-    } else {
-      const int u = ui - cached_units;
-      unit = paged_unit(a.pass, u, b, h, qt.B, qt.H, D, a.pass.T, qt.first_slot + __ldg(qt.frame_slots + u));
-      if (a.causal) {
-        const int unit_block = u * a.pass.T / a.block_tokens;
-        const bool hidden = a.private_blocks[unit_block] != 0;
-        bool any = false;
-        for (int r = m0 + threadIdx.x; r < min(m0 + kBlockM, qt.Lq); r += kThreads) {
-          const int row_block = r / a.block_tokens;
-          any |= row_block == unit_block || (unit_block < row_block && !hidden);
-        }
-        if (!__syncthreads_or(any)) continue;  // no row of the tile sees this unit: skip it whole
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int row_block = rows[e] / a.block_tokens;
-          visible[e] = row_block == unit_block || (unit_block < row_block && !hidden);
-        }
-      }
-    }
+  SoftmaxState<D> st;
+  st.init();
+  const int units = unit_count(a);
+  for (int ui = 0; ui < units; ++ui) {
+    const UnitRef ref = unit_ref(a, ui);
+    // no row of the tile sees this unit: skip it whole
+    if (ref.source == 2 && !warp_sees_unit(a, ref.pass_unit, m0, min(m0 + kBlockM, qt.Lq))) continue;
+    const Unit unit = unit_of(a, ref, ui, b, h, D);
+    const bool visible[2] = {ref.source != 2 || unit_visible(a, ref.pass_unit, rows[0]),
+                             ref.source != 2 || unit_visible(a, ref.pass_unit, rows[1])};
 
     const int tiles = (unit.tokens + kBlockN - 1) / kBlockN;
     const auto k_offset = [](int r, int c) { return Core::chunk_offset(r, c); };
@@ -312,16 +117,11 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
     load_tile<D>(smem + L::kK, unit.k, unit.stride, 0, unit.tokens, k_offset);
     load_tile<D>(smem + L::kV, unit.v, unit.stride, 0, unit.tokens, v_offset);
     cp_async_commit();
-    const float q_scale = prepare_query_tile<In, D, Core>(qt, q_bh, m0, unit.slot, unit.k_mean, scratch);
+    const float q_scale =
+        prepare_query_tile<In, D, Core>(qt, q_bh, m0, unit.slot, unit.k_mean, scratch, 0);
     const float q_mean[2] = {scratch.mean[warp * 16 + g], scratch.mean[warp * 16 + g + 8]};
     const float score_scale = q_scale * unit.k_scale * qt.sm_scale_log2;
-
-    // O in this unit's V-scale units (times P's 448) while it is read: each P.V accumulates in place.
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      const float2 vs = *reinterpret_cast<const float2*>(unit.v_scale + i * 8 + 2 * t);
-      o[i][0] *= kPScale / vs.x, o[i][1] *= kPScale / vs.y, o[i][2] *= kPScale / vs.x, o[i][3] *= kPScale / vs.y;
-    }
+    st.to_value_units(unit.v_scale, true);
 
     for (int tile = 0; tile < tiles; ++tile) {
       const int stage = tile & 1, n0 = tile * kBlockN;
@@ -339,70 +139,18 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
       }
       if constexpr (Core::kAsyncProxy) fence_proxy_async();
       __syncthreads();  // this tile's K and V are in shared memory
-      transpose_value_tile<D, Core>(s_v, s_vt);
+      transpose_value_tile<D, Core>(s_v, [](int r, int c) { return r * L::kVRow + c; }, s_vt, threadIdx.x, kThreads);
       float s[kBlockN / 8][4];
       Core::scores(scratch.q, s_k, s);
-
-      // exp2 online softmax over this tile, rows g and g + 8 of the warp
-      float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const bool live = n0 + j * 8 + 2 * t + (e & 1) < unit.tokens && visible[e / 2];
-          s[j][e] = live ? s[j][e] * score_scale + q_mean[e / 2] : -INFINITY;
-          tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
-        }
-      }
-      float m_safe[2], row_sum[2] = {0.f, 0.f};
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float m_new = fmaxf(m[r], quad_max(tile_max[r]));
-        m_safe[r] = m_new == -INFINITY ? 0.f : m_new;  // a row that has seen no key yet
-        const float alpha = exp2f(m[r] - m_safe[r]);
-        m[r] = m_new;
-        l[r] *= alpha;
-#pragma unroll
-        for (int i = 0; i < D / 8; ++i) o[i][2 * r] *= alpha, o[i][2 * r + 1] *= alpha;
-      }
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[j][e] = exp2f(s[j][e] - m_safe[e / 2]);
-          row_sum[e / 2] += s[j][e];
-        }
-      }
-      l[0] += row_sum[0], l[1] += row_sum[1];  // this thread's columns; the quad is summed at the end
       uint32_t pa[kBlockN / 32][4];  // P * 448 rounded to e4m3, as the product's A operand
-#pragma unroll
-      for (int kc = 0; kc < kBlockN / 32; ++kc) p_fragment(s + 4 * kc, kPScale, pa[kc]);
+      softmax_tile<D>(s, n0, unit.tokens, visible, score_scale, q_mean, st, pa);
       __syncthreads();  // the transposed V tile is complete
-      Core::accumulate_pv(pa, s_vt, o);
+      Core::accumulate_pv(pa, s_vt, st.o);
       __syncthreads();  // this stage and s_vt are free for the next prefetch and transpose
     }
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      const float2 vs = *reinterpret_cast<const float2*>(unit.v_scale + i * 8 + 2 * t);
-      o[i][0] *= vs.x / kPScale, o[i][1] *= vs.y / kPScale, o[i][2] *= vs.x / kPScale, o[i][3] *= vs.y / kPScale;
-    }
+    st.to_value_units(unit.v_scale, false);
   }
-
-  // ---- normalize and write out rows g, g+8; LSE in natural log ----
-  In* out_bh = static_cast<In*>(a.out) + b * a.so[0] + h * a.so[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float total = quad_sum(l[r]);
-    if (rows[r] >= qt.Lq) continue;
-    const float inv = 1.f / total;
-    In* out_row = out_bh + rows[r] * a.so[1];
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      out_row[i * 8 + 2 * t] = from_float<In>(o[i][2 * r] * inv);
-      out_row[i * 8 + 2 * t + 1] = from_float<In>(o[i][2 * r + 1] * inv);
-    }
-    if (t == 0) a.lse[(static_cast<int64_t>(b) * qt.H + h) * qt.Lq + rows[r]] = (m[r] + log2f(total)) * kLn2;
-  }
+  store_rows<In, D>(a, b, h, rows, st);
 }
 
 // One CTA per (64 keys of the page, b, head): every query tile, quantized as the attention did,
@@ -427,7 +175,8 @@ __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const Attentio
 
   float colsum[kBlockN / 8][2] = {};
   for (int m0 = 0; m0 < qt.Lq; m0 += kBlockM) {
-    const float q_scale = prepare_query_tile<In, D, Core>(qt, q_bh, m0, unit.slot, unit.k_mean, scratch);
+    const float q_scale =
+        prepare_query_tile<In, D, Core>(qt, q_bh, m0, unit.slot, unit.k_mean, scratch, 0);
     cp_async_wait<0>();
     if constexpr (Core::kAsyncProxy) fence_proxy_async();
     __syncthreads();  // the key tile (first iteration) and the query tile are in shared memory

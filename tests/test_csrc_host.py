@@ -65,9 +65,19 @@ def test_attention_mma_fragments_follow_the_ptx_layouts(host_tests):
     assert run(host_tests, "fragments", seed).strip() == "ok", f"seed {seed}"
 
 
-def test_attention_wgmma_tiles_follow_the_ptx_layouts(host_tests):
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_wgmma_tiles_follow_the_ptx_layouts(host_tests, D):
     """The sm_90a path: Q, K and V^T tiles written in the core-matrix layout the kernel uses, read back
     through its wgmma descriptors as the PTX ISA defines K-major no-swizzle operands, P from
     registers: S and O exact (a consistent mistake in the K order would still give S; O catches it)."""
     seed = torch.randint(0, 2**31, ()).item()
-    assert run(host_tests, "wgmma", seed).strip() == "ok", f"seed {seed}"
+    assert run(host_tests, "wgmma", seed, D).strip() == "ok", f"seed {seed}"
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_tma_tiles_follow_the_swizzle_modes(host_tests, D):
+    """The warp-specialized kernel: K and V tiles as TMA writes them with the D-byte swizzle, K read by
+    wgmma through swizzled descriptors (mode, stride, k-step start) and V through swizzled_offset by
+    the transpose: S and O exact. A wrong XOR width, mode, group stride or k-step start fails."""
+    seed = torch.randint(0, 2**31, ()).item()
+    assert run(host_tests, "wgmma-tma", seed, D).strip() == "ok", f"seed {seed}"
