@@ -224,8 +224,8 @@ def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_c
             label = f"{backend}[{core}]" if core else backend
             row = dict(case, op="temporal_attention", case=_case_name(case, precision), backend=backend,
                        precision=precision, impl=f"xjfast-{label}-{precision}")
-            if core:  # auto runs wgmma on sm_90: only that row ranks the backend
-                row.update(core=core, auto_core=core == "wgmma")
+            if core:  # the fastest path ranks the backend and becomes auto's (bench/readme_tables.py)
+                row.update(core=core)
             if reason is not None:
                 rows.append(dict(row, skipped=reason))
                 continue
@@ -257,11 +257,11 @@ def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_c
 
 
 def _with_cuda_cores(candidates, device):
-    """(backend, reason, core): the CUDA attention once per tensor-core path on sm_90 (wgmma and
-    mma.sync, side by side), once (its auto choice) elsewhere."""
+    """(backend, reason, core): the CUDA attention once per path on sm_90 (wgmma, the warp-specialized
+    TMA kernel and mma.sync, side by side), once (its auto choice) elsewhere."""
     hopper = on_gpu(device) and torch.cuda.get_device_capability(device) == (9, 0)
     for backend, reason in candidates:
-        cores = ("wgmma", "mma") if backend == "cuda" and reason is None and hopper else (None,)
+        cores = ("wgmma", "ws", "mma") if backend == "cuda" and reason is None and hopper else (None,)
         for core in cores:
             yield backend, reason, core
 

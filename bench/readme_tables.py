@@ -2,7 +2,9 @@
 from the newest results file per GPU.
 
     python -m bench.readme_tables        (rewrites the block between the markers in README.md
-                                          and xjfast/backend_ranking.json)
+                                          and xjfast/backend_ranking.json: per op and compute
+                                          capability the backends fastest first, and the CUDA
+                                          attention's paths fastest first)
 Only figures that a results file holds are written; nothing is typed by hand.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import re
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 RANKING = os.path.join(ROOT, "xjfast", "backend_ranking.json")
+from xjfast.ops.temporal_attention import CUDA_CORE_RANKING  # noqa: E402  (the entry cuda_core() reads)
 
 
 def newest_per_gpu(results_dir: str) -> dict:
@@ -32,25 +35,38 @@ def newest_per_gpu(results_dir: str) -> dict:
     return newest
 
 
+def _geomean_order(times: dict) -> list[str]:
+    """case -> name -> median ms  ->  names fastest first: each scores the geometric mean, over the
+    cases it ran, of its time over the best time in that case."""
+    ratios: dict = {}
+    for by_name in times.values():
+        best = min(by_name.values())
+        for name, ms in by_name.items():
+            ratios.setdefault(name, []).append(ms / best)
+    score = {n: math.exp(sum(map(math.log, r)) / len(r)) for n, r in ratios.items()}
+    return sorted(score, key=lambda n: (score[n], n))
+
+
+def rank_cuda_attention_paths(results: dict) -> list[str]:
+    """The CUDA attention's paths (XJFAST_CUDA_ATTENTION_CORE values timed side by side on one GPU),
+    fastest first; empty when the file times none."""
+    times: dict = {}  # case -> core -> median ms
+    for row in results.get("attention", []):
+        if row.get("backend") == "cuda" and row.get("core") and "median_ms" in row:
+            times.setdefault(row["case"], {})[row["core"]] = row["median_ms"]
+    return _geomean_order(times)
+
+
 def rank_backends(results: dict) -> dict:
-    """op -> xjfast backends fastest first, from one results file. Each backend scores the geometric
-    mean, over the cases it ran, of its time over the best time any backend had in that case (a
-    backend covering part of an op is judged where it runs; of a kernel timed per tensor-core path,
-    the path auto runs); skipped backends are not ranked."""
+    """op -> xjfast backends fastest first, from one results file (a backend covering part of an op is
+    judged where it runs; the CUDA attention timed per path counts with the path auto will run,
+    the fastest); skipped backends are not ranked."""
+    best_path = next(iter(rank_cuda_attention_paths(results)), None)
     times: dict = {}  # op -> case -> backend -> median ms
     for row in results.get("attention", []) + results.get("memory_bound", []):
-        if "backend" in row and "median_ms" in row and row.get("auto_core", True):
+        if "backend" in row and "median_ms" in row and row.get("core", best_path) == best_path:
             times.setdefault(row["op"], {}).setdefault(row["case"], {})[row["backend"]] = row["median_ms"]
-    ranking = {}
-    for op, cases in times.items():
-        ratios: dict = {}
-        for by_backend in cases.values():
-            best = min(by_backend.values())
-            for backend, ms in by_backend.items():
-                ratios.setdefault(backend, []).append(ms / best)
-        score = {b: math.exp(sum(map(math.log, r)) / len(r)) for b, r in ratios.items()}
-        ranking[op] = sorted(score, key=lambda b: (score[b], b))
-    return ranking
+    return {op: _geomean_order(cases) for op, cases in times.items()}
 
 
 def ranking_file(results_dir: str) -> dict:
@@ -64,8 +80,11 @@ def ranking_file(results_dir: str) -> dict:
             per_capability[capability] = (gpu, name, data)
     out: dict = {}
     for capability, (gpu, name, data) in sorted(per_capability.items()):
+        source = {"source": f"bench/results/{name}", "gpu": gpu}
         for op, order in rank_backends(data).items():
-            out.setdefault(op, {})[capability] = {"order": order, "source": f"bench/results/{name}", "gpu": gpu}
+            out.setdefault(op, {})[capability] = {"order": order, **source}
+        if paths := rank_cuda_attention_paths(data):
+            out.setdefault(CUDA_CORE_RANKING, {})[capability] = {"order": paths, **source}
     return out
 
 

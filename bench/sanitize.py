@@ -61,12 +61,14 @@ def launches(op: str, backend: str, device) -> list[tuple[str, callable]]:
         q, k, v = (bf16(1, 2 * T, H, D) for _ in range(3))
         out = []
         if backend == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
-            # auto runs the wgmma core on sm_90: the mma.sync core gets its own launch
-            def mma_core():
-                with cuda_attention_core("mma"):
+            # auto runs the wgmma core on sm_90: the mma.sync core and the warp-specialized kernel
+            # get their own launches
+            def with_core(core):
+                with cuda_attention_core(core):
                     return xjfast.temporal_attention(q, k, v, block_tokens=T, private_blocks=[False, True],
                                                      kv_cache=cache, layer=0, backend=backend)
-            out.append(("fp8, cache with keep buffer, mma.sync core", mma_core))
+            out.append(("fp8, cache with keep buffer, mma.sync core", lambda: with_core("mma")))
+            out.append(("fp8, cache with keep buffer, warp-specialized TMA kernel", lambda: with_core("ws")))
         for precision in ("fp8", "bf16"):
             out.append((f"{precision}, cache with keep buffer, private block", lambda p=precision: xjfast.temporal_attention(
                 q, k, v, block_tokens=T, private_blocks=[False, True], kv_cache=cache, layer=0, precision=p,

@@ -44,6 +44,7 @@ __device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], 
 template <int D>
 struct MmaSyncCore {
   static constexpr bool kAsyncProxy = false;           // the tensor cores read what ldmatrix loaded
+  static constexpr bool kCompiled = true;              // on every arch _C is built for
   static constexpr int kRow = D + 16;                   // the pad puts an ldmatrix's 8 rows on distinct banks
   static constexpr int kVtRow = kCoreBlockN + 16;
   static constexpr int kQBytes = kCoreBlockM * kRow;
@@ -163,6 +164,11 @@ __device__ __forceinline__ void wgmma_rs(float (&o)[16][4], const uint32_t (&a)[
 template <int D>
 struct WgmmaCore {
   static constexpr bool kAsyncProxy = true;  // wgmma reads shared memory through the async proxy
+#ifdef XJ_WGMMA
+  static constexpr bool kCompiled = true;
+#else
+  static constexpr bool kCompiled = false;  // kernels on this core are a trap here
+#endif
   // Q and K tiles: rows of D bytes as core matrices, D / 16 of them per group of 8 rows.
   static constexpr int kRowGroup = k_major_group_stride(D);
   // V^T tile: D rows (channels) of 64 positions, 4 core matrices per group of 8 channels.
@@ -181,6 +187,19 @@ struct WgmmaCore {
 #pragma unroll
     for (int kc = 0; kc < D / 32; ++kc)
       wgmma_m64n64k32_ss(s, k_step_descriptor(smem_u32(s_q), kc, kRowGroup), k_step_descriptor(smem_u32(s_k), kc, kRowGroup),
+                         kc > 0);
+    wgmma_commit_and_wait();
+  }
+
+  // The same product with K as TMA writes it: rows of D bytes with the D-byte swizzle
+  // (swizzled_k_step_descriptor), for the warp-specialized kernel.
+  __device__ static void scores_tma(const uint8_t* s_q, const uint8_t* s_k, float (&s)[kCoreBlockN / 8][4]) {
+#pragma unroll
+    for (int j = 0; j < kCoreBlockN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < D / 32; ++kc)
+      wgmma_m64n64k32_ss(s, k_step_descriptor(smem_u32(s_q), kc, kRowGroup), swizzled_k_step_descriptor(smem_u32(s_k), kc, D),
                          kc > 0);
     wgmma_commit_and_wait();
   }

@@ -95,12 +95,13 @@ static void kv_cache_compact(std::vector<uintptr_t> keep, std::vector<uintptr_t>
   xjfast::kv_cache_compact(a, reinterpret_cast<cudaStream_t>(stream));
 }
 
-// Five pointers of a family of paged key units: k, v, k_scale, k_mean, v_scale (all 0: none).
-static xjfast::PagedUnits paged_units(const std::vector<uintptr_t>& p, int tokens, const char* name) {
+// Five pointers of a family of paged key units: k, v, k_scale, k_mean, v_scale (all 0: none), its
+// tokens per unit and the units its storage holds.
+static xjfast::PagedUnits paged_units(const std::vector<uintptr_t>& p, int tokens, int count, const char* name) {
   if (p.size() != 5) throw std::invalid_argument(std::string(name) + ": expected 5 pointers (k, v, k_scale, k_mean, v_scale)");
   return {reinterpret_cast<const uint8_t*>(p[0]), reinterpret_cast<const uint8_t*>(p[1]),
           reinterpret_cast<const float*>(p[2]), reinterpret_cast<const float*>(p[3]),
-          reinterpret_cast<const float*>(p[4]), tokens};
+          reinterpret_cast<const float*>(p[4]), tokens, count};
 }
 
 static xjfast::QueryTiles query_tiles(uintptr_t q, const std::vector<int64_t>& q_strides, int dtype,
@@ -123,7 +124,8 @@ static xjfast::QueryTiles query_tiles(uintptr_t q, const std::vector<int64_t>& q
 
 static void temporal_attention(uintptr_t q, std::vector<int64_t> q_strides, uintptr_t out,
                                std::vector<int64_t> out_strides, uintptr_t lse, int dtype, std::vector<int> sizes,
-                               std::vector<uintptr_t> cache, int cache_tokens, uintptr_t page_table, int n_pages,
+                               std::vector<uintptr_t> cache, int cache_tokens, int cache_pages, uintptr_t page_table,
+                               int n_pages,
                                int n_sinks, std::vector<uintptr_t> keep, int keep_capacity, int keep_count,
                                std::vector<uintptr_t> pass, int unit_tokens, int n_units, uintptr_t private_blocks,
                                int block_tokens, bool causal, uintptr_t frame_slots, int first_slot,
@@ -135,12 +137,12 @@ static void temporal_attention(uintptr_t q, std::vector<int64_t> q_strides, uint
   a.out = reinterpret_cast<void*>(out);
   copy_strides(out_strides, a.so, 3, "out");
   a.lse = reinterpret_cast<float*>(lse);
-  a.cache = paged_units(cache, cache_tokens, "cache");
+  a.cache = paged_units(cache, cache_tokens, cache_pages, "cache");
   a.page_table = reinterpret_cast<const int32_t*>(page_table);
   a.n_pages = n_pages, a.n_sinks = n_sinks;
-  a.keep = paged_units(keep, keep_capacity, "keep");
+  a.keep = paged_units(keep, keep_capacity, 1, "keep");
   a.keep_count = keep_count;
-  a.pass = paged_units(pass, unit_tokens, "pass");
+  a.pass = paged_units(pass, unit_tokens, n_units, "pass");
   a.n_units = n_units;
   a.private_blocks = reinterpret_cast<const int8_t*>(private_blocks);
   a.block_tokens = block_tokens, a.causal = causal;
@@ -157,7 +159,7 @@ static void attention_mass(uintptr_t q, std::vector<int64_t> q_strides, uintptr_
   a.qt = query_tiles(q, q_strides, dtype, sizes, first_slot, unit_tokens, frame_slots, sm_scale_log2, rope,
                      rope_center, rope_dims);
   a.lse = reinterpret_cast<const float*>(lse);
-  a.cache = paged_units(cache, cache_tokens, "cache");
+  a.cache = paged_units(cache, cache_tokens, 0, "cache");  // (the mass kernel uses no tensor map)
   a.page_table = reinterpret_cast<const int32_t*>(page_table);
   a.table_index = table_index, a.slot = slot;
   a.mass = reinterpret_cast<float*>(mass);
@@ -196,7 +198,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("temporal_attention", &temporal_attention,
         "FP8 attention over paged key units (see xjfast.ops.temporal_attention)", py::arg("q"), py::arg("q_strides"),
         py::arg("out"), py::arg("out_strides"), py::arg("lse"), py::arg("dtype"), py::arg("sizes"), py::arg("cache"),
-        py::arg("cache_tokens"), py::arg("page_table"), py::arg("n_pages"), py::arg("n_sinks"), py::arg("keep"),
+        py::arg("cache_tokens"), py::arg("cache_pages"), py::arg("page_table"), py::arg("n_pages"), py::arg("n_sinks"), py::arg("keep"),
         py::arg("keep_capacity"), py::arg("keep_count"), py::arg("pass_units"), py::arg("unit_tokens"),
         py::arg("n_units"), py::arg("private_blocks"), py::arg("block_tokens"), py::arg("causal"),
         py::arg("frame_slots"), py::arg("first_slot"), py::arg("sm_scale_log2"), py::arg("rope"),
@@ -210,5 +212,6 @@ PYBIND11_MODULE(_C, m) {
   m.attr("attention_block_n") = xjfast::kAttentionBlockN;
   m.attr("attention_cores") = py::dict(py::arg("auto") = static_cast<int>(xjfast::kCoreAuto),
                                        py::arg("mma") = static_cast<int>(xjfast::kCoreMmaSync),
-                                       py::arg("wgmma") = static_cast<int>(xjfast::kCoreWgmma));
+                                       py::arg("wgmma") = static_cast<int>(xjfast::kCoreWgmma),
+                                       py::arg("ws") = static_cast<int>(xjfast::kCoreWs));
 }

@@ -89,6 +89,10 @@ __device__ __forceinline__ void load_tile(uint8_t* s_tile, const uint8_t* base, 
 template <typename In, int D, template <int> class CoreT>
 __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const AttentionArgs a) {
   using Core = CoreT<D>;
+  if constexpr (!Core::kCompiled) {  // wgmma built for sm_100a: never launched there
+    __trap();
+    return;
+  }
   using L = Layout<D, Core>;
   extern __shared__ __align__(128) uint8_t smem[];  // tile bases stay 128-byte aligned
   const QueryScratch scratch = query_scratch<D, Core>(smem);
@@ -158,6 +162,10 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
 template <typename In, int D, template <int> class CoreT>
 __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const AttentionMassArgs a) {
   using Core = CoreT<D>;
+  if constexpr (!Core::kCompiled) {  // wgmma built for sm_100a: never launched there
+    __trap();
+    return;
+  }
   using L = Layout<D, Core>;
   extern __shared__ __align__(128) uint8_t smem[];  // tile bases stay 128-byte aligned
   const QueryScratch scratch = query_scratch<D, Core>(smem);
@@ -243,13 +251,15 @@ void check_units(const PagedUnits& u, const char* name, bool used) {
           std::string(name) + ": e4m3 storage must be 16-byte aligned (and V scales 8-byte)");
 }
 
-// The core for this launch: wgmma where the GPU is sm_90 (the sm_90a SASS of _C), else mma.sync.
+// The core for this launch: wgmma where the GPU is sm_90 (the sm_90a SASS of _C), else mma.sync;
+// the warp-specialized kernel (kCoreWs) counts as wgmma here and needs sm_90 too.
 bool use_wgmma(int core) {
+  require(core == kCoreAuto || core == kCoreMmaSync || core == kCoreWgmma || core == kCoreWs, "unknown core");
   if (core == kCoreMmaSync) return false;
   const auto [major, minor] = compute_capability(current_device());
   const bool hopper = major == 9 && minor == 0;
-  require(core != kCoreWgmma || hopper, "the wgmma core needs an sm_90 GPU, this one is sm_" +
-                                            std::to_string(major * 10 + minor));
+  require(core == kCoreAuto || hopper, std::string(core == kCoreWs ? "the warp-specialized kernel" : "the wgmma core") +
+                                           " needs an sm_90 GPU, this one is sm_" + std::to_string(major * 10 + minor));
   return hopper;
 }
 
@@ -297,6 +307,8 @@ void temporal_attention(const AttentionArgs& a, cudaStream_t stream) {
   require(a.n_pages >= 0 && a.n_sinks >= 0 && a.n_sinks <= a.n_pages && a.keep_count >= 0,
           "expected 0 <= n_sinks <= n_pages and keep_count >= 0");
   require(a.n_pages == 0 || a.page_table != nullptr, "page_table must not be null with cached pages");
+  require(a.n_pages <= a.cache.count, "the page table lists " + std::to_string(a.n_pages) +
+                                          " pages, the cache holds " + std::to_string(a.cache.count));
   check_units(a.cache, "cache", a.n_pages > 0);
   check_units(a.keep, "keep buffer", a.keep_count > 0);
   require(a.keep_count <= a.keep.T, "keep_count exceeds the keep buffer");
@@ -305,8 +317,8 @@ void temporal_attention(const AttentionArgs& a, cudaStream_t stream) {
           "the pass units must cover Lq exactly");
   require(!a.causal || (a.private_blocks != nullptr && a.block_tokens > 0 && qt.Lq % a.block_tokens == 0),
           "a block-causal mask needs block_tokens dividing Lq and the private flags");
-  require(a.core == kCoreAuto || a.core == kCoreMmaSync || a.core == kCoreWgmma, "unknown core");
   const bool wgmma = use_wgmma(a.core);
+  if (a.core == kCoreWs) return temporal_attention_ws(a, stream);
   dispatch(qt.dtype, qt.D, [&](auto t, auto d) {
     if (wgmma) launch_attention<decltype(t), decltype(d)::value, WgmmaCore>(a, stream);
     else launch_attention<decltype(t), decltype(d)::value, MmaSyncCore>(a, stream);
@@ -319,8 +331,7 @@ void attention_mass(const AttentionMassArgs& a, cudaStream_t stream) {
   check_units(a.cache, "cache", true);
   require(a.page_table != nullptr && a.table_index >= 0 && a.slot >= 0,
           "the page table must not be null, table_index and slot must be >= 0");
-  require(a.core == kCoreAuto || a.core == kCoreMmaSync || a.core == kCoreWgmma, "unknown core");
-  const bool wgmma = use_wgmma(a.core);
+  const bool wgmma = use_wgmma(a.core);  // the warp-specialized attention's mass: the wgmma kernel
   dispatch(a.qt.dtype, a.qt.D, [&](auto t, auto d) {
     if (wgmma) launch_mass<decltype(t), decltype(d)::value, WgmmaCore>(a, stream);
     else launch_mass<decltype(t), decltype(d)::value, MmaSyncCore>(a, stream);

@@ -6,8 +6,10 @@
 
 namespace xjfast {
 
-// Which tensor-core path multiplies: auto (wgmma on sm_90, else mma.sync), or one of them.
-enum AttentionCore : int { kCoreAuto = 0, kCoreMmaSync = 1, kCoreWgmma = 2 };
+// Which kernel and tensor-core path: auto (wgmma on sm_90, else mma.sync), one of those two, or
+// ws: the warp-specialized sm_90a kernel (TMA + mbarrier pipeline, a producer warpgroup and two
+// wgmma consumer warpgroups; temporal_attention_ws.cu).
+enum AttentionCore : int { kCoreAuto = 0, kCoreMmaSync = 1, kCoreWgmma = 2, kCoreWs = 3 };
 
 // The query side, shared by the attention and the attention-mass kernels: q [B, Lq, H, D] and how
 // each query row finds its temporal slot (first_slot + frame_slots[row / unit_T]).
@@ -32,6 +34,7 @@ struct PagedUnits {
   const float* k_mean;         // [units, B, H, D]
   const float* v_scale;        // [units, B, H, D]
   int T;                       // tokens per unit
+  int count;                   // units in the storage (the TMA tensor maps' outer extent)
 };
 
 struct AttentionArgs {
@@ -65,6 +68,8 @@ struct AttentionMassArgs {
 };
 
 void temporal_attention(const AttentionArgs& args, cudaStream_t stream);
+// The warp-specialized kernel (an sm_90 GPU; temporal_attention checks the arguments and calls it).
+void temporal_attention_ws(const AttentionArgs& args, cudaStream_t stream);
 void attention_mass(const AttentionMassArgs& args, cudaStream_t stream);
 
 // The online softmax's step (keys per tile): the reference simulates P's rounding with it.

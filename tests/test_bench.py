@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 import xjfast  # noqa: F401  (registers the ops)
 from xjfast.backends import implementations
 
@@ -82,6 +85,42 @@ def test_ranking_comes_from_the_newest_results_per_capability(tmp_path):
                                               "source": "bench/results/h100-new.json", "gpu": "H100"}
     assert ranking["denoise_step"]["10.0"]["order"] == ["cuda", "triton"]
     assert "10.0" not in ranking["temporal_attention"]
+
+
+def test_the_fastest_cuda_attention_path_ranks_the_backend_and_becomes_autos(tmp_path, monkeypatch):
+    """On sm_90 the CUDA attention is timed per path (XJFAST_CUDA_ATTENTION_CORE): the ranking
+    orders the paths, judges the cuda backend by the fastest, and cuda_core() picks that path for a
+    GPU of that capability (the environment variable still wins)."""
+    sys.path.insert(0, ROOT)
+    from bench.readme_tables import rank_backends, rank_cuda_attention_paths, ranking_file
+    from xjfast import backends
+    from xjfast.ops import temporal_attention as ta
+
+    def row(case, backend, ms, core=None):
+        return {"op": "temporal_attention", "case": case, "backend": backend, "median_ms": ms,
+                **({"core": core} if core else {})}
+    rows = [row("a", "triton", 1.0), row("a", "cuda", 1.5, "wgmma"), row("a", "cuda", 0.8, "ws"),
+            row("a", "cuda", 3.0, "mma"), row("b", "triton", 2.0), row("b", "cuda", 2.2, "wgmma"),
+            row("b", "cuda", 1.6, "ws"), row("b", "cuda", 5.0, "mma")]
+    results = _gpu_results("H100", "2026-11-01", "9.0", rows)
+    assert rank_cuda_attention_paths(results) == ["ws", "wgmma", "mma"]
+    assert rank_backends(results) == {"temporal_attention": ["cuda", "triton"]}
+    (tmp_path / "h100.json").write_text(json.dumps(results))
+    ranking = ranking_file(str(tmp_path))
+    assert ranking[ta.CUDA_CORE_RANKING]["9.0"]["order"] == ["ws", "wgmma", "mma"]
+
+    monkeypatch.setattr(backends, "ranking", lambda: ranking)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.delenv("XJFAST_CUDA_ATTENTION_CORE", raising=False)
+    assert ta.cuda_core(torch.device("cuda", 0)) == "ws"
+    assert ta.cuda_core(None) == "auto"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert ta.cuda_core(torch.device("cuda", 0)) == "auto"  # nothing ranked for sm_100: the C++ choice
+    monkeypatch.setenv("XJFAST_CUDA_ATTENTION_CORE", "mma")
+    assert ta.cuda_core(torch.device("cuda", 0)) == "mma"
+    monkeypatch.setenv("XJFAST_CUDA_ATTENTION_CORE", "tma")
+    with pytest.raises(ValueError, match="XJFAST_CUDA_ATTENTION_CORE"):
+        ta.cuda_core(None)
 
 
 class _FakeNVML:

@@ -101,7 +101,7 @@ def sass_by_function() -> dict:
 
 def test_attention_kernels_multiply_e4m3_on_the_tensor_cores():
     """Two tensor-core paths (csrc/attention_cores.cuh). wgmma on sm_90a: QGMMA e4m3, no 16-bit MMA
-    (built for sm_100a it only traps: the host never picks it there). mma.sync m16n8k32 e4m3
+    (built for sm_100a the kernel is one trap: the host never picks it there). mma.sync m16n8k32 e4m3
     elsewhere: the hardware unpacks the e4m3 operands for the 16-bit HMMA
     (F2FP...E4M3.UNPACK_B + HMMA.16816.F32); a scalar fallback would show no HMMA. cp.async
     (LDGSTS) feeds shared memory in both."""
@@ -109,19 +109,42 @@ def test_attention_kernels_multiply_e4m3_on_the_tensor_cores():
                if "temporal_attention_kernel" in key[1] or "attention_mass_kernel" in key[1]}
     assert {arch for arch, _ in kernels} == {f"sm_{arch}" for arch in EXPECTED_ARCHS}
     for (arch, name), sass in kernels.items():
+        if "WgmmaCore" in name and arch != "sm_90a":  # only a trap: the host never launches it there
+            assert "BPT.TRAP" in sass and not re.search(r"MMA|LDGSTS", sass), (arch, name)
+            continue
         assert "LDGSTS" in sass, (arch, name)
         if "WgmmaCore" not in name:
             assert re.search(r"\bHMMA\.16816\.F32\b", sass), (arch, name)
             assert re.search(r"\bF2FP\.F16\.E4M3\.UNPACK_B\b", sass) and "LDSM" in sass, (arch, name)
-        elif arch == "sm_90a":
+        else:
             assert re.search(r"\bQGMMA\.64x64x32\.F32\.E4M3\.E4M3\b", sass), (arch, name)
             assert "HMMA" not in sass, (arch, name)
             if "temporal_attention_kernel" in name:  # P.V: m64 x head_dim
                 assert re.search(r"\bQGMMA\.64x(64|128)x32\.F32\.E4M3\.E4M3\b", sass), (arch, name)
-        else:
-            assert "BPT.TRAP" in sass and not re.search(r"MMA", sass), (arch, name)
         if "temporal_attention_kernel" in name:  # P is rounded to e4m3 in registers, saturating
             assert re.search(r"\bF2FP\.SATFINITE\.E4M3\.F32", sass), (arch, name)
+
+
+def test_warp_specialized_attention_uses_tma_mbarriers_and_wgmma():
+    """csrc/temporal_attention_ws.cu on sm_90a: K/V tiles by TMA (UTMALDG.5D) into an mbarrier
+    pipeline (SYNCS arrive / transaction / try-wait), the registers moved from the producer to the
+    consumer warpgroups (USETMAXREG), S and P.V on FP8 wgmma (QGMMA), nothing through cp.async or
+    16-bit MMA. Built for sm_100a it only traps (the host never launches it there)."""
+    kernels = {key: sass for key, sass in sass_by_function().items() if "temporal_attention_ws_kernel" in key[1]}
+    assert {arch for arch, _ in kernels} == {f"sm_{arch}" for arch in EXPECTED_ARCHS}
+    assert len(kernels) == 6 * len(EXPECTED_ARCHS)  # fp32 / bf16 / fp16 queries x head_dim 64, 128
+    for (arch, name), sass in kernels.items():
+        if arch != "sm_90a":
+            assert "BPT.TRAP" in sass and not re.search(r"MMA|UTMALDG", sass), (arch, name)
+            continue
+        assert re.search(r"\bUTMALDG\.5D\b", sass), name
+        assert re.search(r"\bSYNCS\.ARRIVE\.TRANS64", sass) and "SYNCS.PHASECHK.TRANS64.TRYWAIT" in sass, name
+        assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY" in sass, name
+        assert re.search(r"\bQGMMA\.64x64x32\.F32\.E4M3\.E4M3\b", sass), name
+        head_dim = 64 if "Li64E" in name else 128
+        assert re.search(rf"\bQGMMA\.64x{head_dim}x32\.F32\.E4M3\.E4M3\b", sass), name  # P.V
+        assert "HMMA" not in sass and "LDGSTS" not in sass, name
+        assert re.search(r"\bF2FP\.SATFINITE\.E4M3\.F32", sass), name
 
 
 def test_cache_kernels_move_16_byte_vectors():

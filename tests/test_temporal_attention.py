@@ -353,9 +353,10 @@ def where_it_differs(out, ref) -> str:
 
 
 def cuda_cores():
-    """The CUDA kernel's tensor-core paths this GPU runs: mma.sync everywhere, wgmma on sm_90."""
+    """The CUDA kernel's paths this GPU runs: mma.sync everywhere; on sm_90 also wgmma and the
+    warp-specialized TMA kernel (ws)."""
     hopper = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-    return ["mma"] + (["wgmma"] if hopper else [])
+    return ["mma"] + (["wgmma", "ws"] if hopper else [])
 
 
 @pytest.mark.gpu
@@ -419,8 +420,8 @@ def cuda_call(**change):
     """Arguments of a valid-looking xjfast._C.temporal_attention call (fake pointers), changed."""
     fake = 1 << 20  # 16-byte aligned; never dereferenced: validation fails before any launch
     args = dict(q=fake, q_strides=[2 * 64 * 128, 2 * 128, 128], out=fake, out_strides=[2 * 64 * 128, 2 * 128, 128],
-                lse=fake, dtype=1, sizes=[1, 2, 64, 128], cache=[0] * 5, cache_tokens=1, page_table=0, n_pages=0,
-                n_sinks=0, keep=[0] * 5, keep_capacity=1, keep_count=0, pass_units=[fake] * 5, unit_tokens=64,
+                lse=fake, dtype=1, sizes=[1, 2, 64, 128], cache=[0] * 5, cache_tokens=1, cache_pages=0, page_table=0,
+                n_pages=0, n_sinks=0, keep=[0] * 5, keep_capacity=1, keep_count=0, pass_units=[fake] * 5, unit_tokens=64,
                 n_units=1, private_blocks=fake, block_tokens=64, causal=True, frame_slots=fake, first_slot=0,
                 sm_scale_log2=0.1, rope=0, rope_center=0, rope_dims=0, core=0, stream=0)
     args.update(change)
@@ -435,6 +436,8 @@ def cuda_call(**change):
     (dict(pass_units=[0] * 5), "pass units: null pointer"),
     (dict(n_units=2), "the pass units must cover Lq exactly"),
     (dict(n_pages=3), "page_table must not be null"),
+    (dict(n_pages=3, page_table=1 << 20, cache=[1 << 20] * 5, cache_pages=2),
+     "the page table lists 3 pages, the cache holds 2"),
     (dict(keep_count=5), "keep buffer: null pointer"),
     (dict(block_tokens=48), "a block-causal mask needs block_tokens dividing Lq"),
     (dict(rope_dims=44), "a temporal rotary needs its cos/sin table"),

@@ -88,6 +88,9 @@ def _auto_picks() -> dict:
             order, source = auto_order(op, capability)
             backend = next((b for b in order if b in implementations(op) and unusable_reason(op, b, "cuda") is None),
                            "reference")
+            if op == "temporal_attention" and backend == "cuda":  # and its path (XJFAST_CUDA_ATTENTION_CORE)
+                from xjfast.ops.temporal_attention import cuda_core
+                backend = f"cuda[{cuda_core(torch.device('cuda'))}]"
             grounds = (f"ranked by {source}" if source else
                        f"no benchmark ranking for compute capability {capability[0]}.{capability[1]}: default order")
             picks[op] = {"backend": backend, "why": grounds}

@@ -343,23 +343,37 @@ def _aligned_16(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
 
 
-CUDA_CORES = ("auto", "mma", "wgmma")
+CUDA_CORES = ("auto", "mma", "wgmma", "ws")
+CUDA_CORE_RANKING = "temporal_attention:cuda_core"  # its entry in backend_ranking.json
 
 
-def cuda_core() -> str:
-    """The tensor-core path of the CUDA kernel: XJFAST_CUDA_ATTENTION_CORE = auto (wgmma on sm_90,
-    mma.sync elsewhere), mma or wgmma — so benchmarks and tests can run either on a Hopper GPU."""
+def cuda_core(device: torch.device | None = None) -> str:
+    """The CUDA attention's kernel and tensor-core path: XJFAST_CUDA_ATTENTION_CORE when set (so
+    benchmarks and tests can run each on a Hopper GPU), else the fastest path the committed
+    benchmark results rank for this GPU's compute capability (backend_ranking.json), else auto.
+    auto: wgmma on sm_90, mma.sync elsewhere; mma; wgmma; ws: sm_90, the warp-specialized TMA + wgmma
+    kernel (csrc/temporal_attention_ws.cu)."""
     import os
-    core = os.environ.get("XJFAST_CUDA_ATTENTION_CORE", "auto")
-    check_choice("XJFAST_CUDA_ATTENTION_CORE", core, CUDA_CORES)
-    return core
+
+    from xjfast.backends import ranking
+    core = os.environ.get("XJFAST_CUDA_ATTENTION_CORE")
+    if core is not None:
+        check_choice("XJFAST_CUDA_ATTENTION_CORE", core, CUDA_CORES)
+        return core
+    if device is not None and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        entry = ranking().get(CUDA_CORE_RANKING, {}).get(f"{major}.{minor}")
+        ranked = [c for c in entry["order"] if c in CUDA_CORES] if entry else []
+        if ranked:
+            return ranked[0]
+    return "auto"
 
 
 # sm_90: the pass's K/V are quantized by the CUDA commit kernel, which runs thread-block clusters.
 @register("temporal_attention", "cuda", min_capability=(9, 0), supports=_cuda_supports)
 def temporal_attention_cuda(q, k, v, plan: AttentionPlan, view, *, out=None, lse=None, core=None):
     """csrc/temporal_attention.cu; `out`/`lse` as the Triton launcher takes them; `core` one of
-    CUDA_CORES (default: cuda_core())."""
+    CUDA_CORES (default: cuda_core(q.device))."""
     from xjfast.ops._cuda import DTYPE_CODES, extension, stream_handle
     from xjfast.ops.kv_cache_commit import kv_cache_commit_cuda
 
@@ -380,14 +394,15 @@ def temporal_attention_cuda(q, k, v, plan: AttentionPlan, view, *, out=None, lse
     if view is not None:
         cache = ptrs(view.k_pages, view.v_pages, view.k_scale, view.k_mean, view.v_scale)
         keep = ptrs(view.keep_k, view.keep_v, view.keep_k_scale, view.keep_k_mean, view.keep_v_scale)
-        cached = dict(cache=cache, cache_tokens=view.k_pages.shape[2], page_table=view.page_table.data_ptr(),
-                      n_pages=view.page_table.numel(), n_sinks=view.num_sinks, keep=keep,
+        cached = dict(cache=cache, cache_tokens=view.k_pages.shape[2], cache_pages=view.k_pages.shape[0],
+                      page_table=view.page_table.data_ptr(), n_pages=view.page_table.numel(), n_sinks=view.num_sinks,
+                      keep=keep,
                       keep_capacity=max(view.keep_k.shape[1], 1), keep_count=view.keep_count)
     else:
-        cached = dict(cache=none, cache_tokens=1, page_table=0, n_pages=0, n_sinks=0, keep=none, keep_capacity=1,
-                      keep_count=0)
+        cached = dict(cache=none, cache_tokens=1, cache_pages=0, page_table=0, n_pages=0, n_sinks=0, keep=none,
+                      keep_capacity=1, keep_count=0)
     ext = extension()
-    shared["core"] = ext.attention_cores[core or cuda_core()]
+    shared["core"] = ext.attention_cores[core or cuda_core(q.device)]
     ext.temporal_attention(**query, out=out.data_ptr(), out_strides=list(out.stride()[:3]), lse=lse.data_ptr(),
                            **cached, pass_units=ptrs(*units), n_units=L // tables.unit_tokens,
                            private_blocks=tables.private.data_ptr(), block_tokens=plan.block_tokens,

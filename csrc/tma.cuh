@@ -1,0 +1,67 @@
+// Hopper's asynchronous data movement (sm_90a): TMA tensor loads that complete on an mbarrier, the
+// mbarrier operations of a producer/consumer pipeline, and the register reallocation between
+// warpgroups (setmaxnreg). Compiled only where XJ_WGMMA holds (attention_cores.cuh); the kernels
+// built on them trap elsewhere and the host never launches them there.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstdint>
+
+#include "attention_cores.cuh"
+
+namespace xjfast {
+
+#ifdef XJ_WGMMA
+
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, int arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(arrivals) : "memory");
+}
+// Makes initialized barriers visible to the async proxy (TMA) and the other threads.
+__device__ __forceinline__ void fence_barrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+// One arrival that also announces `bytes` of TMA transactions the phase must wait for.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+// Waits until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// The box at `coords` (innermost first) of a 5-D tensor map into shared memory; its bytes count
+// towards `bar`'s transactions. Elements outside the tensor arrive as zeros.
+__device__ __forceinline__ void tma_load_5d(const CUtensorMap* map, void* dst, const int (&coords)[5], uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, "
+      "%6}], [%7];\n" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(coords[0]), "r"(coords[1]), "r"(coords[2]), "r"(coords[3]),
+      "r"(coords[4]), "r"(smem_u32(bar))
+      : "memory");
+}
+
+// The warpgroup gives back registers to, or takes them from, the CTA's pool.
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+#endif  // XJ_WGMMA
+
+}  // namespace xjfast
