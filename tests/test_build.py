@@ -147,6 +147,26 @@ def test_warp_specialized_attention_uses_tma_mbarriers_and_wgmma():
         assert re.search(r"\bF2FP\.SATFINITE\.E4M3\.F32", sass), name
 
 
+def test_warp_specialized_attention_starts_with_the_registers_its_split_assumes():
+    """setmaxnreg moves registers within the CTA's launch allocation: the producer warpgroup drops to 40
+    per thread and the two consumer warpgroups rise to 232, which needs exactly 168 per thread at
+    launch (65536 / 384 threads, rounded down to 8). With fewer the consumers' increase would wait
+    forever."""
+    tool = cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump: neither the CUDA toolkit's nor Triton's")
+    usage = subprocess.run([tool, "-res-usage", C.__file__], capture_output=True, text=True, check=True).stdout
+    registers, arch, name = {}, None, None
+    for line in usage.splitlines():
+        if match := re.match(r"arch = (sm_\w+)", line):
+            arch = match.group(1)
+        elif match := re.match(r"\s*Function (\S+):", line):
+            name = match.group(1)
+        elif (match := re.match(r"\s*REG:(\d+)", line)) and arch == "sm_90a" and "ws_kernel" in (name or ""):
+            registers[name] = int(match.group(1))
+    assert len(registers) == 6 and set(registers.values()) == {168}, registers
+
+
 def test_cache_kernels_move_16_byte_vectors():
     """kv_cache_commit/compact: rows are read 16 bytes per load (LDG.E.128), e4m3 is written 8 or 16
     bytes per store after a saturating conversion, two at a time (F2FP.SATFINITE.E4M3...PACK_AB);
