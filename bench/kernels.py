@@ -257,13 +257,18 @@ def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_c
 
 
 def _with_cuda_cores(candidates, device):
-    """(backend, reason, core): the CUDA attention once per path on sm_90 (wgmma, the warp-specialized
-    TMA kernel and mma.sync, side by side), once (its auto choice) elsewhere."""
+    """(backend, reason, core): on sm_90 the CUDA attention once per path side by side (wgmma, the
+    warp-specialized TMA kernel ws, mma.sync), a path XJFAST_CUDA_ATTENTION_SKIP leaves out with
+    the reason; elsewhere once (its one path)."""
+    from xjfast.ops.temporal_attention import cuda_paths, skipped_cuda_paths
     hopper = on_gpu(device) and torch.cuda.get_device_capability(device) == (9, 0)
     for backend, reason in candidates:
-        cores = ("wgmma", "ws", "mma") if backend == "cuda" and reason is None and hopper else (None,)
-        for core in cores:
-            yield backend, reason, core
+        if backend != "cuda" or reason is not None or not hopper:
+            yield backend, reason, None
+            continue
+        for core in cuda_paths(device):
+            yield backend, ("left out: its first launch hung or failed in gpu-check (XJFAST_CUDA_ATTENTION_SKIP)"
+                            if core in skipped_cuda_paths() else None), core
 
 
 def _time_backends(op: str, device, run, inputs, amount_gb: float, copy_bw: float, **row) -> list[dict]:

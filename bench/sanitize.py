@@ -19,6 +19,7 @@ from xjfast.errors import BackendUnavailable
 from xjfast.ops.denoise_step import denoise_step
 from xjfast.ops.kv_cache_commit import kv_cache_commit
 from xjfast.ops.kv_cache_compact import kv_cache_compact
+from xjfast.ops.temporal_attention import cuda_core, cuda_paths, skipped_cuda_paths
 
 H, D, T, KEEP = 2, 128, 80, 24  # frames of 80 tokens: not a multiple of the 64-token tiles
 E4M3 = torch.float8_e4m3fn
@@ -60,15 +61,16 @@ def launches(op: str, backend: str, device) -> list[tuple[str, callable]]:
             cache.commit(0, bf16(1, T, H, D), bf16(1, T, H, D))
         q, k, v = (bf16(1, 2 * T, H, D) for _ in range(3))
         out = []
-        if backend == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
-            # auto runs the wgmma core on sm_90: the mma.sync core and the warp-specialized kernel
-            # get their own launches
+        if backend == "cuda":
+            # the launches below run the default path (cuda_core): every other path this GPU runs
+            # gets its own, but one whose first launch hung or failed in gpu_check.sh
             def with_core(core):
                 with cuda_attention_core(core):
                     return xjfast.temporal_attention(q, k, v, block_tokens=T, private_blocks=[False, True],
                                                      kv_cache=cache, layer=0, backend=backend)
-            out.append(("fp8, cache with keep buffer, mma.sync core", lambda: with_core("mma")))
-            out.append(("fp8, cache with keep buffer, warp-specialized TMA kernel", lambda: with_core("ws")))
+            for core in cuda_paths(device):
+                if core != cuda_core(device) and core not in skipped_cuda_paths():
+                    out.append((f"fp8, cache with keep buffer, {core} path", lambda c=core: with_core(c)))
         for precision in ("fp8", "bf16"):
             out.append((f"{precision}, cache with keep buffer, private block", lambda p=precision: xjfast.temporal_attention(
                 q, k, v, block_tokens=T, private_blocks=[False, True], kv_cache=cache, layer=0, precision=p,

@@ -50,6 +50,17 @@ def test_cpu_mode_writes_a_complete_results_file(tmp_path):
     assert set(results["sections_s"]) == {"roofline", "attention", "memory_bound", "diffusers_wan", "stream"}
 
 
+def test_first_launch_reports_the_paths_to_leave_out():
+    """bench/first_launch.py, which gpu_check.sh reads the skip list from: without a GPU there is no
+    path to try, and the last line says so in the form gpu_check.sh parses."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU gpu_check.sh runs it for real")
+    said = subprocess.run([sys.executable, "-m", "bench.first_launch"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+    assert said[0].startswith("the CUDA attention does not run here: ")
+    assert said[-1] == "XJFAST_CUDA_ATTENTION_SKIP="
+
+
 def test_readme_tables_come_from_results_files(tmp_path):
     sys.path.insert(0, ROOT)
     from bench.readme_tables import tables
@@ -112,15 +123,26 @@ def test_the_fastest_cuda_attention_path_ranks_the_backend_and_becomes_autos(tmp
     monkeypatch.setattr(backends, "ranking", lambda: ranking)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.delenv("XJFAST_CUDA_ATTENTION_CORE", raising=False)
-    assert ta.cuda_core(torch.device("cuda", 0)) == "ws"
+    monkeypatch.delenv("XJFAST_CUDA_ATTENTION_SKIP", raising=False)
+    gpu = torch.device("cuda", 0)
+    assert ta.cuda_core(gpu) == "ws"
     assert ta.cuda_core(None) == "auto"
+    monkeypatch.setenv("XJFAST_CUDA_ATTENTION_SKIP", "ws")  # gpu_check.sh: its first launch failed
+    assert ta.cuda_core(gpu) == "wgmma"
+    monkeypatch.setenv("XJFAST_CUDA_ATTENTION_SKIP", "ws,wgmma,mma")
+    assert ta.cuda_core(gpu) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
-    assert ta.cuda_core(torch.device("cuda", 0)) == "auto"  # nothing ranked for sm_100: the C++ choice
-    monkeypatch.setenv("XJFAST_CUDA_ATTENTION_CORE", "mma")
-    assert ta.cuda_core(torch.device("cuda", 0)) == "mma"
+    monkeypatch.setenv("XJFAST_CUDA_ATTENTION_SKIP", "ws")
+    assert ta.cuda_core(gpu) == "mma"  # nothing ranked for sm_100, where mma.sync is the one path
+    monkeypatch.setenv("XJFAST_CUDA_ATTENTION_CORE", "wgmma")  # an explicit path wins
+    assert ta.cuda_core(gpu) == "wgmma"
     monkeypatch.setenv("XJFAST_CUDA_ATTENTION_CORE", "tma")
     with pytest.raises(ValueError, match="XJFAST_CUDA_ATTENTION_CORE"):
         ta.cuda_core(None)
+    monkeypatch.delenv("XJFAST_CUDA_ATTENTION_CORE")
+    monkeypatch.setenv("XJFAST_CUDA_ATTENTION_SKIP", "ws,tma")
+    with pytest.raises(ValueError, match="XJFAST_CUDA_ATTENTION_SKIP"):
+        ta.cuda_core(gpu)
 
 
 class _FakeNVML:

@@ -336,6 +336,9 @@ def _cuda_supports(q, k, v, plan: AttentionPlan, view) -> str | None:
         return f"the CUDA kernel implements precision='fp8' (got {plan.precision!r}; backend='triton' runs it)"
     if view is not None and view.storage != "fp8":
         return f"the CUDA kernel reads e4m3 cache pages (this cache stores {view.storage!r}; backend='triton' reads it)"
+    if q.device.type == "cuda" and cuda_core(q.device) is None:
+        return (f"XJFAST_CUDA_ATTENTION_SKIP leaves out every CUDA attention path this GPU runs "
+                f"({', '.join(cuda_paths(q.device))})")
     return None
 
 
@@ -347,12 +350,28 @@ CUDA_CORES = ("auto", "mma", "wgmma", "ws")
 CUDA_CORE_RANKING = "temporal_attention:cuda_core"  # its entry in backend_ranking.json
 
 
-def cuda_core(device: torch.device | None = None) -> str:
-    """The CUDA attention's kernel and tensor-core path: XJFAST_CUDA_ATTENTION_CORE when set (so
-    benchmarks and tests can run each on a Hopper GPU), else the fastest path the committed
-    benchmark results rank for this GPU's compute capability (backend_ranking.json), else auto.
-    auto: wgmma on sm_90, mma.sync elsewhere; mma; wgmma; ws: sm_90, the warp-specialized TMA + wgmma
-    kernel (csrc/temporal_attention_ws.cu)."""
+def cuda_paths(device: torch.device | str) -> list[str]:
+    """The CUDA attention's paths a GPU runs, in auto's order without a ranking: on sm_90 wgmma, ws
+    (the warp-specialized TMA + wgmma kernel, csrc/temporal_attention_ws.cu) and mma; elsewhere mma
+    (mma.sync)."""
+    return ["wgmma", "ws", "mma"] if torch.cuda.get_device_capability(device) == (9, 0) else ["mma"]
+
+
+def skipped_cuda_paths() -> set[str]:
+    """XJFAST_CUDA_ATTENTION_SKIP: comma-separated paths never to run (bench/gpu_check.sh sets it for
+    a path whose first launch hung or failed, so the rest of the check runs without it)."""
+    import os
+    names = {n.strip() for n in os.environ.get("XJFAST_CUDA_ATTENTION_SKIP", "").split(",") if n.strip()}
+    for name in names:
+        check_choice("XJFAST_CUDA_ATTENTION_SKIP", name, CUDA_CORES[1:])
+    return names
+
+
+def cuda_core(device: torch.device | str | None = None) -> str | None:
+    """The CUDA attention path to run: XJFAST_CUDA_ATTENTION_CORE when set (so benchmarks and tests
+    can run each), else for a CUDA `device` the fastest of its cuda_paths() that the committed
+    benchmark results rank for its compute capability (backend_ranking.json), else the first, less
+    skipped_cuda_paths() (None: none left); "auto" (the extension's own choice) without a device."""
     import os
 
     from xjfast.backends import ranking
@@ -360,13 +379,14 @@ def cuda_core(device: torch.device | None = None) -> str:
     if core is not None:
         check_choice("XJFAST_CUDA_ATTENTION_CORE", core, CUDA_CORES)
         return core
-    if device is not None and device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        entry = ranking().get(CUDA_CORE_RANKING, {}).get(f"{major}.{minor}")
-        ranked = [c for c in entry["order"] if c in CUDA_CORES] if entry else []
-        if ranked:
-            return ranked[0]
-    return "auto"
+    if device is None or torch.device(device).type != "cuda":
+        return "auto"
+    skipped = skipped_cuda_paths()
+    runnable = [p for p in cuda_paths(device) if p not in skipped]
+    major, minor = torch.cuda.get_device_capability(device)
+    entry = ranking().get(CUDA_CORE_RANKING, {}).get(f"{major}.{minor}")
+    ranked = [p for p in entry["order"] if p in runnable] if entry else []
+    return (ranked + runnable + [None])[0]
 
 
 # sm_90: the pass's K/V are quantized by the CUDA commit kernel, which runs thread-block clusters.
