@@ -1,28 +1,36 @@
-"""First launches of the CUDA attention's paths on this GPU, each in a process of its own under a
-time limit, before gpu_check.sh's tests, sanitizer and benchmarks. A path that hangs (a pipeline
-waiting forever on an mbarrier) or crashes (a sticky CUDA error poisons the rest of its process)
-costs this stage seconds instead of costing a later stage everything after it; gpu_check.sh then
-leaves it out (XJFAST_CUDA_ATTENTION_SKIP) and the later stages run whole, saying why.
+"""First launches of every GPU implementation on this GPU, each in a process of its own under a time
+limit, all at once, before gpu_check.sh's tests, sanitizer and benchmarks. An implementation that
+hangs (a pipeline waiting forever on an mbarrier) or crashes (a sticky CUDA error poisons the rest
+of its process) costs this stage seconds instead of costing a later stage everything after it;
+gpu_check.sh then leaves it out (XJFAST_DISABLE for an op's backend, XJFAST_CUDA_ATTENTION_SKIP for
+one path of the CUDA attention) and the later stages run whole, saying why.
 
-    python -m bench.first_launch        every path this GPU runs (xjfast.ops.temporal_attention.
-                                        cuda_paths): one verdict line each, then the last line
-                                        XJFAST_CUDA_ATTENTION_SKIP=<the paths that failed, comma-separated>
-    python -m bench.first_launch PATH   one launch of PATH against the reference (what each child runs)
+    python -m bench.first_launch            every implementation this GPU runs: the small launches
+                                            of bench/sanitize.py per op and backend, and each CUDA
+                                            attention path against the reference; one verdict line
+                                            each, then the lines XJFAST_DISABLE=<op:backend,...> and
+                                            XJFAST_CUDA_ATTENTION_SKIP=<path,...> of what failed
+    python -m bench.first_launch OP:BACKEND one child: bench/sanitize.py's launches of OP on BACKEND
+    python -m bench.first_launch path:PATH  one child: the CUDA attention on PATH against the reference
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-LIMIT_S = 40  # per path: the imports, a CUDA context and one small launch take ~10 s
+LIMIT_S = 90  # per child: the imports, a CUDA context, Triton compiles and a few small launches
+DEVICE = os.environ.get("XJFAST_BENCH_DEVICE", "cuda")  # "cpu": the harness checks itself in CI
 MAX_REL_L2 = 0.05  # FP8 against the reference simulating it: ~1e-2 at worst; garbage is ~1
 
 
-def launch(path: str) -> int:
+def launch_path(path: str) -> int:
     """One FP8 attention over a cache with sink, window and keep buffer (80-token frames: partial
-    tiles) plus two block-causal query frames, on `path`; 0 when it matches the reference."""
+    tiles) plus two block-causal query frames, on CUDA attention path `path`; 0 when it matches the
+    reference."""
     import xjfast
     from bench.harness import accuracy, cuda_attention_core
     H, D, T = 2, 128, 80
@@ -39,34 +47,73 @@ def launch(path: str) -> int:
         out = run("cuda")
     torch.cuda.synchronize()
     rel_l2 = accuracy(out, run("reference"))["rel_l2"]
-    ok = bool(torch.isfinite(out).all()) and rel_l2 < MAX_REL_L2
-    print(f"{path}: rel L2 {rel_l2:.3g} against the reference (bound {MAX_REL_L2})")
-    return 0 if ok else 1
+    print(f"rel L2 {rel_l2:.3g} against the reference (bound {MAX_REL_L2})")
+    return 0 if bool(torch.isfinite(out).all()) and rel_l2 < MAX_REL_L2 else 1
 
 
-def main() -> int:
-    from xjfast.backends import unusable_reason
-    from xjfast.ops.temporal_attention import cuda_paths
-    reason = unusable_reason("temporal_attention", "cuda", "cuda")
-    failed = []
-    if reason is not None:
-        print(f"the CUDA attention does not run here: {reason}")
-    else:
-        for path in cuda_paths(torch.device("cuda")):
-            try:
-                child = subprocess.run([sys.executable, "-m", "bench.first_launch", path], capture_output=True,
-                                       text=True, timeout=LIMIT_S)
-                said = (child.stdout + child.stderr).strip().splitlines()
-                verdict = ("ok" if child.returncode == 0 else f"FAILED (exit status {child.returncode})") + (
-                    f": {said[-1]}" if said else "")
-                failed += [] if child.returncode == 0 else [path]
-            except subprocess.TimeoutExpired:
-                verdict = f"HUNG: killed after {LIMIT_S} s"
-                failed.append(path)
-            print(f"first launch of the CUDA attention's {path} path: {verdict}", flush=True)
-    print(f"XJFAST_CUDA_ATTENTION_SKIP={','.join(failed)}")
+def launch_op(op: str, backend: str) -> int:
+    """bench/sanitize.py's small launches of `op` on `backend`; 0 when each ran (or said it does not
+    cover its arguments)."""
+    from bench.sanitize import launches
+    from xjfast.errors import BackendUnavailable
+    torch.manual_seed(0)
+    for label, call in launches(op, backend, DEVICE):
+        try:
+            call()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+        except BackendUnavailable:  # an implementation covering part of the op
+            continue
+        print(f"{label}: launched")
+    return 0
+
+
+def children() -> list[tuple[str, dict]]:
+    """(argument, environment) of each child for this GPU."""
+    from xjfast.backends import implementations, registered_ops, unusable_reason
+    from xjfast.ops.temporal_attention import cuda_core, cuda_paths
+    out = []
+    for op in registered_ops():
+        for backend in implementations(op):
+            if backend != "reference" and unusable_reason(op, backend, "cuda") is None:
+                # the CUDA attention's default path only: the others have their own children
+                others = [p for p in cuda_paths("cuda") if p != cuda_core("cuda")]
+                out.append((f"{op}:{backend}", {"XJFAST_CUDA_ATTENTION_SKIP": ",".join(others)}))
+    if unusable_reason("temporal_attention", "cuda", "cuda") is None:
+        out += [(f"path:{p}", {}) for p in cuda_paths("cuda")]
+    return out
+
+
+def run_child(argument: str, env: dict) -> tuple[str, bool]:
+    try:
+        child = subprocess.run([sys.executable, "-m", "bench.first_launch", argument], capture_output=True,
+                               text=True, timeout=LIMIT_S, env=dict(os.environ, **env))
+        said = (child.stdout + child.stderr).strip().splitlines()
+        verdict = "ok" if child.returncode == 0 else f"FAILED (exit status {child.returncode})"
+        return verdict + (f": {said[-1]}" if said else ""), child.returncode == 0
+    except subprocess.TimeoutExpired:
+        return f"HUNG: killed after {LIMIT_S} s", False
+
+
+def main(todo: list[tuple[str, dict]] | None = None) -> int:
+    """Runs `todo` (default: children() on a GPU, nothing without one) and prints the verdicts."""
+    if todo is None and not torch.cuda.is_available():
+        print("no CUDA GPU is visible to torch: nothing to launch")
+    todo = todo if todo is not None else children() if torch.cuda.is_available() else []
+    with ThreadPoolExecutor(max_workers=max(len(todo), 1)) as pool:  # one GPU, many small processes
+        verdicts = list(pool.map(lambda child: run_child(*child), todo))
+    disable, skip = [], []
+    for (argument, _), (verdict, ok) in zip(todo, verdicts):
+        print(f"first launch of {argument}: {verdict}")
+        if not ok:
+            (skip if argument.startswith("path:") else disable).append(argument.removeprefix("path:"))
+    print(f"XJFAST_DISABLE={','.join(disable)}")
+    print(f"XJFAST_CUDA_ATTENTION_SKIP={','.join(skip)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(launch(sys.argv[1]) if len(sys.argv) > 1 else main())
+    if len(sys.argv) == 1:
+        sys.exit(main())
+    kind, _, name = sys.argv[1].partition(":")
+    sys.exit(launch_path(name) if kind == "path" else launch_op(kind, name))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make gpu-check: everything a GPU machine (no internet) can tell us, in one call, into one folder:
-# build the extension in place, a first launch of each CUDA attention path in a process of its own
-# (a path that hangs or crashes is left out of the rest), GPU tests, compute-sanitizer memcheck +
+# build the extension in place, a first launch of every GPU implementation in a process of its own
+# (one that hangs or crashes is left out of the rest), GPU tests, compute-sanitizer memcheck +
 # racecheck on one small launch
 # of every kernel of every GPU backend, every benchmark. Output: the results JSON (rewritten after
 # each benchmark section), its PNG plots (2) and gpu-check.log: 4 files, at most 8.
@@ -19,7 +19,7 @@
 #   stage             expected   cap   minimum kept for it (what a stage leaves the later ones)
 #   build (1 arch)      30-60    180    60
 #   xjfast info          3        30     5
-#   first launches      15-30    150     5     bench/first_launch.py: 40 s per path at most
+#   first launches      20-40    120     5     bench/first_launch.py: in parallel, 90 s each at most
 #   wheels (.whl/)       5        60     5     only when .whl/ exists (bench/fetch_wheels.sh)
 #   tests (2 workers)   90-150   200    60     pytest-timeout: 150 s per test
 #   memcheck            20-40     75    30     PYTORCH_NO_CUDA_MEMORY_CACHING=1
@@ -96,12 +96,15 @@ fi
 "$PY" -c "import diffusers; print('diffusers', diffusers.__version__)" >>"$LOG" 2>&1 ||
   log "diffusers is not importable: the drop-in benchmark and the diffusers tests skip"
 
-# Each CUDA attention path's first launch in a process of its own under a time limit: one that
-# hangs or crashes is left out of the stages below (XJFAST_CUDA_ATTENTION_SKIP), which then run whole.
-stage "first launches" 150 240 "$PY" -m bench.first_launch
-skip=$(grep -a '^XJFAST_CUDA_ATTENTION_SKIP=' "$LOG" | tail -n 1 | cut -d= -f2)
-export XJFAST_CUDA_ATTENTION_SKIP="$skip"
-[ -z "$skip" ] || log "left out of the stages below: the CUDA attention path(s) $skip"
+# Every GPU implementation's first launch, each in a process of its own under a time limit, all at
+# once: one that hangs or crashes is left out of the stages below (XJFAST_DISABLE op:backend,
+# XJFAST_CUDA_ATTENTION_SKIP for a CUDA attention path), which then run whole.
+stage "first launches" 120 240 "$PY" -m bench.first_launch
+for var in XJFAST_DISABLE XJFAST_CUDA_ATTENTION_SKIP; do
+  value=$(grep -a "^$var=" "$LOG" | tail -n 1 | cut -d= -f2)
+  export "$var=$value"
+  [ -z "$value" ] || log "left out of the stages below: $var=$value"
+done
 
 # The whole suite once on the GPU (the gpu-marked tests and every backend test with the GPU
 # visible); two workers when pytest-xdist is there (the stream-shape reference needs ~20 GB each).

@@ -2,18 +2,19 @@
 import pytest
 import torch
 
-from xjfast.backends import backend_unavailable_reason, implementations
+from xjfast.backends import implementations, unusable_reason
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def fast_backends(op: str):
-    """pytest params for every non-reference implementation of `op`; unusable ones skip with the reason."""
+    """pytest params for every non-reference implementation of `op`; unusable ones (no such device,
+    too old a GPU, XJFAST_DISABLE) skip with the reason."""
     params = []
     for name in implementations(op):
         if name == "reference":
             continue
-        reason = backend_unavailable_reason(name, DEVICE)
+        reason = unusable_reason(op, name, DEVICE)
         params.append(pytest.param(name, id=name, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
     return params
 

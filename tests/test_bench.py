@@ -50,15 +50,34 @@ def test_cpu_mode_writes_a_complete_results_file(tmp_path):
     assert set(results["sections_s"]) == {"roofline", "attention", "memory_bound", "diffusers_wan", "stream"}
 
 
-def test_first_launch_reports_the_paths_to_leave_out():
-    """bench/first_launch.py, which gpu_check.sh reads the skip list from: without a GPU there is no
-    path to try, and the last line says so in the form gpu_check.sh parses."""
+def test_first_launch_reports_what_to_leave_out():
+    """bench/first_launch.py, whose last two lines gpu_check.sh reads: without a GPU there is nothing
+    to launch and nothing to leave out."""
     if torch.cuda.is_available():
         pytest.skip("on a GPU gpu_check.sh runs it for real")
     said = subprocess.run([sys.executable, "-m", "bench.first_launch"], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.splitlines()
-    assert said[0].startswith("the CUDA attention does not run here: ")
-    assert said[-1] == "XJFAST_CUDA_ATTENTION_SKIP="
+    assert said == ["no CUDA GPU is visible to torch: nothing to launch", "XJFAST_DISABLE=",
+                    "XJFAST_CUDA_ATTENTION_SKIP="]
+
+
+def test_first_launch_leaves_out_what_fails_or_hangs(monkeypatch, capsys):
+    """The verdicts gpu_check.sh acts on, from real child processes (the harness's CPU mode): a child
+    that runs is ok, one that raises is FAILED and disabled, one past the time limit is killed and
+    reported HUNG; a CUDA attention path goes to the skip list instead."""
+    sys.path.insert(0, ROOT)
+    from bench import first_launch
+    monkeypatch.setenv("XJFAST_BENCH_DEVICE", "cpu")
+    monkeypatch.chdir(ROOT)
+    first_launch.main([("denoise_step:reference", {}), ("no_such_op:triton", {})])
+    said = capsys.readouterr().out.splitlines()
+    assert said[0].startswith("first launch of denoise_step:reference: ok")
+    assert said[1].startswith("first launch of no_such_op:triton: FAILED (exit status 1): KeyError")
+    assert said[2:] == ["XJFAST_DISABLE=no_such_op:triton", "XJFAST_CUDA_ATTENTION_SKIP="]
+    monkeypatch.setattr(first_launch, "LIMIT_S", 0.01)
+    first_launch.main([("path:ws", {})])
+    assert capsys.readouterr().out.splitlines() == [
+        "first launch of path:ws: HUNG: killed after 0.01 s", "XJFAST_DISABLE=", "XJFAST_CUDA_ATTENTION_SKIP=ws"]
 
 
 def test_readme_tables_come_from_results_files(tmp_path):

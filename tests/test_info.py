@@ -103,15 +103,31 @@ def test_info_tells_what_auto_picks_and_why(ranked):
     assert "auto denoise_step: cuda (ranked by bench/results/h100.json)" in format_info(info)
 
 
+def test_disabled_implementations_are_passed_over_and_refused(ranked, monkeypatch):
+    """XJFAST_DISABLE (gpu_check.sh: an implementation whose first launch hung or crashed)."""
+    monkeypatch.setenv("XJFAST_DISABLE", "denoise_step:cuda, kv_cache_commit:triton")
+    assert ranked.resolve("denoise_step", "auto", "cuda").backend == "triton"  # ranked first, disabled
+    assert ranked.resolve("kv_cache_commit", "auto", "cuda").backend == "cuda"
+    with pytest.raises(BackendUnavailable, match="denoise_step:cuda is disabled by XJFAST_DISABLE"):
+        ranked.resolve("denoise_step", "cuda", "cuda")
+    assert ranked.unusable_reason("denoise_step", "cuda", "cuda") == "denoise_step:cuda is disabled by XJFAST_DISABLE"
+    for bad in ("denoise_step:reference", "denoise:cuda", "denoise_step"):
+        monkeypatch.setenv("XJFAST_DISABLE", bad)
+        with pytest.raises(ValueError, match=f"XJFAST_DISABLE: expected op:backend pairs .* got '{bad}'"):
+            ranked.resolve("denoise_step", "auto", "cuda")
+
+
 def test_the_committed_ranking_file_is_well_formed():
     from xjfast import backends
+    from xjfast.ops.temporal_attention import CUDA_CORE_RANKING, CUDA_CORES
     with open(backends.RANKING_FILE) as f:
         ranking = json.load(f)
     for op, per_capability in ranking.items():
-        assert op in backends.registered_ops()
+        names = CUDA_CORES if op == CUDA_CORE_RANKING else backends.BACKENDS  # the CUDA attention's paths
+        assert op == CUDA_CORE_RANKING or op in backends.registered_ops()
         for capability, entry in per_capability.items():
             assert re.fullmatch(r"\d+\.\d+", capability) and entry["source"].startswith("bench/results/")
-            assert entry["order"] and set(entry["order"]) <= set(backends.BACKENDS)
+            assert entry["order"] and set(entry["order"]) <= set(names)
 
 
 @pytest.fixture

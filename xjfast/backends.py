@@ -121,7 +121,24 @@ def unusable_reason(op: str, backend: str, device: torch.device | str, args: tup
     return _usable(impl, torch.device(device), args)
 
 
+def disabled() -> set[tuple[str, str]]:
+    """XJFAST_DISABLE: comma-separated op:backend pairs never to run, e.g.
+    "temporal_attention:triton,denoise_step:cuda" (bench/gpu_check.sh sets it for an implementation
+    whose first launch hung or crashed, so the rest of the check runs without it). auto passes over
+    them; asking for one raises BackendUnavailable. The reference cannot be disabled."""
+    pairs = set()
+    for entry in filter(None, (e.strip() for e in os.environ.get("XJFAST_DISABLE", "").split(","))):
+        op, _, backend = entry.partition(":")
+        if op not in _REGISTRY or backend not in BACKENDS[1:]:
+            raise ValueError(f"XJFAST_DISABLE: expected op:backend pairs with an op among {registered_ops()} and a "
+                             f"backend among {list(BACKENDS[1:])}, got {entry!r}")
+        pairs.add((op, backend))
+    return pairs
+
+
 def _usable(impl: Implementation, device: torch.device, args: tuple | None = None) -> str | None:
+    if (impl.op, impl.backend) in disabled():
+        return f"{impl.op}:{impl.backend} is disabled by XJFAST_DISABLE"
     reason = backend_unavailable_reason(impl.backend, device)
     if reason is None and device.type == "cuda" and impl.min_capability > (0, 0):
         cc = torch.cuda.get_device_capability(device)
