@@ -4,6 +4,7 @@ cudaProfilerStop, for Nsight Compute: `make profile OP=temporal_attention [BACKE
     ncu --profile-from-start off --clock-control none --set full -o $OUT/profile-OP python -m bench.profile OP BACKEND
 
 Warm-up calls come first, outside the profiled range, so that compilation and autotuning stay out.
+One path of the CUDA attention: `XJFAST_CUDA_ATTENTION_CORE=ws make profile OP=temporal_attention BACKEND=cuda`.
 """
 from __future__ import annotations
 
