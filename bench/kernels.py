@@ -262,13 +262,14 @@ def _with_cuda_cores(candidates, device):
     the reason; elsewhere once (its one path)."""
     from xjfast.ops.temporal_attention import cuda_paths, skipped_cuda_paths
     hopper = on_gpu(device) and torch.cuda.get_device_capability(device) == (9, 0)
+    skipped = skipped_cuda_paths()
     for backend, reason in candidates:
         if backend != "cuda" or reason is not None or not hopper:
             yield backend, reason, None
             continue
         for core in cuda_paths(device):
             yield backend, ("left out: its first launch hung or failed in gpu-check (XJFAST_CUDA_ATTENTION_SKIP)"
-                            if core in skipped_cuda_paths() else None), core
+                            if core in skipped else None), core
 
 
 def _time_backends(op: str, device, run, inputs, amount_gb: float, copy_bw: float, **row) -> list[dict]:

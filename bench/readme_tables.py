@@ -15,10 +15,11 @@ import math
 import os
 import re
 
+from xjfast.ops.temporal_attention import CUDA_CORE_RANKING  # the entry cuda_core() reads
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 RANKING = os.path.join(ROOT, "xjfast", "backend_ranking.json")
-from xjfast.ops.temporal_attention import CUDA_CORE_RANKING  # noqa: E402  (the entry cuda_core() reads)
 
 
 def newest_per_gpu(results_dir: str) -> dict:

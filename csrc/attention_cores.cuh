@@ -180,27 +180,19 @@ struct WgmmaCore {
   __device__ static int chunk_offset(int row, int chunk) { return core_matrix_offset(row, chunk * 16, kRowGroup); }
   __device__ static int vt_offset(int ch, int pos) { return core_matrix_offset(ch, pos, kVtGroup); }
 
+  // S = Q.K^T with K in this core's layout, or (kTmaK) as TMA writes it for the warp-specialized
+  // kernel: rows of D bytes with the D-byte swizzle (swizzled_k_step_descriptor).
+  template <bool kTmaK = false>
   __device__ static void scores(const uint8_t* s_q, const uint8_t* s_k, float (&s)[kCoreBlockN / 8][4]) {
 #pragma unroll
     for (int j = 0; j < kCoreBlockN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;  // (the first k-step ignores them)
     wgmma_fence();
 #pragma unroll
-    for (int kc = 0; kc < D / 32; ++kc)
-      wgmma_m64n64k32_ss(s, k_step_descriptor(smem_u32(s_q), kc, kRowGroup), k_step_descriptor(smem_u32(s_k), kc, kRowGroup),
-                         kc > 0);
-    wgmma_commit_and_wait();
-  }
-
-  // The same product with K as TMA writes it: rows of D bytes with the D-byte swizzle
-  // (swizzled_k_step_descriptor), for the warp-specialized kernel.
-  __device__ static void scores_tma(const uint8_t* s_q, const uint8_t* s_k, float (&s)[kCoreBlockN / 8][4]) {
-#pragma unroll
-    for (int j = 0; j < kCoreBlockN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-    wgmma_fence();
-#pragma unroll
-    for (int kc = 0; kc < D / 32; ++kc)
-      wgmma_m64n64k32_ss(s, k_step_descriptor(smem_u32(s_q), kc, kRowGroup), swizzled_k_step_descriptor(smem_u32(s_k), kc, D),
-                         kc > 0);
+    for (int kc = 0; kc < D / 32; ++kc) {
+      const uint64_t k = kTmaK ? swizzled_k_step_descriptor(smem_u32(s_k), kc, D)
+                               : k_step_descriptor(smem_u32(s_k), kc, kRowGroup);
+      wgmma_m64n64k32_ss(s, k_step_descriptor(smem_u32(s_q), kc, kRowGroup), k, kc > 0);
+    }
     wgmma_commit_and_wait();
   }
 

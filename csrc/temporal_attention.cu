@@ -86,13 +86,18 @@ __device__ __forceinline__ void load_tile(uint8_t* s_tile, const uint8_t* base, 
   }
 }
 
+// False (after a trap) for a core this arch lacks (wgmma built for sm_100a, never launched there):
+// the kernel's body after the check is then dead code, and not compiled.
+template <class Core>
+__device__ __forceinline__ bool compiled_here() {
+  if constexpr (!Core::kCompiled) __trap();
+  return Core::kCompiled;
+}
+
 template <typename In, int D, template <int> class CoreT>
 __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const AttentionArgs a) {
   using Core = CoreT<D>;
-  if constexpr (!Core::kCompiled) {  // wgmma built for sm_100a: never launched there
-    __trap();
-    return;
-  }
+  if (!compiled_here<Core>()) return;
   using L = Layout<D, Core>;
   extern __shared__ __align__(128) uint8_t smem[];  // tile bases stay 128-byte aligned
   const QueryScratch scratch = query_scratch<D, Core>(smem);
@@ -162,10 +167,7 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
 template <typename In, int D, template <int> class CoreT>
 __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const AttentionMassArgs a) {
   using Core = CoreT<D>;
-  if constexpr (!Core::kCompiled) {  // wgmma built for sm_100a: never launched there
-    __trap();
-    return;
-  }
+  if (!compiled_here<Core>()) return;
   using L = Layout<D, Core>;
   extern __shared__ __align__(128) uint8_t smem[];  // tile bases stay 128-byte aligned
   const QueryScratch scratch = query_scratch<D, Core>(smem);

@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(kThreads, 1) temporal_attention_ws_kernel(cons
       const int stage = item % kStages, round = item / kStages;
       mbarrier_wait(full + stage, round & 1);
       float s[kBlockN / 8][4];
-      Core::scores_tma(scratch.q, smem + L::kK + stage * L::kTile, s);
+      Core::template scores<true>(scratch.q, smem + L::kK + stage * L::kTile, s);
       uint32_t pa[kBlockN / 32][4];
       softmax_tile<D>(s, n0, unit.tokens, visible, score_scale, q_mean, st, pa);
       mbarrier_wait(vt_full + stage, round & 1);

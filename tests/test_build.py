@@ -70,15 +70,25 @@ def test_sass_of_every_arch_is_embedded():
     assert cubins == {f"sm_{arch}" for arch in EXPECTED_ARCHS}, listing
 
 
-def test_no_kernel_spills_or_uses_local_memory():
-    """-Xptxas -v in CI's terms: every kernel in _C, for every arch, has no stack frame."""
+def resource_usage() -> dict:
+    """{(arch, mangled kernel name): {"REG": registers per thread, "STACK": bytes}} for every kernel in _C."""
     tool = cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump: neither the CUDA toolkit's nor Triton's")
     usage = subprocess.run([tool, "-res-usage", C.__file__], capture_output=True, text=True, check=True).stdout
-    frames = re.findall(r"Function (\S+):\n\s*REG:(\d+) STACK:(\d+)", usage)
-    assert frames, usage[:2000]
-    assert [(name, stack) for name, _, stack in frames if stack != "0"] == []
+    kernels, arch = {}, None
+    for match in re.finditer(r"arch = (sm_\w+)|Function (\S+):\n\s*REG:(\d+) STACK:(\d+)", usage):
+        if match.group(1):
+            arch = match.group(1)
+        else:
+            kernels[(arch, match.group(2))] = {"REG": int(match.group(3)), "STACK": int(match.group(4))}
+    assert kernels, usage[:2000]
+    return kernels
+
+
+def test_no_kernel_spills_or_uses_local_memory():
+    """-Xptxas -v in CI's terms: every kernel in _C, for every arch, has no stack frame."""
+    assert [(key, use["STACK"]) for key, use in resource_usage().items() if use["STACK"] != 0] == []
 
 
 def sass_by_function() -> dict:
@@ -152,18 +162,8 @@ def test_warp_specialized_attention_starts_with_the_registers_its_split_assumes(
     per thread and the two consumer warpgroups rise to 232, which needs exactly 168 per thread at
     launch (65536 / 384 threads, rounded down to 8). With fewer the consumers' increase would wait
     forever."""
-    tool = cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump: neither the CUDA toolkit's nor Triton's")
-    usage = subprocess.run([tool, "-res-usage", C.__file__], capture_output=True, text=True, check=True).stdout
-    registers, arch, name = {}, None, None
-    for line in usage.splitlines():
-        if match := re.match(r"arch = (sm_\w+)", line):
-            arch = match.group(1)
-        elif match := re.match(r"\s*Function (\S+):", line):
-            name = match.group(1)
-        elif (match := re.match(r"\s*REG:(\d+)", line)) and arch == "sm_90a" and "ws_kernel" in (name or ""):
-            registers[name] = int(match.group(1))
+    registers = {name: use["REG"] for (arch, name), use in resource_usage().items()
+                 if arch == "sm_90a" and "temporal_attention_ws_kernel" in name}
     assert len(registers) == 6 and set(registers.values()) == {168}, registers
 
 

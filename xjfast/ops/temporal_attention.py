@@ -13,6 +13,7 @@ kernels reproduce:
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Sequence
 
 import torch
@@ -336,7 +337,7 @@ def _cuda_supports(q, k, v, plan: AttentionPlan, view) -> str | None:
         return f"the CUDA kernel implements precision='fp8' (got {plan.precision!r}; backend='triton' runs it)"
     if view is not None and view.storage != "fp8":
         return f"the CUDA kernel reads e4m3 cache pages (this cache stores {view.storage!r}; backend='triton' reads it)"
-    if q.device.type == "cuda" and cuda_core(q.device) is None:
+    if q.device.type == "cuda" and skipped_cuda_paths() and cuda_core(q.device) is None:
         return (f"XJFAST_CUDA_ATTENTION_SKIP leaves out every CUDA attention path this GPU runs "
                 f"({', '.join(cuda_paths(q.device))})")
     return None
@@ -360,7 +361,6 @@ def cuda_paths(device: torch.device | str) -> list[str]:
 def skipped_cuda_paths() -> set[str]:
     """XJFAST_CUDA_ATTENTION_SKIP: comma-separated paths never to run (bench/gpu_check.sh sets it for
     a path whose first launch hung or failed, so the rest of the check runs without it)."""
-    import os
     names = {n.strip() for n in os.environ.get("XJFAST_CUDA_ATTENTION_SKIP", "").split(",") if n.strip()}
     for name in names:
         check_choice("XJFAST_CUDA_ATTENTION_SKIP", name, CUDA_CORES[1:])
@@ -372,8 +372,6 @@ def cuda_core(device: torch.device | str | None = None) -> str | None:
     can run each), else for a CUDA `device` the fastest of its cuda_paths() that the committed
     benchmark results rank for its compute capability (backend_ranking.json), else the first, less
     skipped_cuda_paths() (None: none left); "auto" (the extension's own choice) without a device."""
-    import os
-
     from xjfast.backends import ranking
     core = os.environ.get("XJFAST_CUDA_ATTENTION_CORE")
     if core is not None:
@@ -416,8 +414,7 @@ def temporal_attention_cuda(q, k, v, plan: AttentionPlan, view, *, out=None, lse
         keep = ptrs(view.keep_k, view.keep_v, view.keep_k_scale, view.keep_k_mean, view.keep_v_scale)
         cached = dict(cache=cache, cache_tokens=view.k_pages.shape[2], cache_pages=view.k_pages.shape[0],
                       page_table=view.page_table.data_ptr(), n_pages=view.page_table.numel(), n_sinks=view.num_sinks,
-                      keep=keep,
-                      keep_capacity=max(view.keep_k.shape[1], 1), keep_count=view.keep_count)
+                      keep=keep, keep_capacity=max(view.keep_k.shape[1], 1), keep_count=view.keep_count)
     else:
         cached = dict(cache=none, cache_tokens=1, cache_pages=0, page_table=0, n_pages=0, n_sinks=0, keep=none,
                       keep_capacity=1, keep_count=0)
