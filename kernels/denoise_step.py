@@ -46,12 +46,29 @@ def philox_normal4(g, frame, seed_lo, seed_hi):
     k0 = seed_lo.to(tl.uint32) + tl.zeros_like(c0)
     k1 = seed_hi.to(tl.uint32) + tl.zeros_like(c0)
     x0, x1, x2, x3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
-    two_pi: tl.constexpr = 6.283185307179586
     r0 = tl.sqrt(-2.0 * tl.log(uniform(x0)))
     r2 = tl.sqrt(-2.0 * tl.log(uniform(x2)))
-    t1 = two_pi * uniform(x1)
-    t3 = two_pi * uniform(x3)
-    return r0 * tl.cos(t1), r0 * tl.sin(t1), r2 * tl.cos(t3), r2 * tl.sin(t3)
+    c1, s1 = sincos_2pi(uniform(x1))
+    c3, s3 = sincos_2pi(uniform(x3))
+    return r0 * c1, r0 * s1, r2 * c3, r2 * s3
+
+
+@triton.jit
+def sincos_2pi(u):
+    """(cos 2 pi u, sin 2 pi u) for u in [0, 1], as CUDA's sincospif(2u): 4u = q + r with a whole
+    quadrant q and |r| <= 1/2 (exact in fp32), then polynomials on [-pi/4, pi/4]. tl.cos/tl.sin
+    would lower (on some Triton versions) to libdevice's general sinf/cosf, whose never-taken
+    large-argument path costs a local-memory stack frame."""
+    v = 4.0 * u
+    q = tl.floor(v + 0.5)
+    a = (v - q) * 1.5707963267948966
+    a2 = a * a
+    s = a * (1.0 + a2 * (-1.0 / 6 + a2 * (1.0 / 120 + a2 * (-1.0 / 5040 + a2 * (1.0 / 362880)))))
+    c = 1.0 + a2 * (-0.5 + a2 * (1.0 / 24 + a2 * (-1.0 / 720 + a2 * (1.0 / 40320 + a2 * (-1.0 / 3628800)))))
+    quadrant = q.to(tl.int32) & 3  # cos(q pi/2 + a), sin(q pi/2 + a)
+    cos = tl.where(quadrant == 0, c, tl.where(quadrant == 1, -s, tl.where(quadrant == 2, -c, s)))
+    sin = tl.where(quadrant == 0, s, tl.where(quadrant == 1, c, tl.where(quadrant == 2, -s, -c)))
+    return cos, sin
 
 
 @triton.jit

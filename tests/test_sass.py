@@ -51,3 +51,16 @@ def test_shared_memory_fits(reports, arch):
 def test_nothing_spills(reports, name, arch):
     r = reports[(name, arch)]
     assert r["stack_bytes"] == 0 and r["spill_stores"] == 0, r
+
+
+def test_every_launched_kernel_is_checked():
+    """A Triton kernel added to kernels/ without a spec here would escape every check above."""
+    import importlib
+    import pkgutil
+
+    import xjfast.kernels
+
+    launched = {(info.name, name) for info in pkgutil.iter_modules(xjfast.kernels.__path__)
+                for name in dir(importlib.import_module(f"xjfast.kernels.{info.name}")) if name.endswith("_kernel")}
+    checked = {(spec.module, spec.function) for spec in sass.stream_specs()}
+    assert launched and launched <= checked, sorted(launched - checked)

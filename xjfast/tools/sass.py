@@ -43,6 +43,7 @@ def stream_specs() -> list[KernelSpec]:
     """The tuned configurations at the Wan2.1-1.3B stream shape (H=12, 1560-token frames)."""
     import triton.language as tl
 
+    from xjfast.kernels.denoise_step import BLOCK as DENOISE_BLOCK
     from xjfast.kernels.temporal_attention import BLOCK_M, CONFIGS
 
     B, H, T, L = 1, 12, 1560, 2 * 1560
@@ -50,7 +51,7 @@ def stream_specs() -> list[KernelSpec]:
     specs = []
     for D, rope, precision in ((128, 44, "fp8"), (64, 24, "fp8"), (128, 44, "bf16")):
         fp8 = precision == "fp8"
-        page = "*fp8e4nv" if fp8 else "*fp8e4nv"
+        page = "*fp8e4nv"  # the stream's cache stores e4m3 pages; bf16 precision reads them dequantized
         pass_kv = "*fp8e4nv" if fp8 else "*bf16"
         args = dict(
             q_ptr="*bf16", out_ptr="*bf16", lse_ptr="*fp32", stride_qb=L * H * D, stride_ql=H * D, stride_qh=D,
@@ -87,6 +88,17 @@ def stream_specs() -> list[KernelSpec]:
              page_k="*fp8e4nv", page_v="*fp8e4nv", page_ks="*fp32", page_km="*fp32", page_vs="*fp32",
              top_ptr="*i64", keep_count=256, count=512, K=512, T=T, H=H),
         dict(D=128, BLOCK_T=32, FP8=True, INTERPRET=False), 4, tags=dict(op="kv_cache_compact")))
+    # the stream's step: the head's bf16 tokens in, bf16 latents out, a next noise level to reach
+    C, F, LH, LW = 16, 1, 60, 104
+    specs.append(KernelSpec(
+        "denoise_step[tokens,bf16]", "denoise_step", "denoise_step_kernel",
+        dict(xt_ptr="*bf16", mo_ptr="*bf16", coef_ptr="*fp32", x0_ptr="*bf16", xn_ptr="*bf16",
+             s_xb=C * F * LH * LW, s_xc=F * LH * LW, s_xf=LH * LW, s_xh=LW, s_xw=1,
+             s_m0=T * 4 * C, s_m1=4 * C, s_m2=1, s_m3=0, s_m4=0,
+             total=B * C * LH * LW, C=C, H=LH, W=LW, F=F, frame_index=0, frame_ptr="*i64",
+             seed_lo=7, seed_hi=0),
+        dict(TOKENS=True, PT=1, PH=2, PW=2, HAS_NEXT=True, FRAME_IN_MEMORY=True, BLOCK=DENOISE_BLOCK),
+        4, tags=dict(op="denoise_step")))
     return specs
 
 
