@@ -1,4 +1,4 @@
-# make test [TESTS=tests/test_x.py] [PYTEST_ARGS=-x] | make demo | make wheel ARCHS="90a" | make sass
+# make test [TESTS=tests/test_x.py] [PYTEST_ARGS=-x] | make test-sass-gpu-triton | make demo | make wheel ARCHS="90a" | make sass
 # make gpu-check [OUT=dir] | make profile OP=temporal_attention [BACKEND=triton] [OUT=dir]
 #
 # Each target sets itself up from a fresh clone (`make setup` does only that): a .venv in the
@@ -19,7 +19,7 @@ ARCHS ?= 90a;100a
 TRITON_VERSION ?= 3.9.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: setup venv test demo wheel sass gpu-check profile clean
+.PHONY: setup venv test test-sass-gpu-triton demo wheel sass gpu-check profile clean
 
 setup venv: $(STAMP)
 
@@ -45,6 +45,15 @@ $(STAMP): $(TOOLS_STAMP) $(BUILD_INPUTS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(TESTS) $(PYTEST_ARGS)
+
+# The static SASS checks (tests/test_sass.py) again under the Triton that the GPU machines run,
+# installed beside the venv's own (CI runs both: the kernels must compile on both versions).
+GPU_TRITON_VERSION ?= 3.6.0
+GPU_TRITON := $(VENV)/triton-$(GPU_TRITON_VERSION)
+test-sass-gpu-triton: $(STAMP)
+	test -d $(GPU_TRITON) || $(PY) -m pip install -q --no-deps --target $(GPU_TRITON) "triton==$(GPU_TRITON_VERSION)"
+	PYTHONPATH=$(GPU_TRITON) $(PY) -c "import triton; assert triton.__version__ == '$(GPU_TRITON_VERSION)', triton.__version__"
+	PYTHONPATH=$(GPU_TRITON) $(PY) -m pytest -q tests/test_sass.py
 
 demo: $(STAMP)
 	$(VENV)/bin/xjfast generate --preset tiny --frames 48 --out out/demo.mp4
