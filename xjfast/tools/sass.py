@@ -44,6 +44,7 @@ def stream_specs() -> list[KernelSpec]:
     import triton.language as tl
 
     from xjfast.kernels.denoise_step import BLOCK as DENOISE_BLOCK
+    from xjfast.kernels.kv_cache_commit import BLOCK_T as COMMIT_BLOCK_T
     from xjfast.kernels.temporal_attention import BLOCK_M, CONFIGS
 
     B, H, T, L = 1, 12, 1560, 2 * 1560
@@ -76,12 +77,19 @@ def stream_specs() -> list[KernelSpec]:
              rope_center=27),
         dict(D=128, ROPE_DIMS=44, BLOCK_M=BLOCK_M, CACHE_FP8=True, INTERPRET=False), configs=per_arch,
         tags=dict(op="temporal_attention")))
+    strides = dict(stride_kb=3 * T * H * 128, stride_kl=H * 128, stride_kh=128, stride_vb=3 * T * H * 128,
+                   stride_vl=H * 128, stride_vh=128)
+    chunk = 2 * COMMIT_BLOCK_T  # one frame of 12 heads over 132 SMs
+    specs.append(KernelSpec(
+        "kv_cache_commit_stats[D=128]", "kv_cache_commit", "kv_cache_commit_stats_kernel",
+        dict(k_ptr="*bf16", v_ptr="*bf16", stats_ptr="*fp32", **strides, H=H, T=T, chunk=chunk),
+        dict(D=128, BLOCK_T=COMMIT_BLOCK_T), 4, tags=dict(op="kv_cache_commit")))
     specs.append(KernelSpec(
         "kv_cache_commit[fp8,D=128]", "kv_cache_commit", "kv_cache_commit_kernel",
-        dict(k_ptr="*bf16", v_ptr="*bf16", page_ids_ptr="*i32", kp_ptr="*fp8e4nv", vp_ptr="*fp8e4nv",
-             ks_ptr="*fp32", km_ptr="*fp32", vs_ptr="*fp32", stride_kb=3 * T * H * 128, stride_kl=H * 128,
-             stride_kh=128, stride_vb=3 * T * H * 128, stride_vl=H * 128, stride_vh=128, B=B, H=H, T=T),
-        dict(D=128, BLOCK_T=64, FP8=True, INTERPRET=False), 4, tags=dict(op="kv_cache_commit")))
+        dict(k_ptr="*bf16", v_ptr="*bf16", stats_ptr="*fp32", page_ids_ptr="*i32", kp_ptr="*fp8e4nv",
+             vp_ptr="*fp8e4nv", ks_ptr="*fp32", km_ptr="*fp32", vs_ptr="*fp32", **strides, B=B, H=H, T=T,
+             chunk=chunk),
+        dict(D=128, BLOCK_T=COMMIT_BLOCK_T, FP8=True, INTERPRET=False), 4, tags=dict(op="kv_cache_commit")))
     specs.append(KernelSpec(
         "kv_cache_compact[fp8,D=128]", "kv_cache_compact", "kv_cache_compact_kernel",
         dict(keep_k="*fp8e4nv", keep_v="*fp8e4nv", keep_ks="*fp32", keep_km="*fp32", keep_vs="*fp32",
