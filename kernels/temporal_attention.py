@@ -1,12 +1,12 @@
 """Triton temporal_attention: FP8 attention over a paged KV cache plus the pass's own keys.
 
-One program per (64-query tile, batch*head). It walks the key units in slot order: the cached
+One program per (BLOCK_M-query tile, batch*head). It walks the key units in slot order: the cached
 pages through the page table (e4m3, read as stored), the keep buffer, then the pass's frames
 (quantized beforehand by the kv_cache_commit kernel into a workspace of the same page format,
 so every query tile reads them as e4m3 instead of requantizing them). Per unit it:
   1. rotates the query tile's temporal channels by (query slot - unit slot): the cached keys
      carry no temporal rotary, so the rotation moves to the query side and keys stay untouched;
-  2. quantizes that rotated tile to e4m3 with one scale (per tile, head and unit);
+  2. quantizes that rotated tile to e4m3 with one scale per 64 rows (per head and unit);
   3. adds q.mean back per row (each unit stores K minus its mean: exact, see DESIGN.md);
   4. runs an exp2 online softmax over the unit's key tiles, with P multiplied by 448 before
      its e4m3 cast and V's per-channel scale applied to the P.V product.
@@ -21,20 +21,21 @@ import triton.language as tl
 from .fp8 import P_SCALE, scale_from_amax, to_e4m3
 from .kv_cache_commit import kv_cache_commit
 
-BLOCK_M = 64  # = xjfast.ops.temporal_attention.Q_TILE: Q is quantized per 64-row tile
+Q_TILE = 64  # = xjfast.ops.temporal_attention.Q_TILE: Q is quantized per 64-row group
+_Q_TILE = tl.constexpr(Q_TILE)  # for jitted code
 LOG2E = 1.4426950408889634
 
-# (BLOCK_N, warps, stages) per target: BLOCK_N is also the online softmax's step, so the reference
-# simulates the same P rounding with kv_tile=BLOCK_N. Chosen so nothing spills (`make sass`);
-# the benchmark issue tunes them for speed at the stream shapes.
+# (BLOCK_M, BLOCK_N, warps, stages) per target. BLOCK_M is a multiple of Q_TILE; BLOCK_N is also
+# the online softmax's step, so the reference simulates the same P rounding with kv_tile=BLOCK_N.
+# Chosen so nothing spills (`make sass`); the benchmark issue tunes them for speed at the stream shapes.
 CONFIGS = {
-    "sm_90": (64, 8, 2),
-    "sm_100": (32, 8, 2),
-    "interpret": (64, 4, 1),
+    "sm_90": (64, 64, 8, 2),
+    "sm_100": (64, 32, 8, 2),
+    "interpret": (64, 64, 4, 1),
 }
 
 
-def config(device, interpret: bool) -> tuple[int, int, int]:
+def config(device, interpret: bool) -> tuple[int, int, int, int]:
     if interpret or device.type != "cuda":
         return CONFIGS["interpret"]
     major = torch.cuda.get_device_capability(device)[0]
@@ -56,6 +57,20 @@ def _rotate(q, delta, rope_ptr, rope_center, D: tl.constexpr):
 
 
 @triton.jit
+def _quantize_q(q, INTERPRET: tl.constexpr):
+    """q [M, D] in e4m3 with one scale per Q_TILE rows, and each row's scale [M]."""
+    M: tl.constexpr = q.shape[0]
+    row_amax = tl.max(tl.abs(q), axis=1)
+    if M == _Q_TILE:
+        amax = tl.max(row_amax, axis=0) + tl.zeros_like(row_amax)
+    else:
+        group_amax = tl.max(tl.reshape(row_amax, [M // _Q_TILE, _Q_TILE]), axis=1)
+        amax = tl.reshape(tl.broadcast_to(group_amax[:, None], [M // _Q_TILE, _Q_TILE]), [M])
+    scale = scale_from_amax(amax)
+    return to_e4m3(q / scale[:, None], INTERPRET), scale
+
+
+@triton.jit
 def _attend_unit(acc, m_i, l_i, q_rows, rows, q_delta, visible, offs_d,
                  k_base, v_base, stride_k, stride_v, n_tokens, k_scale, k_mean, v_scale, sm_scale_log2,
                  rope_ptr, rope_center, UNIT_FP8: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -70,14 +85,13 @@ def _attend_unit(acc, m_i, l_i, q_rows, rows, q_delta, visible, offs_d,
         qr = q
     # 3. the unit's mean term, from the unquantized rotated queries
     q_mean = tl.sum(qr * k_mean[None, :], axis=1) * sm_scale_log2
-    # 2. per-(tile, unit) Q quantization
+    # 2. per-(64 rows, unit) Q quantization
     if UNIT_FP8:
-        q_scale = scale_from_amax(tl.max(tl.max(tl.abs(qr), axis=1), axis=0))
-        q_op = to_e4m3(qr / q_scale, INTERPRET)
-        score_scale = q_scale * k_scale * sm_scale_log2
+        q_op, q_scale = _quantize_q(qr, INTERPRET)
+        score_scale = q_scale * (k_scale * sm_scale_log2)
     else:
         q_op = qr if INTERPRET else qr.to(DT)
-        score_scale = k_scale * sm_scale_log2
+        score_scale = tl.zeros_like(q_mean) + k_scale * sm_scale_log2
     # While this unit is read, acc is kept in its V-scale units (and times P_SCALE for FP8 P),
     # so each P.V product accumulates in place in the tensor cores' accumulator.
     if UNIT_FP8:
@@ -96,7 +110,7 @@ def _attend_unit(acc, m_i, l_i, q_rows, rows, q_delta, visible, offs_d,
             s = tl.dot(q_op, tl.trans(k.to(tl.float32)))
         else:
             s = tl.dot(q_op, tl.trans(k.to(DT)))
-        s = s * score_scale + q_mean[:, None]
+        s = s * score_scale[:, None] + q_mean[:, None]
         s = tl.where(visible[:, None] & live[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -246,8 +260,8 @@ def attention_mass_kernel(
             q = _rotate(q, q_slot - slot, rope_ptr, rope_center, D)
         q_mean = tl.sum(q * k_mean[None, :], axis=1) * sm_scale_log2
         if CACHE_FP8:
-            q_scale = scale_from_amax(tl.max(tl.max(tl.abs(q), axis=1), axis=0))
-            s = tl.dot(to_e4m3(q / q_scale, INTERPRET), tl.trans(k)) * (q_scale * k_scale * sm_scale_log2)
+            q_op, q_scale = _quantize_q(q, INTERPRET)
+            s = tl.dot(q_op, tl.trans(k)) * (q_scale * (k_scale * sm_scale_log2))[:, None]
         else:
             s = tl.dot(q, tl.trans(k.to(tl.float32))) * (k_scale * sm_scale_log2)
         lse2 = tl.load(lse_ptr + (b * H + h).to(tl.int64) * Lq + offs_m, mask=rows, other=0.0) * 1.4426950408889634
@@ -265,7 +279,7 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
     from xjfast.ops.temporal_attention import kernel_tables, pass_pages
 
     B, L, H, D = q.shape
-    block_n, warps, stages = config(q.device, interpret)
+    block_m, block_n, warps, stages = config(q.device, interpret)
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32) if lse is None else lse
     tables = kernel_tables(plan, view, q)
@@ -291,14 +305,14 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
     rope = tables.rope if tables.rope is not None else lse  # never read without a rotary
     slots = tables.slots
     sm_scale_log2 = plan.scale * LOG2E
-    grid = (triton.cdiv(L, BLOCK_M), B * H)
+    grid = (triton.cdiv(L, block_m), B * H)
     temporal_attention_kernel[grid](
         q, out, lse, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *cache, *keep,
         pass_k, pass_v, pass_ks, pass_km, pass_vs, k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), n_units, unit_T, tables.private, slots,
         plan.block_tokens, B, H, L, first_slot, sm_scale_log2, rope, rope_center,
-        D=D, ROPE_DIMS=rope_dims, BLOCK_M=BLOCK_M, BLOCK_N=block_n, CACHE_FP8=cache_fp8, PASS_FP8=fp8,
+        D=D, ROPE_DIMS=rope_dims, BLOCK_M=block_m, BLOCK_N=block_n, CACHE_FP8=cache_fp8, PASS_FP8=fp8,
         CAUSAL=plan.causal, DT=_DTYPES[q.dtype], INTERPRET=interpret, num_warps=warps, num_stages=stages,
     )
     if view is not None and view.mass is not None:
@@ -306,6 +320,6 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
             attention_mass_kernel[(triton.cdiv(view.k_pages.shape[2], block_n), B * H)](
                 q, lse, q.stride(0), q.stride(1), q.stride(2), view.k_pages, view.k_scale, view.k_mean, view.mass,
                 view.page_table, table_index, slot, B, H, L, view.k_pages.shape[2], first_slot, unit_T, slots,
-                sm_scale_log2, rope, rope_center, D=D, ROPE_DIMS=rope_dims, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+                sm_scale_log2, rope, rope_center, D=D, ROPE_DIMS=rope_dims, BLOCK_M=Q_TILE, BLOCK_N=block_n,
                 CACHE_FP8=cache_fp8, INTERPRET=interpret, num_warps=warps, num_stages=stages)
     return out, lse

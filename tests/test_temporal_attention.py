@@ -250,7 +250,7 @@ def kv_tile(backend, device):
         return CUDA_KV_TILE
     from xjfast.backends import triton_interpreted
     from xjfast.kernels.temporal_attention import config
-    return config(device, triton_interpreted())[0]
+    return config(device, triton_interpreted())[1]
 
 
 def plan_of(q, k, v, kv_cache=None, backend="auto", **kwargs):
@@ -454,3 +454,42 @@ def test_cuda_launch_rejects_bad_arguments_before_launching(change, words):
     C = pytest.importorskip("xjfast._C", reason="xjfast._C is not built")
     with pytest.raises(ValueError, match=f"temporal_attention: {words}"):
         C.temporal_attention(**cuda_call(**change))
+
+
+@pytest.mark.parametrize("backend", [b for b in fast_backends("temporal_attention") if b.values[0] == "triton"])
+@pytest.mark.parametrize("case", ["full", "block-causal-private", "speculative-pass"])
+def test_triton_tile_of_two_query_groups(backend, case, monkeypatch):
+    """With BLOCK_M = 128 a Triton program holds two 64-row groups of queries, each quantized with
+    its own scale as the reference defines: the first group is 100x larger than the second, which
+    one shared scale would flush to a few e4m3 steps."""
+    from xjfast.kernels.temporal_attention import CONFIGS
+    for key, (_, block_n, warps, stages) in list(CONFIGS.items()):
+        monkeypatch.setitem(CONFIGS, key, (128, block_n, warps, stages))
+    spec = CASES[case]
+    H, T = 2, 32
+    q, k, v = (t.to(DEVICE) for t in qkv(L=spec["L"], H=H, D=spec["D"]))
+    q[:, :64] *= 100
+    caches = [filled_cache(H=H, D=spec["D"], T=T, **spec["cache"]) if "cache" in spec else None for _ in range(2)]
+    out, lse = run_backend(backend, q, k, v, caches[0], **spec["kwargs"])
+    ref, ref_lse = run_backend("reference", q, k, v, caches[1], simulate=backend, **spec["kwargs"])
+    assert rel_l2(out[:, 64:], ref[:, 64:].double()) <= SIM_REL_L2
+    assert rel_l2(out, ref.double()) <= SIM_REL_L2
+    assert (lse - ref_lse).abs().max() < 5e-3
+
+
+@pytest.mark.parametrize("backend", ["reference"] + fast_backends("temporal_attention"))
+def test_dominant_key_read_last(backend):
+    """One key scores ~200 (natural-log units) above all others and is read last in the online
+    order, so the earlier tiles' running max sits far below the row's: their P, rescaled by
+    exp(running max - row max), underflows to zero and the output is that key's value."""
+    q, k, v = qkv(L=256, D=64, k_bias=False)
+    direction = torch.nn.functional.normalize(torch.randn(2, 64), dim=-1)
+    q = q + 30 * direction
+    k[:, -1] = 60 * direction
+    ref, ref_lse = exact_attention(q, k, v)
+    q, k, v = (t.to(DEVICE) for t in (q, k, v))
+    out, lse = temporal_attention(q, k, v, return_lse=True, backend=backend)
+    out, lse = out.cpu(), lse.cpu()
+    assert out.isfinite().all() and lse.isfinite().all()
+    assert rel_l2(out, ref) <= FP8_REL_L2  # the LSE (~225) carries the FP8 scores' relative error
+    assert ((lse.double() - ref_lse).abs() <= 0.05 * ref_lse.abs()).all()

@@ -289,10 +289,10 @@ def temporal_attention_reference(q, k, v, plan: AttentionPlan, view, kv_tile: in
     out = torch.zeros(B, H, L, D, device=q.device)
     sizes = [u.k.shape[1] for u in units]
     running = _running_max(scores, row_max, kv_tile)
-    for unit, p_unit, m_run in zip(units, p.split(sizes, dim=-1), running.split(sizes, dim=-1)):
+    for unit, s_unit, p_unit, m_run in zip(units, scores, p.split(sizes, dim=-1), running.split(sizes, dim=-1)):
         if unit.fp8:  # P is rounded relative to the running max of the online softmax, then rescaled
-            shift = torch.exp(m_run - row_max)
-            p_unit = round_e4m3(p_unit / shift * P_SCALE) / P_SCALE * shift
+            # (from the scores: p / exp(m_run - row_max) would be 0 / 0 where that factor underflows)
+            p_unit = round_e4m3(torch.exp(s_unit - m_run) * P_SCALE) / P_SCALE * torch.exp(m_run - row_max)
         out += torch.einsum("bhln,bnhd->bhld", p_unit, unit.v)
     out = (out / row_sum).transpose(1, 2).contiguous()
     lse = (row_max + row_sum.log()).squeeze(-1)

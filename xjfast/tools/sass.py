@@ -36,7 +36,7 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 2
     tags: dict = field(default_factory=dict)
-    configs: dict | None = None  # arch -> (BLOCK_N, warps, stages), as the launcher picks them
+    configs: dict | None = None  # arch -> (BLOCK_M, BLOCK_N, warps, stages), as the launcher picks them
 
 
 def stream_specs() -> list[KernelSpec]:
@@ -45,7 +45,7 @@ def stream_specs() -> list[KernelSpec]:
 
     from xjfast.kernels.denoise_step import BLOCK as DENOISE_BLOCK
     from xjfast.kernels.kv_cache_commit import BLOCK_T as COMMIT_BLOCK_T
-    from xjfast.kernels.temporal_attention import BLOCK_M, CONFIGS
+    from xjfast.kernels.temporal_attention import CONFIGS, Q_TILE
 
     B, H, T, L = 1, 12, 1560, 2 * 1560
     per_arch = {90: CONFIGS["sm_90"], 100: CONFIGS["sm_100"]}
@@ -63,7 +63,7 @@ def stream_specs() -> list[KernelSpec]:
             stride_pkb=L * H * D, stride_pkl=H * D, stride_pkh=D, stride_pvb=L * H * D, stride_pvl=H * D,
             stride_pvh=D, n_units=2, unit_T=T, private_ptr="*i8", slots_ptr="*i32", block_tokens=T, B=B, H=H, Lq=L, first_slot=21,
             sm_scale_log2=0.127, rope_ptr="*fp32", rope_center=27)
-        const = dict(D=D, ROPE_DIMS=rope, BLOCK_M=BLOCK_M, CACHE_FP8=fp8, PASS_FP8=fp8, CAUSAL=True,
+        const = dict(D=D, ROPE_DIMS=rope, CACHE_FP8=fp8, PASS_FP8=fp8, CAUSAL=True,
                      DT=tl.bfloat16, INTERPRET=False)
         specs.append(KernelSpec(f"temporal_attention[{precision},D={D}]", "temporal_attention",
                                 "temporal_attention_kernel", args, const, configs=per_arch,
@@ -75,7 +75,7 @@ def stream_specs() -> list[KernelSpec]:
              table_index=1, slot=1, B=B, H=H,
              Lq=L, cache_T=T, first_slot=21, unit_T=T, slots_ptr="*i32", sm_scale_log2=0.127, rope_ptr="*fp32",
              rope_center=27),
-        dict(D=128, ROPE_DIMS=44, BLOCK_M=BLOCK_M, CACHE_FP8=True, INTERPRET=False), configs=per_arch,
+        dict(D=128, ROPE_DIMS=44, BLOCK_M=Q_TILE, CACHE_FP8=True, INTERPRET=False), configs=per_arch,
         tags=dict(op="temporal_attention")))
     strides = dict(stride_kb=3 * T * H * 128, stride_kl=H * 128, stride_kh=128, stride_vb=3 * T * H * 128,
                    stride_vl=H * 128, stride_vh=128)
@@ -160,8 +160,9 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
 
     fn = getattr(importlib.import_module(f"xjfast.kernels.{spec.module}"), spec.function)
     if spec.configs:  # the launcher's per-architecture configuration
-        block_n, warps, stages = spec.configs[arch]
-        spec = dataclasses.replace(spec, constexprs=dict(spec.constexprs, BLOCK_N=block_n), num_warps=warps,
+        block_m, block_n, warps, stages = spec.configs[arch]  # a kernel's own BLOCK_M stands
+        spec = dataclasses.replace(spec, constexprs={"BLOCK_M": block_m, **spec.constexprs, "BLOCK_N": block_n},
+                                   num_warps=warps,
                                    num_stages=stages)
     signature, attrs = _signature(fn, spec)
     source = ASTSource(fn, signature, constexprs=spec.constexprs, attrs=attrs)
