@@ -292,6 +292,7 @@ CASES = {
     "cache-bf16-precision": dict(L=64, D=64, cache=dict(frames=3), kwargs=dict(block_tokens=64, precision="bf16")),
     "cache-keep-tokens": dict(L=64, D=64, cache=dict(frames=5, sink_frames=1, window_frames=2, keep_tokens=8),
                               kwargs=dict(block_tokens=32)),
+    "cache-rotary-past-half": dict(L=64, D=64, cache=dict(frames=3, rope_dims=48), kwargs=dict(block_tokens=32)),
     "speculative-pass": dict(L=128, D=64, cache=dict(frames=3), kwargs=dict(
         block_tokens=32, private_blocks=(False, True, False, True), frame_slots=(0, 1, 1, 2))),
 }
