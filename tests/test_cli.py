@@ -52,6 +52,18 @@ def test_bad_arguments_exit_with_a_message():
         main(["generate", "--frames", "0"])
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "steps: expected an int in [1, 4], got 0"),
+    (["--window", "0"], "window_frames: expected an int >= 1, got 0"),
+    (["--weights", "/nonexistent/model.safetensors"], "path_or_state_dict: /nonexistent/model.safetensors does not exist"),
+])
+def test_invalid_settings_exit_with_the_library_message(tmp_path, capsys, args, message):
+    assert main(["generate", "--frames", "4", "--quiet", "--out", str(tmp_path / "x.mp4")] + args) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"xjfast generate: {message}" and "Traceback" not in err
+    assert not (tmp_path / "x.mp4").exists()
+
+
 def test_generate_with_a_checkpoint(tmp_path):
     from safetensors.torch import save_file
 

@@ -158,10 +158,23 @@ def test_per_sample_sigma_and_out_buffers():
     (lambda x, v: denoise_step(x, v, 0.5, 0.2, noise_seed=1, out=torch.empty_like(x)), ValueError,
      r"out: expected a pair \(x0, x_next\)"),
     (lambda x, v: denoise_step(x, v, 0.5, backend="gpu"), ValueError, "backend: expected one of"),
+    (lambda x, v: denoise_step(x, patchify(v), 0.5, patch_size=(0, 2, 2)), ValueError,
+     r"patch_size: expected three positive ints \(pt, ph, pw\), got \(0, 2, 2\)"),
+    (lambda x, v: denoise_step(x, v, 0.5, patch_size=(2, 2)), ValueError, "patch_size: expected three positive ints"),
+    (lambda x, v: denoise_step(x, v, 0.5, noise_seed=1.5), ValueError, "noise_seed: expected an int"),
+    (lambda x, v: denoise_step(x, v, "half"), TypeError, r"sigma: expected a number or a tensor of shape \[2\]"),
 ])
 def test_bad_input_names_the_argument(call, error, words):
     with pytest.raises(error, match=words):
         call(latents(), latents())
+
+
+@pytest.mark.parametrize("backend", ["reference"] + fast_backends("denoise_step"))
+@pytest.mark.parametrize("shape", [(0, 4, 1, 8, 8), (1, 4, 0, 8, 8)])
+def test_empty_latents_give_empty_outputs(backend, shape):
+    x = torch.randn(shape, device=DEVICE)
+    x0, x_next = denoise_step(x, x, 0.5, 0.2, noise_seed=1, backend=backend)
+    assert x0.shape == x_next.shape == shape
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no GPU is present")

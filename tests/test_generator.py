@@ -79,3 +79,18 @@ def test_prompt_is_required_and_checked(tiny):
         g.set_prompt(torch.zeros(4, 7))
     with pytest.raises(ValueError, match="steps: expected an int in"):
         StreamGenerator(model, decoder, steps=5, latent_hw=preset.latent_hw)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(latent_hw=(15, 16)), r"latent_hw: expected \(height, width\) in latent pixels, positive multiples of the "
+                               r"model's patch \(2, 2\), got \(15, 16\)"),
+    (dict(latent_hw=(16,)), "latent_hw: expected"),
+    (dict(latent_hw="ab"), "latent_hw: expected"),
+    (dict(shift=0.0), "shift: expected a positive finite number, got 0.0"),
+    (dict(shift=float("nan")), "shift: expected a positive finite number, got nan"),
+    (dict(precision="int4"), "precision: expected one of 'fp8', 'bf16', got 'int4'"),
+])
+def test_bad_settings_name_the_argument(tiny, kwargs, words):
+    model, decoder, encoder, preset = tiny
+    with pytest.raises(ValueError, match=words):
+        StreamGenerator(model, decoder, **dict(dict(latent_hw=preset.latent_hw), **kwargs))

@@ -57,6 +57,13 @@ def test_what_is_not_accelerated_goes_to_torch_counted_and_warned_once(kwargs, r
     assert list(fallback_counts().values()) == [2] and next(iter(fallback_counts())).startswith(reason)
 
 
+def test_empty_tensors_fall_back():
+    q = torch.randn(1, 2, 0, 64)
+    with pytest.warns(UserWarning, match="empty tensors"):
+        out = sdpa(q, q, q, backend="reference")
+    assert out.shape == q.shape and list(fallback_counts()) == ["empty tensors"]
+
+
 def test_cross_attention_and_head_dims_fall_back():
     q = torch.randn(1, 2, 96, 64)
     kv = torch.randn(1, 2, 7, 64)

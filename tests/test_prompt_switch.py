@@ -83,3 +83,5 @@ def test_bad_transition(tiny):
     g = generator(tiny)
     with pytest.raises(ValueError, match="transition_frames: expected an int >= 0"):
         g.set_prompt("x", transition_frames=-1)
+    with pytest.raises(TypeError, match="recache: expected True or False, got 'yes'"):
+        g.set_prompt("x", recache="yes")

@@ -177,6 +177,8 @@ def test_bf16_tensors_on_bf16_cache():
     (lambda q, k, v: (q, k[:, :64], v), ValueError, "k: expected shape"),
     (lambda q, k, v: (q, k, v.to("meta")), ValueError, "v: expected a tensor on cpu"),
     (lambda q, k, v: (q, k.transpose(2, 3).contiguous().transpose(2, 3), v), ValueError, "k: the last dimension"),
+    (lambda q, k, v: (q[:, :0], k[:, :0], v[:, :0]), ValueError,
+     r"q: expected a tensor with no empty dimension, got shape \(1, 0, 2, 64\)"),
 ])
 def test_bad_tensors_name_the_argument(change, error, words):
     q, k, v = change(*qkv(L=128))

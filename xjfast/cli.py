@@ -22,6 +22,8 @@ def _generate(args) -> int:
     except ImportError as exc:
         print(f"xjfast generate: {exc}", file=sys.stderr)
         return 2
+    from xjfast.errors import BackendUnavailable
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     threads = torch.get_num_threads()
@@ -31,6 +33,10 @@ def _generate(args) -> int:
         torch.set_num_threads(args.threads or (1 if args.preset == "tiny" else threads))
     try:
         return _stream(args, device, dtype)
+    except (ValueError, TypeError, FileNotFoundError, BackendUnavailable) as exc:
+        # the library's checks name the argument: one line instead of a traceback
+        print(f"xjfast generate: {exc}", file=sys.stderr)
+        return 2
     finally:
         torch.set_num_threads(threads)
 

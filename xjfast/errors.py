@@ -19,7 +19,7 @@ def _fmt(values: Iterable) -> str:
 
 
 def check_tensor(name: str, t, *, dtypes=None, ndim: int | None = None,
-                 device: torch.device | None = None, unit_last_stride: bool = False) -> None:
+                 device: torch.device | None = None, unit_last_stride: bool = False, nonempty: bool = False) -> None:
     """Raise TypeError/ValueError naming `name` when `t` is not what the op needs."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -29,6 +29,8 @@ def check_tensor(name: str, t, *, dtypes=None, ndim: int | None = None,
         raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(t.shape)}")
     if device is not None and t.device != torch.device(device):
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+    if nonempty and t.numel() == 0:
+        raise ValueError(f"{name}: expected a tensor with no empty dimension, got shape {tuple(t.shape)}")
     if unit_last_stride and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name}: the last dimension must have stride 1, got strides {t.stride()}")
 

@@ -20,6 +20,7 @@ for every later frame (xjfast.engine.static_step); passes that cannot be replaye
 from __future__ import annotations
 
 import collections
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -30,8 +31,10 @@ from xjfast.cache import KEEP, StreamingKVCache
 from xjfast.engine.schedule import shifted_sigmas, step_seed
 from xjfast.engine.speculation import MAX_DEPTH, DepthController, extrapolate, hold, parse_drafter, relative_l2
 from xjfast.engine.static_step import StaticStep
+from xjfast.errors import check_choice
 from xjfast.models.decoder import VIDEO_FRAMES_PER_LATENT
 from xjfast.ops.denoise_step import denoise_step
+from xjfast.ops.temporal_attention import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,15 @@ class StreamGenerator:
         if speculate not in (0, 1) and (steps != 1 or frames_per_block != 1):
             raise ValueError(f"speculate: drafting needs steps=1 and frames_per_block=1, got steps={steps}, "
                              f"frames_per_block={frames_per_block}")
-        if not isinstance(accept_tol, (int, float)) or accept_tol < 0:
-            raise ValueError(f"accept_tol: expected a relative L2 tolerance >= 0, got {accept_tol!r}")
+        if isinstance(accept_tol, bool) or not isinstance(accept_tol, (int, float)) or not 0 <= accept_tol < math.inf:
+            raise ValueError(f"accept_tol: expected a finite relative L2 tolerance >= 0, got {accept_tol!r}")
+        check_choice("precision", precision, PRECISIONS)
+        _, ph, pw = model.cfg.patch_size
+        if not (isinstance(latent_hw, (tuple, list)) and len(latent_hw) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in latent_hw)
+                and latent_hw[0] % ph == 0 and latent_hw[1] % pw == 0):
+            raise ValueError(f"latent_hw: expected (height, width) in latent pixels, positive multiples of the "
+                             f"model's patch ({ph}, {pw}), got {latent_hw!r}")
         if cuda_graph not in (None, True, False):
             raise ValueError(f"cuda_graph: expected True, False or None (True on a CUDA device), got {cuda_graph!r}")
         self.drafter = parse_drafter(drafter)
@@ -128,6 +138,8 @@ class StreamGenerator:
         """
         if not isinstance(transition_frames, int) or transition_frames < 0:
             raise ValueError(f"transition_frames: expected an int >= 0, got {transition_frames!r}")
+        if not isinstance(recache, bool):
+            raise TypeError(f"recache: expected True or False, got {recache!r}")
         embeds = self._embeddings(prompt)
         if self._embeds is not None and transition_frames > 0:
             current = self._current_embeds()

@@ -44,6 +44,8 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa,
         return "query/key/value shapes differ (e.g. cross-attention) or are not [B, H, L, D]"
     if enable_gqa:
         return "enable_gqa"
+    if query.numel() == 0:
+        return "empty tensors"
     if query.shape[-1] not in HEAD_DIMS:
         return f"head_dim {query.shape[-1]} (xjfast has {HEAD_DIMS})"
     if backend == "reference":

@@ -46,8 +46,12 @@ def _per_sample(name: str, value, B: int, device, low=0.0, high=1.0) -> torch.Te
         if not (math.isfinite(value) and low <= value <= high):
             raise ValueError(f"{name}: expected finite values in [{low}, {high}], got {[float(value)] * B}")
         return torch.full((B,), float(value), dtype=torch.float64, device=device)
-    t = torch.as_tensor(value, dtype=torch.float64, device=device) if not isinstance(value, torch.Tensor) \
-        else value.to(device=device, dtype=torch.float64)
+    try:
+        t = torch.as_tensor(value, dtype=torch.float64, device=device) if not isinstance(value, torch.Tensor) \
+            else value.to(device=device, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name}: expected a number or a tensor of shape [{B}] (one per sample), "
+                        f"got {value!r}") from exc
     if t.dim() == 0:
         t = t.expand(B)
     if t.shape != (B,):
@@ -56,6 +60,13 @@ def _per_sample(name: str, value, B: int, device, low=0.0, high=1.0) -> torch.Te
     if not bool(torch.isfinite(t).all()) or bool((t < low).any()) or bool((t > high).any()):
         raise ValueError(f"{name}: expected finite values in [{low}, {high}], got {t.tolist()}")
     return t
+
+
+def _check_patch_size(patch_size) -> tuple[int, int, int]:
+    if not (isinstance(patch_size, (tuple, list)) and len(patch_size) == 3
+            and all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in patch_size)):
+        raise ValueError(f"patch_size: expected three positive ints (pt, ph, pw), got {patch_size!r}")
+    return tuple(patch_size)
 
 
 def _coefficients(prediction, sigma, sigma_next, timestep):
@@ -93,7 +104,7 @@ def denoise_step(x_t, model_out, sigma, sigma_next=None, *, prediction="flow", n
     check_tensor("model_out", model_out, dtypes=DTYPES, device=x_t.device)
     check_choice("prediction", prediction, PREDICTIONS)
     B, C, F, H, W = x_t.shape
-    pt, ph, pw = patch_size
+    pt, ph, pw = _check_patch_size(patch_size)
     if model_out.dim() == 3:
         if F % pt or H % ph or W % pw:
             raise ValueError(f"x_t: shape {tuple(x_t.shape)} is not divisible by patch_size {tuple(patch_size)}")
@@ -109,6 +120,7 @@ def denoise_step(x_t, model_out, sigma, sigma_next=None, *, prediction="flow", n
         sigma_next = _per_sample("sigma_next", sigma_next, B, x_t.device)
         if noise_seed is None:
             raise ValueError("noise_seed: required with sigma_next (the re-noising noise is keyed by it), got None")
+    if noise_seed is not None:
         _check_seed(noise_seed)
     if prediction == "eps":
         if timestep is None:
@@ -117,11 +129,12 @@ def denoise_step(x_t, model_out, sigma, sigma_next=None, *, prediction="flow", n
     check_frame_index(frame_index, x_t.device, limit=2 ** 63)
     frame_tensor = frame_index if isinstance(frame_index, torch.Tensor) else None
     outs = _outputs(out, x_t, sigma_next is not None)
-    coef = _coefficients(prediction, sigma, sigma_next, timestep)
-    seed = noise_seed or 0
-    torch.ops.xjfast.denoise_step(x_t, model_out, coef, seed & 0xFFFFFFFF, seed >> 32,
-                                  0 if frame_tensor is not None else frame_index, list(patch_size), backend,
-                                  outs[0], outs[1], frame_tensor)
+    if x_t.numel():  # an empty latent launches nothing
+        coef = _coefficients(prediction, sigma, sigma_next, timestep)
+        seed = noise_seed or 0
+        torch.ops.xjfast.denoise_step(x_t, model_out, coef, seed & 0xFFFFFFFF, seed >> 32,
+                                      0 if frame_tensor is not None else frame_index, list(patch_size), backend,
+                                      outs[0], outs[1], frame_tensor)
     return outs if sigma_next is not None else outs[0]
 
 

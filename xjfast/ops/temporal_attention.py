@@ -58,7 +58,7 @@ def block_mask(num_tokens: int, block_tokens: int | None, private_blocks: Sequen
 
 
 def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, precision, backend, frame_slots=None):
-    check_tensor("q", q, dtypes=DTYPES, ndim=4, unit_last_stride=True)
+    check_tensor("q", q, dtypes=DTYPES, ndim=4, unit_last_stride=True, nonempty=True)
     check_tensor("k", k, dtypes=(q.dtype,), ndim=4, device=q.device, unit_last_stride=True)
     check_tensor("v", v, dtypes=(q.dtype,), ndim=4, device=q.device, unit_last_stride=True)
     B, L, H, D = q.shape
