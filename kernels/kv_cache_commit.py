@@ -19,6 +19,7 @@ import triton.language as tl
 from .fp8 import store_unit_tile, unit_scales, unit_stats
 
 BLOCK_T = 64            # tokens per tile
+WARPS = 8               # a [64, 128] tile of K and of V in fp32: 64 values a thread at 8 warps
 PROGRAMS_PER_SM = 2     # the chunking aims at this many programs per SM
 INTERPRET_BLOCK_T = 16  # under the interpreter: small tiles, and "SMs" enough that
 INTERPRET_SMS = 8       # the tests' small frames split into several chunks
@@ -73,7 +74,7 @@ def kv_cache_commit_stats_kernel(
 def kv_cache_commit_kernel(
     k_ptr, v_ptr, stats_ptr, page_ids_ptr, kp_ptr, vp_ptr, ks_ptr, km_ptr, vs_ptr,
     stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
-    B, H, T, chunk,
+    P, B, H, T, chunk,
     D: tl.constexpr, BLOCK_T: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """The unit's scales from its chunks' statistics, then this chunk's tokens into the page."""
@@ -83,6 +84,7 @@ def kv_cache_commit_kernel(
     c = tl.program_id(2)
     chunks = tl.num_programs(2)
     page = tl.load(page_ids_ptr + frame).to(tl.int64)
+    valid = (page >= 0) & (page < P)  # an id outside the storage writes nothing (as the CUDA kernel)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, D)
 
@@ -100,7 +102,7 @@ def kv_cache_commit_kernel(
     mean, k_scale, v_scale = unit_scales(k_sum, k_max, k_min, v_amax, T, FP8)
     # page storage is contiguous [P, B, T, H, D]; scales [P, B, H] and [P, B, H, D]
     row = (page * B + b) * H + h
-    if c == 0:
+    if (c == 0) & valid:
         tl.store(ks_ptr + row, k_scale)
         tl.store(km_ptr + row * D + offs_d, mean)
         tl.store(vs_ptr + row * D + offs_d, v_scale)
@@ -110,9 +112,10 @@ def kv_cache_commit_kernel(
     dst = (page * B + b) * T * H * D + h * D
     for t0 in range(c * chunk, tl.minimum(c * chunk + chunk, T), BLOCK_T):
         t = t0 + offs_t
-        k, v, live = _load_tile(k_src, v_src, t, T, stride_kl, stride_vl, offs_d)
+        k, v, _ = _load_tile(k_src, v_src, t, T, stride_kl, stride_vl, offs_d)
         out = dst + t[:, None].to(tl.int64) * (H * D) + offs_d[None, :]
-        store_unit_tile(kp_ptr + out, vp_ptr + out, k, v, live, mean, k_scale, v_scale, FP8, INTERPRET)
+        written = (t < tl.where(valid, T, 0))[:, None]
+        store_unit_tile(kp_ptr + out, vp_ptr + out, k, v, written, mean, k_scale, v_scale, FP8, INTERPRET)
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,8 +142,8 @@ def kv_cache_commit(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids, 
     stats = torch.empty(n * B * H * chunks * 4 * D, device=k.device, dtype=torch.float32)
     grid = (n, B * H, chunks)
     strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
-    kv_cache_commit_stats_kernel[grid](k, v, stats, *strides, H, T, chunk, D=D, BLOCK_T=block_t, num_warps=4)
+    kv_cache_commit_stats_kernel[grid](k, v, stats, *strides, H, T, chunk, D=D, BLOCK_T=block_t, num_warps=WARPS)
     kv_cache_commit_kernel[grid](
-        k, v, stats, page_ids, k_pages, v_pages, k_scale, k_mean, v_scale, *strides, B, H, T, chunk,
-        D=D, BLOCK_T=block_t, FP8=k_pages.dtype == torch.float8_e4m3fn, INTERPRET=interpret, num_warps=4,
+        k, v, stats, page_ids, k_pages, v_pages, k_scale, k_mean, v_scale, *strides, P, B, H, T, chunk,
+        D=D, BLOCK_T=block_t, FP8=k_pages.dtype == torch.float8_e4m3fn, INTERPRET=interpret, num_warps=WARPS,
     )

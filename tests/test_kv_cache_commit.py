@@ -1,4 +1,6 @@
 """kv_cache_commit: every backend writes the pages the reference writes."""
+import re
+
 import pytest
 import torch
 
@@ -88,6 +90,27 @@ def test_cuda_commit_rejects_misaligned_input(backend):
     k = buffer[..., 1:]  # unit last stride, but the rows start 2 bytes past a 16-byte boundary
     with pytest.raises(ValueError, match=r"k: the CUDA kernel reads 16-byte vectors"):
         kv_cache_commit(k, k, *st, ids, backend=backend)
+
+
+@pytest.mark.parametrize("ids", [[0, 2], [0, -1], [1, 1]])
+def test_reference_rejects_page_ids_outside_the_storage_or_repeated(ids):
+    B, T, H, D = 1, 8, 2, 64
+    k = torch.randn(B, 2 * T, H, D)
+    with pytest.raises(ValueError, match=re.escape(f"page_ids: expected distinct page indices in [0, 2), got {ids}")):
+        kv_cache_commit(k, k, *storage(2, B, T, H, D, E4M3), torch.tensor(ids, dtype=torch.int32), backend="reference")
+
+
+@pytest.mark.parametrize("backend", fast_backends("kv_cache_commit"))
+def test_kernels_write_nothing_for_a_page_id_outside_the_storage(backend):
+    """The kernels read the ids on the device (no sync to check them): a frame whose id is out of
+    range is skipped, the others are written."""
+    B, T, H, D = 1, 16, 2, 64
+    k, v = torch.randn(B, 3 * T, H, D, device=DEVICE).bfloat16(), torch.randn(B, 3 * T, H, D, device=DEVICE).bfloat16()
+    ids = torch.tensor([1, 3, -1], dtype=torch.int32, device=DEVICE)
+    ref, out = storage(3, B, T, H, D, E4M3), storage(3, B, T, H, D, E4M3)
+    kv_cache_commit(k[:, :T], v[:, :T], *ref, ids[:1], backend="reference")
+    kv_cache_commit(k, v, *out, ids, backend=backend)
+    assert_pages_match(ids[:1].long(), ref, out, E4M3)
 
 
 def test_bad_arguments_name_them():

@@ -35,6 +35,8 @@ def kv_cache_commit(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids, 
 
     k_pages/v_pages [P, B, T, H, D] (e4m3, bf16 or fp32), k_scale [P, B, H], k_mean and
     v_scale [P, B, H, D] fp32; page_ids: n distinct page indices (int32 tensor on k's device).
+    The reference checks the ids; the kernels cannot without a device sync, and write nothing
+    for an id outside [0, P).
     """
     check_tensor("k", k, dtypes=INPUTS, ndim=4, unit_last_stride=True)
     check_tensor("v", v, dtypes=(k.dtype,), ndim=4, device=k.device, unit_last_stride=True)
@@ -62,8 +64,11 @@ def kv_cache_commit(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids, 
 
 @register("kv_cache_commit", "reference")
 def kv_cache_commit_reference(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids):
-    T = k_pages.shape[2]
-    for i, page in enumerate(page_ids.tolist()):
+    P, T = k_pages.shape[0], k_pages.shape[2]
+    ids = page_ids.tolist()
+    if not all(0 <= page < P for page in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"page_ids: expected distinct page indices in [0, {P}), got {ids}")
+    for i, page in enumerate(ids):
         frame = slice(i * T, (i + 1) * T)
         kq, vq, ks, km, vs = quantize_unit(k[:, frame], v[:, frame], k_pages.dtype)
         k_pages[page], v_pages[page], k_scale[page], k_mean[page], v_scale[page] = kq, vq, ks, km, vs

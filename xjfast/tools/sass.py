@@ -45,6 +45,7 @@ def stream_specs() -> list[KernelSpec]:
 
     from xjfast.kernels.denoise_step import BLOCK as DENOISE_BLOCK
     from xjfast.kernels.kv_cache_commit import BLOCK_T as COMMIT_BLOCK_T
+    from xjfast.kernels.kv_cache_commit import WARPS as COMMIT_WARPS
     from xjfast.kernels.temporal_attention import CONFIGS, Q_TILE
 
     B, H, T, L = 1, 12, 1560, 2 * 1560
@@ -83,13 +84,14 @@ def stream_specs() -> list[KernelSpec]:
     specs.append(KernelSpec(
         "kv_cache_commit_stats[D=128]", "kv_cache_commit", "kv_cache_commit_stats_kernel",
         dict(k_ptr="*bf16", v_ptr="*bf16", stats_ptr="*fp32", **strides, H=H, T=T, chunk=chunk),
-        dict(D=128, BLOCK_T=COMMIT_BLOCK_T), 4, tags=dict(op="kv_cache_commit")))
+        dict(D=128, BLOCK_T=COMMIT_BLOCK_T), COMMIT_WARPS, tags=dict(op="kv_cache_commit")))
     specs.append(KernelSpec(
         "kv_cache_commit[fp8,D=128]", "kv_cache_commit", "kv_cache_commit_kernel",
         dict(k_ptr="*bf16", v_ptr="*bf16", stats_ptr="*fp32", page_ids_ptr="*i32", kp_ptr="*fp8e4nv",
-             vp_ptr="*fp8e4nv", ks_ptr="*fp32", km_ptr="*fp32", vs_ptr="*fp32", **strides, B=B, H=H, T=T,
+             vp_ptr="*fp8e4nv", ks_ptr="*fp32", km_ptr="*fp32", vs_ptr="*fp32", **strides, P=24, B=B, H=H, T=T,
              chunk=chunk),
-        dict(D=128, BLOCK_T=COMMIT_BLOCK_T, FP8=True, INTERPRET=False), 4, tags=dict(op="kv_cache_commit")))
+        dict(D=128, BLOCK_T=COMMIT_BLOCK_T, FP8=True, INTERPRET=False), COMMIT_WARPS,
+        tags=dict(op="kv_cache_commit")))
     specs.append(KernelSpec(
         "kv_cache_compact[fp8,D=128]", "kv_cache_compact", "kv_cache_compact_kernel",
         dict(keep_k="*fp8e4nv", keep_v="*fp8e4nv", keep_ks="*fp32", keep_km="*fp32", keep_vs="*fp32",
