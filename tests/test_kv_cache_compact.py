@@ -107,6 +107,14 @@ def test_bad_arguments_name_them():
         kv_cache_compact(keep[:4], mass, 0, p, page_mass)
     with pytest.raises(ValueError, match=r"keep_count: expected an int in \[0, 4\], got 5"):
         kv_cache_compact(keep, mass, 5, p, page_mass)
+    with pytest.raises(ValueError, match=r"keep_count: expected an int in \[0, 4\], got 1.5"):
+        kv_cache_compact(keep, mass, 1.5, p, page_mass)
+    with pytest.raises(ValueError, match=r"page: expected 5 tensors \(k, v, k_scale, k_mean, v_scale\), got 5"):
+        kv_cache_compact(keep, mass, 0, 5, page_mass)
+    with pytest.raises(TypeError, match=r"keep_mass: expected dtype torch.float32, got torch.int64"):
+        kv_cache_compact(keep, mass.long(), 0, p, page_mass)
+    with pytest.raises(ValueError, match=r"page_mass: expected a tensor on"):
+        kv_cache_compact(keep, mass, 0, p, page_mass.to("meta"))
 
 
 # The CUDA entry point checks its arguments before touching the GPU, so these run anywhere _C is built.

@@ -51,6 +51,18 @@ def test_mismatched_checkpoint_lists_missing_and_unexpected_keys():
         CausalDiT.from_pretrained("/nonexistent/weights.safetensors")
 
 
+@pytest.mark.parametrize("name, content", [("model.safetensors", b"not a checkpoint"), ("model.pt", b"\x00garbage")])
+def test_unreadable_checkpoint_file_is_named(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=f"path_or_state_dict: .*{name} is not a readable checkpoint"):
+        CausalDiT.from_pretrained(tmp_path / name)
+
+
+def test_what_is_neither_path_nor_state_dict_is_named():
+    with pytest.raises(TypeError, match="path_or_state_dict: expected a path or a state dict, got int"):
+        CausalDiT.from_pretrained(5)
+
+
 @pytest.mark.gpu
 @torch.no_grad()
 def test_diffusers_weights_reproduce_diffusers_forward_on_the_gpu_in_fp8():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 import re
 
 import torch
@@ -52,6 +53,8 @@ def read_state(path_or_state) -> tuple[dict, dict]:
     """(state dict, config.json contents or {}) from a dict, a .safetensors/.pt file or a folder."""
     if isinstance(path_or_state, dict):
         return dict(path_or_state), {}
+    if not isinstance(path_or_state, (str, os.PathLike)):
+        raise TypeError(f"path_or_state_dict: expected a path or a state dict, got {type(path_or_state).__name__}")
     path = os.fspath(path_or_state)
     config = {}
     if os.path.isdir(path):
@@ -68,10 +71,16 @@ def read_state(path_or_state) -> tuple[dict, dict]:
     state = {}
     for file in files:
         if file.endswith(".safetensors"):
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
-            state.update(load_file(file))
+            read, unreadable = load_file, (SafetensorError, OSError)
         else:
-            state.update(torch.load(file, map_location="cpu", weights_only=True))
+            read = lambda f: torch.load(f, map_location="cpu", weights_only=True)  # noqa: E731
+            unreadable = (OSError, RuntimeError, pickle.UnpicklingError, EOFError)
+        try:
+            state.update(read(file))
+        except unreadable as exc:
+            raise ValueError(f"path_or_state_dict: {file} is not a readable checkpoint ({exc})") from exc
     return state, config
 
 

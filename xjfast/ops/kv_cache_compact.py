@@ -29,12 +29,13 @@ def kv_cache_compact(keep, keep_mass, keep_count: int, page, page_mass, *, backe
     page = (k [B, T, H, D], v, k_scale, k_mean, v_scale) of the evicted page, page_mass [B, T].
     """
     names = ("k", "v", "k_scale", "k_mean", "v_scale")
+    for prefix, group in (("keep", keep), ("page", page)):
+        if not isinstance(group, (tuple, list)) or len(group) != 5:
+            raise ValueError(f"{prefix}: expected 5 tensors ({', '.join(names)}), got {group!r:.80}")
     check_tensor("keep.k", keep[0], dtypes=STORAGE, ndim=4)
     B, K, H, D = keep[0].shape
     T = page[0].shape[1] if isinstance(page[0], torch.Tensor) and page[0].dim() == 4 else None
     for prefix, group, tokens in (("keep", keep, K), ("page", page, T)):
-        if len(group) != 5:
-            raise ValueError(f"{prefix}: expected 5 tensors ({', '.join(names)}), got {len(group)}")
         for name, t in zip(names, group):
             # one storage dtype throughout: a cache stores every unit alike
             check_tensor(f"{prefix}.{name}", t, dtypes=(keep[0].dtype,) if name in "kv" else (torch.float32,),
@@ -46,10 +47,12 @@ def kv_cache_compact(keep, keep_mass, keep_count: int, page, page_mass, *, backe
                 raise ValueError(f"{prefix}.{name}: expected shape {expected}, got {tuple(t.shape)}")
             if not t.is_contiguous():  # cache storage; the kernels index it as such
                 raise ValueError(f"{prefix}.{name}: expected a contiguous tensor (cache storage), got strides {t.stride()}")
+    for name, mass in (("keep_mass", keep_mass), ("page_mass", page_mass)):
+        check_tensor(name, mass, dtypes=(torch.float32,), device=keep[0].device)
     if keep_mass.shape != (B, K) or page_mass.shape != page[0].shape[:2]:
         raise ValueError(f"keep_mass/page_mass: expected shapes {(B, K)} and {tuple(page[0].shape[:2])}, "
                          f"got {tuple(keep_mass.shape)} and {tuple(page_mass.shape)}")
-    if not 0 <= keep_count <= K:
+    if isinstance(keep_count, bool) or not isinstance(keep_count, int) or not 0 <= keep_count <= K:
         raise ValueError(f"keep_count: expected an int in [0, {K}], got {keep_count}")
     top, mass = select_keep(keep_mass, keep_count, page_mass)
     if top.shape[1] == 0:  # nothing to keep (no slots, or no candidates): the buffer stays as it is
