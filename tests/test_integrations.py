@@ -94,6 +94,16 @@ def test_patch_as_context_manager_and_plain_call():
     assert torch.nn.functional.scaled_dot_product_attention is sdpa_module.TORCH_SDPA
 
 
+@pytest.mark.parametrize("call", [lambda **kw: sdpa(*bhld(), **kw), lambda **kw: patch(**kw)])
+@pytest.mark.parametrize("kwargs, words", [(dict(precision="int8"), "precision: expected one of 'fp8', 'bf16'"),
+                                           (dict(backend="gpu"), "backend: expected one of 'auto', 'reference'")])
+def test_bad_settings_are_named_where_given(call, kwargs, words):
+    """Also when the call would fall back to torch, and before a patch is installed."""
+    with pytest.raises(ValueError, match=words):
+        call(**kwargs)
+    assert not is_patched()
+
+
 def test_public_name():
     assert xjfast.sdpa is sdpa
 
@@ -137,8 +147,17 @@ def test_diffusers_wan_fp8_stays_close(wan):
 def test_diffusers_enable_rejects_other_models():
     pytest.importorskip("diffusers")
     from xjfast.integrations.diffusers import enable
+    from xjfast.integrations.diffusers import disable
     with pytest.raises(TypeError, match="model: expected one of WanTransformer3DModel"):
         enable(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="model: expected one of WanTransformer3DModel"):
+        disable(torch.nn.Linear(2, 2))
+
+
+def test_diffusers_enable_checks_its_settings(wan):
+    from xjfast.integrations.diffusers import enable
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        enable(wan[0], backend="gpu")
 
 
 # ---- on a GPU: the FP8 kernels behind the same one-liners -------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 
-from xjfast.integrations.sdpa import patch
+from xjfast.integrations.sdpa import check_settings, patch
 
 SUPPORTED = ("WanTransformer3DModel", "CogVideoXTransformer3DModel", "HunyuanVideoTransformer3DModel")
 
@@ -37,11 +37,16 @@ class XjfastAttnProcessor:
         return getattr(self.__dict__["original"], name)
 
 
-def enable(model, precision: str = "fp8", backend: str = "auto") -> dict:
-    """Install xjfast attention processors on `model`; returns the processors it replaced."""
+def _check_model(model) -> None:
     kind = type(model).__name__
     if kind not in SUPPORTED:
         raise TypeError(f"model: expected one of {', '.join(SUPPORTED)}, got {kind}")
+
+
+def enable(model, precision: str = "fp8", backend: str = "auto") -> dict:
+    """Install xjfast attention processors on `model`; returns the processors it replaced."""
+    _check_model(model)
+    check_settings(precision, backend)
     replaced = {name: proc.original if isinstance(proc, XjfastAttnProcessor) else proc
                 for name, proc in model.attn_processors.items()}
     model.set_attn_processor({name: XjfastAttnProcessor(proc, precision, backend) for name, proc in replaced.items()})
@@ -50,6 +55,7 @@ def enable(model, precision: str = "fp8", backend: str = "auto") -> dict:
 
 def disable(model, replaced: dict | None = None) -> None:
     """Restore `replaced` (what enable returned), or unwrap every xjfast processor."""
+    _check_model(model)
     if replaced is None:
         replaced = {name: proc.original if isinstance(proc, XjfastAttnProcessor) else proc
                     for name, proc in model.attn_processors.items()}

@@ -14,9 +14,11 @@ import warnings
 import torch
 
 from xjfast.backends import backend_unavailable_reason
-from xjfast.ops.temporal_attention import HEAD_DIMS, temporal_attention
+from xjfast.errors import check_choice
+from xjfast.ops.temporal_attention import HEAD_DIMS, PRECISIONS, temporal_attention
 
 TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
+BACKENDS = ("auto", "reference", "triton", "cuda")
 _FALLBACKS: collections.Counter = collections.Counter()
 _WARNED: set = set()
 _LOCK = threading.Lock()
@@ -25,6 +27,12 @@ _LOCK = threading.Lock()
 def fallback_counts() -> dict:
     """How many calls went to torch's implementation, by reason."""
     return dict(_FALLBACKS)
+
+
+def check_settings(precision: str, backend: str) -> None:
+    """What a call, a patch or a diffusers model will run with, checked where it is given."""
+    check_choice("precision", precision, PRECISIONS)
+    check_choice("backend", backend, BACKENDS)
 
 
 def reset_fallback_counts() -> None:
@@ -73,6 +81,7 @@ def _fallback(reason: str) -> None:
 def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
          precision: str = "fp8", backend: str = "auto"):
     """torch.nn.functional.scaled_dot_product_attention, FP8 inside where it can be."""
+    check_settings(precision, backend)
     reason = _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, backend)
     if reason is not None:
         _fallback(reason)
@@ -87,6 +96,7 @@ class _Patch:
     """The installed routing; also a context manager that restores what was there before."""
 
     def __init__(self, precision: str, backend: str):
+        check_settings(precision, backend)
         self.previous = torch.nn.functional.scaled_dot_product_attention
 
         def routed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
