@@ -125,7 +125,12 @@ def test_reset_forgets_frames():
     (dict(sink_frames=-1), "sink_frames: expected an int >= 0"),
     (dict(keep_tokens=1.5), "keep_tokens: expected an int"),
     (dict(storage="int4"), "storage: expected one of"),
-    (dict(rope_dims=3), "rope_dims: expected an even number"),
+    (dict(rope_dims=3), "rope_dims: expected an even int"),
+    (dict(rope_dims=2.0), r"rope_dims: expected an even int in \[0, 64\], got 2.0"),
+    (dict(rope_theta=0.0), "rope_theta: expected a positive finite number, got 0.0"),
+    (dict(rope_theta=float("nan")), "rope_theta: expected a positive finite number, got nan"),
+    (dict(backend="bogus"), "backend: expected one of 'auto', 'reference', 'triton', 'cuda', got 'bogus'"),
+    (dict(device="gpu0"), "device: expected a torch device, got 'gpu0'"),
 ])
 def test_bad_construction(kwargs, words):
     with pytest.raises(ValueError, match=words):

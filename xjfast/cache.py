@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -88,13 +89,21 @@ class StreamingKVCache:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
         check_choice("storage", storage, tuple(STORAGE_DTYPES))
         rope_dims = temporal_rope_dims(head_dim) if rope_dims is None else rope_dims
-        if not (0 <= rope_dims <= head_dim and rope_dims % 2 == 0):
-            raise ValueError(f"rope_dims: expected an even number in [0, {head_dim}], got {rope_dims}")
+        if isinstance(rope_dims, bool) or not isinstance(rope_dims, int) or not 0 <= rope_dims <= head_dim \
+                or rope_dims % 2:
+            raise ValueError(f"rope_dims: expected an even int in [0, {head_dim}], got {rope_dims!r}")
+        if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not 0 < rope_theta < math.inf:
+            raise ValueError(f"rope_theta: expected a positive finite number, got {rope_theta!r}")
+        check_choice("backend", backend, ("auto", "reference", "triton", "cuda"))
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device: expected a torch device, got {device!r}") from exc
         self.num_layers, self.batch, self.heads, self.head_dim = num_layers, batch, heads, head_dim
         self.frame_tokens, self.sink_frames, self.window_frames = frame_tokens, sink_frames, window_frames
         self.keep_tokens, self.storage = keep_tokens, storage
         self.rope_dims, self.rope_theta = rope_dims, float(rope_theta)
-        self.device = torch.device(device)
+        self.device = device
         self.backend = backend  # of the commit and compaction kernels
 
         pages = sink_frames + window_frames
