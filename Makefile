@@ -60,7 +60,7 @@ demo: $(STAMP)
 	@echo "the video is at $(CURDIR)/out/demo.mp4"
 
 sass: $(STAMP)
-	$(PY) -m xjfast.tools.sass
+	$(PY) -m xjfast.tools.sass --candidates
 
 # On a GPU machine: its own python3 (with torch), no .venv; see bench/gpu_check.sh.
 gpu-check:

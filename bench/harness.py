@@ -234,17 +234,22 @@ def section(results: dict, name: str, log):
 
 
 @contextmanager
-def cuda_attention_core(core):
-    """XJFAST_CUDA_ATTENTION_CORE=core while the block runs (None: leave it as it is)."""
-    if core is None:
+def environ(name: str, value: str | None):
+    """os.environ[name] = value while the block runs (None: leave it as it is)."""
+    if value is None:
         yield
         return
-    before = os.environ.get("XJFAST_CUDA_ATTENTION_CORE")
-    os.environ["XJFAST_CUDA_ATTENTION_CORE"] = core
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if before is None:
-            del os.environ["XJFAST_CUDA_ATTENTION_CORE"]
+            del os.environ[name]
         else:
-            os.environ["XJFAST_CUDA_ATTENTION_CORE"] = before
+            os.environ[name] = before
+
+
+def cuda_attention_core(core):
+    """XJFAST_CUDA_ATTENTION_CORE=core while the block runs (None: leave it as it is)."""
+    return environ("XJFAST_CUDA_ATTENTION_CORE", core)

@@ -19,11 +19,11 @@ import torch
 
 import xjfast
 from bench.baseline import cached_keys_values
-from bench.harness import accuracy, cuda_attention_core, on_gpu, rate, time_ms
+from bench.harness import accuracy, cuda_attention_core, environ, on_gpu, rate, time_ms
 from xjfast.backends import implementations, unusable_reason
 from xjfast.errors import BackendUnavailable
 from xjfast.ops.rotary import rotate_leading
-from xjfast.ops.temporal_attention import block_mask
+from xjfast.ops.temporal_attention import CONFIG_ENV, block_mask
 
 # The reference attention materialises fp32 scores of every (query, key) pair several times over
 # (about 20 GB at 2 query frames over 21 cached ones) and takes seconds: it defines the op, the
@@ -197,18 +197,20 @@ def attention(device: torch.device, roof: dict, budget=None) -> list[dict]:
     candidates = backends("temporal_attention", device)
     cache_backend = "auto" if gpu else "reference"
     rows, case_s = [], 0.0
-    for case in attention_cases(gpu):
+    for index, case in enumerate(attention_cases(gpu)):
         left = budget() if budget else None
         if left is not None and case_s and left < 1.5 * case_s:  # the first (most telling) case always runs
             rows.append(dict(case, impl="*", skipped=f"out of the run's time budget ({left:.0f} s left)"))
             continue
         started = time.perf_counter()
-        rows += _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_ceiling)
+        # the first case also times the Triton kernel in each candidate configuration (ranked by
+        # bench/readme_tables.py: a GPU of that capability then runs the fastest)
+        rows += _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_ceiling, tune=index == 0)
         case_s = max(case_s, time.perf_counter() - started)
     return rows
 
 
-def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_ceiling) -> list[dict]:
+def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_ceiling, tune=False) -> list[dict]:
     gpu = on_gpu(device)
     reps = 20 if gpu else 3
     sets = [_case_data(case, device, cache_backend, seed) for seed in (1, 2)]
@@ -219,13 +221,15 @@ def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_c
     tflop = 4 * case["H"] * case["D"] * _visible_pairs(L, n_cached, block_tokens) / 1e12
     exact = _exact(frames, q, k, v, cache, block_tokens or L)
     rows = []
-    for backend, reason, core in _with_cuda_cores(candidates, device):
-        for precision in ("fp8", "bf16"):
-            label = f"{backend}[{core}]" if core else backend
+    for backend, reason, core, config in _variants(candidates, device, tune):
+        for precision in ("fp8",) if config else ("fp8", "bf16"):
+            label = f"{backend}[{core or config}]" if core or config else backend
             row = dict(case, op="temporal_attention", case=_case_name(case, precision), backend=backend,
                        precision=precision, impl=f"xjfast-{label}-{precision}")
             if core:  # the fastest path ranks the backend and becomes auto's (bench/readme_tables.py)
                 row.update(core=core)
+            if config:  # ranked apart: the backend's own row is the configuration auto runs now
+                row.update(config=config)
             if reason is not None:
                 rows.append(dict(row, skipped=reason))
                 continue
@@ -234,7 +238,7 @@ def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_c
                 return xjfast.temporal_attention(q_, k_, v_, block_tokens=block_tokens, kv_cache=c, layer=0,
                                                  precision=p, backend=b)
             try:
-                with cuda_attention_core(core):
+                with cuda_attention_core(core), environ(CONFIG_ENV, config):
                     out = fn(cache, q, k, v)  # an implementation covering part of the op says so here
                     timing = time_ms(fn, [(s[0], s[2], s[3], s[4]) for s in sets], device, reps=reps)
                 ceiling = fp8_ceiling if precision == "fp8" else bf16_ceiling
@@ -256,20 +260,26 @@ def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_c
     return rows
 
 
-def _with_cuda_cores(candidates, device):
-    """(backend, reason, core): on sm_90 the CUDA attention once per path side by side (wgmma, the
-    warp-specialized TMA kernel ws, mma.sync), a path XJFAST_CUDA_ATTENTION_SKIP leaves out with
-    the reason; elsewhere once (its one path)."""
+def _variants(candidates, device, tune: bool):
+    """(backend, reason, CUDA path, Triton configuration): on sm_90 the CUDA attention once per path
+    side by side (wgmma, the warp-specialized TMA kernel ws, mma.sync), a path
+    XJFAST_CUDA_ATTENTION_SKIP leaves out with the reason; elsewhere once (its one path). With
+    `tune`, on a GPU, the Triton kernel also in each candidate configuration of the GPU's target."""
     from xjfast.ops.temporal_attention import cuda_paths, skipped_cuda_paths
-    hopper = on_gpu(device) and torch.cuda.get_device_capability(device) == (9, 0)
+    gpu = on_gpu(device)
+    hopper = gpu and torch.cuda.get_device_capability(device) == (9, 0)
     skipped = skipped_cuda_paths()
     for backend, reason in candidates:
+        if backend == "triton" and reason is None and gpu and tune:
+            from xjfast.kernels.temporal_attention import CANDIDATES, config_name, target
+            for config in CANDIDATES[target(torch.cuda.get_device_capability(device))]:
+                yield backend, None, None, config_name(config)
         if backend != "cuda" or reason is not None or not hopper:
-            yield backend, reason, None
+            yield backend, reason, None, None
             continue
         for core in cuda_paths(device):
             yield backend, ("left out: its first launch hung or failed in gpu-check (XJFAST_CUDA_ATTENTION_SKIP)"
-                            if core in skipped else None), core
+                            if core in skipped else None), core, None
 
 
 def _time_backends(op: str, device, run, inputs, amount_gb: float, copy_bw: float, **row) -> list[dict]:

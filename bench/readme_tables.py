@@ -3,8 +3,9 @@ from the newest results file per GPU.
 
     python -m bench.readme_tables        (rewrites the block between the markers in README.md
                                           and xjfast/backend_ranking.json: per op and compute
-                                          capability the backends fastest first, and the CUDA
-                                          attention's paths fastest first)
+                                          capability the backends fastest first, the CUDA
+                                          attention's paths and the Triton attention's
+                                          configurations fastest first)
 Only figures that a results file holds are written; nothing is typed by hand.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import os
 import re
 
-from xjfast.ops.temporal_attention import CUDA_CORE_RANKING  # the entry cuda_core() reads
+from xjfast.ops.temporal_attention import CONFIG_RANKING, CUDA_CORE_RANKING  # what auto reads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -48,24 +49,37 @@ def _geomean_order(times: dict) -> list[str]:
     return sorted(score, key=lambda n: (score[n], n))
 
 
-def rank_cuda_attention_paths(results: dict) -> list[str]:
-    """The CUDA attention's paths (XJFAST_CUDA_ATTENTION_CORE values timed side by side on one GPU),
-    fastest first; empty when the file times none."""
-    times: dict = {}  # case -> core -> median ms
+def _rank_variants(results: dict, backend: str, key: str) -> list[str]:
+    """The values of row[key] timed side by side for `backend`'s attention on one GPU, fastest first;
+    empty when the file times none."""
+    times: dict = {}  # case -> variant -> median ms
     for row in results.get("attention", []):
-        if row.get("backend") == "cuda" and row.get("core") and "median_ms" in row:
-            times.setdefault(row["case"], {})[row["core"]] = row["median_ms"]
+        if row.get("backend") == backend and row.get(key) and "median_ms" in row:
+            times.setdefault(row["case"], {})[row[key]] = row["median_ms"]
     return _geomean_order(times)
+
+
+def rank_cuda_attention_paths(results: dict) -> list[str]:
+    """The CUDA attention's paths (XJFAST_CUDA_ATTENTION_CORE values), fastest first."""
+    return _rank_variants(results, "cuda", "core")
+
+
+def rank_triton_attention_configs(results: dict) -> list[str]:
+    """The Triton attention's candidate configurations (XJFAST_TRITON_ATTENTION_CONFIG values),
+    fastest first."""
+    return _rank_variants(results, "triton", "config")
 
 
 def rank_backends(results: dict) -> dict:
     """op -> xjfast backends fastest first, from one results file (a backend covering part of an op is
     judged where it runs; the CUDA attention timed per path counts with the path auto will run,
-    the fastest); skipped backends are not ranked."""
+    the fastest; the Triton attention with the configuration it ran, not the candidates timed
+    beside it); skipped backends are not ranked."""
     best_path = next(iter(rank_cuda_attention_paths(results)), None)
     times: dict = {}  # op -> case -> backend -> median ms
     for row in results.get("attention", []) + results.get("memory_bound", []):
-        if "backend" in row and "median_ms" in row and row.get("core", best_path) == best_path:
+        if "backend" in row and "median_ms" in row and row.get("core", best_path) == best_path \
+                and "config" not in row:
             times.setdefault(row["op"], {}).setdefault(row["case"], {})[row["backend"]] = row["median_ms"]
     return {op: _geomean_order(cases) for op, cases in times.items()}
 
@@ -86,6 +100,8 @@ def ranking_file(results_dir: str) -> dict:
             out.setdefault(op, {})[capability] = {"order": order, **source}
         if paths := rank_cuda_attention_paths(data):
             out.setdefault(CUDA_CORE_RANKING, {})[capability] = {"order": paths, **source}
+        if configs := rank_triton_attention_configs(data):
+            out.setdefault(CONFIG_RANKING, {})[capability] = {"order": configs, **source}
     return out
 
 

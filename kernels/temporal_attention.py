@@ -14,9 +14,14 @@ Units no row of the tile may see (block-causal / private masks) are skipped whol
 A companion kernel turns the LSE into the attention mass of the pages next to be evicted.
 """
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+from xjfast.ops.temporal_attention import CONFIG_ENV, CONFIG_RANKING
 
 from .fp8 import P_SCALE, scale_from_amax, to_e4m3
 from .kv_cache_commit import kv_cache_commit
@@ -25,21 +30,60 @@ Q_TILE = 64  # = xjfast.ops.temporal_attention.Q_TILE: Q is quantized per 64-row
 _Q_TILE = tl.constexpr(Q_TILE)  # for jitted code
 LOG2E = 1.4426950408889634
 
-# (BLOCK_M, BLOCK_N, warps, stages) per target. BLOCK_M is a multiple of Q_TILE; BLOCK_N is also
-# the online softmax's step, so the reference simulates the same P rounding with kv_tile=BLOCK_N.
-# Chosen so nothing spills (`make sass`); the benchmark issue tunes them for speed at the stream shapes.
-CONFIGS = {
-    "sm_90": (64, 64, 8, 2),
-    "sm_100": (64, 32, 8, 2),
-    "interpret": (64, 64, 4, 1),
+# Configurations (BLOCK_M, BLOCK_N, warps, stages). BLOCK_M is a multiple of Q_TILE; BLOCK_N is
+# also the online softmax's step, so the reference simulates the same P rounding with
+# kv_tile=BLOCK_N. Per target, the candidates the benchmark times side by side at the stream
+# shape (each compiles without spills: tests/test_sass.py); a GPU runs the fastest that the
+# committed results rank for its compute capability (backend_ranking.json), else the first.
+CANDIDATES = {
+    "sm_90": ((64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (64, 32, 8, 3)),
+    "sm_100": ((64, 32, 8, 2), (64, 32, 8, 3)),
 }
+INTERPRET_CONFIG = (64, 64, 4, 1)
+
+
+def config_name(cfg) -> str:
+    return ",".join(map(str, cfg))
+
+
+def parse_config(text: str, source: str = CONFIG_ENV) -> tuple[int, int, int, int]:
+    try:
+        cfg = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        cfg = ()
+    if len(cfg) != 4 or cfg[0] not in (64, 128) or cfg[1] not in (16, 32, 64, 128) or cfg[2] not in (4, 8) \
+            or not 1 <= cfg[3] <= 4:
+        raise ValueError(f"{source}: expected 'BLOCK_M,BLOCK_N,warps,stages' with BLOCK_M in 64, 128, BLOCK_N in "
+                         f"16..128 (a power of two), warps 4 or 8 and 1 to 4 stages, got {text!r}")
+    return cfg
+
+
+def target(capability: tuple[int, int]) -> str:
+    return "sm_100" if capability[0] >= 10 else "sm_90"
+
+
+def ranked_config(capability: tuple[int, int], ranking: dict) -> tuple[int, int, int, int]:
+    """The fastest candidate of `capability`'s target that `ranking` (backend_ranking.json's
+    contents) orders for it, else the target's first candidate."""
+    candidates = CANDIDATES[target(capability)]
+    entry = ranking.get(CONFIG_RANKING, {}).get(f"{capability[0]}.{capability[1]}")
+    ranked = [parse_config(name, CONFIG_RANKING) for name in (entry["order"] if entry else [])]
+    return ([c for c in ranked if c in candidates] + list(candidates))[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_config(capability: tuple[int, int]) -> tuple[int, int, int, int]:
+    from xjfast.backends import ranking
+    return ranked_config(capability, ranking())
 
 
 def config(device, interpret: bool) -> tuple[int, int, int, int]:
+    forced = os.environ.get(CONFIG_ENV)
+    if forced:
+        return parse_config(forced)
     if interpret or device.type != "cuda":
-        return CONFIGS["interpret"]
-    major = torch.cuda.get_device_capability(device)[0]
-    return CONFIGS["sm_100"] if major >= 10 else CONFIGS["sm_90"]
+        return INTERPRET_CONFIG
+    return _gpu_config(torch.cuda.get_device_capability(device))
 
 
 @triton.jit

@@ -164,6 +164,28 @@ def test_the_fastest_cuda_attention_path_ranks_the_backend_and_becomes_autos(tmp
         ta.cuda_core(gpu)
 
 
+def test_the_fastest_triton_attention_configuration_is_ranked_for_auto(tmp_path):
+    """The first attention case also times the Triton kernel per candidate configuration: those rows
+    rank the configurations (what config() then runs on that capability), not the backend, which is
+    judged by the configuration it ran."""
+    sys.path.insert(0, ROOT)
+    from bench.readme_tables import rank_backends, rank_triton_attention_configs, ranking_file
+    from xjfast.kernels import temporal_attention as kernel
+
+    def row(case, backend, ms, config=None):
+        return {"op": "temporal_attention", "case": case, "backend": backend, "median_ms": ms,
+                **({"config": config} if config else {})}
+    rows = [row("a", "triton", 1.2), row("a", "cuda", 1.0), row("a", "triton", 0.9, "64,32,8,3"),
+            row("a", "triton", 1.2, "64,64,8,2"), row("b", "triton", 2.0), row("b", "cuda", 2.4)]
+    results = _gpu_results("H100", "2026-11-01", "9.0", rows)
+    assert rank_triton_attention_configs(results) == ["64,32,8,3", "64,64,8,2"]
+    assert rank_backends(results) == {"temporal_attention": ["cuda", "triton"]}
+    (tmp_path / "h100.json").write_text(json.dumps(results))
+    ranking = ranking_file(str(tmp_path))
+    assert ranking[kernel.CONFIG_RANKING]["9.0"]["order"] == ["64,32,8,3", "64,64,8,2"]
+    assert kernel.ranked_config((9, 0), ranking) == (64, 32, 8, 3)
+
+
 class _FakeNVML:
     """NVML as nvidia-ml-py exposes it, on a machine where the power reading is refused."""
     NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 1, 2, 0

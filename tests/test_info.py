@@ -98,7 +98,7 @@ def test_a_partial_ranking_keeps_the_other_backends_after_it(ranked, monkeypatch
 def test_info_tells_what_auto_picks_and_why(ranked):
     info = collect_info()
     assert info["auto"]["denoise_step"] == {"backend": "cuda", "why": "ranked by bench/results/h100.json"}
-    assert info["auto"]["temporal_attention"]["backend"] == "triton"
+    assert info["auto"]["temporal_attention"]["backend"] == "triton[64,64,8,2]"  # sm_90's first configuration
     assert "default order" in info["auto"]["temporal_attention"]["why"]
     assert "auto denoise_step: cuda (ranked by bench/results/h100.json)" in format_info(info)
 
@@ -119,12 +119,15 @@ def test_disabled_implementations_are_passed_over_and_refused(ranked, monkeypatc
 
 def test_the_committed_ranking_file_is_well_formed():
     from xjfast import backends
-    from xjfast.ops.temporal_attention import CUDA_CORE_RANKING, CUDA_CORES
+    from xjfast.kernels.temporal_attention import CANDIDATES, config_name
+    from xjfast.ops.temporal_attention import CONFIG_RANKING, CUDA_CORE_RANKING, CUDA_CORES
     with open(backends.RANKING_FILE) as f:
         ranking = json.load(f)
+    configurations = {config_name(c) for target in CANDIDATES.values() for c in target}
     for op, per_capability in ranking.items():
-        names = CUDA_CORES if op == CUDA_CORE_RANKING else backends.BACKENDS  # the CUDA attention's paths
-        assert op == CUDA_CORE_RANKING or op in backends.registered_ops()
+        # the CUDA attention's paths, the Triton attention's configurations, or backends
+        names = {CUDA_CORE_RANKING: CUDA_CORES, CONFIG_RANKING: configurations}.get(op, backends.BACKENDS)
+        assert op in (CUDA_CORE_RANKING, CONFIG_RANKING) or op in backends.registered_ops()
         for capability, entry in per_capability.items():
             assert re.fullmatch(r"\d+\.\d+", capability) and entry["source"].startswith("bench/results/")
             assert entry["order"] and set(entry["order"]) <= set(names)

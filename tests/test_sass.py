@@ -20,8 +20,8 @@ def reports(tmp_path_factory):
     session may run Triton's interpreter, whose kernels cannot be compiled)."""
     out = tmp_path_factory.mktemp("sass") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-m", "xjfast.tools.sass", "--json", str(out)], env=env, check=True,
-                   capture_output=True, text=True)
+    subprocess.run([sys.executable, "-m", "xjfast.tools.sass", "--candidates", "--json", str(out)], env=env,
+                   check=True, capture_output=True, text=True)
     return {(r["kernel"], int(r["arch"][3:-1])): r for r in json.loads(out.read_text())}
 
 
@@ -47,10 +47,15 @@ def test_shared_memory_fits(reports, arch):
 
 
 @pytest.mark.parametrize("name, arch", [pytest.param(spec.name, arch, id=f"{spec.name}-sm_{arch}a")
-                                        for spec in sass.stream_specs() for arch in ARCHS])
+                                        for spec in sass.stream_specs() for arch in ARCHS] +
+                         [pytest.param(spec.name, arch, id=f"{spec.name}-sm_{arch}a")
+                          for spec in sass.candidate_specs() for arch in spec.configs])
 def test_nothing_spills(reports, name, arch):
+    """Every kernel, and the FP8 attention in every configuration the benchmark may rank first."""
     r = reports[(name, arch)]
     assert r["stack_bytes"] == 0 and r["spill_stores"] == 0, r
+    if r.get("config"):
+        assert r["tensor_core"].get(FP8_MMA[arch], 0) > 0, r
 
 
 def test_every_launched_kernel_is_checked():

@@ -465,9 +465,10 @@ def test_triton_tile_of_two_query_groups(backend, case, monkeypatch):
     """With BLOCK_M = 128 a Triton program holds two 64-row groups of queries, each quantized with
     its own scale as the reference defines: the first group is 100x larger than the second, which
     one shared scale would flush to a few e4m3 steps."""
-    from xjfast.kernels.temporal_attention import CONFIGS
-    for key, (_, block_n, warps, stages) in list(CONFIGS.items()):
-        monkeypatch.setitem(CONFIGS, key, (128, block_n, warps, stages))
+    from xjfast.backends import triton_interpreted
+    from xjfast.kernels.temporal_attention import CONFIG_ENV, config
+    _, block_n, warps, stages = config(torch.device(DEVICE), triton_interpreted())
+    monkeypatch.setenv(CONFIG_ENV, f"128,{block_n},{warps},{stages}")
     spec = CASES[case]
     H, T = 2, 32
     q, k, v = (t.to(DEVICE) for t in qkv(L=spec["L"], H=H, D=spec["D"]))
@@ -478,6 +479,28 @@ def test_triton_tile_of_two_query_groups(backend, case, monkeypatch):
     assert rel_l2(out[:, 64:], ref[:, 64:].double()) <= SIM_REL_L2
     assert rel_l2(out, ref.double()) <= SIM_REL_L2
     assert (lse - ref_lse).abs().max() < 5e-3
+
+
+def test_triton_configuration_forced_or_ranked(monkeypatch):
+    """XJFAST_TRITON_ATTENTION_CONFIG runs one configuration; otherwise a GPU runs the fastest
+    candidate of its target that backend_ranking.json orders for its compute capability."""
+    pytest.importorskip("triton")
+    from xjfast.kernels import temporal_attention as kernel
+    monkeypatch.setenv(kernel.CONFIG_ENV, "128,32,8,3")
+    assert kernel.config(torch.device("cpu"), True) == (128, 32, 8, 3)
+    for bad in ("64,64,8", "64,48,8,2", "64,64,6,2", "a,b,c,d"):
+        monkeypatch.setenv(kernel.CONFIG_ENV, bad)
+        with pytest.raises(ValueError, match=f"XJFAST_TRITON_ATTENTION_CONFIG: expected 'BLOCK_M,BLOCK_N,warps,"
+                                             f"stages'.*got '{bad}'"):
+            kernel.config(torch.device("cpu"), True)
+    monkeypatch.delenv(kernel.CONFIG_ENV)
+    assert kernel.config(torch.device("cpu"), True) == kernel.INTERPRET_CONFIG
+    ranking = {kernel.CONFIG_RANKING: {"9.0": {"order": ["64,32,8,3", "64,64,8,2"]},
+                                       "10.0": {"order": ["64,64,8,2", "64,32,8,3"]}}}
+    assert kernel.ranked_config((9, 0), ranking) == (64, 32, 8, 3)
+    assert kernel.ranked_config((10, 0), ranking) == (64, 32, 8, 3)  # 64,64,8,2 is no sm_100 candidate
+    assert kernel.ranked_config((9, 0), {}) == kernel.CANDIDATES["sm_90"][0]
+    assert kernel.ranked_config((12, 0), {}) == kernel.CANDIDATES["sm_100"][0]
 
 
 @pytest.mark.parametrize("backend", ["reference"] + fast_backends("temporal_attention"))

@@ -93,9 +93,11 @@ def registered_ops() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=1)
 def ranking() -> dict:
     """op -> "major.minor" -> {"order": [backends, fastest first], "source": results file, "gpu": name}.
-    Empty when the file is absent (a build that did not package it) or unreadable."""
+    Empty when the file is absent (a build that did not package it) or unreadable. Read once per
+    process: `auto` consults it on every call of an op."""
     try:
         with open(RANKING_FILE) as f:
             data = json.load(f)

@@ -91,6 +91,9 @@ def _auto_picks() -> dict:
             if op == "temporal_attention" and backend == "cuda":  # and its path (XJFAST_CUDA_ATTENTION_CORE)
                 from xjfast.ops.temporal_attention import cuda_core
                 backend = f"cuda[{cuda_core(torch.device('cuda'))}]"
+            elif op == "temporal_attention" and backend == "triton":  # and its configuration
+                from xjfast.kernels.temporal_attention import config, config_name
+                backend = f"triton[{config_name(config(torch.device('cuda'), False))}]"
             grounds = (f"ranked by {source}" if source else
                        f"no benchmark ranking for compute capability {capability[0]}.{capability[1]}: default order")
             picks[op] = {"backend": backend, "why": grounds}

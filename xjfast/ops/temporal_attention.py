@@ -349,6 +349,8 @@ def _aligned_16(t: torch.Tensor) -> bool:
 
 CUDA_CORES = ("auto", "mma", "wgmma", "ws")
 CUDA_CORE_RANKING = "temporal_attention:cuda_core"  # its entry in backend_ranking.json
+CONFIG_RANKING = "temporal_attention:triton_config"  # the Triton kernel's configurations, ranked likewise
+CONFIG_ENV = "XJFAST_TRITON_ATTENTION_CONFIG"  # "BLOCK_M,BLOCK_N,warps,stages": the Triton kernel runs that one
 
 
 def cuda_paths(device: torch.device | str) -> list[str]:

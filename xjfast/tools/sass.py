@@ -2,7 +2,7 @@
 and report per kernel and arch: registers, spills, shared memory and the tensor-core
 instructions in the SASS.
 
-    python -m xjfast.tools.sass [--arch 90 100] [--kernel NAME ...] [--json FILE]
+    python -m xjfast.tools.sass [--arch 90 100] [--kernel NAME ...] [--candidates] [--json FILE]
 
 Triton compiles for a target it does not have (`triton.compile(ASTSource(...), target=GPUTarget)`),
 and the cuobjdump/nvdisasm shipped inside Triton's wheel read the cubin. Integer arguments are
@@ -46,10 +46,10 @@ def stream_specs() -> list[KernelSpec]:
     from xjfast.kernels.denoise_step import BLOCK as DENOISE_BLOCK
     from xjfast.kernels.kv_cache_commit import BLOCK_T as COMMIT_BLOCK_T
     from xjfast.kernels.kv_cache_commit import WARPS as COMMIT_WARPS
-    from xjfast.kernels.temporal_attention import CONFIGS, Q_TILE
+    from xjfast.kernels.temporal_attention import CANDIDATES, Q_TILE
 
     B, H, T, L = 1, 12, 1560, 2 * 1560
-    per_arch = {90: CONFIGS["sm_90"], 100: CONFIGS["sm_100"]}
+    per_arch = {90: CANDIDATES["sm_90"][0], 100: CANDIDATES["sm_100"][0]}  # what a GPU runs before any ranking
     specs = []
     for D, rope, precision in ((128, 44, "fp8"), (64, 24, "fp8"), (128, 44, "bf16")):
         fp8 = precision == "fp8"
@@ -110,6 +110,16 @@ def stream_specs() -> list[KernelSpec]:
         dict(TOKENS=True, PT=1, PH=2, PW=2, HAS_NEXT=True, FRAME_IN_MEMORY=True, BLOCK=DENOISE_BLOCK),
         4, tags=dict(op="denoise_step")))
     return specs
+
+
+def candidate_specs() -> list[KernelSpec]:
+    """The FP8 attention at the stream shape (head_dim 128) in every candidate configuration the
+    benchmark ranks (xjfast.kernels.temporal_attention.CANDIDATES), one spec per target's candidate."""
+    from xjfast.kernels.temporal_attention import CANDIDATES, config_name
+    base = next(s for s in stream_specs() if s.name == "temporal_attention[fp8,D=128]")
+    return [dataclasses.replace(base, name=f"{base.name} {config_name(cfg)}", configs={arch: cfg},
+                                tags=dict(base.tags, config=config_name(cfg)))
+            for arch, target in ((90, "sm_90"), (100, "sm_100")) for cfg in CANDIDATES[target]]
 
 
 def _signature(fn, spec: KernelSpec):
@@ -181,18 +191,20 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 100], choices=sorted(SHARED_LIMIT))
     parser.add_argument("--kernel", nargs="*", help="substrings of kernel names to compile (default: all)")
     parser.add_argument("--json", help="also write the reports to this file")
+    parser.add_argument("--candidates", action="store_true",
+                        help="also the FP8 attention in every configuration the benchmark ranks")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     reports = []
-    print(f"{'kernel':32} {'arch':7} {'regs':>4} {'stack':>5} {'STL/LDL':>9} {'smem KiB':>8}  tensor-core ops")
-    for spec in stream_specs():
+    print(f"{'kernel':42} {'arch':7} {'regs':>4} {'stack':>5} {'STL/LDL':>9} {'smem KiB':>8}  tensor-core ops")
+    for spec in stream_specs() + (candidate_specs() if args.candidates else []):
         if args.kernel and not any(k in spec.name for k in args.kernel):
             continue
-        for arch in args.arch:
+        for arch in [a for a in args.arch if spec.configs is None or a in spec.configs]:
             r = compile_spec(spec, arch)
             reports.append(r)
             ops = ", ".join(f"{k} x{v}" for k, v in r["tensor_core"].items()) or "none"
-            print(f"{r['kernel']:32} {r['arch']:7} {r['registers']:>4} {r['stack_bytes']:>5} "
+            print(f"{r['kernel']:42} {r['arch']:7} {r['registers']:>4} {r['stack_bytes']:>5} "
                   f"{r['spill_stores']:>4}/{r['spill_loads']:<4} {r['shared_bytes'] / 1024:>8.1f}  {ops}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
