@@ -24,8 +24,9 @@
 #   tests (2 workers)   90-150   200    60     pytest-timeout: 150 s per test
 #   memcheck            20-40     75    30     PYTORCH_NO_CUDA_MEMORY_CACHING=1
 #   racecheck           20-40     75    30
-#   benchmarks         200-260   rest  120     roofline 5, attention 60-120 (FlexAttention compiles
-#                                               per shape), memory-bound 5, diffusers Wan 20, stream rest
+#   benchmarks         200-260   rest  120     roofline 5, attention 70-130 (FlexAttention compiles
+#                                               per shape; Triton candidates compile on the first case),
+#                                               memory-bound 5, diffusers Wan 20, stream rest
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-bench/results}}"
