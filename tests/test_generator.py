@@ -77,6 +77,10 @@ def test_prompt_is_required_and_checked(tiny):
         g.step()
     with pytest.raises(ValueError, match="prompt: expected embeddings"):
         g.set_prompt(torch.zeros(4, 7))
+    with pytest.raises(ValueError, match=r"with B = 1 or the stream's batch 1, got shape \(3, 4, 64\)"):
+        g.set_prompt(torch.zeros(3, 4, model.cfg.text_dim))
+    with pytest.raises(TypeError, match="decoder: expected a module turning latents into video frames, got NoneType"):
+        StreamGenerator(model, None, latent_hw=preset.latent_hw)
     with pytest.raises(ValueError, match="steps: expected an int in"):
         StreamGenerator(model, decoder, steps=5, latent_hw=preset.latent_hw)
 

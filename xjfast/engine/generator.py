@@ -77,6 +77,8 @@ class StreamGenerator:
                              f"model's patch ({ph}, {pw}), got {latent_hw!r}")
         if cuda_graph not in (None, True, False):
             raise ValueError(f"cuda_graph: expected True, False or None (True on a CUDA device), got {cuda_graph!r}")
+        if not callable(decoder):
+            raise TypeError(f"decoder: expected a module turning latents into video frames, got {type(decoder).__name__}")
         self.drafter = parse_drafter(drafter)
         self.model, self.decoder, self.text_encoder = model, decoder, text_encoder
         self.sigmas = shifted_sigmas(steps, shift)
@@ -121,9 +123,10 @@ class StreamGenerator:
             embeds = self.text_encoder(prompt)
         elif isinstance(prompt, torch.Tensor):
             embeds = prompt if prompt.dim() == 3 else prompt[None]
-            if embeds.dim() != 3 or embeds.shape[-1] != self.model.cfg.text_dim:
+            if embeds.dim() != 3 or embeds.shape[-1] != self.model.cfg.text_dim or embeds.shape[0] not in (1, self.batch):
                 raise ValueError(f"prompt: expected embeddings [S, {self.model.cfg.text_dim}] or [B, S, "
-                                 f"{self.model.cfg.text_dim}], got shape {tuple(prompt.shape)}")
+                                 f"{self.model.cfg.text_dim}] with B = 1 or the stream's batch {self.batch}, got shape "
+                                 f"{tuple(prompt.shape)}")
         else:
             raise TypeError(f"prompt: expected a str or a tensor of text embeddings, got {type(prompt).__name__}")
         return embeds.to(self.device).expand(self.batch, -1, -1)
