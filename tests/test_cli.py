@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from xjfast.cli import main
 
@@ -62,6 +63,21 @@ def test_invalid_settings_exit_with_the_library_message(tmp_path, capsys, args, 
     err = capsys.readouterr().err
     assert err.strip() == f"xjfast generate: {message}" and "Traceback" not in err
     assert not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "xpu9"], "--device: expected a torch device (cpu, cuda, cuda:1), got 'xpu9'"),
+    pytest.param(["--device", "cuda"], "--device: no CUDA GPU is usable here (torch.cuda.is_available() is False)",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is usable here")),
+])
+def test_unusable_device_exits_with_a_message(tmp_path, capsys, args, message):
+    assert main(["generate", "--frames", "4", "--quiet", "--out", str(tmp_path / "x.mp4")] + args) == 2
+    assert capsys.readouterr().err.strip() == f"xjfast generate: {message}"
+
+
+def test_zero_threads_is_refused():
+    with pytest.raises(SystemExit):
+        main(["generate", "--threads", "0"])
 
 
 def test_generate_with_a_checkpoint(tmp_path):

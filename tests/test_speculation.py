@@ -102,5 +102,8 @@ def test_bad_arguments(tiny):
         StreamGenerator(model, decoder, latent_hw=preset.latent_hw, speculate=2, steps=2)
     with pytest.raises(ValueError, match="speculate: expected"):
         StreamGenerator(model, decoder, latent_hw=preset.latent_hw, speculate=9)
+    with pytest.raises(ValueError, match=f"drafter: shallow:L takes L of the model's {model.cfg.layers} blocks, "
+                                         "got 'shallow:99'"):
+        StreamGenerator(model, decoder, latent_hw=preset.latent_hw, speculate=2, drafter="shallow:99")
     with pytest.raises(ValueError, match="accept_tol: expected a finite relative L2 tolerance >= 0, got nan"):
         StreamGenerator(model, decoder, latent_hw=preset.latent_hw, speculate=2, accept_tol=float("nan"))

@@ -24,7 +24,16 @@ def _generate(args) -> int:
         return 2
     from xjfast.errors import BackendUnavailable
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        print(f"xjfast generate: --device: expected a torch device (cpu, cuda, cuda:1), got {args.device!r}",
+              file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("xjfast generate: --device: no CUDA GPU is usable here (torch.cuda.is_available() is False)",
+              file=sys.stderr)
+        return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     threads = torch.get_num_threads()
     if device.type == "cpu":
@@ -171,7 +180,7 @@ def main(argv=None) -> int:
         args.prompt = ["a paper boat drifting down a rainy street"]
     if getattr(args, "frames", 1) < 1:
         parser().error("--frames: expected a positive number of video frames")
-    if getattr(args, "warmup", 0) < 0 or (getattr(args, "threads", None) or 1) < 1:
+    if getattr(args, "warmup", 0) < 0 or (getattr(args, "threads", None) is not None and args.threads < 1):
         parser().error("--warmup: expected >= 0; --threads: expected >= 1")
     return args.run(args)
 

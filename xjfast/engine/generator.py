@@ -80,6 +80,8 @@ class StreamGenerator:
         if not callable(decoder):
             raise TypeError(f"decoder: expected a module turning latents into video frames, got {type(decoder).__name__}")
         self.drafter = parse_drafter(drafter)
+        if self.drafter[0] == "shallow" and self.drafter[1] > model.cfg.layers:
+            raise ValueError(f"drafter: shallow:L takes L of the model's {model.cfg.layers} blocks, got {drafter!r}")
         self.model, self.decoder, self.text_encoder = model, decoder, text_encoder
         self.sigmas = shifted_sigmas(steps, shift)
         self.steps, self.frames_per_block, self.seed = steps, frames_per_block, seed
