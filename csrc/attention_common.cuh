@@ -222,19 +222,26 @@ __device__ __forceinline__ bool warp_sees_unit(const AttentionArgs& a, int u, in
 
 // V tile [64 keys][D] -> the core's V^T tile [D channels][64 positions], positions ordered by
 // key_of_position; byte c of key r of the V tile is at v_offset(r, c). Each thread (tid of
-// `threads`) moves 4 positions x 4 channels: four 32-bit loads, a byte transpose, four stores.
+// `threads`, a multiple of 32, warps aligned on 32) moves 4 positions x 4 channels: four 32-bit
+// loads, a byte transpose, four stores, in the order transpose_item and write_rotation give
+// (free of bank conflicts).
 template <int D, class Core, class VOffset>
 __device__ __forceinline__ void transpose_value_tile(const uint8_t* s_v, VOffset v_offset, uint8_t* s_vt, int tid,
                                                      int threads) {
   for (int item = tid; item < kBlockN / 4 * (D / 4); item += threads) {
     int p, c, key[4];
-    transpose_item(item, kBlockN, p, c, key);
+    transpose_item(item, D, p, c, key);
     uint32_t w[4], out[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) w[i] = *reinterpret_cast<const uint32_t*>(s_v + v_offset(key[i], c));
     transpose_4x4_bytes(w, out);
+    const int rotation = write_rotation(c);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) *reinterpret_cast<uint32_t*>(s_vt + Core::vt_offset(c + j, p)) = out[j];
+    for (int j = 0; j < 4; ++j) {  // channel c + jj, selected without indexing registers at run time
+      const int jj = (j + rotation) & 3;
+      const uint32_t word = jj == 0 ? out[0] : jj == 1 ? out[1] : jj == 2 ? out[2] : out[3];
+      *reinterpret_cast<uint32_t*>(s_vt + Core::vt_offset(c + jj, p)) = word;
+    }
   }
   if constexpr (Core::kAsyncProxy) fence_proxy_async();
 }

@@ -109,7 +109,7 @@ int fragments(uint32_t seed) {
   for (auto& lane : p) for (auto& tile : lane) for (float& x : tile) x = unit(rng);
   for (int item = 0; item < N / 4 * (D / 4); ++item) {
     int pos, c, key[4];
-    xjfast::transpose_item(item, N, pos, c, key);
+    xjfast::transpose_item(item, D, pos, c, key);
     uint32_t w[4], out[4];
     for (int i = 0; i < 4; ++i) memcpy(&w[i], &s_v[key[i] * kRow + c], 4);
     xjfast::transpose_4x4_bytes(w, out);
@@ -240,7 +240,7 @@ int wgmma_tiles(uint32_t seed, int D, bool tma) {
 
   for (int item = 0; item < N / 4 * (D / 4); ++item) {  // transpose_value_tile with WgmmaCore::vt_offset
     int pos, c, key[4];
-    xjfast::transpose_item(item, N, pos, c, key);
+    xjfast::transpose_item(item, D, pos, c, key);
     uint32_t w[4], out[4];
     for (int i = 0; i < 4; ++i) memcpy(&w[i], &smem[v0 + v_offset(key[i], c)], 4);
     xjfast::transpose_4x4_bytes(w, out);
@@ -279,6 +279,69 @@ int wgmma_tiles(uint32_t seed, int D, bool tma) {
   return bad;
 }
 
+// The V-tile transpose as a warp runs it (transpose_item, write_rotation): per load and per store
+// instruction, the most distinct 4-byte words that fall in one of the 32 shared-memory banks (1:
+// no conflict), worst over the tile; a warp's items are 32 consecutive ones, 32-aligned, however
+// many warps transpose (kernels pass a multiple of 32 threads, warp-aligned). Layouts of the three
+// CUDA attention paths: V rows of D + 16 bytes (mma, wgmma) or as TMA writes them (ws: D-byte
+// swizzle); V^T rows of 80 bytes (MmaCore::kVtRow) or core matrices (WgmmaCore, ws). Also checks
+// that the items cover every (position group, channel group) once.
+int bank_conflicts(int D) {
+  constexpr int N = 64;
+  const int vt_group = xjfast::k_major_group_stride(N);
+  struct Path { const char* name; bool swizzled_v, core_matrix_vt; };
+  const Path paths[] = {{"mma", false, false}, {"wgmma", false, true}, {"ws", true, true}};
+  auto degree = [](const int (&addr)[32], int lanes) {
+    int worst = 0;
+    for (int bank = 0; bank < 32; ++bank) {
+      int words[32], n = 0;
+      for (int l = 0; l < lanes; ++l) {
+        const int word = addr[l] / 4;
+        if (word % 32 != bank) continue;
+        bool seen = false;
+        for (int i = 0; i < n; ++i) seen |= words[i] == word;
+        if (!seen) words[n++] = word;
+      }
+      worst = n > worst ? n : worst;
+    }
+    return worst;
+  };
+  for (const Path& path : paths) {
+    int load = 0, store = 0;
+    std::vector<int> covered(N / 4 * (D / 4), 0);
+    for (int base = 0; base < N / 4 * (D / 4); base += 32) {  // a warp's items: 32 consecutive, aligned
+      int p[32], c[32], key[32][4], lanes = 0;
+      for (int l = 0; l < 32 && base + l < N / 4 * (D / 4); ++l, ++lanes) {
+        xjfast::transpose_item(base + l, D, p[l], c[l], key[l]);
+        covered[(p[l] / 4) * (D / 4) + c[l] / 4] += 1;
+      }
+      for (int i = 0; i < 4; ++i) {
+        int addr[32];
+        for (int l = 0; l < lanes; ++l)
+          addr[l] = path.swizzled_v ? xjfast::swizzled_offset(key[l][i], c[l], D) : key[l][i] * (D + 16) + c[l];
+        const int d = degree(addr, lanes);
+        load = d > load ? d : load;
+      }
+      for (int j = 0; j < 4; ++j) {
+        int addr[32];
+        for (int l = 0; l < lanes; ++l) {
+          const int ch = c[l] + ((j + xjfast::write_rotation(c[l])) & 3);
+          addr[l] = path.core_matrix_vt ? xjfast::core_matrix_offset(ch, p[l], vt_group) : ch * (N + 16) + p[l];
+        }
+        const int d = degree(addr, lanes);
+        store = d > store ? d : store;
+      }
+    }
+    for (int n : covered)
+      if (n != 1) {
+        printf("%s: an item is covered %d times\n", path.name, n);
+        return 1;
+      }
+    printf("%s %d %d\n", path.name, load, store);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -310,6 +373,8 @@ int main(int argc, char** argv) {
   if (argc == 4 && (!strcmp(argv[1], "wgmma") || !strcmp(argv[1], "wgmma-tma")))
     return wgmma_tiles(static_cast<uint32_t>(strtoul(argv[2], nullptr, 0)), atoi(argv[3]), argv[1][5] == '-');
   if (argc == 3 && !strcmp(argv[1], "fragments")) return fragments(static_cast<uint32_t>(strtoul(argv[2], nullptr, 0)));
-  fprintf(stderr, "usage: host_tests philox C0 C1 C2 C3 K0 K1 | normal SEED FRAME N | e4m3 < floats | fragments SEED | wgmma SEED D | wgmma-tma SEED D\n");
+  if (argc == 3 && !strcmp(argv[1], "banks")) return bank_conflicts(atoi(argv[2]));
+  fprintf(stderr, "usage: host_tests philox C0 C1 C2 C3 K0 K1 | normal SEED FRAME N | e4m3 < floats | fragments SEED | "
+                  "wgmma SEED D | wgmma-tma SEED D | banks D\n");
   return 2;
 }

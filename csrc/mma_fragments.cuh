@@ -83,15 +83,22 @@ XJ_HD void p_fragment(const float (*s)[4], float scale, uint32_t (&a)[4]) {
   a[3] = pack_e4m3(s[2][2] * scale, s[2][3] * scale, s[3][2] * scale, s[3][3] * scale);
 }
 
-// Item `item` of the V-tile transpose (tile of `keys` keys, 4 positions x 4 channels per item,
-// consecutive items taking consecutive position groups): its first position p, first channel c,
-// and the keys of positions p..p+3.
-XJ_HD void transpose_item(int item, int keys, int& p, int& c, int (&key)[4]) {
-  const int groups = keys / 4;
-  p = (item % groups) * 4;
-  c = (item / groups) * 4;
+// Item `item` of the V-tile transpose (a tile of `channels` channels, 4 positions x 4 channels per
+// item): its first position p, first channel c, and the keys of positions p..p+3. The 32
+// consecutive items of a warp take 4 position groups (one 16-key block) x 8 channel groups: their
+// 4-byte reads of V rows, plain or swizzled, fall in 32 distinct banks (but for rows of 64
+// swizzled bytes: 2 per bank), and so do their writes of V^T rows when each item writes its
+// channels starting at write_rotation(c) (host_tests banks).
+XJ_HD void transpose_item(int item, int channels, int& p, int& c, int (&key)[4]) {
+  const int lane = item % 32, block = item / 32, channel_blocks = channels / 32;
+  p = ((block / channel_blocks) * 4 + lane % 4) * 4;
+  c = ((block % channel_blocks) * 8 + lane / 4) * 4;
   for (int i = 0; i < 4; ++i) key[i] = (p & ~15) + key_of_position((p & 15) + i);
 }
+
+// The first of the 4 channels c..c+3 an item writes to V^T: a warp's lanes of one position
+// group then write 4 different channel rows at once.
+XJ_HD int write_rotation(int c) { return (c / 8) & 3; }
 
 // A wgmma operand in shared memory, K-major and without swizzle, is made of "core matrices" of 8
 // rows x 16 bytes stored as 128 contiguous bytes; along K they lie kCoreMatrixBytes apart (the

@@ -81,3 +81,15 @@ def test_attention_tma_tiles_follow_the_swizzle_modes(host_tests, D):
     the transpose: S and O exact. A wrong XOR width, mode, group stride or k-step start fails."""
     seed = torch.randint(0, 2**31, ()).item()
     assert run(host_tests, "wgmma-tma", seed, D).strip() == "ok", f"seed {seed}"
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_value_transpose_is_free_of_bank_conflicts(host_tests, D):
+    """The V-tile transpose of each CUDA attention path (host_tests banks: the kernels' own index
+    functions): every load and store instruction of a warp touches each shared-memory bank once,
+    but the ws path's loads from rows of 64 swizzled bytes, two to a bank (its rows of one parity
+    share 16 banks)."""
+    got = {name: (int(load), int(store)) for name, load, store in
+           (line.split() for line in run(host_tests, "banks", D).strip().splitlines())}
+    assert got == {"mma": (1, 1), "wgmma": (1, 1), "ws": (2 if D == 64 else 1, 1)}
+
