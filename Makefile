@@ -46,7 +46,7 @@ $(STAMP): $(TOOLS_STAMP) $(BUILD_INPUTS)
 test: $(STAMP)
 	$(PY) -m pytest -q $(TESTS) $(PYTEST_ARGS)
 
-# The static SASS checks (tests/test_sass.py) again under the Triton that the GPU machines run,
+# The static SASS checks (tests/test_sass.py) again under Triton 3.6.0 (torch 2.11's, on our GPU machines),
 # installed beside the venv's own (CI runs both: the kernels must compile on both versions).
 GPU_TRITON_VERSION ?= 3.6.0
 GPU_TRITON := $(VENV)/triton-$(GPU_TRITON_VERSION)
