@@ -119,15 +119,26 @@ __device__ __forceinline__ float prepare_query_tile(const QueryTiles& qt, const 
   uint8_t* s_q = scratch.q;
   float *s_part = scratch.part, *s_qmean = scratch.mean, *s_warp_max = scratch.warp_max;
   const int warp = threadIdx.x % kGroupThreads / 32, lane = threadIdx.x % 32;
+  // which (row, segment) an item is, and where its partial sum goes: the order whose stores of the
+  // quantized tile hit distinct banks (padded rows: as items come; core matrices: query_item)
+  const auto item_of = [](int item, int& row, int& seg) {
+    if constexpr (Core::kCoreMatrixQ) {
+      query_item(item, kGroupThreads, kSegs, row, seg);
+    } else {
+      row = item / kSegs, seg = item % kSegs;
+    }
+  };
+  const auto part_of = [](int row, int seg) { return Core::kCoreMatrixQ ? seg * kBlockM + row : row * kSegs + seg; };
   float amax = 0.f;
   for (int item = threadIdx.x % kGroupThreads; item < kBlockM * kSegs; item += kGroupThreads) {
-    const int row = item / kSegs, seg = item % kSegs;
+    int row, seg;
+    item_of(item, row, seg);
     float x[16];
     rotated_segment<In, D>(qt, q_bh, m0 + row, seg, unit_slot, x);
     float dot = 0.f;
 #pragma unroll
     for (int j = 0; j < 16; ++j) dot += x[j] * __ldg(k_mean + seg * 16 + j), amax = fmaxf(amax, fabsf(x[j]));
-    s_part[item] = dot;
+    s_part[part_of(row, seg)] = dot;
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
@@ -137,7 +148,8 @@ __device__ __forceinline__ float prepare_query_tile(const QueryTiles& qt, const 
   for (int w = 0; w < kGroupWarps; ++w) amax = fmaxf(amax, s_warp_max[w]);
   const float q_scale = fmaxf(amax, kMinScale * kE4M3Max) / kE4M3Max;
   for (int item = threadIdx.x % kGroupThreads; item < kBlockM * kSegs; item += kGroupThreads) {
-    const int row = item / kSegs, seg = item % kSegs;
+    int row, seg;
+    item_of(item, row, seg);
     float x[16];
     rotated_segment<In, D>(qt, q_bh, m0 + row, seg, unit_slot, x);
     uint4 packed;  // x / q_scale by true division: the same e4m3 roundings as the reference
@@ -151,7 +163,7 @@ __device__ __forceinline__ float prepare_query_tile(const QueryTiles& qt, const 
   if (threadIdx.x % kGroupThreads < kBlockM) {
     float dot = 0.f;
 #pragma unroll
-    for (int seg = 0; seg < kSegs; ++seg) dot += s_part[threadIdx.x % kGroupThreads * kSegs + seg];
+    for (int seg = 0; seg < kSegs; ++seg) dot += s_part[part_of(threadIdx.x % kGroupThreads, seg)];
     s_qmean[threadIdx.x % kGroupThreads] = dot * qt.sm_scale_log2;
   }
   group_sync(barrier);

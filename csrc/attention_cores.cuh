@@ -44,6 +44,7 @@ __device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], 
 template <int D>
 struct MmaSyncCore {
   static constexpr bool kAsyncProxy = false;           // the tensor cores read what ldmatrix loaded
+  static constexpr bool kCoreMatrixQ = false;          // Q in padded rows (chunk_offset)
   static constexpr bool kCompiled = true;              // on every arch _C is built for
   static constexpr int kRow = D + 16;                   // the pad puts an ldmatrix's 8 rows on distinct banks
   static constexpr int kVtRow = kCoreBlockN + 16;
@@ -164,6 +165,7 @@ __device__ __forceinline__ void wgmma_rs(float (&o)[16][4], const uint32_t (&a)[
 template <int D>
 struct WgmmaCore {
   static constexpr bool kAsyncProxy = true;  // wgmma reads shared memory through the async proxy
+  static constexpr bool kCoreMatrixQ = true;  // Q in core matrices (chunk_offset)
 #ifdef XJ_WGMMA
   static constexpr bool kCompiled = true;
 #else

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <algorithm>
 #include <array>
 #include <random>
 #include <vector>
@@ -339,6 +340,34 @@ int bank_conflicts(int D) {
       }
     printf("%s %d %d\n", path.name, load, store);
   }
+  // The query tile's 16-byte stores into core matrices (WgmmaCore, ws: prepare_query_tile takes
+  // its items in query_item's order), per quarter warp, and the 4-byte stores of the per-item
+  // partial sums, segment-major, per warp; the items cover the tile once.
+  constexpr int kRows = 64, kThreads = 128;  // the query tile, a group of 4 warps
+  const int segs = D / 16, row_group = xjfast::k_major_group_stride(D);
+  int q_store = 0, partial = 0;
+  std::vector<int> covered(kRows * segs, 0);
+  for (int base = 0; base < kRows * segs; base += 32) {
+    int row[32], seg[32], part[32];
+    for (int l = 0; l < 32; ++l) {
+      xjfast::query_item(base + l, kThreads, segs, row[l], seg[l]);
+      part[l] = 4 * (seg[l] * kRows + row[l]);
+      covered[seg[l] * kRows + row[l]] += 1;
+    }
+    partial = std::max(partial, degree(part, 32));
+    for (int quarter = 0; quarter < 4; ++quarter) {
+      int words[32], n = 0;  // each 16-byte store as its four words
+      for (int l = 8 * quarter; l < 8 * quarter + 8; ++l)
+        for (int w = 0; w < 4; ++w) words[n++] = xjfast::core_matrix_offset(row[l], seg[l] * 16, row_group) + 4 * w;
+      q_store = std::max(q_store, degree(words, 32));
+    }
+  }
+  for (int n : covered)
+    if (n != 1) {
+      printf("query: an item is covered %d times\n", n);
+      return 1;
+    }
+  printf("query %d %d\n", q_store, partial);
   return 0;
 }
 

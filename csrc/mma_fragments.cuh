@@ -96,6 +96,18 @@ XJ_HD void transpose_item(int item, int channels, int& p, int& c, int (&key)[4])
   for (int i = 0; i < 4; ++i) key[i] = (p & ~15) + key_of_position((p & 15) + i);
 }
 
+// Item `item` of a pass of `threads` threads over a query tile of 16-channel segments stored as
+// core matrices: each thread keeps one segment (per_segment = threads / segs threads share it)
+// and takes rows per_segment apart, so that each quarter warp's 16-byte stores fall on 8
+// different rows mod 8, i.e. 8 distinct bank groups (taking consecutive segments of one row, they
+// would all fall 128 bytes apart, in one bank group). Per-item values kept in shared memory go
+// segment-major, seg * rows + row (host_tests banks).
+XJ_HD void query_item(int item, int threads, int segs, int& row, int& seg) {
+  const int per_segment = threads / segs, t = item % threads;
+  seg = t / per_segment;
+  row = t % per_segment + per_segment * (item / threads);
+}
+
 // The first of the 4 channels c..c+3 an item writes to V^T: a warp's lanes of one position
 // group then write 4 different channel rows at once.
 XJ_HD int write_rotation(int c) { return (c / 8) & 3; }

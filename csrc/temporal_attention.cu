@@ -44,7 +44,7 @@ struct Layout {
   static constexpr int kK = kQ + Core::kQBytes;            // two stages
   static constexpr int kV = kK + 2 * Core::kKBytes;        // two stages
   static constexpr int kVt = kV + 2 * kBlockN * kVRow;
-  static constexpr int kPart = kVt + Core::kVtBytes;       // float [kBlockM][kSegs]: q.mean partial sums
+  static constexpr int kPart = kVt + Core::kVtBytes;       // float [64 * kSegs]: q.mean partial sums
   static constexpr int kQMean = kPart + 4 * kBlockM * kSegs;  // float [kBlockM]
   static constexpr int kWarpMax = kQMean + 4 * kBlockM;   // float [kWarps]
   static constexpr int kColSum = kWarpMax + 4 * kWarps;   // float [kWarps][kBlockN] (attention mass only)

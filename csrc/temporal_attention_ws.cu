@@ -49,7 +49,7 @@ struct WsLayout {
   static constexpr int kV = kK + kStages * kTile;              // [kStages] V, likewise
   static constexpr int kVt = kV + kStages * kTile;             // [kStages] V^T, core matrices
   static constexpr int kQ = kVt + kStages * kTile;             // [kConsumers] Q, core matrices
-  static constexpr int kPart = kQ + kConsumers * kBlockM * D;  // float [kConsumers][64][D / 16]
+  static constexpr int kPart = kQ + kConsumers * kBlockM * D;  // float [kConsumers][D / 16][64]
   static constexpr int kQMean = kPart + 4 * kConsumers * kBlockM * (D / 16);  // float [kConsumers][64]
   static constexpr int kWarpMax = kQMean + 4 * kConsumers * kBlockM;         // float [kConsumers][4]
   static constexpr int kBarriers = kWarpMax + 4 * kConsumers * kGroupWarps;  // full, vt_full, empty

@@ -84,12 +84,14 @@ def test_attention_tma_tiles_follow_the_swizzle_modes(host_tests, D):
 
 
 @pytest.mark.parametrize("D", [64, 128])
-def test_value_transpose_is_free_of_bank_conflicts(host_tests, D):
-    """The V-tile transpose of each CUDA attention path (host_tests banks: the kernels' own index
-    functions): every load and store instruction of a warp touches each shared-memory bank once,
-    but the ws path's loads from rows of 64 swizzled bytes, two to a bank (its rows of one parity
-    share 16 banks)."""
-    got = {name: (int(load), int(store)) for name, load, store in
+def test_shared_memory_passes_are_free_of_bank_conflicts(host_tests, D):
+    """host_tests banks, with the kernels' own index functions. The V-tile transpose of each CUDA
+    attention path: every load and store instruction of a warp touches each shared-memory bank
+    once, but the ws path's loads from rows of 64 swizzled bytes, two to a bank (its rows of one
+    parity share 16 banks). The query tile's stores into core matrices (wgmma, ws): once per
+    bank too (taking a row's segments in turn, they were 8-way at head_dim 128); the partial sums
+    of q.mean, 4-byte stores a few times per unit, two to a bank at head_dim 128."""
+    got = {name: tuple(map(int, degrees)) for name, *degrees in
            (line.split() for line in run(host_tests, "banks", D).strip().splitlines())}
-    assert got == {"mma": (1, 1), "wgmma": (1, 1), "ws": (2 if D == 64 else 1, 1)}
+    assert got == {"mma": (1, 1), "wgmma": (1, 1), "ws": (2 if D == 64 else 1, 1), "query": (1, 1 if D == 64 else 2)}
 
