@@ -152,10 +152,15 @@ def _usable(impl: Implementation, device: torch.device, args: tuple | None = Non
     return reason
 
 
+def check_backend(backend) -> None:
+    """A backend argument: "auto" or one of BACKENDS."""
+    check_choice("backend", backend, ("auto",) + BACKENDS)
+
+
 def resolve(op: str, backend: str, device: torch.device | str, args: tuple | None = None) -> Implementation:
     """The implementation of `op` to run on `device` (for the call's `args`, where an implementation
     covers only some); raises BackendUnavailable with the reason."""
-    check_choice("backend", backend, ("auto",) + BACKENDS)
+    check_backend(backend)
     device = torch.device(device)
     impls = _REGISTRY.get(op, {})
     if backend == "auto":

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from typing import NamedTuple, Sequence
 
 import torch
 
-from xjfast.errors import check_choice, check_tensor
+from xjfast.backends import check_backend
+from xjfast.errors import check_choice, check_positive, check_tensor
 from xjfast.ops.fp8 import E4M3
 from xjfast.ops.kv_cache_commit import kv_cache_commit
 from xjfast.ops.kv_cache_compact import kv_cache_compact
@@ -92,9 +92,8 @@ class StreamingKVCache:
         if isinstance(rope_dims, bool) or not isinstance(rope_dims, int) or not 0 <= rope_dims <= head_dim \
                 or rope_dims % 2:
             raise ValueError(f"rope_dims: expected an even int in [0, {head_dim}], got {rope_dims!r}")
-        if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not 0 < rope_theta < math.inf:
-            raise ValueError(f"rope_theta: expected a positive finite number, got {rope_theta!r}")
-        check_choice("backend", backend, ("auto", "reference", "triton", "cuda"))
+        check_positive("rope_theta", rope_theta)
+        check_backend(backend)
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError) as exc:

@@ -46,6 +46,12 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected finite values, got NaN or Inf")
 
 
+def check_positive(name: str, value) -> None:
+    """A positive finite number (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")

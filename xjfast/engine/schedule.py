@@ -1,6 +1,8 @@
 """Sigma schedules of the step loop (rectified flow with Wan's shift)."""
 from __future__ import annotations
 
+from xjfast.errors import check_positive
+
 MASK64 = 2 ** 64 - 1
 
 
@@ -8,8 +10,7 @@ def shifted_sigmas(steps: int, shift: float = 5.0) -> list[float]:
     """steps + 1 sigmas from 1 to 0: t = 1 - k/steps warped by shift*t / (1 + (shift-1)*t)."""
     if not isinstance(steps, int) or not 1 <= steps <= 4:
         raise ValueError(f"steps: expected an int in [1, 4], got {steps!r}")
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < float("inf"):
-        raise ValueError(f"shift: expected a positive finite number, got {shift!r}")
+    check_positive("shift", shift)
     ts = [1 - k / steps for k in range(steps)]
     return [shift * t / (1 + (shift - 1) * t) for t in ts] + [0.0]
 

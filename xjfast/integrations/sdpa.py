@@ -13,12 +13,11 @@ import warnings
 
 import torch
 
-from xjfast.backends import backend_unavailable_reason
+from xjfast.backends import backend_unavailable_reason, check_backend
 from xjfast.errors import check_choice
 from xjfast.ops.temporal_attention import HEAD_DIMS, PRECISIONS, temporal_attention
 
 TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
-BACKENDS = ("auto", "reference", "triton", "cuda")
 _FALLBACKS: collections.Counter = collections.Counter()
 _WARNED: set = set()
 _LOCK = threading.Lock()
@@ -32,7 +31,7 @@ def fallback_counts() -> dict:
 def check_settings(precision: str, backend: str) -> None:
     """What a call, a patch or a diffusers model will run with, checked where it is given."""
     check_choice("precision", precision, PRECISIONS)
-    check_choice("backend", backend, BACKENDS)
+    check_backend(backend)
 
 
 def reset_fallback_counts() -> None:

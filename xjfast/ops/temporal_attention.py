@@ -18,7 +18,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from xjfast.backends import register, resolve, triton_interpreted
+from xjfast.backends import check_backend, register, resolve, triton_interpreted
 from xjfast.errors import check_choice, check_tensor
 from xjfast.ops.fp8 import E4M3, P_SCALE, fake_quant, round_e4m3, scale_from_amax
 from xjfast.ops.kv_cache_commit import quantize_unit
@@ -69,7 +69,7 @@ def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, pre
             raise ValueError(f"{name}: expected shape {tuple(q.shape)} (the keys of the query tokens "
                              f"themselves, like q), got {tuple(t.shape)}")
     check_choice("precision", precision, PRECISIONS)
-    check_choice("backend", backend, ("auto", "reference", "triton", "cuda"))
+    check_backend(backend)
     if scale is None:
         scale = D ** -0.5
     elif not isinstance(scale, (int, float)) or not scale > 0 or scale == float("inf"):
