@@ -1,4 +1,4 @@
-# make test [TESTS=tests/test_x.py] [PYTEST_ARGS=-x] | make test-sass-gpu-triton | make demo | make wheel ARCHS="90a" | make sass
+# make test [TESTS=tests/test_x.py] [PYTEST_ARGS=-x] | make lint | make test-sass-gpu-triton | make demo | make wheel ARCHS="90a" | make sass
 # make gpu-check [OUT=dir] | make profile OP=temporal_attention [BACKEND=triton] [OUT=dir]
 #
 # Each target sets itself up from a fresh clone (`make setup` does only that): a .venv in the
@@ -19,7 +19,7 @@ ARCHS ?= 90a;100a
 TRITON_VERSION ?= 3.9.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: setup venv test test-sass-gpu-triton demo wheel sass gpu-check profile clean
+.PHONY: setup venv test lint test-sass-gpu-triton demo wheel sass gpu-check profile clean
 
 setup venv: $(STAMP)
 
@@ -45,6 +45,12 @@ $(STAMP): $(TOOLS_STAMP) $(BUILD_INPUTS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(TESTS) $(PYTEST_ARGS)
+
+# Static checks of the Python (rules: pyproject.toml [tool.ruff.lint]).
+RUFF_VERSION ?= 0.17.6
+lint: $(STAMP)
+	$(PY) -m ruff --version 2>/dev/null | grep -q "$(RUFF_VERSION)" || $(PY) -m pip install -q "ruff==$(RUFF_VERSION)"
+	$(PY) -m ruff check --no-cache xjfast kernels bench tests
 
 # The static SASS checks (tests/test_sass.py) again under Triton 3.6.0 (torch 2.11's, on our GPU machines),
 # installed beside the venv's own (CI runs both: the kernels must compile on both versions).

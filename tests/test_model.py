@@ -36,7 +36,7 @@ def test_rotary_by_cache_slot_equals_the_model_rotary_by_frame():
     for a 2-frame pass with an empty cache, with frame 0 cached, and after an eviction (the
     sink and the newest frame keep slots 0, 1 whatever their frame numbers: StreamingLLM's rule)."""
     g = torch.Generator().manual_seed(7)
-    grid, T, H, D = (1, 8, 8), 64, 2, 64
+    T, H, D = 64, 2, 64
     q, k, v = (torch.randn(1, 4 * T, H, D, generator=g) for _ in range(3))
     qs, ks = (apply_rope_3d(t, (4, 8, 8), temporal=False) for t in (q, k))  # spatial only, as cached
 

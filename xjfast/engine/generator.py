@@ -19,7 +19,6 @@ for every later frame (xjfast.engine.static_step); passes that cannot be replaye
 """
 from __future__ import annotations
 
-import collections
 import math
 import statistics
 import time

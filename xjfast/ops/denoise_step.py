@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from xjfast.backends import register, resolve, triton_interpreted
+from xjfast.backends import register, resolve
 from xjfast.errors import check_choice, check_tensor
 from xjfast.ops.philox import _check_seed, check_frame_index, latent_noise
 
