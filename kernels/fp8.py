@@ -53,6 +53,32 @@ def unit_stats(k, v, live, k_sum, k_max, k_min, v_amax):
 
 
 @triton.jit
+def store_stats(out, offs_d, D: tl.constexpr, k_sum, k_max, k_min, v_amax):
+    """One chunk's partial statistics, [4, D] at `out` (a unit split over several programs)."""
+    tl.store(out + offs_d, k_sum)
+    tl.store(out + D + offs_d, k_max)
+    tl.store(out + 2 * D + offs_d, k_min)
+    tl.store(out + 3 * D + offs_d, v_amax)
+
+
+@triton.jit
+def combine_stats(parts, chunks, offs_d, D: tl.constexpr):
+    """A unit's statistics from its chunks' partials [chunks, 4, D], combined in chunk order so
+    that every program of the unit computes the same bits."""
+    k_sum = tl.zeros([D], dtype=tl.float32)
+    k_max = tl.full([D], float("-inf"), dtype=tl.float32)
+    k_min = tl.full([D], float("inf"), dtype=tl.float32)
+    v_amax = tl.zeros([D], dtype=tl.float32)
+    for i in range(0, chunks):
+        part = parts + i * 4 * D
+        k_sum += tl.load(part + offs_d)
+        k_max = tl.maximum(k_max, tl.load(part + D + offs_d))
+        k_min = tl.minimum(k_min, tl.load(part + 2 * D + offs_d))
+        v_amax = tl.maximum(v_amax, tl.load(part + 3 * D + offs_d))
+    return k_sum, k_max, k_min, v_amax
+
+
+@triton.jit
 def unit_scales(k_sum, k_max, k_min, v_amax, count, FP8: tl.constexpr):
     """(K mean [D], K scale, V scale [D]): max |K - mean| = max(max - mean, mean - min)."""
     mean = k_sum / count

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import store_unit_tile, unit_scales, unit_stats
+from .fp8 import combine_stats, store_stats, store_unit_tile, unit_scales, unit_stats
 
 BLOCK_T = 64            # tokens per tile
 WARPS = 8               # a [64, 128] tile of K and of V in fp32: 64 values a thread at 8 warps
@@ -64,10 +64,7 @@ def kv_cache_commit_stats_kernel(
         k, v, live = _load_tile(k_src, v_src, t0 + offs_t, T, stride_kl, stride_vl, offs_d)
         k_sum, k_max, k_min, v_amax = unit_stats(k, v, live, k_sum, k_max, k_min, v_amax)
     out = stats_ptr + ((tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + c) * 4 * D
-    tl.store(out + offs_d, k_sum)
-    tl.store(out + D + offs_d, k_max)
-    tl.store(out + 2 * D + offs_d, k_min)
-    tl.store(out + 3 * D + offs_d, v_amax)
+    store_stats(out, offs_d, D, k_sum, k_max, k_min, v_amax)
 
 
 @triton.jit
@@ -88,17 +85,8 @@ def kv_cache_commit_kernel(
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, D)
 
-    unit_stats_ptr = stats_ptr + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * chunks * 4 * D
-    k_sum = tl.zeros([D], dtype=tl.float32)
-    k_max = tl.full([D], float("-inf"), dtype=tl.float32)
-    k_min = tl.full([D], float("inf"), dtype=tl.float32)
-    v_amax = tl.zeros([D], dtype=tl.float32)
-    for i in range(0, chunks):
-        part = unit_stats_ptr + i * 4 * D
-        k_sum += tl.load(part + offs_d)
-        k_max = tl.maximum(k_max, tl.load(part + D + offs_d))
-        k_min = tl.minimum(k_min, tl.load(part + 2 * D + offs_d))
-        v_amax = tl.maximum(v_amax, tl.load(part + 3 * D + offs_d))
+    k_sum, k_max, k_min, v_amax = combine_stats(
+        stats_ptr + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * chunks * 4 * D, chunks, offs_d, D)
     mean, k_scale, v_scale = unit_scales(k_sum, k_max, k_min, v_amax, T, FP8)
     # page storage is contiguous [P, B, T, H, D]; scales [P, B, H] and [P, B, H, D]
     row = (page * B + b) * H + h
@@ -119,7 +107,7 @@ def kv_cache_commit_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -137,7 +125,7 @@ def kv_cache_commit(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids, 
     P, B, T, H, D = k_pages.shape
     n = page_ids.numel()
     block_t = INTERPRET_BLOCK_T if interpret else BLOCK_T
-    sms = INTERPRET_SMS if interpret else _sm_count(k.device)
+    sms = INTERPRET_SMS if interpret else sm_count(k.device)
     chunk, chunks = chunking(n * B * H, T, block_t, PROGRAMS_PER_SM * sms)
     stats = torch.empty(n * B * H * chunks * 4 * D, device=k.device, dtype=torch.float32)
     grid = (n, B * H, chunks)

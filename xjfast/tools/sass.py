@@ -46,6 +46,7 @@ def stream_specs() -> list[KernelSpec]:
     from xjfast.kernels.denoise_step import BLOCK as DENOISE_BLOCK
     from xjfast.kernels.kv_cache_commit import BLOCK_T as COMMIT_BLOCK_T
     from xjfast.kernels.kv_cache_commit import WARPS as COMMIT_WARPS
+    from xjfast.kernels.kv_cache_compact import BLOCK_T as COMPACT_BLOCK_T
     from xjfast.kernels.temporal_attention import CANDIDATES, Q_TILE
 
     B, H, T, L = 1, 12, 1560, 2 * 1560
@@ -92,12 +93,17 @@ def stream_specs() -> list[KernelSpec]:
              chunk=chunk),
         dict(D=128, BLOCK_T=COMMIT_BLOCK_T, FP8=True, INTERPRET=False), COMMIT_WARPS,
         tags=dict(op="kv_cache_commit")))
+    compact = dict(keep_k="*fp8e4nv", keep_v="*fp8e4nv", keep_ks="*fp32", keep_km="*fp32", keep_vs="*fp32",
+                   page_k="*fp8e4nv", page_v="*fp8e4nv", page_ks="*fp32", page_km="*fp32", page_vs="*fp32",
+                   top_ptr="*i64", scratch_k="*fp8e4nv", scratch_v="*fp8e4nv", stats_ptr="*fp32", old_ptr="*fp32",
+                   keep_count=256, count=512, K=512, T=T, H=H, chunk=2 * COMPACT_BLOCK_T)  # 12 heads x 16 chunks
     specs.append(KernelSpec(
-        "kv_cache_compact[fp8,D=128]", "kv_cache_compact", "kv_cache_compact_kernel",
-        dict(keep_k="*fp8e4nv", keep_v="*fp8e4nv", keep_ks="*fp32", keep_km="*fp32", keep_vs="*fp32",
-             page_k="*fp8e4nv", page_v="*fp8e4nv", page_ks="*fp32", page_km="*fp32", page_vs="*fp32",
-             top_ptr="*i64", keep_count=256, count=512, K=512, T=T, H=H),
-        dict(D=128, BLOCK_T=32, FP8=True, INTERPRET=False), 4, tags=dict(op="kv_cache_compact")))
+        "kv_cache_compact_stats[fp8,D=128]", "kv_cache_compact", "kv_cache_compact_stats_kernel", compact,
+        dict(D=128, BLOCK_T=COMPACT_BLOCK_T), COMMIT_WARPS, tags=dict(op="kv_cache_compact")))
+    specs.append(KernelSpec(
+        "kv_cache_compact[fp8,D=128]", "kv_cache_compact", "kv_cache_compact_kernel", compact,
+        dict(D=128, BLOCK_T=COMPACT_BLOCK_T, FP8=True, INTERPRET=False), COMMIT_WARPS,
+        tags=dict(op="kv_cache_compact")))
     # the stream's step: the head's bf16 tokens in, bf16 latents out, a next noise level to reach
     C, F, LH, LW = 16, 1, 60, 104
     specs.append(KernelSpec(
