@@ -25,9 +25,9 @@ H, D, T, KEEP = 2, 128, 80, 24  # frames of 80 tokens: not a multiple of the 64-
 E4M3 = torch.float8_e4m3fn
 
 
-def _stored(device, tokens):
-    """(k, v, k_scale, k_mean, v_scale) of one unit: valid e4m3 values and positive scales."""
-    return [torch.randn(1, tokens, H, D, device=device).to(E4M3) for _ in range(2)] + [
+def _stored(device, tokens, dtype=E4M3):
+    """(k, v, k_scale, k_mean, v_scale) of one unit: valid storage values and positive scales."""
+    return [torch.randn(1, tokens, H, D, device=device).to(dtype) for _ in range(2)] + [
         torch.rand(1, H, device=device) + 0.5, torch.randn(1, H, D, device=device),
         torch.rand(1, H, D, device=device) + 0.5]
 
@@ -45,10 +45,14 @@ def launches(op: str, backend: str, device) -> list[tuple[str, callable]]:
         return [("two frames into pages 2 and 0", lambda: kv_cache_commit(
             bf16(1, 2 * T, H, D), bf16(1, 2 * T, H, D), *pages, *scales, ids, backend=backend))]
     if op == "kv_cache_compact":
-        keep, page = _stored(device, KEEP), _stored(device, T)
-        return [("a page into a half-full keep buffer", lambda: kv_cache_compact(
-            keep, torch.rand(1, KEEP, device=device), KEEP // 2, page, torch.rand(1, T, device=device),
-            backend=backend))]
+        def compact(slots, kept, dtype=E4M3):  # `kept` of `slots` in use, then a page of T tokens
+            keep, page = _stored(device, slots, dtype), _stored(device, T, dtype)
+            return lambda: kv_cache_compact(keep, torch.rand(1, slots, device=device), kept, page,
+                                            torch.rand(1, T, device=device), backend=backend)
+        # the CUDA kernel: one CTA; a cluster of 3; one unstaged CTA (fp32 rows beyond shared memory)
+        return [("a page into a half-full keep buffer", compact(KEEP, KEEP // 2)),
+                ("150 slots (3 chunks)", compact(150, 100)),
+                ("1400 fp32 slots", compact(1400, 1400 - T, torch.float32))]
     if op == "denoise_step":
         x = bf16(1, 16, 2, 10, 14)
         return [("head tokens, re-noised", lambda: denoise_step(x, bf16(1, 2 * 5 * 7, 64), 0.7, 0.3, noise_seed=1,

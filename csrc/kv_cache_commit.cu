@@ -23,8 +23,8 @@
 #include <string>
 #include <utility>
 
+#include "cluster.cuh"
 #include "cuda_check.h"
-#include "device_info.h"
 #include "dtypes.cuh"
 #include "kv_cache_commit.h"
 #include "kv_unit.cuh"
@@ -37,7 +37,6 @@ namespace cg = cooperative_groups;
 constexpr int kThreads = 256, kWarps = kThreads / 32;
 constexpr int kVec = 8;                 // channels per thread
 constexpr int kUnroll = 4;              // rows per thread whose loads are in flight together
-constexpr int kMaxCluster = 8;          // the portable cluster size
 constexpr int kMinChunk = 128;          // tokens per CTA below which a unit takes fewer CTAs
 constexpr int kStageBytes = 160 << 10;  // shared memory for a CTA's staged rows (sm_90/100: 227 KiB)
 constexpr int kMaxD = 128;
@@ -86,15 +85,7 @@ __global__ void __launch_bounds__(kThreads) kv_cache_commit_kernel(CommitArgs a)
   }
   stats.template reduce_block<kThreads>(scratch, partial, D, lanes);
   cluster.sync();  // every CTA's partial statistics are complete and visible to the cluster
-  for (int c = threadIdx.x; c < D; c += kThreads) {
-    float su = 0.f, ma = -INFINITY, mi = INFINITY, va = 0.f;
-    for (int r = 0; r < C; ++r) {
-      const float* p = cluster.map_shared_rank(partial, r);
-      su += p[c], ma = fmaxf(ma, p[D + c]), mi = fminf(mi, p[2 * D + c]), va = fmaxf(va, p[3 * D + c]);
-    }
-    scratch[c] = su, scratch[D + c] = ma, scratch[2 * D + c] = mi, scratch[3 * D + c] = va;
-  }
-  __syncthreads();
+  combine_cluster_stats<kThreads>(cluster, partial, scratch, D);
   const bool fp8 = std::is_same_v<S, __nv_fp8_storage_t>;
   const float k_scale = unit_scales<kThreads>(scratch, D, a.T, fp8, mean_s, v_scale_s, k_amax_s);
   const int64_t bh = (page * a.B + b) * a.H + h;
@@ -139,35 +130,11 @@ __global__ void __launch_bounds__(kThreads) kv_cache_commit_kernel(CommitArgs a)
 #endif
 }
 
-// Clusters need compute capability 9.0: say so instead of launching what cannot run.
-void check_clusters_supported() {
-  const int device = current_device();
-  const auto [major, minor] = compute_capability(device);
-  if (major < 9)
-    throw std::invalid_argument("kv_cache_commit: the CUDA kernel uses thread-block clusters (compute capability "
-                                "9.0 and up), GPU " + std::to_string(device) + " has " + std::to_string(major) + "." +
-                                std::to_string(minor));
-}
-
 template <typename In, typename S, bool kStaged>
 void launch(const CommitArgs& a, int cluster, int64_t blocks, size_t smem, cudaStream_t stream) {
-  check_clusters_supported();
-  const auto kernel = kv_cache_commit_kernel<In, S, kStaged>;
-  if (smem > (48 << 10)) {
-    static std::atomic<uint64_t> devices{0};
-    allow_dynamic_smem(kernel, kStageBytes, devices);
-  }
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = cluster, attribute.val.clusterDim.y = 1, attribute.val.clusterDim.z = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(blocks));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
-  XJ_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, a));
+  static std::atomic<uint64_t> devices{0};
+  launch_clustered("kv_cache_commit", kv_cache_commit_kernel<In, S, kStaged>, a, cluster, blocks, kThreads, smem,
+                   kStageBytes, devices, stream);
 }
 
 template <typename In, typename S>

@@ -67,10 +67,13 @@ def committed_unit(B, T, H, D, dtype, store):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", fast_backends("kv_cache_compact"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("store", [E4M3, torch.bfloat16])
+@pytest.mark.parametrize("store,K", [(E4M3, 512), (torch.bfloat16, 512), (torch.bfloat16, 2600)],
+                         ids=["e4m3-512", "bf16-512", "bf16-2600"])
 @pytest.mark.parametrize("D", [64, 128])
-def test_compact_stream_shape(backend, dtype, store, D):
-    B, K, T, H = 1, 512, 1560, 12
+def test_compact_stream_shape(backend, dtype, store, K, D):
+    """512 slots: the CUDA kernel's 8-CTA clusters, rows staged in shared memory; 2600 bf16 slots
+    at head_dim 128 do not fit there, and one CTA per (b, head) compacts in place."""
+    B, T, H = 1, 1560, 12
     torch.manual_seed(D)
     # the keep buffer and its scales start poisoned: the first eviction fills them from the page alone
     keep = [poisoned((B, K, H, D), store), poisoned((B, K, H, D), store), poisoned((B, H), torch.float32),
@@ -82,8 +85,11 @@ def test_compact_stream_shape(backend, dtype, store, D):
         out_keep, out_mass = [t.clone() for t in keep], keep_mass.clone()
         ref_count = kv_cache_compact(ref_keep, ref_mass, count, page, mass, backend="reference")
         out_count = kv_cache_compact(out_keep, out_mass, count, page, mass, backend=backend)
-        assert out_count == ref_count == K and torch.equal(out_mass, ref_mass)
-        assert_units_match(ref_keep, out_keep, store)
+        assert out_count == ref_count == min(K, count + T) and torch.equal(out_mass, ref_mass)
+        # the slots past the count are not the op's to write: they stay poisoned in both
+        assert all(o[:, ref_count:].float().isnan().all() for o in out_keep[:2])
+        assert_units_match([t[:, :ref_count] for t in ref_keep[:2]] + ref_keep[2:],
+                           [t[:, :ref_count] for t in out_keep[:2]] + out_keep[2:], store)
         keep, keep_mass, count = ref_keep, ref_mass, ref_count  # go on from the reference's state
 
 
@@ -139,7 +145,7 @@ def compact_args(**changes):
     (dict(sizes=[1, 512, 1560, 12]), r"sizes are \(B, K, T, H, D\)"),
     (dict(keep=[1 << 20] * 4), "keep and page are 5 pointers each"),
     (dict(sizes=[0, 512, 1560, 12, 128]), "expected B, K, H >= 1 and T >= 0"),
-    (dict(sizes=[65536, 512, 1560, 65536, 128]), "blocks are more than one launch can hold"),
+    (dict(sizes=[65536, 512, 1560, 65536, 128]), "units are more than one launch can hold"),
     (dict(keep_count=513), r"keep_count must be in \[0, K = 512\], got 513"),
     (dict(count=513), r"count must be in \[1, min\(K, keep_count \+ T\)\]"),
     (dict(count=0), r"count must be in \[1, min\(K, keep_count \+ T\)\]"),
@@ -156,5 +162,6 @@ def test_cuda_entry_point_reaches_the_launch_with_good_arguments():
     C = pytest.importorskip("xjfast._C", reason="xjfast._C is not built")
     if torch.cuda.is_available():
         pytest.skip("checks how far a well-formed call gets where there is no GPU")
-    with pytest.raises(C.CudaError, match="launch of kv_cache_compact_kernel"):
+    # past every argument check, the launch first asks the GPU whether it has clusters
+    with pytest.raises(C.CudaError, match=r"cudaGetDevice\(&device\) failed"):
         C.kv_cache_compact(**compact_args())

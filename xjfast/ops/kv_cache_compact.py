@@ -92,10 +92,10 @@ def _cuda_supports(keep, keep_count, page, top) -> str | None:
     return None if D in (64, 128) else f"the CUDA kernel takes head_dim 64 or 128, got {D}"
 
 
-@register("kv_cache_compact", "cuda", min_capability=(8, 9), supports=_cuda_supports)
+@register("kv_cache_compact", "cuda", min_capability=(9, 0), supports=_cuda_supports)
 def kv_cache_compact_cuda(keep, keep_count, page, top):
-    """csrc/kv_cache_compact.cu: one block per (b, head), rows moved 16 bytes at a time (the
-    storage must be 16-byte aligned: a ValueError otherwise)."""
+    """csrc/kv_cache_compact.cu: a thread-block cluster per (b, head) (clusters: compute capability
+    9.0), rows moved 16 bytes at a time (the storage must be 16-byte aligned: a ValueError otherwise)."""
     from xjfast.ops._cuda import DTYPE_CODES, extension, stream_handle
     B, K, H, D = keep[0].shape
     top = top.contiguous()
