@@ -35,9 +35,15 @@ LOG2E = 1.4426950408889634
 # kv_tile=BLOCK_N. Per target, the candidates the benchmark times side by side at the stream
 # shape (each compiles without spills: tests/test_sass.py); a GPU runs the fastest that the
 # committed results rank for its compute capability (backend_ranking.json), else the first.
+# On sm_90 a 64-row tile at 8 warps (two warpgroups) has each warpgroup compute the whole S
+# tile and its softmax for half of P.V's columns: twice the exp2 and 1.5x the MMA work of one
+# warpgroup (per thread per 64 keys: 34 MUFU either way, over 256 threads instead of 128), so a
+# 4-warp tile comes first, two CTAs per SM hiding each other's loads (with 2-3 stages it spills
+# under Triton 3.6 or 3.9); 128-row tiles would split the rows but spill at head_dim 128. On
+# sm_100 (tcgen05, accumulators in tensor memory) the warpgroups split the S tile.
 CANDIDATES = {
-    "sm_90": ((64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (64, 32, 8, 3)),
-    "sm_100": ((64, 32, 8, 2), (64, 32, 8, 3)),
+    "sm_90": ((64, 32, 4, 1), (64, 64, 4, 1), (64, 64, 8, 2), (64, 32, 8, 2)),
+    "sm_100": ((64, 32, 8, 2), (64, 32, 4, 2)),
 }
 INTERPRET_CONFIG = (64, 64, 4, 1)
 
@@ -87,31 +93,90 @@ def config(device, interpret: bool) -> tuple[int, int, int, int]:
 
 
 @triton.jit
-def _rotate(q, delta, rope_ptr, rope_center, D: tl.constexpr):
-    """Rotate channel pairs (2j, 2j+1) of each row of q [M, D] by its slot difference `delta`,
-    with cos and sin read from a [deltas, 2, D/2] table (identity past the temporal channels):
-    a gather costs far fewer registers and instructions than cos/sin of the tile."""
+def _rotate(q, delta, rope_ptr, rope_center, first_pair, D: tl.constexpr):
+    """Rotate channel pairs (2j, 2j+1) of each row of q [M, C] (channels first_pair * 2 onwards of
+    a head) by its slot difference `delta`, with cos and sin read from a [deltas, 2, D/2] table
+    (identity past the temporal channels): a gather costs far fewer registers and instructions
+    than cos/sin of the tile."""
     M: tl.constexpr = q.shape[0]
-    offs_j = tl.arange(0, D // 2)
+    C: tl.constexpr = q.shape[1]
+    offs_j = first_pair + tl.arange(0, C // 2)
     trig = rope_ptr + (delta + rope_center)[:, None].to(tl.int64) * D + offs_j[None, :]
     cos = tl.load(trig)
     sin = tl.load(trig + D // 2)
-    even, odd = tl.split(tl.reshape(q, [M, D // 2, 2]))
-    return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), [M, D])
+    even, odd = tl.split(tl.reshape(q, [M, C // 2, 2]))
+    return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), [M, C])
 
 
 @triton.jit
-def _quantize_q(q, INTERPRET: tl.constexpr):
-    """q [M, D] in e4m3 with one scale per Q_TILE rows, and each row's scale [M]."""
-    M: tl.constexpr = q.shape[0]
-    row_amax = tl.max(tl.abs(q), axis=1)
-    if M == _Q_TILE:
-        amax = tl.max(row_amax, axis=0) + tl.zeros_like(row_amax)
+def _halves(x):
+    """x [D] -> (x[:D/2], x[D/2:])."""
+    D: tl.constexpr = x.shape[0]
+    return tl.split(tl.permute(tl.reshape(x, [2, D // 2]), [1, 0]))
+
+
+@triton.jit
+def _query(q_rows, rows, delta, k_mean, sm_scale_log2, rope_ptr, rope_center,
+           D: tl.constexpr, ROPE_DIMS: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr, INTERPRET: tl.constexpr):
+    """The query tile as the dots take it, for one key unit: rotated by `delta` (temporal rotary),
+    in e4m3 with one scale per Q_TILE rows (FP8), else in DT; each row's scale ([M], 1 without
+    FP8) and its mean term q.k_mean * sm_scale_log2 [M]. At head_dim 128 the tile comes as two
+    halves (lo, hi) of 64 channels, which keeps the fp32 tile and the rotation's tables at half
+    the registers (what lets a 4-warp tile run without spills): the temporal channels come first
+    (Wan: 44 of 128), so only lo turns unless ROPE_DIMS > 64. At head_dim 64, lo is the whole tile
+    and hi repeats it. The tile is re-read per unit (a cache hit) rather than held in registers
+    across the key loop, where the accumulator needs them: the loads are volatile, or the
+    compiler hoists them out of the loops over units and keeps the tile live (it spilled so)."""
+    if D > 64:
+        HALF: tl.constexpr = D // 2
+        offs_h = tl.arange(0, HALF)
+        lo = tl.load(q_rows + offs_h[None, :], mask=rows[:, None], other=0.0, volatile=True).to(tl.float32)
+        hi = tl.load(q_rows + HALF + offs_h[None, :], mask=rows[:, None], other=0.0, volatile=True).to(tl.float32)
+        if ROPE_DIMS > 0:
+            lo = _rotate(lo, delta, rope_ptr, rope_center, 0, D)
+        if ROPE_DIMS > HALF:
+            hi = _rotate(hi, delta, rope_ptr, rope_center, HALF // 2, D)
+        mean_lo, mean_hi = _halves(k_mean)
+        q_mean = (tl.sum(lo * mean_lo[None, :], axis=1) + tl.sum(hi * mean_hi[None, :], axis=1)) * sm_scale_log2
     else:
-        group_amax = tl.max(tl.reshape(row_amax, [M // _Q_TILE, _Q_TILE]), axis=1)
-        amax = tl.reshape(tl.broadcast_to(group_amax[:, None], [M // _Q_TILE, _Q_TILE]), [M])
-    scale = scale_from_amax(amax)
-    return to_e4m3(q / scale[:, None], INTERPRET), scale
+        lo = tl.load(q_rows + tl.arange(0, D)[None, :], mask=rows[:, None], other=0.0, volatile=True).to(tl.float32)
+        if ROPE_DIMS > 0:
+            lo = _rotate(lo, delta, rope_ptr, rope_center, 0, D)
+        hi = lo
+        q_mean = tl.sum(lo * k_mean[None, :], axis=1) * sm_scale_log2
+    if FP8:
+        M: tl.constexpr = lo.shape[0]
+        row_amax = tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1))
+        if M == _Q_TILE:
+            amax = tl.max(row_amax, axis=0) + tl.zeros_like(row_amax)
+        else:
+            group_amax = tl.max(tl.reshape(row_amax, [M // _Q_TILE, _Q_TILE]), axis=1)
+            amax = tl.reshape(tl.broadcast_to(group_amax[:, None], [M // _Q_TILE, _Q_TILE]), [M])
+        scale = scale_from_amax(amax)
+        return (to_e4m3(lo / scale[:, None], INTERPRET), to_e4m3(hi / scale[:, None], INTERPRET), scale, q_mean)
+    elif INTERPRET:  # fp32 operands: the interpreter's bf16 dot is broken
+        return lo, hi, tl.zeros_like(q_mean) + 1.0, q_mean
+    else:
+        return lo.to(DT), hi.to(DT), tl.zeros_like(q_mean) + 1.0, q_mean
+
+
+@triton.jit
+def _scores(q_lo, q_hi, k_rows, live, D: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr,
+            INTERPRET: tl.constexpr):
+    """q.k^T [M, N] from _query's tile and the key rows k_rows[:, None] + channel (rows `live`):
+    at head_dim 128 two dots over 64 channels each, else one."""
+    C: tl.constexpr = q_lo.shape[1]
+    offs_c = tl.arange(0, C)
+    k_lo = tl.load(k_rows[:, None] + offs_c[None, :], mask=live[:, None], other=0.0)
+    if not FP8:
+        k_lo = k_lo.to(tl.float32) if INTERPRET else k_lo.to(DT)
+    s = tl.dot(q_lo, tl.trans(k_lo))
+    if D > 64:
+        k_hi = tl.load(k_rows[:, None] + C + offs_c[None, :], mask=live[:, None], other=0.0)
+        if not FP8:
+            k_hi = k_hi.to(tl.float32) if INTERPRET else k_hi.to(DT)
+        s = tl.dot(q_hi, tl.trans(k_hi), s)
+    return s
 
 
 @triton.jit
@@ -119,23 +184,10 @@ def _attend_unit(acc, m_i, l_i, q_rows, rows, q_delta, visible, offs_d,
                  k_base, v_base, stride_k, stride_v, n_tokens, k_scale, k_mean, v_scale, sm_scale_log2,
                  rope_ptr, rope_center, UNIT_FP8: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_N: tl.constexpr,
                  DT: tl.constexpr, INTERPRET: tl.constexpr):
-    # The query tile is re-read per unit (an L1/L2 hit) rather than held in registers across
-    # the key loop, where the accumulator needs them.
-    q = tl.load(q_rows + offs_d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
-    # 1. temporal rotary of the query tile by (query slot - unit slot)
-    if ROPE_DIMS > 0:
-        qr = _rotate(q, q_delta, rope_ptr, rope_center, offs_d.shape[0])
-    else:
-        qr = q
-    # 3. the unit's mean term, from the unquantized rotated queries
-    q_mean = tl.sum(qr * k_mean[None, :], axis=1) * sm_scale_log2
-    # 2. per-(64 rows, unit) Q quantization
-    if UNIT_FP8:
-        q_op, q_scale = _quantize_q(qr, INTERPRET)
-        score_scale = q_scale * (k_scale * sm_scale_log2)
-    else:
-        q_op = qr if INTERPRET else qr.to(DT)
-        score_scale = tl.zeros_like(q_mean) + k_scale * sm_scale_log2
+    # 1.-3. the query tile rotated for this unit, quantized, and its mean term
+    q_lo, q_hi, q_scale, q_mean = _query(q_rows, rows, q_delta, k_mean, sm_scale_log2, rope_ptr, rope_center,
+                                         offs_d.shape[0], ROPE_DIMS, UNIT_FP8, DT, INTERPRET)
+    score_scale = q_scale * (k_scale * sm_scale_log2)
     # While this unit is read, acc is kept in its V-scale units (and times P_SCALE for FP8 P),
     # so each P.V product accumulates in place in the tensor cores' accumulator.
     if UNIT_FP8:
@@ -146,14 +198,8 @@ def _attend_unit(acc, m_i, l_i, q_rows, rows, q_delta, visible, offs_d,
     for n0 in range(0, n_tokens, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         live = offs_n < n_tokens
-        k = tl.load(k_base + offs_n[:, None] * stride_k + offs_d[None, :], mask=live[:, None], other=0.0)
+        s = _scores(q_lo, q_hi, k_base + offs_n * stride_k, live, offs_d.shape[0], UNIT_FP8, DT, INTERPRET)
         v = tl.load(v_base + offs_n[:, None] * stride_v + offs_d[None, :], mask=live[:, None], other=0.0)
-        if UNIT_FP8:
-            s = tl.dot(q_op, tl.trans(k))
-        elif INTERPRET:
-            s = tl.dot(q_op, tl.trans(k.to(tl.float32)))
-        else:
-            s = tl.dot(q_op, tl.trans(k.to(DT)))
         s = s * score_scale[:, None] + q_mean[:, None]
         s = tl.where(visible[:, None] & live[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -194,7 +240,7 @@ def temporal_attention_kernel(
     ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, page_table_ptr, n_pages, n_sinks, cache_T,
     kk_ptr, kv_ptr, kks_ptr, kkm_ptr, kvs_ptr, keep_count, keep_cap,
     pk_ptr, pv_ptr, pks_ptr, pkm_ptr, pvs_ptr, stride_pkb, stride_pkl, stride_pkh, stride_pvb, stride_pvl,
-    stride_pvh, n_units, unit_T, private_ptr, slots_ptr, block_tokens,
+    stride_pvh, n_units, unit_T, private_ptr, slots_ptr, block_units,
     B, H, Lq, first_slot, sm_scale_log2, rope_ptr, rope_center,
     D: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CACHE_FP8: tl.constexpr, PASS_FP8: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr,
@@ -207,7 +253,8 @@ def temporal_attention_kernel(
     offs_d = tl.arange(0, D)
     rows = offs_m < Lq
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_ql
-    q_slot = first_slot + tl.load(slots_ptr + offs_m // unit_T, mask=rows, other=0)
+    row_unit = offs_m // unit_T  # a unit is one frame (with a cache) or one block; a block is whole units
+    q_slot = first_slot + tl.load(slots_ptr + row_unit, mask=rows, other=0)
     all_rows = offs_m >= 0
     zeros_d = tl.zeros([D], dtype=tl.float32)
     ones_d = zeros_d + 1.0
@@ -237,9 +284,9 @@ def temporal_attention_kernel(
                                      D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
 
     # the pass's own units (frames with a cache, mask blocks without)
-    row_block = offs_m // block_tokens
+    row_block = row_unit // block_units
     for u in range(0, n_units):
-        unit_block = (u * unit_T) // block_tokens
+        unit_block = u // block_units
         if CAUSAL:
             private = tl.load(private_ptr + unit_block) != 0
             visible = (row_block == unit_block) | ((unit_block < row_block) & (not private))
@@ -290,7 +337,7 @@ def attention_mass_kernel(
     live = offs_n < cache_T
     row = (page * B + b) * H + h
     base = (page * B + b).to(tl.int64) * cache_T * H * D + h * D
-    k = tl.load(ck_ptr + base + offs_n[:, None] * (H * D) + offs_d[None, :], mask=live[:, None], other=0.0)
+    k_rows = ck_ptr + base + offs_n * (H * D)
     k_scale = tl.load(cks_ptr + row)
     k_mean = tl.load(ckm_ptr + row * D + offs_d)
     mass = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -298,16 +345,10 @@ def attention_mass_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         rows = offs_m < Lq
         q_rows = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_ql
-        q = tl.load(q_rows + offs_d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
-        if ROPE_DIMS > 0:
-            q_slot = first_slot + tl.load(slots_ptr + offs_m // unit_T, mask=rows, other=0)
-            q = _rotate(q, q_slot - slot, rope_ptr, rope_center, D)
-        q_mean = tl.sum(q * k_mean[None, :], axis=1) * sm_scale_log2
-        if CACHE_FP8:
-            q_op, q_scale = _quantize_q(q, INTERPRET)
-            s = tl.dot(q_op, tl.trans(k)) * (q_scale * (k_scale * sm_scale_log2))[:, None]
-        else:
-            s = tl.dot(q, tl.trans(k.to(tl.float32))) * (k_scale * sm_scale_log2)
+        q_slot = first_slot + tl.load(slots_ptr + offs_m // unit_T, mask=rows, other=0)
+        q_lo, q_hi, q_scale, q_mean = _query(q_rows, rows, q_slot - slot, k_mean, sm_scale_log2, rope_ptr, rope_center,
+                                             D, ROPE_DIMS, CACHE_FP8, tl.float32, INTERPRET)
+        s = _scores(q_lo, q_hi, k_rows, live, D, CACHE_FP8, tl.float32, INTERPRET) * (q_scale * (k_scale * sm_scale_log2))[:, None]
         lse2 = tl.load(lse_ptr + (b * H + h).to(tl.int64) * Lq + offs_m, mask=rows, other=0.0) * 1.4426950408889634
         p = tl.exp2(s + q_mean[:, None] - lse2[:, None])
         mass += tl.sum(tl.where(rows[:, None], p, 0.0), axis=0)
@@ -355,7 +396,7 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
         *cache, *keep,
         pass_k, pass_v, pass_ks, pass_km, pass_vs, k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), n_units, unit_T, tables.private, slots,
-        plan.block_tokens, B, H, L, first_slot, sm_scale_log2, rope, rope_center,
+        plan.block_tokens // unit_T, B, H, L, first_slot, sm_scale_log2, rope, rope_center,
         D=D, ROPE_DIMS=rope_dims, BLOCK_M=block_m, BLOCK_N=block_n, CACHE_FP8=cache_fp8, PASS_FP8=fp8,
         CAUSAL=plan.causal, DT=_DTYPES[q.dtype], INTERPRET=interpret, num_warps=warps, num_stages=stages,
     )

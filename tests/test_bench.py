@@ -175,15 +175,15 @@ def test_the_fastest_triton_attention_configuration_is_ranked_for_auto(tmp_path)
     def row(case, backend, ms, config=None):
         return {"op": "temporal_attention", "case": case, "backend": backend, "median_ms": ms,
                 **({"config": config} if config else {})}
-    rows = [row("a", "triton", 1.2), row("a", "cuda", 1.0), row("a", "triton", 0.9, "64,32,8,3"),
-            row("a", "triton", 1.2, "64,64,8,2"), row("b", "triton", 2.0), row("b", "cuda", 2.4)]
+    rows = [row("a", "triton", 1.2), row("a", "cuda", 1.0), row("a", "triton", 0.9, "64,64,8,2"),
+            row("a", "triton", 1.2, "64,32,4,1"), row("b", "triton", 2.0), row("b", "cuda", 2.4)]
     results = _gpu_results("H100", "2026-11-01", "9.0", rows)
-    assert rank_triton_attention_configs(results) == ["64,32,8,3", "64,64,8,2"]
+    assert rank_triton_attention_configs(results) == ["64,64,8,2", "64,32,4,1"]
     assert rank_backends(results) == {"temporal_attention": ["cuda", "triton"]}
     (tmp_path / "h100.json").write_text(json.dumps(results))
     ranking = ranking_file(str(tmp_path))
-    assert ranking[kernel.CONFIG_RANKING]["9.0"]["order"] == ["64,32,8,3", "64,64,8,2"]
-    assert kernel.ranked_config((9, 0), ranking) == (64, 32, 8, 3)
+    assert ranking[kernel.CONFIG_RANKING]["9.0"]["order"] == ["64,64,8,2", "64,32,4,1"]
+    assert kernel.ranked_config((9, 0), ranking) == (64, 64, 8, 2)  # not the first candidate: ranked
 
 
 class _FakeNVML:

@@ -63,7 +63,7 @@ def stream_specs() -> list[KernelSpec]:
             kk_ptr=page, kv_ptr=page, kks_ptr="*fp32", kkm_ptr="*fp32", kvs_ptr="*fp32", keep_count=0, keep_cap=3,
             pk_ptr=pass_kv, pv_ptr=pass_kv, pks_ptr="*fp32", pkm_ptr="*fp32", pvs_ptr="*fp32",
             stride_pkb=L * H * D, stride_pkl=H * D, stride_pkh=D, stride_pvb=L * H * D, stride_pvl=H * D,
-            stride_pvh=D, n_units=2, unit_T=T, private_ptr="*i8", slots_ptr="*i32", block_tokens=T, B=B, H=H, Lq=L, first_slot=21,
+            stride_pvh=D, n_units=2, unit_T=T, private_ptr="*i8", slots_ptr="*i32", block_units=1, B=B, H=H, Lq=L, first_slot=21,
             sm_scale_log2=0.127, rope_ptr="*fp32", rope_center=27)
         const = dict(D=D, ROPE_DIMS=rope, CACHE_FP8=fp8, PASS_FP8=fp8, CAUSAL=True,
                      DT=tl.bfloat16, INTERPRET=False)
