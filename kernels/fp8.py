@@ -12,6 +12,7 @@ import triton.language as tl
 E4M3_MAX = tl.constexpr(448.0)
 MIN_SCALE = tl.constexpr(1e-12)
 P_SCALE = tl.constexpr(448.0)
+LOG2_P_SCALE = tl.constexpr(8.807354922057604)  # log2(P_SCALE)
 
 
 @triton.jit

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from xjfast.ops.temporal_attention import CONFIG_ENV, CONFIG_RANKING
 
-from .fp8 import P_SCALE, scale_from_amax, to_e4m3
+from .fp8 import LOG2_P_SCALE, P_SCALE, scale_from_amax, to_e4m3
 from .kv_cache_commit import kv_cache_commit
 
 Q_TILE = 64  # = xjfast.ops.temporal_attention.Q_TILE: Q is quantized per 64-row group
@@ -38,12 +38,12 @@ LOG2E = 1.4426950408889634
 # On sm_90 a 64-row tile at 8 warps (two warpgroups) has each warpgroup compute the whole S
 # tile and its softmax for half of P.V's columns: twice the exp2 and 1.5x the MMA work of one
 # warpgroup (per thread per 64 keys: 34 MUFU either way, over 256 threads instead of 128), so a
-# 4-warp tile comes first, two CTAs per SM hiding each other's loads (with 2-3 stages it spills
-# under Triton 3.6 or 3.9); 128-row tiles would split the rows but spill at head_dim 128. On
-# sm_100 (tcgen05, accumulators in tensor memory) the warpgroups split the S tile.
+# 4-warp tile comes first, two CTAs per SM hiding each other's loads (with 2-3 stages, or 64-key
+# tiles, it spills under Triton 3.6 or 3.9); 128-row tiles would split the rows but spill at
+# head_dim 128. On sm_100 (tcgen05, accumulators in tensor memory) the warpgroups split the S tile.
 CANDIDATES = {
-    "sm_90": ((64, 32, 4, 1), (64, 64, 4, 1), (64, 64, 8, 2), (64, 32, 8, 2)),
-    "sm_100": ((64, 32, 8, 2), (64, 32, 4, 2)),
+    "sm_90": ((64, 32, 4, 1), (64, 64, 8, 2), (64, 32, 8, 2)),
+    "sm_100": ((64, 64, 8, 1), (64, 32, 8, 3), (64, 32, 8, 1)),
 }
 INTERPRET_CONFIG = (64, 64, 4, 1)
 
@@ -161,22 +161,65 @@ def _query(q_rows, rows, delta, k_mean, sm_scale_log2, rope_ptr, rope_center,
 
 
 @triton.jit
+def _load_rows(rows_ptr, offs_c, live, MASKED: tl.constexpr):
+    """[N, C] at rows_ptr[:, None] + offs_c[None, :]; with MASKED only the rows `live` (else 0)."""
+    if MASKED:
+        return tl.load(rows_ptr[:, None] + offs_c[None, :], mask=live[:, None], other=0.0)
+    else:
+        return tl.load(rows_ptr[:, None] + offs_c[None, :])
+
+
+@triton.jit
 def _scores(q_lo, q_hi, k_rows, live, D: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr,
-            INTERPRET: tl.constexpr):
-    """q.k^T [M, N] from _query's tile and the key rows k_rows[:, None] + channel (rows `live`):
-    at head_dim 128 two dots over 64 channels each, else one."""
+            INTERPRET: tl.constexpr, MASKED: tl.constexpr):
+    """q.k^T [M, N] from _query's tile and the key rows k_rows[:, None] + channel (with MASKED,
+    rows `live` only): at head_dim 128 two dots over 64 channels each, else one."""
     C: tl.constexpr = q_lo.shape[1]
     offs_c = tl.arange(0, C)
-    k_lo = tl.load(k_rows[:, None] + offs_c[None, :], mask=live[:, None], other=0.0)
+    k_lo = _load_rows(k_rows, offs_c, live, MASKED)
     if not FP8:
         k_lo = k_lo.to(tl.float32) if INTERPRET else k_lo.to(DT)
     s = tl.dot(q_lo, tl.trans(k_lo))
     if D > 64:
-        k_hi = tl.load(k_rows[:, None] + C + offs_c[None, :], mask=live[:, None], other=0.0)
+        k_hi = _load_rows(k_rows + C, offs_c, live, MASKED)
         if not FP8:
             k_hi = k_hi.to(tl.float32) if INTERPRET else k_hi.to(DT)
         s = tl.dot(q_hi, tl.trans(k_hi), s)
     return s
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, n0, n_tokens, q_lo, q_hi, score_scale, q_bias, offs_d, k_base, v_base,
+                 stride_k, stride_v, UNIT_FP8: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
+                 INTERPRET: tl.constexpr, MASKED: tl.constexpr):
+    """One step of the online softmax over keys n0 .. n0 + BLOCK_N of a unit (MASKED: the unit's
+    last, partial tile, whose keys past n_tokens get no weight). q_bias = the rows' mean term, or
+    -inf for rows that may not see the unit, so no per-element mask is needed for them."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    live = offs_n < n_tokens
+    s = _scores(q_lo, q_hi, k_base + offs_n * stride_k, live, offs_d.shape[0], UNIT_FP8, DT, INTERPRET, MASKED)
+    v = _load_rows(v_base + offs_n * stride_v, offs_d, live, MASKED)
+    s = s * score_scale[:, None] + q_bias[:, None]
+    if MASKED:
+        s = tl.where(live[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    acc = acc * alpha[:, None]
+    # 4. P.V: FP8 with P scaled by P_SCALE (folded into the exponent: 2^(s - m + log2 448)), or
+    # bf16 (fp32 in the interpreter, whose bf16 dot is broken)
+    if UNIT_FP8:
+        p = tl.exp2(s - (m_safe - LOG2_P_SCALE)[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1) * (1.0 / P_SCALE)
+        acc = tl.dot(to_e4m3(p, INTERPRET), v, acc)
+    else:
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if INTERPRET:
+            acc = tl.dot(p, v.to(tl.float32), acc)
+        else:
+            acc = tl.dot(p.to(DT), v.to(DT), acc)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -195,27 +238,14 @@ def _attend_unit(acc, m_i, l_i, q_rows, rows, q_delta, visible, offs_d,
     else:
         acc_to_unit = 1.0 / v_scale
     acc = acc * acc_to_unit[None, :]
-    for n0 in range(0, n_tokens, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        live = offs_n < n_tokens
-        s = _scores(q_lo, q_hi, k_base + offs_n * stride_k, live, offs_d.shape[0], UNIT_FP8, DT, INTERPRET)
-        v = tl.load(v_base + offs_n[:, None] * stride_v + offs_d[None, :], mask=live[:, None], other=0.0)
-        s = s * score_scale[:, None] + q_mean[:, None]
-        s = tl.where(visible[:, None] & live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        # 4. P.V: FP8 with scaled P, or bf16 (fp32 in the interpreter, whose bf16 dot is broken)
-        if UNIT_FP8:
-            acc = tl.dot(to_e4m3(p * P_SCALE, INTERPRET), v, acc)
-        elif INTERPRET:
-            acc = tl.dot(p, v.to(tl.float32), acc)
-        else:
-            acc = tl.dot(p.to(DT), v.to(DT), acc)
-        m_i = m_new
+    q_bias = tl.where(visible, q_mean, float("-inf"))
+    n_full = n_tokens - n_tokens % BLOCK_N
+    for n0 in range(0, n_full, BLOCK_N):  # whole tiles: no key mask
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, n0, n_tokens, q_lo, q_hi, score_scale, q_bias, offs_d, k_base,
+                                     v_base, stride_k, stride_v, UNIT_FP8, BLOCK_N, DT, INTERPRET, False)
+    if n_full < n_tokens:
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, n_full, n_tokens, q_lo, q_hi, score_scale, q_bias, offs_d,
+                                     k_base, v_base, stride_k, stride_v, UNIT_FP8, BLOCK_N, DT, INTERPRET, True)
     acc = acc * (1.0 / acc_to_unit)[None, :]
     return acc, m_i, l_i
 
@@ -348,7 +378,7 @@ def attention_mass_kernel(
         q_slot = first_slot + tl.load(slots_ptr + offs_m // unit_T, mask=rows, other=0)
         q_lo, q_hi, q_scale, q_mean = _query(q_rows, rows, q_slot - slot, k_mean, sm_scale_log2, rope_ptr, rope_center,
                                              D, ROPE_DIMS, CACHE_FP8, tl.float32, INTERPRET)
-        s = _scores(q_lo, q_hi, k_rows, live, D, CACHE_FP8, tl.float32, INTERPRET) * (q_scale * (k_scale * sm_scale_log2))[:, None]
+        s = _scores(q_lo, q_hi, k_rows, live, D, CACHE_FP8, tl.float32, INTERPRET, True) * (q_scale * (k_scale * sm_scale_log2))[:, None]
         lse2 = tl.load(lse_ptr + (b * H + h).to(tl.int64) * Lq + offs_m, mask=rows, other=0.0) * 1.4426950408889634
         p = tl.exp2(s + q_mean[:, None] - lse2[:, None])
         mass += tl.sum(tl.where(rows[:, None], p, 0.0), axis=0)

@@ -496,9 +496,9 @@ def test_triton_configuration_forced_or_ranked(monkeypatch):
     monkeypatch.delenv(kernel.CONFIG_ENV)
     assert kernel.config(torch.device("cpu"), True) == kernel.INTERPRET_CONFIG
     ranking = {kernel.CONFIG_RANKING: {"9.0": {"order": ["64,32,8,3", "64,64,8,2"]},
-                                       "10.0": {"order": ["64,64,8,2", "64,32,4,2"]}}}
+                                       "10.0": {"order": ["64,64,8,2", "64,32,8,1"]}}}
     assert kernel.ranked_config((9, 0), ranking) == (64, 64, 8, 2)  # 64,32,8,3 is no longer a candidate
-    assert kernel.ranked_config((10, 0), ranking) == (64, 32, 4, 2)  # 64,64,8,2 is no sm_100 candidate
+    assert kernel.ranked_config((10, 0), ranking) == (64, 32, 8, 1)  # 64,64,8,2 is no sm_100 candidate
     assert kernel.ranked_config((9, 0), {}) == kernel.CANDIDATES["sm_90"][0]
     assert kernel.ranked_config((12, 0), {}) == kernel.CANDIDATES["sm_100"][0]
 
