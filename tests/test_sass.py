@@ -58,6 +58,26 @@ def test_nothing_spills(reports, name, arch):
         assert r["tensor_core"].get(FP8_MMA[arch], 0) > 0, r
 
 
+@pytest.mark.parametrize("name, arch", [pytest.param(spec.name, arch, id=f"{spec.name}-sm_{arch}a")
+                                        for spec in sass.stream_specs() if spec.function == "temporal_attention_kernel"
+                                        for arch in ARCHS])
+def test_attention_computes_each_softmax_once(reports, name, arch):
+    """In the configuration a GPU runs before any ranking, one key step's exp2 per thread, over the
+    CTA's threads, is the score tile's BLOCK_M x BLOCK_N plus a few per row (the rescale factors).
+    On sm_90 a 64-row tile at 8 warps had both warpgroups exponentiate the whole tile: twice that."""
+    r = reports[(name, arch)]
+    block_m, block_n = r["block"]
+    threads = 32 * r["num_warps"]
+    assert r["inner_loop"]["exp2"] * threads <= block_m * block_n + 4 * threads, r
+
+
+def test_loop_analysis_sees_a_duplicated_softmax(reports):
+    """The check above can fail: the 8-warp candidate kept for the benchmark to weigh exponentiates
+    each score twice on sm_90 (both warpgroups), and the tool's loop analysis shows it."""
+    r = reports[("temporal_attention[fp8,D=128] 64,64,8,2", 90)]
+    assert r["inner_loop"]["exp2"] * 32 * r["num_warps"] >= 2 * 64 * 64, r
+
+
 def test_every_launched_kernel_is_checked():
     """A Triton kernel added to kernels/ without a spec here would escape every check above."""
     import importlib

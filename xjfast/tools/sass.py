@@ -1,6 +1,7 @@
 """Compile every Triton kernel, in its tuned configurations, for sm_90a and sm_100a without a GPU,
-and report per kernel and arch: registers, spills, shared memory and the tensor-core
-instructions in the SASS.
+and report per kernel and arch: registers, spills, shared memory, the tensor-core instructions
+in the SASS, and what one iteration of the innermost tensor-core loop issues per thread
+("loop": instructions and exp2).
 
     python -m xjfast.tools.sass [--arch 90 100] [--kernel NAME ...] [--candidates] [--json FILE]
 
@@ -154,6 +155,29 @@ def _tool(name: str) -> str:
     return bundled if os.path.exists(bundled) else name
 
 
+def inner_loop(sass: str) -> dict | None:
+    """The per-iteration cost of the innermost loop that holds tensor-core instructions (the key
+    loop of an attention kernel: its first copy), from `nvdisasm -c` output: instructions,
+    MUFU.EX2 (exp2) and single-byte shared stores (STS.U8) a thread issues per iteration. None
+    without such a loop."""
+    body, labels = [], {}
+    for line in sass.splitlines():
+        if label := re.match(r"\s*(\.L_x_\d+):", line):
+            labels[label.group(1)] = len(body)
+        elif ins := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", line):
+            body.append((ins.group(1), ins.group(2)))
+    loops = [(labels[target.group(1)], i) for i, (op, rest) in enumerate(body)
+             if op.startswith("BRA") and (target := re.search(r"(\.L_x_\d+)", rest))
+             and labels.get(target.group(1), len(body)) <= i]
+    mma = [(a, b) for a, b in loops if any(body[j][0].split(".")[0] in TENSOR_CORE_OPS for j in range(a, b + 1))]
+    innermost = [(a, b) for a, b in mma if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in mma)]
+    if not innermost:
+        return None
+    a, b = min(innermost)
+    ops = [body[j][0] for j in range(a, b + 1)]
+    return dict(instructions=len(ops), exp2=ops.count("MUFU.EX2"), byte_stores=ops.count("STS.U8"))
+
+
 def analyse(cubin: bytes) -> dict:
     """Registers, stack (spill) bytes and instruction counts of a cubin holding one kernel."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,7 +190,7 @@ def analyse(cubin: bytes) -> dict:
     opcodes = collections.Counter(re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)", sass, re.M))
     return dict(registers=regs, stack_bytes=stack, spill_stores=opcodes.get("STL", 0),
                 spill_loads=opcodes.get("LDL", 0), tensor_core={op: opcodes[op] for op in TENSOR_CORE_OPS if opcodes[op]},
-                ffma=opcodes.get("FFMA", 0))
+                ffma=opcodes.get("FFMA", 0), inner_loop=inner_loop(sass))
 
 
 def compile_spec(spec: KernelSpec, arch: int) -> dict:
@@ -188,7 +212,8 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
                               options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
     report = analyse(compiled.asm["cubin"])
     report.update(kernel=spec.name, arch=f"sm_{arch}a", shared_bytes=compiled.metadata.shared,
-                  shared_limit=SHARED_LIMIT[arch], num_warps=spec.num_warps, num_stages=spec.num_stages, **spec.tags)
+                  shared_limit=SHARED_LIMIT[arch], num_warps=spec.num_warps, num_stages=spec.num_stages,
+                  block=[spec.constexprs.get("BLOCK_M"), spec.constexprs.get("BLOCK_N")], **spec.tags)
     return report
 
 
@@ -202,7 +227,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     reports = []
-    print(f"{'kernel':42} {'arch':7} {'regs':>4} {'stack':>5} {'STL/LDL':>9} {'smem KiB':>8}  tensor-core ops")
+    print(f"{'kernel':42} {'arch':7} {'regs':>4} {'stack':>5} {'STL/LDL':>9} {'smem KiB':>8} {'loop':>15}  "
+          "tensor-core ops")
     for spec in stream_specs() + (candidate_specs() if args.candidates else []):
         if args.kernel and not any(k in spec.name for k in args.kernel):
             continue
@@ -210,8 +236,11 @@ def main(argv=None) -> int:
             r = compile_spec(spec, arch)
             reports.append(r)
             ops = ", ".join(f"{k} x{v}" for k, v in r["tensor_core"].items()) or "none"
+            loop = r["inner_loop"]
+            loop = f"{loop['instructions']} i {loop['exp2']} ex2" if loop else "-"
             print(f"{r['kernel']:42} {r['arch']:7} {r['registers']:>4} {r['stack_bytes']:>5} "
-                  f"{r['spill_stores']:>4}/{r['spill_loads']:<4} {r['shared_bytes'] / 1024:>8.1f}  {ops}", flush=True)
+                  f"{r['spill_stores']:>4}/{r['spill_loads']:<4} {r['shared_bytes'] / 1024:>8.1f} {loop:>15}  {ops}",
+                  flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(reports, f, indent=1)
