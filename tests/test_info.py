@@ -164,3 +164,16 @@ def test_cuda_cache_kernels_need_clusters(fake_gpu, monkeypatch, op):
     with pytest.raises(BackendUnavailable, match=rf"{op}/cuda needs compute capability >= 9.0, this GPU has 8.9"):
         resolve(op, "cuda", "cuda")
     assert resolve("denoise_step", "cuda", "cuda").backend == "cuda"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")
+def test_asking_about_a_cuda_device_without_a_gpu_says_so():
+    """What the registry answers for device "cuda" where torch sees no GPU (bench/sanitize.py asks
+    before launching): a reason for each fast backend and the reference for auto, not torch's
+    "not compiled with CUDA" from a capability query."""
+    from xjfast.backends import registered_ops, unusable_reason
+    for op in registered_ops():
+        for backend in ("triton", "cuda"):
+            reason = unusable_reason(op, backend, "cuda")
+            assert reason is not None and ("no CUDA GPU" in reason or "xjfast._C" in reason or "Triton" in reason), reason
+        assert resolve(op, "auto", "cuda").backend == "reference"

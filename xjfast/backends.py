@@ -70,6 +70,8 @@ def backend_unavailable_reason(backend: str, device: torch.device | str | None =
             return "Triton is not installed (pip install triton)"
         if device is not None and device.type != "cuda" and not triton_interpreted():
             return f"Triton kernels need a CUDA device (got {device}); TRITON_INTERPRET=1 runs them on the CPU"
+        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA GPU is visible to torch"
         if device is None and not torch.cuda.is_available() and not triton_interpreted():
             return "no CUDA GPU is visible to torch"
         return None
@@ -164,7 +166,7 @@ def resolve(op: str, backend: str, device: torch.device | str, args: tuple | Non
     device = torch.device(device)
     impls = _REGISTRY.get(op, {})
     if backend == "auto":
-        if device.type != "cuda":
+        if device.type != "cuda" or not torch.cuda.is_available():
             return impls["reference"]
         for name in auto_order(op, torch.cuda.get_device_capability(device))[0]:
             if name in impls and _usable(impls[name], device, args) is None:
