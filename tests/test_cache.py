@@ -137,6 +137,12 @@ def test_bad_construction(kwargs, words):
         StreamingKVCache(1, 1, H, D, T, **kwargs)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")
+def test_a_cuda_cache_without_a_gpu_names_the_device():
+    with pytest.raises(ValueError, match=r"device: expected a usable device, got cuda but torch sees no CUDA GPU"):
+        StreamingKVCache(1, 1, H, D, T, device="cuda")
+
+
 def test_bad_commits_name_the_argument():
     cache = StreamingKVCache(2, 1, H, D, T)
     k, v = frame()

@@ -33,7 +33,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from xjfast.backends import check_backend
-from xjfast.errors import check_choice, check_positive, check_tensor
+from xjfast.errors import check_choice, check_device, check_positive, check_tensor
 from xjfast.ops.fp8 import E4M3
 from xjfast.ops.kv_cache_commit import kv_cache_commit
 from xjfast.ops.kv_cache_compact import kv_cache_compact
@@ -94,10 +94,7 @@ class StreamingKVCache:
             raise ValueError(f"rope_dims: expected an even int in [0, {head_dim}], got {rope_dims!r}")
         check_positive("rope_theta", rope_theta)
         check_backend(backend)
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device: expected a torch device, got {device!r}") from exc
+        device = check_device("device", device)
         self.num_layers, self.batch, self.heads, self.head_dim = num_layers, batch, heads, head_dim
         self.frame_tokens, self.sink_frames, self.window_frames = frame_tokens, sink_frames, window_frames
         self.keep_tokens, self.storage = keep_tokens, storage

@@ -55,3 +55,15 @@ def check_positive(name: str, value) -> None:
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def check_device(name: str, device) -> torch.device:
+    """A device argument as a torch.device; a CUDA device needs a GPU that torch sees."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{name}: expected a torch device, got {device!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}: expected a usable device, got {device} but torch sees no CUDA GPU "
+                         f"(torch.cuda.is_available() is False)")
+    return device
