@@ -25,6 +25,20 @@ BLOCK_T = 16  # slots per tile: at 8 warps ~120 registers (32 or 64 took 240-255
 
 
 @triton.jit
+def _unit(keep_k, keep_v, page_k, page_v, page_ks, page_km, page_vs, scratch_k, scratch_v, top_ptr, count, K, T,
+          H, D: tl.constexpr):
+    """This program's unit (b * H + h) and head h, its pointers moved to batch element b (keep
+    [B, K, H, D], page [B, T, H, D], scratch [B, count, H, D], top [B, count]), and the page's
+    scales (k_scale, k_mean [D], v_scale [D])."""
+    unit = tl.program_id(0)
+    b = (unit // H).to(tl.int64)
+    offs_d = tl.arange(0, D)
+    return (unit, unit % H, keep_k + b * K * H * D, keep_v + b * K * H * D, page_k + b * T * H * D,
+            page_v + b * T * H * D, scratch_k + b * count * H * D, scratch_v + b * count * H * D, top_ptr + b * count,
+            tl.load(page_ks + unit), tl.load(page_km + unit * D + offs_d), tl.load(page_vs + unit * D + offs_d))
+
+
+@triton.jit
 def _candidates(top_ptr, j, count, keep_count, H, h, D: tl.constexpr, offs_d):
     """For slots j: which candidate each takes, whether it comes from the keep buffer or from the
     page, and the candidate's row offset in its source ([tokens, H, D] storage)."""
@@ -56,21 +70,12 @@ def kv_cache_compact_stats_kernel(
     """stats[unit, chunk] = (sum K, max K, min K, max |V|) [4, D] over the chunk's candidates;
     scratch[b, j, h] = keep[b, top[j], h] for the chunk's slots j filled from the keep buffer;
     old[unit] = the keep buffer's (k_scale, k_mean [D], v_scale [D]) (first chunk)."""
-    unit = tl.program_id(0)
-    b = unit // H
-    h = unit % H
+    unit, h, keep_k, keep_v, page_k, page_v, scratch_k, scratch_v, top_ptr, new_ks, new_km, new_vs = _unit(
+        keep_k, keep_v, page_k, page_v, page_ks, page_km, page_vs, scratch_k, scratch_v, top_ptr, count, K, T, H, D)
     c = tl.program_id(1)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, D)
-    keep_k += b.to(tl.int64) * K * H * D
-    keep_v += b.to(tl.int64) * K * H * D
-    page_k += b.to(tl.int64) * T * H * D
-    page_v += b.to(tl.int64) * T * H * D
-    scratch_k += b.to(tl.int64) * count * H * D
-    scratch_v += b.to(tl.int64) * count * H * D
-    top_ptr += b.to(tl.int64) * count
     old_ks, old_km, old_vs = tl.load(keep_ks + unit), tl.load(keep_km + unit * D + offs_d), tl.load(keep_vs + unit * D + offs_d)
-    new_ks, new_km, new_vs = tl.load(page_ks + unit), tl.load(page_km + unit * D + offs_d), tl.load(page_vs + unit * D + offs_d)
     if c == 0:
         old = old_ptr + unit * (2 * D + 1)
         tl.store(old + offs_d, old_km)
@@ -104,22 +109,13 @@ def kv_cache_compact_kernel(
     D: tl.constexpr, BLOCK_T: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """The unit's new scales from its chunks' statistics, then this chunk's slots of the buffer."""
-    unit = tl.program_id(0)
-    b = unit // H
-    h = unit % H
+    unit, h, keep_k, keep_v, page_k, page_v, scratch_k, scratch_v, top_ptr, new_ks, new_km, new_vs = _unit(
+        keep_k, keep_v, page_k, page_v, page_ks, page_km, page_vs, scratch_k, scratch_v, top_ptr, count, K, T, H, D)
     c = tl.program_id(1)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, D)
-    keep_k += b.to(tl.int64) * K * H * D
-    keep_v += b.to(tl.int64) * K * H * D
-    page_k += b.to(tl.int64) * T * H * D
-    page_v += b.to(tl.int64) * T * H * D
-    scratch_k += b.to(tl.int64) * count * H * D
-    scratch_v += b.to(tl.int64) * count * H * D
-    top_ptr += b.to(tl.int64) * count
     old = old_ptr + unit * (2 * D + 1)
     old_km, old_vs, old_ks = tl.load(old + offs_d), tl.load(old + D + offs_d), tl.load(old + 2 * D)
-    new_ks, new_km, new_vs = tl.load(page_ks + unit), tl.load(page_km + unit * D + offs_d), tl.load(page_vs + unit * D + offs_d)
 
     k_sum, k_max, k_min, v_amax = combine_stats(stats_ptr + unit * tl.num_programs(1) * 4 * D,
                                                 tl.num_programs(1), offs_d, D)
