@@ -22,6 +22,7 @@ constexpr int kBlockM = kCoreBlockM;  // the Q quantization tile (xjfast.ops.tem
 constexpr int kBlockN = kCoreBlockN;
 static_assert(kBlockN == kAttentionBlockN, "the step the reference simulates");
 constexpr float kMinScale = 1e-12f, kPScale = 448.f;
+constexpr float kLog2PScale = 8.807354922057604f;  // log2(kPScale): P's scale, folded into the exponent
 constexpr float kLn2 = 0.69314718055994531f, kLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ void group_sync(int barrier) {
@@ -258,6 +259,15 @@ __device__ __forceinline__ void transpose_value_tile(const uint8_t* s_v, VOffset
   if constexpr (Core::kAsyncProxy) fence_proxy_async();
 }
 
+// 2^x on the SFU alone (ex2.approx.ftz, 2^-inf = 0): exp2f wraps each call in a range check and
+// two multiplies to produce results below 2^-126, which neither P (rounded to e4m3 after its
+// 448: nothing below 2^-9 survives) nor the rescale factors need.
+__device__ __forceinline__ float exp2_sfu(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // ---- the online softmax over one 64-key tile ----------------------------------------------------
 // Per thread: accumulator rows g and g + 8 of its warp's 16, O in the m16n8 layout.
 template <int D>
@@ -284,29 +294,48 @@ struct SoftmaxState {
 };
 
 // S (raw Q.K^T of keys n0..n0+63) -> P * 448 rounded to e4m3 as the P.V product's A operand, with
-// the running max, sum and O of rows g, g+8 updated (exp2 domain). Keys past `tokens` and rows
-// that do not see the unit (`visible`) get -inf.
-template <int D>
+// the running max, sum and O of rows g, g+8 updated (exp2 domain). Rows that do not see the unit
+// (`visible`) get a -inf bias, so with kWholeTiles only a partial tile (keys past `tokens`) masks
+// element by element (the two versions of the loop cost registers: the mma.sync core, at its
+// 128-register bound, masks every tile). P's 448 is folded into the exponent,
+// 2^(s - m + log2 448), and l takes P's sum / 448.
+template <int D, bool kWholeTiles>
 __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], int n0, int tokens, const bool (&visible)[2],
                                              float score_scale, const float (&q_mean)[2], SoftmaxState<D>& st,
                                              uint32_t (&pa)[kBlockN / 32][4]) {
   const int t = threadIdx.x % 4;
+  const float bias[2] = {visible[0] ? q_mean[0] : -INFINITY, visible[1] ? q_mean[1] : -INFINITY};
   float tile_max[2] = {-INFINITY, -INFINITY};
+  if constexpr (kWholeTiles) {
+    if (n0 + kBlockN <= tokens) {  // a whole tile (the same for every thread): no key mask
 #pragma unroll
-  for (int j = 0; j < kBlockN / 8; ++j) {
+      for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const bool live = n0 + j * 8 + 2 * t + (e & 1) < tokens && visible[e / 2];
-      s[j][e] = live ? s[j][e] * score_scale + q_mean[e / 2] : -INFINITY;
-      tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
+        for (int e = 0; e < 4; ++e) {
+          s[j][e] = s[j][e] * score_scale + bias[e / 2];
+          tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
+        }
+      }
     }
   }
-  float m_safe[2], row_sum[2] = {0.f, 0.f};
+  if (!kWholeTiles || n0 + kBlockN > tokens) {
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool live = n0 + j * 8 + 2 * t + (e & 1) < tokens;
+        s[j][e] = live ? s[j][e] * score_scale + bias[e / 2] : -INFINITY;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
+      }
+    }
+  }
+  float shift[2], row_sum[2] = {0.f, 0.f};
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float m_new = fmaxf(st.m[r], quad_max(tile_max[r]));
-    m_safe[r] = m_new == -INFINITY ? 0.f : m_new;  // a row that has seen no key yet
-    const float alpha = exp2f(st.m[r] - m_safe[r]);
+    const float m_safe = m_new == -INFINITY ? 0.f : m_new;  // a row that has seen no key yet
+    const float alpha = exp2_sfu(st.m[r] - m_safe);
+    shift[r] = m_safe - kLog2PScale;
     st.m[r] = m_new;
     st.l[r] *= alpha;
 #pragma unroll
@@ -316,13 +345,14 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], int n0,
   for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      s[j][e] = exp2f(s[j][e] - m_safe[e / 2]);
+      s[j][e] = exp2_sfu(s[j][e] - shift[e / 2]);  // P * 448
       row_sum[e / 2] += s[j][e];
     }
   }
-  st.l[0] += row_sum[0], st.l[1] += row_sum[1];  // this thread's columns; the quad is summed at the end
+  // this thread's columns; the quad is summed at the end
+  st.l[0] += row_sum[0] * (1.f / kPScale), st.l[1] += row_sum[1] * (1.f / kPScale);
 #pragma unroll
-  for (int kc = 0; kc < kBlockN / 32; ++kc) p_fragment(s + 4 * kc, kPScale, pa[kc]);
+  for (int kc = 0; kc < kBlockN / 32; ++kc) p_fragment(s + 4 * kc, 1.f, pa[kc]);
 }
 
 // Normalize and write rows[0], rows[1] of (b, h); the LSE in natural log.
