@@ -159,6 +159,21 @@ def test_warp_specialized_attention_uses_tma_mbarriers_and_wgmma():
         assert re.search(r"\bF2FP\.SATFINITE\.E4M3\.F32", sass), name
 
 
+def test_attention_key_steps_exponentiate_each_score_once():
+    """Every path's key loop (xjfast.tools.sass.inner_loop on the SASS): a thread owns 32 scores of a
+    64-key step (16 rows of a warp, or 64 of a warpgroup) and 2 rows' rescale factors, so 34 exp2
+    per iteration; twice as many would mean a duplicated softmax (as Triton's 8-warp 64-row tile
+    on sm_90 has)."""
+    from xjfast.tools.sass import inner_loop
+    loops = {key: inner_loop(sass) for key, sass in sass_by_function().items()
+             if re.search(r"temporal_attention(_ws)?_kernel", key[1])
+             and not (key[0] != "sm_90a" and ("WgmmaCore" in key[1] or "_ws_" in key[1]))}  # traps there
+    # 6 instantiations (query dtype x head_dim) of the mma.sync path per arch, of wgmma and ws on sm_90a
+    assert len(loops) == 6 * len(EXPECTED_ARCHS) + (12 if "90a" in EXPECTED_ARCHS else 0), sorted(loops)
+    for key, loop in loops.items():
+        assert loop is not None and loop["exp2"] == 34, (key, loop)
+
+
 def test_warp_specialized_attention_starts_with_the_registers_its_split_assumes():
     """setmaxnreg moves registers within the CTA's launch allocation: the producer warpgroup drops to 40
     per thread and the two consumer warpgroups rise to 232, which needs exactly 168 per thread at

@@ -157,18 +157,24 @@ def _tool(name: str) -> str:
 
 def inner_loop(sass: str) -> dict | None:
     """The per-iteration cost of the innermost loop that holds tensor-core instructions (the key
-    loop of an attention kernel: its first copy), from `nvdisasm -c` output: instructions,
-    MUFU.EX2 (exp2) and single-byte shared stores (STS.U8) a thread issues per iteration. None
-    without such a loop."""
-    body, labels = [], {}
+    loop of an attention kernel: its first copy), from one kernel's SASS as `nvdisasm -c` (branch
+    targets as labels) or `cuobjdump -sass` (as addresses) prints it: instructions, MUFU.EX2
+    (exp2) and single-byte shared stores (STS.U8) a thread issues per iteration, both branches of
+    an if inside the loop counted. None without such a loop."""
+    body, index = [], {}  # (opcode, operands); label or address -> position in body
     for line in sass.splitlines():
         if label := re.match(r"\s*(\.L_x_\d+):", line):
-            labels[label.group(1)] = len(body)
-        elif ins := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", line):
-            body.append((ins.group(1), ins.group(2)))
-    loops = [(labels[target.group(1)], i) for i, (op, rest) in enumerate(body)
-             if op.startswith("BRA") and (target := re.search(r"(\.L_x_\d+)", rest))
-             and labels.get(target.group(1), len(body)) <= i]
+            index[label.group(1)] = len(body)
+        elif ins := re.match(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", line):
+            index[int(ins.group(1), 16)] = len(body)
+            body.append((ins.group(2), ins.group(3)))
+
+    def target(operands):
+        found = re.search(r"(\.L_x_\d+)|0x([0-9a-f]+)", operands)
+        return None if found is None else index.get(found.group(1) or int(found.group(2), 16))
+
+    loops = [(start, i) for i, (op, rest) in enumerate(body)
+             if op.startswith("BRA") and (start := target(rest)) is not None and start <= i]
     mma = [(a, b) for a, b in loops if any(body[j][0].split(".")[0] in TENSOR_CORE_OPS for j in range(a, b + 1))]
     innermost = [(a, b) for a, b in mma if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in mma)]
     if not innermost:
