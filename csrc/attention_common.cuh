@@ -306,19 +306,16 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], int n0,
   const int t = threadIdx.x % 4;
   const float bias[2] = {visible[0] ? q_mean[0] : -INFINITY, visible[1] ? q_mean[1] : -INFINITY};
   float tile_max[2] = {-INFINITY, -INFINITY};
-  if constexpr (kWholeTiles) {
-    if (n0 + kBlockN <= tokens) {  // a whole tile (the same for every thread): no key mask
+  if (kWholeTiles && n0 + kBlockN <= tokens) {  // a whole tile (the same for every thread): no key mask
 #pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
+    for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[j][e] = s[j][e] * score_scale + bias[e / 2];
-          tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
-        }
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = s[j][e] * score_scale + bias[e / 2];
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
       }
     }
-  }
-  if (!kWholeTiles || n0 + kBlockN > tokens) {
+  } else {
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll

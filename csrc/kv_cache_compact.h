@@ -20,7 +20,8 @@ struct CompactArgs {
   const float* page_v_scale;  // [B, H, D]
   // [B, count] strictly ascending candidate indices (< keep_count: keep slot, else page token
   // index - keep_count), as xjfast.ops.kv_cache_compact.select_keep makes them: ascending is what
-  // makes the in-place update safe. An index out of range is clamped (no access out of bounds).
+  // makes the one-CTA (unstaged) in-place update safe; the clustered one stages every candidate
+  // first. An index out of range is clamped (no access out of bounds).
   const int64_t* top;
   int storage_dtype;
   int B, K, T, H, D;

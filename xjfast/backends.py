@@ -70,9 +70,8 @@ def backend_unavailable_reason(backend: str, device: torch.device | str | None =
             return "Triton is not installed (pip install triton)"
         if device is not None and device.type != "cuda" and not triton_interpreted():
             return f"Triton kernels need a CUDA device (got {device}); TRITON_INTERPRET=1 runs them on the CPU"
-        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-            return "no CUDA GPU is visible to torch"
-        if device is None and not torch.cuda.is_available() and not triton_interpreted():
+        # a CUDA device needs a GPU; no device at all, a GPU or the interpreter
+        if not torch.cuda.is_available() and (device.type == "cuda" if device is not None else not triton_interpreted()):
             return "no CUDA GPU is visible to torch"
         return None
     # cuda
