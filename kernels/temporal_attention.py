@@ -37,16 +37,15 @@ LOG2E = 1.4426950408889634
 # committed results rank for its compute capability (backend_ranking.json), else the first.
 # On sm_90 a 64-row tile at 8 warps (two warpgroups) has each warpgroup compute the whole S
 # tile and its softmax for half of P.V's columns: twice the exp2 and 1.5x the MMA work of one
-# warpgroup (per thread per 64 keys: 34 MUFU either way, over 256 threads instead of 128), so a
-# 4-warp tile comes first, two CTAs per SM hiding each other's loads (with 64-key tiles, or 2
-# stages, it spills under Triton 3.6 or 3.9); one 8-warp configuration stays for the benchmark to
-# weigh; 128-row tiles would split the rows but spill at head_dim 128. On sm_100 (tcgen05,
+# warpgroup (per thread per 64 keys: 34 MUFU either way, over 256 threads instead of 128), so
+# 4-warp tiles come first, two CTAs per SM hiding each other's loads; 64-key tiles halve the
+# accumulator rescale per key (431 instructions per thread per 64 keys against 2 x 290); one
+# 8-warp configuration stays for the benchmark to weigh; 128-row tiles would split the rows but
+# spill at head_dim 128 (as do 64-key tiles with 2 or more stages). On sm_100 (tcgen05,
 # accumulators in tensor memory) the warpgroups split the S tile. `python -m xjfast.tools.sass`
-# shows exp2 per thread per key step. On sm_90 P.V also transposes each V tile through shared
-# memory one byte at a time (FP8 wgmma takes V only K-major; 32 STS.U8 per thread per 32 keys):
-# V pages stored transposed would remove that, for every backend's layout.
+# shows instructions and exp2 per thread per key step.
 CANDIDATES = {
-    "sm_90": ((64, 32, 4, 1), (64, 32, 4, 3), (64, 64, 8, 2)),
+    "sm_90": ((64, 64, 4, 1), (64, 32, 4, 2), (64, 32, 4, 1), (64, 64, 8, 2)),
     "sm_100": ((64, 64, 8, 1), (64, 32, 8, 3), (64, 32, 8, 1)),
 }
 INTERPRET_CONFIG = (64, 64, 4, 1)
@@ -85,6 +84,23 @@ def ranked_config(capability: tuple[int, int], ranking: dict) -> tuple[int, int,
 def _gpu_config(capability: tuple[int, int]) -> tuple[int, int, int, int]:
     from xjfast.backends import ranking
     return ranked_config(capability, ranking())
+
+
+def precision_config(cfg: tuple[int, int, int, int], fp8: bool) -> tuple[int, int, int, int]:
+    """The configuration a GPU runs for `precision`: bf16 K/V tiles are twice FP8's bytes, and at 4
+    warps a 64-key one spills, so bf16 takes 32 keys there."""
+    block_m, block_n, warps, stages = cfg
+    return (block_m, 32, warps, stages) if not fp8 and warps == 4 and block_n > 32 else cfg
+
+
+def hopper_paths(capability: tuple[int, int] | None) -> bool:
+    """The kernel's HOPPER constexpr for a GPU of `capability` (None: the interpreter, which runs
+    the Hopper paths so that CI tests them). On sm_90 the accumulators live in registers and FP8
+    wgmma takes V only K-major: from plain row loads Triton transposes each V tile into shared
+    memory one byte at a time (64 STS.U8 per thread per 64 keys), so V comes as four interleaved
+    key sets, each thread then holding four consecutive keys of its channels (16 32-bit stores).
+    sm_100's MMA reads V as it lies; there the four loads only cost registers (it spilled)."""
+    return capability is None or target(capability) == "sm_90"
 
 
 def config(device, interpret: bool) -> tuple[int, int, int, int]:
@@ -174,6 +190,21 @@ def _load_rows(rows_ptr, offs_c, live, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _load_values_by_4(v_base, n0, stride_v, n_tokens, offs_d, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """The V tile [BLOCK_N, D] as four loads of every fourth key, joined so that each thread holds
+    four consecutive keys of its channels (see hopper_paths); keys past n_tokens read as 0 with
+    MASKED."""
+    offs_g = n0 + 4 * tl.arange(0, BLOCK_N // 4)
+    v0 = _load_rows(v_base + offs_g * stride_v, offs_d, offs_g < n_tokens, MASKED)
+    v1 = _load_rows(v_base + (offs_g + 1) * stride_v, offs_d, offs_g + 1 < n_tokens, MASKED)
+    v2 = _load_rows(v_base + (offs_g + 2) * stride_v, offs_d, offs_g + 2 < n_tokens, MASKED)
+    v3 = _load_rows(v_base + (offs_g + 3) * stride_v, offs_d, offs_g + 3 < n_tokens, MASKED)
+    v = tl.join(tl.join(v0, v2), tl.join(v1, v3))  # [G, D, a, b]: key 4g + 2a + b
+    D: tl.constexpr = offs_d.shape[0]
+    return tl.reshape(tl.permute(tl.reshape(v, [BLOCK_N // 4, D, 4]), [0, 2, 1]), [BLOCK_N, D])
+
+
+@triton.jit
 def _scores(q_lo, q_hi, k_rows, live, D: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr,
             INTERPRET: tl.constexpr, MASKED: tl.constexpr):
     """q.k^T [M, N] from _query's tile and the key rows k_rows[:, None] + channel (with MASKED,
@@ -195,29 +226,33 @@ def _scores(q_lo, q_hi, k_rows, live, D: tl.constexpr, FP8: tl.constexpr, DT: tl
 @triton.jit
 def _attend_tile(acc, m_i, l_i, n0, n_tokens, q_lo, q_hi, score_scale, q_bias, offs_d, k_base, v_base,
                  stride_k, stride_v, UNIT_FP8: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
-                 INTERPRET: tl.constexpr, MASKED: tl.constexpr):
+                 INTERPRET: tl.constexpr, HOPPER: tl.constexpr, MASKED: tl.constexpr):
     """One step of the online softmax over keys n0 .. n0 + BLOCK_N of a unit (MASKED: the unit's
     last, partial tile, whose keys past n_tokens get no weight). q_bias = the rows' mean term, or
     -inf for rows that may not see the unit, so no per-element mask is needed for them."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     live = offs_n < n_tokens
     s = _scores(q_lo, q_hi, k_base + offs_n * stride_k, live, offs_d.shape[0], UNIT_FP8, DT, INTERPRET, MASKED)
-    v = _load_rows(v_base + offs_n * stride_v, offs_d, live, MASKED)
-    s = s * score_scale[:, None] + q_bias[:, None]
+    if UNIT_FP8 and HOPPER:
+        v = _load_values_by_4(v_base, n0, stride_v, n_tokens, offs_d, BLOCK_N, MASKED)
+    else:
+        v = _load_rows(v_base + offs_n * stride_v, offs_d, live, MASKED)
+    # A row's scores are s * score_scale + q_bias, score_scale > 0: their max is taken on the raw
+    # scores, and each exponent below is one FMA (the scale, bias and max folded per row).
     if MASKED:
         s = tl.where(live[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * score_scale + q_bias)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
     acc = acc * alpha[:, None]
     # 4. P.V: FP8 with P scaled by P_SCALE (folded into the exponent: 2^(s - m + log2 448)), or
     # bf16 (fp32 in the interpreter, whose bf16 dot is broken)
     if UNIT_FP8:
-        p = tl.exp2(s - (m_safe - LOG2_P_SCALE)[:, None])
+        p = tl.exp2(s * score_scale[:, None] + (q_bias - m_safe + LOG2_P_SCALE)[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1) * (1.0 / P_SCALE)
         acc = tl.dot(to_e4m3(p, INTERPRET), v, acc)
     else:
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(s * score_scale[:, None] + (q_bias - m_safe)[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if INTERPRET:
             acc = tl.dot(p, v.to(tl.float32), acc)
@@ -227,30 +262,43 @@ def _attend_tile(acc, m_i, l_i, n0, n_tokens, q_lo, q_hi, score_scale, q_bias, o
 
 
 @triton.jit
+def _to_unit(v_scale_row, offs_d, UNIT_FP8: tl.constexpr, V_SCALED: tl.constexpr, VOLATILE: tl.constexpr):
+    """[D]: the factor that takes acc into a unit's V-scale units (times P_SCALE for FP8 P), so
+    each P.V product accumulates in place in the tensor cores' accumulator while the unit is
+    read (V_SCALED False: V has no scale)."""
+    if V_SCALED:
+        v_scale = tl.load(v_scale_row + offs_d, volatile=VOLATILE)
+    else:
+        v_scale = tl.full(offs_d.shape, 1.0, tl.float32)
+    if UNIT_FP8:
+        return P_SCALE / v_scale
+    else:
+        return 1.0 / v_scale
+
+
+@triton.jit
 def _attend_unit(acc, m_i, l_i, q_rows, rows, q_delta, visible, offs_d,
-                 k_base, v_base, stride_k, stride_v, n_tokens, k_scale, k_mean, v_scale, sm_scale_log2,
-                 rope_ptr, rope_center, UNIT_FP8: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DT: tl.constexpr, INTERPRET: tl.constexpr):
+                 k_base, v_base, stride_k, stride_v, n_tokens, k_scale, k_mean, v_scale_row, sm_scale_log2,
+                 rope_ptr, rope_center, UNIT_FP8: tl.constexpr, V_SCALED: tl.constexpr, ROPE_DIMS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, DT: tl.constexpr, INTERPRET: tl.constexpr, HOPPER: tl.constexpr):
+    to_unit = _to_unit(v_scale_row, offs_d, UNIT_FP8, V_SCALED, False)
     # 1.-3. the query tile rotated for this unit, quantized, and its mean term
     q_lo, q_hi, q_scale, q_mean = _query(q_rows, rows, q_delta, k_mean, sm_scale_log2, rope_ptr, rope_center,
                                          offs_d.shape[0], ROPE_DIMS, UNIT_FP8, DT, INTERPRET)
     score_scale = q_scale * (k_scale * sm_scale_log2)
-    # While this unit is read, acc is kept in its V-scale units (and times P_SCALE for FP8 P),
-    # so each P.V product accumulates in place in the tensor cores' accumulator.
-    if UNIT_FP8:
-        acc_to_unit = P_SCALE / v_scale
-    else:
-        acc_to_unit = 1.0 / v_scale
-    acc = acc * acc_to_unit[None, :]
+    acc = acc * to_unit[None, :]
     q_bias = tl.where(visible, q_mean, float("-inf"))
     n_full = n_tokens - n_tokens % BLOCK_N
     for n0 in range(0, n_full, BLOCK_N):  # whole tiles: no key mask
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, n0, n_tokens, q_lo, q_hi, score_scale, q_bias, offs_d, k_base,
-                                     v_base, stride_k, stride_v, UNIT_FP8, BLOCK_N, DT, INTERPRET, False)
+                                     v_base, stride_k, stride_v, UNIT_FP8, BLOCK_N, DT, INTERPRET, HOPPER, False)
     if n_full < n_tokens:
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, n_full, n_tokens, q_lo, q_hi, score_scale, q_bias, offs_d,
-                                     k_base, v_base, stride_k, stride_v, UNIT_FP8, BLOCK_N, DT, INTERPRET, True)
-    acc = acc * (1.0 / acc_to_unit)[None, :]
+                                     k_base, v_base, stride_k, stride_v, UNIT_FP8, BLOCK_N, DT, INTERPRET, HOPPER, True)
+    if HOPPER:  # accumulators in registers: a thread's 32 columns of to_unit, held across the key
+        # loop, cost 32 registers (64-key tiles spilled so); read again instead (volatile: not merged)
+        to_unit = _to_unit(v_scale_row, offs_d, UNIT_FP8, V_SCALED, True)
+    acc = acc * (1.0 / to_unit)[None, :]
     return acc, m_i, l_i
 
 
@@ -258,14 +306,13 @@ def _attend_unit(acc, m_i, l_i, q_rows, rows, q_delta, visible, offs_d,
 def _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, slot, page_ptr, visible, offs_d, b, h, B, H,
                  ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, rope_ptr, rope_center,
                  D: tl.constexpr, CACHE_FP8: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DT: tl.constexpr, INTERPRET: tl.constexpr):
+                 DT: tl.constexpr, INTERPRET: tl.constexpr, HOPPER: tl.constexpr):
     page = tl.load(page_ptr).to(tl.int64)
     row = (page * B + b) * H + h
     base = (page * B + b) * cache_T * H * D + h * D
     return _attend_unit(acc, m_i, l_i, q_rows, rows, q_slot - slot, visible, offs_d, ck_ptr + base, cv_ptr + base,
                         H * D, H * D, cache_T, tl.load(cks_ptr + row), tl.load(ckm_ptr + row * D + offs_d),
-                        tl.load(cvs_ptr + row * D + offs_d), sm_scale_log2, rope_ptr, rope_center,
-                        CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
+                        cvs_ptr + row * D, sm_scale_log2, rope_ptr, rope_center, CACHE_FP8, True, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
 
 
 @triton.jit
@@ -278,7 +325,7 @@ def temporal_attention_kernel(
     B, H, Lq, first_slot, sm_scale_log2, rope_ptr, rope_center,
     D: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CACHE_FP8: tl.constexpr, PASS_FP8: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, HOPPER: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
@@ -291,7 +338,6 @@ def temporal_attention_kernel(
     q_slot = first_slot + tl.load(slots_ptr + row_unit, mask=rows, other=0)
     all_rows = offs_m >= 0
     zeros_d = tl.zeros([D], dtype=tl.float32)
-    ones_d = zeros_d + 1.0
 
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -302,20 +348,19 @@ def temporal_attention_kernel(
     for i in range(0, n_sinks):
         acc, m_i, l_i = _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, i, page_table_ptr + i, all_rows, offs_d, b, h, B, H,
                                      ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, rope_ptr, rope_center,
-                                     D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
+                                     D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
     if keep_count > 0:
         row = b * H + h
         base = b.to(tl.int64) * keep_cap * H * D + h * D
         acc, m_i, l_i = _attend_unit(
             acc, m_i, l_i, q_rows, rows, q_slot - n_sinks, all_rows, offs_d, kk_ptr + base, kv_ptr + base,
             page_stride_t, page_stride_t, keep_count, tl.load(kks_ptr + row), tl.load(kkm_ptr + row * D + offs_d),
-            tl.load(kvs_ptr + row * D + offs_d), sm_scale_log2, rope_ptr, rope_center,
-            CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
+            kvs_ptr + row * D, sm_scale_log2, rope_ptr, rope_center, CACHE_FP8, True, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
     for i in range(n_sinks, n_pages):
         acc, m_i, l_i = _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, i + tl.where(keep_count > 0, 1, 0),
                                      page_table_ptr + i, all_rows, offs_d, b, h, B, H,
                                      ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, rope_ptr, rope_center,
-                                     D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
+                                     D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
 
     # the pass's own units (frames with a cache, mask blocks without)
     row_block = row_unit // block_units
@@ -334,16 +379,16 @@ def temporal_attention_kernel(
                 acc, m_i, l_i = _attend_unit(
                     acc, m_i, l_i, q_rows, rows, q_slot - (first_slot + tl.load(slots_ptr + u)), visible, offs_d, k_base, v_base,
                     page_stride_t, page_stride_t, unit_T, tl.load(pks_ptr + row),
-                    tl.load(pkm_ptr + row * D + offs_d), tl.load(pvs_ptr + row * D + offs_d),
-                    sm_scale_log2, rope_ptr, rope_center, True, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
+                    tl.load(pkm_ptr + row * D + offs_d), pvs_ptr + row * D,
+                    sm_scale_log2, rope_ptr, rope_center, True, True, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
             else:  # the input K/V themselves, unquantized
                 start = (u * unit_T).to(tl.int64)
                 k_base = pk_ptr + b.to(tl.int64) * stride_pkb + h * stride_pkh + start * stride_pkl
                 v_base = pv_ptr + b.to(tl.int64) * stride_pvb + h * stride_pvh + start * stride_pvl
                 acc, m_i, l_i = _attend_unit(
                     acc, m_i, l_i, q_rows, rows, q_slot - (first_slot + tl.load(slots_ptr + u)), visible, offs_d, k_base, v_base,
-                    stride_pkl, stride_pvl, unit_T, 1.0, zeros_d, ones_d, sm_scale_log2, rope_ptr, rope_center,
-                    False, ROPE_DIMS, BLOCK_N, DT, INTERPRET)
+                    stride_pkl, stride_pvl, unit_T, 1.0, zeros_d, pvs_ptr, sm_scale_log2, rope_ptr, rope_center,
+                    False, False, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
 
     out = acc * (1.0 / l_i)[:, None]
     o_rows = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ol
@@ -398,13 +443,14 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
     from xjfast.ops.temporal_attention import kernel_tables, pass_pages
 
     B, L, H, D = q.shape
-    block_m, block_n, warps, stages = config(q.device, interpret)
+    fp8 = plan.precision == "fp8"
+    cfg = config(q.device, interpret)
+    block_m, block_n, warps, stages = cfg if interpret else precision_config(cfg, fp8)
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32) if lse is None else lse
     tables = kernel_tables(plan, view, q)
     unit_T = tables.unit_tokens
     n_units = L // unit_T
-    fp8 = plan.precision == "fp8"
     if fp8:
         pass_k, pass_v, pass_ks, pass_km, pass_vs = pass_pages(
             k, v, unit_T, lambda *args: kv_cache_commit(*args, interpret=interpret))
@@ -432,7 +478,9 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
         v.stride(0), v.stride(1), v.stride(2), n_units, unit_T, tables.private, slots,
         plan.block_tokens // unit_T, B, H, L, first_slot, sm_scale_log2, rope, rope_center,
         D=D, ROPE_DIMS=rope_dims, BLOCK_M=block_m, BLOCK_N=block_n, CACHE_FP8=cache_fp8, PASS_FP8=fp8,
-        CAUSAL=plan.causal, DT=_DTYPES[q.dtype], INTERPRET=interpret, num_warps=warps, num_stages=stages,
+        CAUSAL=plan.causal, DT=_DTYPES[q.dtype], INTERPRET=interpret,
+        HOPPER=hopper_paths(None if interpret else torch.cuda.get_device_capability(q.device)),
+        num_warps=warps, num_stages=stages,
     )
     if view is not None and view.mass is not None:
         for table_index, slot in view.mass_units:

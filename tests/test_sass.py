@@ -71,6 +71,16 @@ def test_attention_computes_each_softmax_once(reports, name, arch):
     assert r["inner_loop"]["exp2"] * threads <= block_m * block_n + 4 * threads, r
 
 
+@pytest.mark.parametrize("name", [spec.name for spec in sass.stream_specs() + sass.candidate_specs()
+                                  if spec.name.startswith("temporal_attention[fp8") and 90 in spec.configs])
+def test_fp8_attention_stores_value_tiles_in_words_on_sm_90(reports, name):
+    """FP8 wgmma takes V only K-major, so each V tile is transposed into shared memory; loaded as
+    plain rows, Triton did it one byte at a time (STS.U8: 32 per thread per 32 keys, the store
+    unit's whole budget); the kernel loads V by fours of keys instead (hopper_paths)."""
+    loop = reports[(name, 90)]["inner_loop"]
+    assert loop["byte_stores"] == 0, loop
+
+
 def test_loop_analysis_sees_a_duplicated_softmax(reports):
     """The check above can fail: the 8-warp candidate kept for the benchmark to weigh exponentiates
     each score twice on sm_90 (both warpgroups), and the tool's loop analysis shows it."""

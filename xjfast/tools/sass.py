@@ -48,7 +48,7 @@ def stream_specs() -> list[KernelSpec]:
     from xjfast.kernels.kv_cache_commit import BLOCK_T as COMMIT_BLOCK_T
     from xjfast.kernels.kv_cache_commit import WARPS as COMMIT_WARPS
     from xjfast.kernels.kv_cache_compact import BLOCK_T as COMPACT_BLOCK_T
-    from xjfast.kernels.temporal_attention import CANDIDATES, Q_TILE
+    from xjfast.kernels.temporal_attention import CANDIDATES, Q_TILE, precision_config
 
     B, H, T, L = 1, 12, 1560, 2 * 1560
     per_arch = {90: CANDIDATES["sm_90"][0], 100: CANDIDATES["sm_100"][0]}  # what a GPU runs before any ranking
@@ -69,7 +69,8 @@ def stream_specs() -> list[KernelSpec]:
         const = dict(D=D, ROPE_DIMS=rope, CACHE_FP8=fp8, PASS_FP8=fp8, CAUSAL=True,
                      DT=tl.bfloat16, INTERPRET=False)
         specs.append(KernelSpec(f"temporal_attention[{precision},D={D}]", "temporal_attention",
-                                "temporal_attention_kernel", args, const, configs=per_arch,
+                                "temporal_attention_kernel", args, const,
+                                configs={arch: precision_config(cfg, fp8) for arch, cfg in per_arch.items()},
                                 tags=dict(op="temporal_attention", precision=precision, head_dim=D)))
     specs.append(KernelSpec(
         "attention_mass[fp8,D=128]", "temporal_attention", "attention_mass_kernel",
@@ -212,6 +213,9 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
         spec = dataclasses.replace(spec, constexprs={"BLOCK_M": block_m, **spec.constexprs, "BLOCK_N": block_n},
                                    num_warps=warps,
                                    num_stages=stages)
+    if "HOPPER" in fn.arg_names:  # as the launcher sets it for the target
+        from xjfast.kernels.temporal_attention import hopper_paths
+        spec = dataclasses.replace(spec, constexprs={**spec.constexprs, "HOPPER": hopper_paths((arch // 10, 0))})
     signature, attrs = _signature(fn, spec)
     source = ASTSource(fn, signature, constexprs=spec.constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
