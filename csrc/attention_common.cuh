@@ -305,15 +305,14 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], int n0,
                                              uint32_t (&pa)[kBlockN / 32][4]) {
   const int t = threadIdx.x % 4;
   const float bias[2] = {visible[0] ? q_mean[0] : -INFINITY, visible[1] ? q_mean[1] : -INFINITY};
+  // A row's scores are s * score_scale + bias, score_scale > 0: the max is taken on the raw
+  // scores, and each exponent is one FMA (scale, bias and max folded per row).
   float tile_max[2] = {-INFINITY, -INFINITY};
   if (kWholeTiles && n0 + kBlockN <= tokens) {  // a whole tile (the same for every thread): no key mask
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[j][e] = s[j][e] * score_scale + bias[e / 2];
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
-      }
+      for (int e = 0; e < 4; ++e) tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
     }
   } else {
 #pragma unroll
@@ -321,18 +320,18 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], int n0,
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const bool live = n0 + j * 8 + 2 * t + (e & 1) < tokens;
-        s[j][e] = live ? s[j][e] * score_scale + bias[e / 2] : -INFINITY;
+        s[j][e] = live ? s[j][e] : -INFINITY;
         tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
       }
     }
   }
-  float shift[2], row_sum[2] = {0.f, 0.f};
+  float offset[2], row_sum[2] = {0.f, 0.f};
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float m_new = fmaxf(st.m[r], quad_max(tile_max[r]));
+    const float m_new = fmaxf(st.m[r], quad_max(tile_max[r]) * score_scale + bias[r]);
     const float m_safe = m_new == -INFINITY ? 0.f : m_new;  // a row that has seen no key yet
     const float alpha = exp2_sfu(st.m[r] - m_safe);
-    shift[r] = m_safe - kLog2PScale;
+    offset[r] = bias[r] - (m_safe - kLog2PScale);  // -inf for a row that may not see the unit
     st.m[r] = m_new;
     st.l[r] *= alpha;
 #pragma unroll
@@ -342,7 +341,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], int n0,
   for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      s[j][e] = exp2_sfu(s[j][e] - shift[e / 2]);  // P * 448
+      s[j][e] = exp2_sfu(fmaf(s[j][e], score_scale, offset[e / 2]));  // P * 448
       row_sum[e / 2] += s[j][e];
     }
   }
