@@ -23,7 +23,7 @@ from bench.harness import accuracy, cuda_attention_core, environ, on_gpu, rate, 
 from xjfast.backends import implementations, unusable_reason
 from xjfast.errors import BackendUnavailable
 from xjfast.ops.rotary import rotate_leading
-from xjfast.ops.temporal_attention import CONFIG_ENV, block_mask
+from xjfast.ops.temporal_attention import CONFIG_ENV, SPLITS_ENV, block_mask
 
 # The reference attention materialises fp32 scores of every (query, key) pair several times over
 # (about 20 GB at 2 query frames over 21 cached ones) and takes seconds: it defines the op, the
@@ -221,15 +221,17 @@ def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_c
     tflop = 4 * case["H"] * case["D"] * _visible_pairs(L, n_cached, block_tokens) / 1e12
     exact = _exact(frames, q, k, v, cache, block_tokens or L)
     rows = []
-    for backend, reason, core, config in _variants(candidates, device, tune):
-        for precision in ("fp8",) if config else ("fp8", "bf16"):
-            label = f"{backend}[{core or config}]" if core or config else backend
+    for backend, reason, core, config, unsplit in _variants(candidates, device, tune):
+        for precision in ("fp8",) if config or unsplit else ("fp8", "bf16"):
+            label = f"{backend}[{core or config or 'unsplit'}]" if core or config or unsplit else backend
             row = dict(case, op="temporal_attention", case=_case_name(case, precision), backend=backend,
                        precision=precision, impl=f"xjfast-{label}-{precision}")
             if core:  # the fastest path ranks the backend and becomes auto's (bench/readme_tables.py)
                 row.update(core=core)
             if config:  # ranked apart: the backend's own row is the configuration auto runs now
                 row.update(config=config)
+            if unsplit:  # what splitting the key units gains (kv_splits), ranked with nothing
+                row.update(unsplit=True)
             if reason is not None:
                 rows.append(dict(row, skipped=reason))
                 continue
@@ -238,9 +240,11 @@ def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_c
                 return xjfast.temporal_attention(q_, k_, v_, block_tokens=block_tokens, kv_cache=c, layer=0,
                                                  precision=p, backend=b)
             try:
-                with cuda_attention_core(core), environ(CONFIG_ENV, config):
+                with cuda_attention_core(core), environ(CONFIG_ENV, config), environ(SPLITS_ENV, "1" if unsplit else None):
                     out = fn(cache, q, k, v)  # an implementation covering part of the op says so here
                     timing = time_ms(fn, [(s[0], s[2], s[3], s[4]) for s in sets], device, reps=reps)
+                    if backend == "triton":
+                        row.update(splits=_triton_splits(q, k, v, cache, block_tokens, precision))
                 ceiling = fp8_ceiling if precision == "fp8" else bf16_ceiling
                 rows.append(dict(row, **rate(timing, tflop, "TFLOP/s", ceiling), **accuracy(out, exact)))
             except BackendUnavailable as exc:
@@ -260,11 +264,21 @@ def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_c
     return rows
 
 
+def _triton_splits(q, k, v, cache, block_tokens, precision) -> int:
+    """How many ways the Triton attention split the key units in this call."""
+    from xjfast.backends import triton_interpreted
+    from xjfast.kernels.temporal_attention import split_plan
+    from xjfast.ops.temporal_attention import _validate
+    plan = _validate(q, k, v, block_tokens, None, None, cache, 0, precision, "triton")
+    return split_plan(q, plan, cache.view(0), triton_interpreted())[0]
+
+
 def _variants(candidates, device, tune: bool):
-    """(backend, reason, CUDA path, Triton configuration): on sm_90 the CUDA attention once per path
-    side by side (wgmma, the warp-specialized TMA kernel ws, mma.sync), a path
+    """(backend, reason, CUDA path, Triton configuration, unsplit): on sm_90 the CUDA attention once
+    per path side by side (wgmma, the warp-specialized TMA kernel ws, mma.sync), a path
     XJFAST_CUDA_ATTENTION_SKIP leaves out with the reason; elsewhere once (its one path). With
-    `tune`, on a GPU, the Triton kernel also in each candidate configuration of the GPU's target."""
+    `tune`, on a GPU, the Triton kernel also in each candidate configuration of the GPU's target,
+    and once with its key units unsplit."""
     from xjfast.ops.temporal_attention import cuda_paths, skipped_cuda_paths
     gpu = on_gpu(device)
     hopper = gpu and torch.cuda.get_device_capability(device) == (9, 0)
@@ -273,13 +287,14 @@ def _variants(candidates, device, tune: bool):
         if backend == "triton" and reason is None and gpu and tune:
             from xjfast.kernels.temporal_attention import CANDIDATES, config_name, target
             for config in CANDIDATES[target(torch.cuda.get_device_capability(device))]:
-                yield backend, None, None, config_name(config)
+                yield backend, None, None, config_name(config), False
+            yield backend, None, None, None, True
         if backend != "cuda" or reason is not None or not hopper:
-            yield backend, reason, None, None
+            yield backend, reason, None, None, False
             continue
         for core in cuda_paths(device):
             yield backend, ("left out: its first launch hung or failed in gpu-check (XJFAST_CUDA_ATTENTION_SKIP)"
-                            if core in skipped else None), core, None
+                            if core in skipped else None), core, None, False
 
 
 def _time_backends(op: str, device, run, inputs, amount_gb: float, copy_bw: float, **row) -> list[dict]:

@@ -5,7 +5,7 @@ cudaProfilerStop, for Nsight Compute: `make profile OP=temporal_attention [BACKE
 
 Warm-up calls come first, outside the profiled range, so that compilation and autotuning stay out.
 One path of the CUDA attention: `XJFAST_CUDA_ATTENTION_CORE=ws make profile OP=temporal_attention BACKEND=cuda`;
-one configuration of the Triton attention: `XJFAST_TRITON_ATTENTION_CONFIG=64,32,8,3 make profile ... BACKEND=triton`.
+one configuration of the Triton attention: `XJFAST_TRITON_ATTENTION_CONFIG=64,32,4,2 make profile ... BACKEND=triton`.
 """
 from __future__ import annotations
 

@@ -73,13 +73,13 @@ def rank_triton_attention_configs(results: dict) -> list[str]:
 def rank_backends(results: dict) -> dict:
     """op -> xjfast backends fastest first, from one results file (a backend covering part of an op is
     judged where it runs; the CUDA attention timed per path counts with the path auto will run,
-    the fastest; the Triton attention with the configuration it ran, not the candidates timed
-    beside it); skipped backends are not ranked."""
+    the fastest; the Triton attention with the configuration it ran, not the candidates or the
+    unsplit run timed beside it); skipped backends are not ranked."""
     best_path = next(iter(rank_cuda_attention_paths(results)), None)
     times: dict = {}  # op -> case -> backend -> median ms
     for row in results.get("attention", []) + results.get("memory_bound", []):
         if "backend" in row and "median_ms" in row and row.get("core", best_path) == best_path \
-                and "config" not in row:
+                and "config" not in row and not row.get("unsplit"):
             times.setdefault(row["op"], {}).setdefault(row["case"], {})[row["backend"]] = row["median_ms"]
     return {op: _geomean_order(cases) for op, cases in times.items()}
 

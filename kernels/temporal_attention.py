@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from xjfast.ops.temporal_attention import CONFIG_ENV, CONFIG_RANKING
+from xjfast.ops.temporal_attention import CONFIG_ENV, CONFIG_RANKING, SPLITS_ENV
 
 from .fp8 import LOG2_P_SCALE, P_SCALE, scale_from_amax, to_e4m3
 from .kv_cache_commit import kv_cache_commit
@@ -29,6 +29,7 @@ from .kv_cache_commit import kv_cache_commit
 Q_TILE = 64  # = xjfast.ops.temporal_attention.Q_TILE: Q is quantized per 64-row group
 _Q_TILE = tl.constexpr(Q_TILE)  # for jitted code
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
 
 # Configurations (BLOCK_M, BLOCK_N, warps, stages). BLOCK_M is a multiple of Q_TILE; BLOCK_N is
 # also the online softmax's step, so the reference simulates the same P rounding with
@@ -46,7 +47,7 @@ LOG2E = 1.4426950408889634
 # shows instructions and exp2 per thread per key step.
 CANDIDATES = {
     "sm_90": ((64, 64, 4, 1), (64, 32, 4, 2), (64, 32, 4, 1), (64, 64, 8, 2)),
-    "sm_100": ((64, 64, 8, 1), (64, 32, 8, 3), (64, 32, 8, 1)),
+    "sm_100": ((64, 64, 8, 1), (64, 64, 8, 2), (64, 32, 8, 1)),
 }
 INTERPRET_CONFIG = (64, 64, 4, 1)
 
@@ -101,6 +102,53 @@ def hopper_paths(capability: tuple[int, int] | None) -> bool:
     key sets, each thread then holding four consecutive keys of its channels (16 32-bit stores).
     sm_100's MMA reads V as it lies; there the four loads only cost registers (it spilled)."""
     return capability is None or target(capability) == "sm_90"
+
+
+def ctas_per_sm(warps: int) -> int:
+    """Programs of the attention one SM holds at once: every candidate uses 229-255 registers a
+    thread (`python -m xjfast.tools.sass`; tests/test_sass.py holds this to the SASS), so two
+    4-warp programs fit the 64K registers of an sm_90/sm_100 SM, one 8-warp."""
+    return 2 if warps == 4 else 1
+
+
+MAX_SPLITS = 8
+COMBINE_ROWS = 32  # query rows per program of the combine kernel
+
+
+def kv_splits(programs: int, units: int, slots: int) -> int:
+    """How many ways to split the key units between programs, from `programs` = query tiles x
+    batch x heads and the `slots` the GPU runs at once (SMs x ctas_per_sm): equal programs run in
+    waves, and 300 programs on 264 slots take two waves for 1.14 waves of work (at the stream
+    shape with one query frame: 25 tiles x 12 heads on an H100). Splitting trades that idle tail
+    for a combine pass: the fewest splits (at most MAX_SPLITS, each at least one unit) within 10%
+    of the best wave efficiency, counting the combine as 3% of the work per extra split."""
+    def cost(n):  # the run time of the waves per program's work, plus the combine
+        return triton.cdiv(programs * n, slots) / n * (1 + 0.03 * (n - 1))
+    choices = range(1, max(1, min(MAX_SPLITS, units)) + 1)
+    best = min(cost(n) for n in choices)
+    return next(n for n in choices if cost(n) <= 1.1 * best)
+
+
+def split_plan(q, plan, view, interpret: bool) -> tuple[int, int]:
+    """(splits, units per split) of a launch: XJFAST_TRITON_ATTENTION_SPLITS when set (the
+    interpreter's tests run it), else kv_splits on a GPU, else 1; no split is left empty."""
+    B, L, H, _ = q.shape
+    units = L // (plan.frame_tokens or plan.block_tokens)
+    if view is not None:
+        units += view.page_table.numel() + (1 if view.keep_count > 0 else 0)
+    forced = os.environ.get(SPLITS_ENV)
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise ValueError(f"{SPLITS_ENV}: expected a positive integer, got {forced!r}")
+        splits = int(forced)
+    elif interpret or q.device.type != "cuda":
+        splits = 1
+    else:
+        from .kv_cache_commit import sm_count
+        block_m, _, warps, _ = config(q.device, interpret)
+        splits = kv_splits(triton.cdiv(L, block_m) * B * H, units, sm_count(q.device) * ctas_per_sm(warps))
+    split_units = triton.cdiv(units, min(splits, units))
+    return triton.cdiv(units, split_units), split_units
 
 
 def config(device, interpret: bool) -> tuple[int, int, int, int]:
@@ -317,7 +365,8 @@ def _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, slot, page_ptr, visible, o
 
 @triton.jit
 def temporal_attention_kernel(
-    q_ptr, out_ptr, lse_ptr, stride_qb, stride_ql, stride_qh, stride_ob, stride_ol, stride_oh,
+    q_ptr, out_ptr, lse_ptr, stride_qb, stride_ql, stride_qh, stride_os, stride_ob, stride_ol, stride_oh,
+    stride_ls, split_units,
     ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, page_table_ptr, n_pages, n_sinks, cache_T,
     kk_ptr, kv_ptr, kks_ptr, kkm_ptr, kvs_ptr, keep_count, keep_cap,
     pk_ptr, pv_ptr, pks_ptr, pkm_ptr, pvs_ptr, stride_pkb, stride_pkl, stride_pkh, stride_pvb, stride_pvl,
@@ -327,9 +376,18 @@ def temporal_attention_kernel(
     CACHE_FP8: tl.constexpr, PASS_FP8: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr,
     INTERPRET: tl.constexpr, HOPPER: tl.constexpr,
 ):
+    """Program (query tile, batch*head, split): the split reads key units [lo, hi) of the slot order
+    (sinks, keep buffer, window, the pass's units), split_units each, and writes its own output
+    and LSE (out_ptr/lse_ptr + split * stride_os/stride_ls), which a combine kernel merges when
+    there are several; a row that sees none of the split's keys gets 0 and an LSE of -inf."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
+    split = tl.program_id(2)
+    lo = split * split_units
+    hi = lo + split_units
+    has_keep = tl.where(keep_count > 0, 1, 0)
+    n_cached = n_pages + has_keep
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     rows = offs_m < Lq
@@ -345,26 +403,26 @@ def temporal_attention_kernel(
 
     # cached units in slot order: sink pages, the keep buffer, window pages ([P, B, T, H, D])
     page_stride_t = H * D
-    for i in range(0, n_sinks):
+    for i in range(lo, tl.minimum(hi, n_sinks)):
         acc, m_i, l_i = _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, i, page_table_ptr + i, all_rows, offs_d, b, h, B, H,
                                      ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, rope_ptr, rope_center,
                                      D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
-    if keep_count > 0:
+    if (keep_count > 0) & (lo <= n_sinks) & (n_sinks < hi):
         row = b * H + h
         base = b.to(tl.int64) * keep_cap * H * D + h * D
         acc, m_i, l_i = _attend_unit(
             acc, m_i, l_i, q_rows, rows, q_slot - n_sinks, all_rows, offs_d, kk_ptr + base, kv_ptr + base,
             page_stride_t, page_stride_t, keep_count, tl.load(kks_ptr + row), tl.load(kkm_ptr + row * D + offs_d),
             kvs_ptr + row * D, sm_scale_log2, rope_ptr, rope_center, CACHE_FP8, True, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
-    for i in range(n_sinks, n_pages):
-        acc, m_i, l_i = _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, i + tl.where(keep_count > 0, 1, 0),
+    for i in range(tl.maximum(n_sinks, lo - has_keep), tl.minimum(n_pages, hi - has_keep)):
+        acc, m_i, l_i = _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, i + has_keep,
                                      page_table_ptr + i, all_rows, offs_d, b, h, B, H,
                                      ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, rope_ptr, rope_center,
                                      D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
 
     # the pass's own units (frames with a cache, mask blocks without)
     row_block = row_unit // block_units
-    for u in range(0, n_units):
+    for u in range(tl.maximum(lo - n_cached, 0), tl.minimum(n_units, hi - n_cached)):
         unit_block = u // block_units
         if CAUSAL:
             private = tl.load(private_ptr + unit_block) != 0
@@ -390,11 +448,39 @@ def temporal_attention_kernel(
                     stride_pkl, stride_pvl, unit_T, 1.0, zeros_d, pvs_ptr, sm_scale_log2, rope_ptr, rope_center,
                     False, False, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
 
-    out = acc * (1.0 / l_i)[:, None]
-    o_rows = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ol
+    out = acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]
+    o_rows = out_ptr + split.to(tl.int64) * stride_os + b.to(tl.int64) * stride_ob + h * stride_oh + \
+        offs_m[:, None].to(tl.int64) * stride_ol
     tl.store(o_rows + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=rows[:, None])
-    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634  # natural log
-    tl.store(lse_ptr + (b * H + h).to(tl.int64) * Lq + offs_m, lse, mask=rows)
+    lse = (m_i + tl.log2(l_i)) / _LOG2E  # natural log
+    tl.store(lse_ptr + split.to(tl.int64) * stride_ls + (b * H + h).to(tl.int64) * Lq + offs_m, lse, mask=rows)
+
+
+@triton.jit
+def attention_combine_kernel(part_ptr, part_lse_ptr, out_ptr, lse_ptr, splits, stride_ps, stride_ls,
+                             stride_ob, stride_ol, stride_oh, H, Lq, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out = sum over splits of part_s * exp(lse_s - lse), lse = log sum exp(lse_s): the splits'
+    outputs [S, B, L, H, D] (fp32, each normalized by its own sum) and LSEs [S, B, H, L] merged."""
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    rows = offs_m < Lq
+    lse_rows = part_lse_ptr + (b * H + h).to(tl.int64) * Lq + offs_m
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(0, splits):
+        m = tl.maximum(m, tl.load(lse_rows + s * stride_ls, mask=rows, other=0.0))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    part_rows = part_ptr + ((b * Lq + offs_m[:, None]).to(tl.int64) * H + h) * D + offs_d[None, :]
+    for s in range(0, splits):
+        w = tl.exp2((tl.load(lse_rows + s * stride_ls, mask=rows, other=0.0) - m_safe) * _LOG2E)
+        total += w
+        acc += w[:, None] * tl.load(part_rows + s * stride_ps, mask=rows[:, None], other=0.0)
+    o_rows = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ol
+    tl.store(o_rows + offs_d[None, :], (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=rows[:, None])
+    tl.store(lse_ptr + (b * H + h).to(tl.int64) * Lq + offs_m, m_safe + tl.log(total), mask=rows)
 
 
 @triton.jit
@@ -470,9 +556,16 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
     rope = tables.rope if tables.rope is not None else lse  # never read without a rotary
     slots = tables.slots
     sm_scale_log2 = plan.scale * LOG2E
-    grid = (triton.cdiv(L, block_m), B * H)
+    splits, split_units = split_plan(q, plan, view, interpret)
+    if splits > 1:  # each split's output and LSE, merged below
+        part = torch.empty(splits, B, L, H, D, device=q.device, dtype=torch.float32)
+        part_lse = torch.empty(splits, B, H, L, device=q.device, dtype=torch.float32)
+        o_strides = part.stride()[:4]
+    else:
+        part, part_lse, o_strides = out, lse, (0, *out.stride()[:3])
+    grid = (triton.cdiv(L, block_m), B * H, splits)
     temporal_attention_kernel[grid](
-        q, out, lse, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        q, part, part_lse, q.stride(0), q.stride(1), q.stride(2), *o_strides, B * H * L, split_units,
         *cache, *keep,
         pass_k, pass_v, pass_ks, pass_km, pass_vs, k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), n_units, unit_T, tables.private, slots,
@@ -482,6 +575,10 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
         HOPPER=hopper_paths(None if interpret else torch.cuda.get_device_capability(q.device)),
         num_warps=warps, num_stages=stages,
     )
+    if splits > 1:
+        attention_combine_kernel[(triton.cdiv(L, COMBINE_ROWS), B * H)](
+            part, part_lse, out, lse, splits, part.stride(0), part_lse.stride(0), out.stride(0), out.stride(1),
+            out.stride(2), H, L, D=D, BLOCK_M=COMBINE_ROWS, num_warps=4)
     if view is not None and view.mass is not None:
         for table_index, slot in view.mass_units:
             attention_mass_kernel[(triton.cdiv(view.k_pages.shape[2], block_n), B * H)](

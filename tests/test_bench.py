@@ -176,7 +176,8 @@ def test_the_fastest_triton_attention_configuration_is_ranked_for_auto(tmp_path)
         return {"op": "temporal_attention", "case": case, "backend": backend, "median_ms": ms,
                 **({"config": config} if config else {})}
     rows = [row("a", "triton", 1.2), row("a", "cuda", 1.0), row("a", "triton", 0.9, "64,64,8,2"),
-            row("a", "triton", 1.2, "64,32,4,1"), row("b", "triton", 2.0), row("b", "cuda", 2.4)]
+            row("a", "triton", 1.2, "64,32,4,1"), row("b", "triton", 2.0), row("b", "cuda", 2.4),
+            dict(row("a", "triton", 0.1), unsplit=True)]  # timed beside: ranks nothing
     results = _gpu_results("H100", "2026-11-01", "9.0", rows)
     assert rank_triton_attention_configs(results) == ["64,64,8,2", "64,32,4,1"]
     assert rank_backends(results) == {"temporal_attention": ["cuda", "triton"]}

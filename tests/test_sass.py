@@ -81,6 +81,17 @@ def test_fp8_attention_stores_value_tiles_in_words_on_sm_90(reports, name):
     assert loop["byte_stores"] == 0, loop
 
 
+@pytest.mark.parametrize("name, arch", [pytest.param(spec.name, arch, id=f"{spec.name}-sm_{arch}a")
+                                        for spec in sass.candidate_specs() for arch in spec.configs])
+def test_programs_per_sm_are_what_the_split_heuristic_assumes(reports, name, arch):
+    """kv_splits counts the programs a GPU runs at once from ctas_per_sm(warps): the registers of
+    every candidate (allocated 8 at a time per thread) must give that many in an SM's 64K."""
+    from xjfast.kernels.temporal_attention import ctas_per_sm
+    r = reports[(name, arch)]
+    per_program = -(-r["registers"] // 8) * 8 * 32 * r["num_warps"]
+    assert 65536 // per_program == ctas_per_sm(r["num_warps"]), r
+
+
 def test_loop_analysis_sees_a_duplicated_softmax(reports):
     """The check above can fail: the 8-warp candidate kept for the benchmark to weigh exponentiates
     each score twice on sm_90 (both warpgroups), and the tool's loop analysis shows it."""

@@ -255,6 +255,15 @@ def kv_tile(backend, device):
     return config(device, triton_interpreted())[1]
 
 
+def kv_splits(backend, q, plan, view):
+    """How many ways `backend`'s kernel splits the key units here (each split its own softmax)."""
+    if backend == "cuda":
+        return 1
+    from xjfast.backends import triton_interpreted
+    from xjfast.kernels.temporal_attention import split_plan
+    return split_plan(q, plan, view, triton_interpreted())[0]
+
+
 def plan_of(q, k, v, kv_cache=None, backend="auto", **kwargs):
     plan = _validate(q, k, v, kwargs.get("block_tokens"), kwargs.get("private_blocks"), None, kv_cache,
                      0 if kv_cache is not None else None, kwargs.get("precision", "fp8"), backend,
@@ -264,11 +273,12 @@ def plan_of(q, k, v, kv_cache=None, backend="auto", **kwargs):
 
 def run_backend(backend, q, k, v, kv_cache=None, simulate="triton", core=None, **kwargs):
     """The backend's launch with poisoned outputs, through the op's own validation; the reference
-    simulates the P rounding of backend `simulate`; `core`: the CUDA kernel's tensor-core path."""
+    simulates the P rounding (steps and splits) of backend `simulate`; `core`: the CUDA kernel's
+    tensor-core path."""
     plan, view = plan_of(q, k, v, kv_cache, backend, **kwargs)
     if backend == "reference":
-        return resolve("temporal_attention", backend, q.device).fn(q, k, v, plan, view,
-                                                                   kv_tile=kv_tile(simulate, q.device))
+        return resolve("temporal_attention", backend, q.device).fn(
+            q, k, v, plan, view, kv_tile=kv_tile(simulate, q.device), kv_splits=kv_splits(simulate, q, plan, view))
     B, L, H, D = q.shape
     out, lse = poisoned(q.shape, q.dtype), poisoned((B, H, L), torch.float32)
     if backend == "triton":
@@ -323,6 +333,61 @@ def test_fast_backend_matches_simulating_reference(backend, case):
     if caches[0] is not None and caches[0].mass is not None:  # the attention-mass companion kernel
         assert torch.allclose(caches[0].mass, caches[1].mass, rtol=1e-3, atol=1e-5)
         assert caches[0].mass.sum() > 0
+
+
+@pytest.mark.parametrize("backend", [p for p in fast_backends("temporal_attention") if p.id == "triton"])
+@pytest.mark.parametrize("case, splits", [("cache-keep-tokens", 2), ("cache-keep-tokens", 3),
+                                           ("speculative-pass", 4), ("head-dim-128-fp16", 3),
+                                           ("block-causal-private", 2)])
+def test_triton_split_key_units_merge_to_the_reference(monkeypatch, backend, case, splits):
+    """The key units split between programs (as a GPU does where the query tiles alone leave it
+    idle for part of a wave), each split's softmax merged by the combine kernel: the reference
+    simulating those splits, the attention mass and the LSE agree, and no split is left empty."""
+    from xjfast.kernels.temporal_attention import split_plan
+    monkeypatch.setenv("XJFAST_TRITON_ATTENTION_SPLITS", str(splits))
+    spec = CASES[case]
+    H, T = 2, 32
+    q, k, v = (t.to(DEVICE) for t in qkv(L=spec["L"], H=H, D=spec["D"], dtype=spec.get("dtype", torch.bfloat16)))
+    caches = [filled_cache(H=H, D=spec["D"], T=T, **spec["cache"]) if "cache" in spec else None for _ in range(2)]
+    plan, view = plan_of(q, k, v, caches[0], backend, **spec["kwargs"])
+    ran, per_split = split_plan(q, plan, view, True)
+    units = (len(view.units) if view is not None else 0) + spec["L"] // (plan.frame_tokens or plan.block_tokens)
+    assert ran == splits and (ran - 1) * per_split < units <= ran * per_split, (ran, per_split, units)
+    out, lse = run_backend(backend, q, k, v, caches[0], **spec["kwargs"])
+    ref, ref_lse = run_backend("reference", q, k, v, caches[1], simulate=backend, **spec["kwargs"])
+    assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten"
+    assert rel_l2(out, ref.double()) <= SIM_REL_L2
+    assert (lse - ref_lse).abs().max() < 5e-3
+    if caches[0] is not None and caches[0].mass is not None:
+        assert torch.allclose(caches[0].mass, caches[1].mass, rtol=1e-3, atol=1e-5)
+
+
+def test_key_unit_splits_fill_the_waves():
+    """kv_splits at the stream shape on an H100 (132 SMs, two 4-warp programs each): 25 query
+    tiles x 12 heads (one query frame) would run 1.14 waves of work in two; splitting fills them."""
+    from xjfast.kernels.temporal_attention import MAX_SPLITS, kv_splits
+    slots = 132 * 2
+
+    def waves_used(programs, n):
+        return programs * n / slots / -(-programs * n // slots)
+    n = kv_splits(300, 22, slots)
+    assert n > 1 and waves_used(300, n) >= 0.85, n
+    assert kv_splits(2 * slots, 22, slots) == 1  # whole waves already
+    assert kv_splits(300, 2, slots) <= 2  # never more splits than units
+    assert kv_splits(10, 40, slots) == MAX_SPLITS  # a small grid: as many as allowed
+
+
+def test_forced_splits_are_checked(monkeypatch):
+    pytest.importorskip("triton")
+    from xjfast.kernels.temporal_attention import split_plan
+    q, k, v = qkv(L=64, H=2, D=64)
+    plan, view = plan_of(q, k, v, block_tokens=32)
+    for bad in ("0", "-1", "two", "1.5"):
+        monkeypatch.setenv("XJFAST_TRITON_ATTENTION_SPLITS", bad)
+        with pytest.raises(ValueError, match=f"XJFAST_TRITON_ATTENTION_SPLITS: expected a positive integer, got '{bad}'"):
+            split_plan(q, plan, view, True)
+    monkeypatch.setenv("XJFAST_TRITON_ATTENTION_SPLITS", "9")
+    assert split_plan(q, plan, view, True) == (2, 1)  # two units: two splits of one
 
 
 @pytest.mark.gpu
@@ -496,9 +561,9 @@ def test_triton_configuration_forced_or_ranked(monkeypatch):
     monkeypatch.delenv(kernel.CONFIG_ENV)
     assert kernel.config(torch.device("cpu"), True) == kernel.INTERPRET_CONFIG
     ranking = {kernel.CONFIG_RANKING: {"9.0": {"order": ["64,32,8,3", "64,64,8,2"]},
-                                       "10.0": {"order": ["64,64,8,2", "64,32,8,1"]}}}
+                                       "10.0": {"order": ["64,32,4,2", "64,32,8,1"]}}}
     assert kernel.ranked_config((9, 0), ranking) == (64, 64, 8, 2)  # 64,32,8,3 is no longer a candidate
-    assert kernel.ranked_config((10, 0), ranking) == (64, 32, 8, 1)  # 64,64,8,2 is no sm_100 candidate
+    assert kernel.ranked_config((10, 0), ranking) == (64, 32, 8, 1)  # 64,32,4,2 is no sm_100 candidate
     assert kernel.ranked_config((9, 0), {}) == kernel.CANDIDATES["sm_90"][0]
     assert kernel.ranked_config((12, 0), {}) == kernel.CANDIDATES["sm_100"][0]
 

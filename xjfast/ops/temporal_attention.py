@@ -259,9 +259,11 @@ def _quantize_q(qr: torch.Tensor) -> torch.Tensor:
 
 
 @register("temporal_attention", "reference")
-def temporal_attention_reference(q, k, v, plan: AttentionPlan, view, kv_tile: int = KV_TILE):
+def temporal_attention_reference(q, k, v, plan: AttentionPlan, view, kv_tile: int = KV_TILE, kv_splits: int = 1):
     """The definition; `kv_tile` is the online softmax's step whose P rounding is simulated (a
-    backend's BLOCK_N, when holding that backend to the reference that simulates it)."""
+    backend's BLOCK_N, when holding that backend to the reference that simulates it), and
+    `kv_splits` the number of ways a backend splits the key units (slot order, ceil(units /
+    kv_splits) each), every split running its own online softmax."""
     B, L, H, D = q.shape
     first_slot = view.num_slots if view is not None else 0
     units = (_cached_units(view, plan.precision == "fp8") if view is not None else []) + \
@@ -288,7 +290,7 @@ def temporal_attention_reference(q, k, v, plan: AttentionPlan, view, kv_tile: in
     row_sum = p.sum(dim=-1, keepdim=True)
     out = torch.zeros(B, H, L, D, device=q.device)
     sizes = [u.k.shape[1] for u in units]
-    running = _running_max(scores, row_max, kv_tile)
+    running = _running_max(scores, row_max, kv_tile, -(-len(units) // kv_splits))
     for unit, s_unit, p_unit, m_run in zip(units, scores, p.split(sizes, dim=-1), running.split(sizes, dim=-1)):
         if unit.fp8:  # P is rounded relative to the running max of the online softmax, then rescaled
             # (from the scores: p / exp(m_run - row_max) would be 0 / 0 where that factor underflows)
@@ -301,16 +303,18 @@ def temporal_attention_reference(q, k, v, plan: AttentionPlan, view, kv_tile: in
     return out.to(q.dtype), lse
 
 
-def _running_max(scores: list, row_max: torch.Tensor, kv_tile: int) -> torch.Tensor:
+def _running_max(scores: list, row_max: torch.Tensor, kv_tile: int, split_units: int) -> torch.Tensor:
     """Per key: the online softmax's running row max once that key's kv_tile-key tile is read
-    (units in slot order, each tiled from its start), as the kernels see it."""
+    (units in slot order, each tiled from its start; a split of split_units units starts its own
+    softmax), as the kernels see it."""
     tile_max, tile_len = [], []
     for s in scores:
         n = s.shape[-1]
         padded = torch.nn.functional.pad(s, (0, -n % kv_tile), value=float("-inf"))
         tile_max.append(padded.unflatten(-1, (-1, kv_tile)).amax(dim=-1))
         tile_len += [min(kv_tile, n - i) for i in range(0, n, kv_tile)]
-    running = torch.cat(tile_max, dim=-1).cummax(dim=-1).values
+    running = torch.cat([torch.cat(tile_max[i:i + split_units], dim=-1).cummax(dim=-1).values
+                         for i in range(0, len(tile_max), split_units)], dim=-1)
     running = torch.where(running == float("-inf"), row_max, running)  # rows that saw nothing yet
     lengths = torch.tensor(tile_len, device=running.device)
     return running.repeat_interleave(lengths, dim=-1)
@@ -350,6 +354,7 @@ def _aligned_16(t: torch.Tensor) -> bool:
 CUDA_CORES = ("auto", "mma", "wgmma", "ws")
 CUDA_CORE_RANKING = "temporal_attention:cuda_core"  # its entry in backend_ranking.json
 CONFIG_RANKING = "temporal_attention:triton_config"  # the Triton kernel's configurations, ranked likewise
+SPLITS_ENV = "XJFAST_TRITON_ATTENTION_SPLITS"  # n: the Triton kernel splits the key units n ways
 CONFIG_ENV = "XJFAST_TRITON_ATTENTION_CONFIG"  # "BLOCK_M,BLOCK_N,warps,stages": the Triton kernel runs that one
 
 

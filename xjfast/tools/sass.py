@@ -48,7 +48,7 @@ def stream_specs() -> list[KernelSpec]:
     from xjfast.kernels.kv_cache_commit import BLOCK_T as COMMIT_BLOCK_T
     from xjfast.kernels.kv_cache_commit import WARPS as COMMIT_WARPS
     from xjfast.kernels.kv_cache_compact import BLOCK_T as COMPACT_BLOCK_T
-    from xjfast.kernels.temporal_attention import CANDIDATES, Q_TILE, precision_config
+    from xjfast.kernels.temporal_attention import CANDIDATES, COMBINE_ROWS, Q_TILE, precision_config
 
     B, H, T, L = 1, 12, 1560, 2 * 1560
     per_arch = {90: CANDIDATES["sm_90"][0], 100: CANDIDATES["sm_100"][0]}  # what a GPU runs before any ranking
@@ -58,8 +58,10 @@ def stream_specs() -> list[KernelSpec]:
         page = "*fp8e4nv"  # the stream's cache stores e4m3 pages; bf16 precision reads them dequantized
         pass_kv = "*fp8e4nv" if fp8 else "*bf16"
         args = dict(
-            q_ptr="*bf16", out_ptr="*bf16", lse_ptr="*fp32", stride_qb=L * H * D, stride_ql=H * D, stride_qh=D,
-            stride_ob=L * H * D, stride_ol=H * D, stride_oh=D, ck_ptr=page, cv_ptr=page, cks_ptr="*fp32",
+            # two key-unit splits' fp32 outputs (kv_splits' choice for 2 query frames on an H100)
+            q_ptr="*bf16", out_ptr="*fp32", lse_ptr="*fp32", stride_qb=L * H * D, stride_ql=H * D, stride_qh=D,
+            stride_os=B * L * H * D, stride_ob=L * H * D, stride_ol=H * D, stride_oh=D, stride_ls=B * H * L,
+            split_units=12, ck_ptr=page, cv_ptr=page, cks_ptr="*fp32",
             ckm_ptr="*fp32", cvs_ptr="*fp32", page_table_ptr="*i32", n_pages=21, n_sinks=1, cache_T=T,
             kk_ptr=page, kv_ptr=page, kks_ptr="*fp32", kkm_ptr="*fp32", kvs_ptr="*fp32", keep_count=0, keep_cap=3,
             pk_ptr=pass_kv, pv_ptr=pass_kv, pks_ptr="*fp32", pkm_ptr="*fp32", pvs_ptr="*fp32",
@@ -81,6 +83,12 @@ def stream_specs() -> list[KernelSpec]:
              rope_center=27),
         dict(D=128, ROPE_DIMS=44, BLOCK_M=Q_TILE, CACHE_FP8=True, INTERPRET=False), configs=per_arch,
         tags=dict(op="temporal_attention")))
+    specs.append(KernelSpec(  # the merge of three key-unit splits
+        "attention_combine[D=128]", "temporal_attention", "attention_combine_kernel",
+        dict(part_ptr="*fp32", part_lse_ptr="*fp32", out_ptr="*bf16", lse_ptr="*fp32", splits=3,
+             stride_ps=B * L * H * 128, stride_ls=B * H * L, stride_ob=L * H * 128, stride_ol=H * 128, stride_oh=128,
+             H=H, Lq=L),
+        dict(D=128, BLOCK_M=COMBINE_ROWS), 4, tags=dict(op="temporal_attention")))
     strides = dict(stride_kb=3 * T * H * 128, stride_kl=H * 128, stride_kh=128, stride_vb=3 * T * H * 128,
                    stride_vl=H * 128, stride_vh=128)
     chunk = 2 * COMMIT_BLOCK_T  # one frame of 12 heads over 132 SMs
