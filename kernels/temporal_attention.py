@@ -448,11 +448,12 @@ def temporal_attention_kernel(
                     stride_pkl, stride_pvl, unit_T, 1.0, zeros_d, pvs_ptr, sm_scale_log2, rope_ptr, rope_center,
                     False, False, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
 
-    out = acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]
+    seen = l_i > 0  # l >= 1 for a row that saw a key (its max counts 1); acc = 0 where none
+    out = acc * (1.0 / tl.where(seen, l_i, 1.0))[:, None]
     o_rows = out_ptr + split.to(tl.int64) * stride_os + b.to(tl.int64) * stride_ob + h * stride_oh + \
         offs_m[:, None].to(tl.int64) * stride_ol
     tl.store(o_rows + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=rows[:, None])
-    lse = (m_i + tl.log2(l_i)) / _LOG2E  # natural log
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / _LOG2E, float("-inf"))  # natural log
     tl.store(lse_ptr + split.to(tl.int64) * stride_ls + (b * H + h).to(tl.int64) * Lq + offs_m, lse, mask=rows)
 
 
