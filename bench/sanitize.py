@@ -13,13 +13,13 @@ import sys
 import torch
 
 import xjfast
-from bench.harness import cuda_attention_core
+from bench.harness import cuda_attention_core, environ
 from xjfast.backends import implementations, registered_ops, unusable_reason
 from xjfast.errors import BackendUnavailable
 from xjfast.ops.denoise_step import denoise_step
 from xjfast.ops.kv_cache_commit import kv_cache_commit
 from xjfast.ops.kv_cache_compact import kv_cache_compact
-from xjfast.ops.temporal_attention import cuda_core, cuda_paths, skipped_cuda_paths
+from xjfast.ops.temporal_attention import SPLITS_ENV, cuda_core, cuda_paths, skipped_cuda_paths
 
 H, D, T, KEEP = 2, 128, 80, 24  # frames of 80 tokens: not a multiple of the 64-token tiles
 E4M3 = torch.float8_e4m3fn
@@ -75,6 +75,12 @@ def launches(op: str, backend: str, device) -> list[tuple[str, callable]]:
             for core in cuda_paths(device):
                 if core != cuda_core(device) and core not in skipped_cuda_paths():
                     out.append((f"fp8, cache with keep buffer, {core} path", lambda c=core: with_core(c)))
+        if backend == "triton":  # small grids split the key units (kv_splits): once unsplit too
+            def unsplit():
+                with environ(SPLITS_ENV, "1"):
+                    return xjfast.temporal_attention(q, k, v, block_tokens=T, private_blocks=[False, True],
+                                                     kv_cache=cache, layer=0, backend=backend)
+            out.append(("fp8, cache with keep buffer, key units unsplit", unsplit))
         for precision in ("fp8", "bf16"):
             out.append((f"{precision}, cache with keep buffer, private block", lambda p=precision: xjfast.temporal_attention(
                 q, k, v, block_tokens=T, private_blocks=[False, True], kv_cache=cache, layer=0, precision=p,
