@@ -82,30 +82,48 @@ def denoise_step_kernel(
     s_xb, s_xc, s_xf, s_xh, s_xw, s_m0, s_m1, s_m2, s_m3, s_m4,
     total, C, H, W, F, frame_index, frame_ptr, seed_lo, seed_hi,
     TOKENS: tl.constexpr, PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, HAS_NEXT: tl.constexpr,
-    FRAME_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr,
+    FRAME_IN_MEMORY: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One program: BLOCK elements (BLOCK / 4 Philox groups) of local frame program_id(1)."""
+    """One program: BLOCK elements (BLOCK / 4 Philox groups) of local frame program_id(1). With ROWS
+    (W % 4 == 0) a group is four neighbours of one row: its coordinates are computed once, and
+    the latent strides come divided by 4 (the host checked), so that the compiler sees x_t, a
+    latent model_out and the outputs move four elements per access."""
     f = tl.program_id(1)
     group = tl.program_id(0) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-    i = group[:, None] * 4 + tl.arange(0, 4)[None, :]  # [groups, 4]: element of the frame's [B, C, H, W]
-    chw = C * H * W
-    live = i < total
-    b = i // chw
-    c = (i // (H * W)) % C
-    y = (i // W) % H
-    x = i % W
-    xt = tl.load(xt_ptr + b * s_xb + c * s_xc + f * s_xf + y * s_xh + x * s_xw, mask=live, other=0.0).to(tl.float32)
+    lane = tl.arange(0, 4)[None, :]
+    if ROWS:
+        W4 = W // 4
+        live = (group < total // 4)[:, None]
+        row = group // W4
+        xq = (group % W4)[:, None]
+        x = xq * 4 + lane
+        y = (row % H)[:, None]
+        c = ((row // H) % C)[:, None]
+        b = (row // (H * C))[:, None]
+        xt_at = (b * s_xb + c * s_xc + f * s_xf + y * s_xh + xq) * 4 + lane
+        out = ((((b * C + c) * F + f) * H + y) * W4 + xq) * 4 + lane
+    else:
+        i = group[:, None] * 4 + lane  # [groups, 4]: element of the frame's [B, C, H, W]
+        live = i < total
+        b = i // (C * H * W)
+        c = (i // (H * W)) % C
+        y = (i // W) % H
+        x = i % W
+        xt_at = b * s_xb + c * s_xc + f * s_xf + y * s_xh + x * s_xw
+        out = ((b * C + c) * F + f) * (H * W) + y * W + x
+    xt = tl.load(xt_ptr + xt_at, mask=live, other=0.0).to(tl.float32)
     if TOKENS:  # the head's [B, N, PT*PH*PW*C] tokens, Wan2.1's channel order (pt, ph, pw, c)
         token = ((f // PT) * (H // PH) + y // PH) * (W // PW) + x // PW
         channel = (((f % PT) * PH + y % PH) * PW + x % PW) * C + c
         mo = tl.load(mo_ptr + b * s_m0 + token * s_m1 + channel * s_m2, mask=live, other=0.0)
+    elif ROWS:
+        mo = tl.load(mo_ptr + (b * s_m0 + c * s_m1 + f * s_m2 + y * s_m3 + xq) * 4 + lane, mask=live, other=0.0)
     else:
         mo = tl.load(mo_ptr + b * s_m0 + c * s_m1 + f * s_m2 + y * s_m3 + x * s_m4, mask=live, other=0.0)
     # per-sample coefficients [B, 4]: x0 = a x_t + m model_out; x_next = keep x0 + noise eps
     a = tl.load(coef_ptr + b * 4 + 0, mask=live, other=0.0)
     m = tl.load(coef_ptr + b * 4 + 1, mask=live, other=0.0)
     x0 = a * xt + m * mo.to(tl.float32)
-    out = ((b * C + c) * F + f) * (H * W) + y * W + x
     tl.store(x0_ptr + out, x0.to(x0_ptr.dtype.element_ty), mask=live)
     if HAS_NEXT:
         if FRAME_IN_MEMORY:
@@ -113,7 +131,6 @@ def denoise_step_kernel(
         else:
             frame = frame_index + f
         n0, n1, n2, n3 = philox_normal4(group, frame, seed_lo, seed_hi)
-        lane = tl.arange(0, 4)[None, :]
         eps = tl.where(lane == 0, n0[:, None], tl.where(lane == 1, n1[:, None],
                                                         tl.where(lane == 2, n2[:, None], n3[:, None])))
         keep = tl.load(coef_ptr + b * 4 + 2, mask=live, other=0.0)
@@ -125,14 +142,22 @@ def denoise_step(x_t, model_out, coef, seed, frame_index, patch_size, x0, x_next
     """Launch on validated tensors (see xjfast.ops.denoise_step); x0/x_next contiguous latents."""
     B, C, F, H, W = x_t.shape
     tokens = model_out.dim() == 3
+    s_x = list(x_t.stride())
     s_m = list(model_out.stride()) + [0] * (5 - model_out.dim())
+    # whole groups of four in a row, every latent stride a multiple of 4 (elements) and the last 1
+    rows = W % 4 == 0 and s_x[4] == 1 and all(v % 4 == 0 for v in s_x[:4]) and (
+        tokens or (s_m[4] == 1 and all(v % 4 == 0 for v in s_m[:4])))
+    if rows:
+        s_x = [v // 4 for v in s_x]
+        if not tokens:
+            s_m = [v // 4 for v in s_m]
     total = B * C * H * W
     grid = (triton.cdiv(total, BLOCK), F)
     in_memory = isinstance(frame_index, torch.Tensor)  # an int64 0-d tensor on x_t's device
     denoise_step_kernel[grid](
-        x_t, model_out, coef, x0, x_next if x_next is not None else x0, *x_t.stride(), *s_m,
+        x_t, model_out, coef, x0, x_next if x_next is not None else x0, *s_x, *s_m,
         total, C, H, W, F, 0 if in_memory else frame_index, frame_index if in_memory else coef,
         seed & 0xFFFFFFFF, seed >> 32,
         TOKENS=tokens, PT=patch_size[0], PH=patch_size[1], PW=patch_size[2], HAS_NEXT=x_next is not None,
-        FRAME_IN_MEMORY=in_memory, BLOCK=BLOCK, num_warps=4,
+        FRAME_IN_MEMORY=in_memory, ROWS=rows, BLOCK=BLOCK, num_warps=4,
     )

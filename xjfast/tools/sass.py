@@ -119,11 +119,11 @@ def stream_specs() -> list[KernelSpec]:
     specs.append(KernelSpec(
         "denoise_step[tokens,bf16]", "denoise_step", "denoise_step_kernel",
         dict(xt_ptr="*bf16", mo_ptr="*bf16", coef_ptr="*fp32", x0_ptr="*bf16", xn_ptr="*bf16",
-             s_xb=C * F * LH * LW, s_xc=F * LH * LW, s_xf=LH * LW, s_xh=LW, s_xw=1,
+             s_xb=C * F * LH * LW // 4, s_xc=F * LH * LW // 4, s_xf=LH * LW // 4, s_xh=LW // 4, s_xw=1,  # ROWS: / 4
              s_m0=T * 4 * C, s_m1=4 * C, s_m2=1, s_m3=0, s_m4=0,
              total=B * C * LH * LW, C=C, H=LH, W=LW, F=F, frame_index=0, frame_ptr="*i64",
              seed_lo=7, seed_hi=0),
-        dict(TOKENS=True, PT=1, PH=2, PW=2, HAS_NEXT=True, FRAME_IN_MEMORY=True, BLOCK=DENOISE_BLOCK),
+        dict(TOKENS=True, PT=1, PH=2, PW=2, HAS_NEXT=True, FRAME_IN_MEMORY=True, ROWS=True, BLOCK=DENOISE_BLOCK),
         4, tags=dict(op="denoise_step")))
     return specs
 
