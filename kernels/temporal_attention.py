@@ -1,7 +1,8 @@
 """Triton temporal_attention: FP8 attention over a paged KV cache plus the pass's own keys.
 
-One program per (BLOCK_M-query tile, batch*head). It walks the key units in slot order: the cached
-pages through the page table (e4m3, read as stored), the keep buffer, then the pass's frames
+One program per (BLOCK_M-query tile, batch*head, split of the key units: see kv_splits). It walks
+its key units in slot order: the cached pages through the page table (e4m3, read as stored), the
+keep buffer, then the pass's frames
 (quantized beforehand by the kv_cache_commit kernel into a workspace of the same page format,
 so every query tile reads them as e4m3 instead of requantizing them). Per unit it:
   1. rotates the query tile's temporal channels by (query slot - unit slot): the cached keys
@@ -10,8 +11,9 @@ so every query tile reads them as e4m3 instead of requantizing them). Per unit i
   3. adds q.mean back per row (each unit stores K minus its mean: exact, see DESIGN.md);
   4. runs an exp2 online softmax over the unit's key tiles, with P multiplied by 448 before
      its e4m3 cast and V's per-channel scale applied to the P.V product.
-Units no row of the tile may see (block-causal / private masks) are skipped whole.
-A companion kernel turns the LSE into the attention mass of the pages next to be evicted.
+Units no row of the tile may see (block-causal / private masks) are skipped whole. With several
+splits a combine kernel merges their outputs by LSE; a companion kernel turns the LSE into the
+attention mass of the pages next to be evicted.
 """
 
 import functools
@@ -40,7 +42,7 @@ _LOG2E = tl.constexpr(LOG2E)
 # tile and its softmax for half of P.V's columns: twice the exp2 and 1.5x the MMA work of one
 # warpgroup (per thread per 64 keys: 34 MUFU either way, over 256 threads instead of 128), so
 # 4-warp tiles come first, two CTAs per SM hiding each other's loads; 64-key tiles halve the
-# accumulator rescale per key (431 instructions per thread per 64 keys against 2 x 290); one
+# accumulator rescale per key (395 instructions per thread per 64 keys against 2 x 272); one
 # 8-warp configuration stays for the benchmark to weigh; 128-row tiles would split the rows but
 # spill at head_dim 128 (as do 64-key tiles with 2 or more stages). On sm_100 (tcgen05,
 # accumulators in tensor memory) the warpgroups split the S tile. `python -m xjfast.tools.sass`
