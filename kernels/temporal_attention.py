@@ -49,7 +49,7 @@ _LOG2E = tl.constexpr(LOG2E)
 # shows instructions and exp2 per thread per key step.
 CANDIDATES = {
     "sm_90": ((64, 64, 4, 1), (64, 32, 4, 2), (64, 32, 4, 1), (64, 64, 8, 2)),
-    "sm_100": ((64, 64, 8, 1), (64, 64, 8, 2), (64, 32, 8, 1)),
+    "sm_100": ((64, 64, 8, 1), (64, 32, 8, 1)),
 }
 INTERPRET_CONFIG = (64, 64, 4, 1)
 
@@ -89,11 +89,12 @@ def _gpu_config(capability: tuple[int, int]) -> tuple[int, int, int, int]:
     return ranked_config(capability, ranking())
 
 
-def precision_config(cfg: tuple[int, int, int, int], fp8: bool) -> tuple[int, int, int, int]:
-    """The configuration a GPU runs for `precision`: bf16 K/V tiles are twice FP8's bytes, and at 4
-    warps a 64-key one spills, so bf16 takes 32 keys there."""
-    block_m, block_n, warps, stages = cfg
-    return (block_m, 32, warps, stages) if not fp8 and warps == 4 and block_n > 32 else cfg
+def precision_config(cfg: tuple[int, int, int, int], all_fp8: bool) -> tuple[int, int, int, int]:
+    """The configuration a GPU runs where some key units are 16-bit (precision "bf16", or a cache
+    stored in bf16): their K/V tiles are twice FP8's bytes, and at 4 warps a 64-key tile or a
+    second stage spilled, so those launches take 32 keys and one stage there."""
+    block_m, _, warps, _ = cfg
+    return cfg if all_fp8 or warps != 4 else (block_m, 32, warps, 1)
 
 
 def hopper_paths(capability: tuple[int, int] | None) -> bool:
@@ -534,7 +535,8 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
     B, L, H, D = q.shape
     fp8 = plan.precision == "fp8"
     cfg = config(q.device, interpret)
-    block_m, block_n, warps, stages = cfg if interpret else precision_config(cfg, fp8)
+    all_fp8 = fp8 and (view is None or view.storage == "fp8")
+    block_m, block_n, warps, stages = cfg if interpret else precision_config(cfg, all_fp8)
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32) if lse is None else lse
     tables = kernel_tables(plan, view, q)
@@ -551,10 +553,11 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
         keep = (view.keep_k, view.keep_v, view.keep_k_scale, view.keep_k_mean, view.keep_v_scale, view.keep_count,
                 view.keep_k.shape[1])
         cache_fp8 = fp8 and view.storage == "fp8"
-    else:  # no cache: zero pages and an empty keep buffer; the pointers are never read
-        cache = (q, q, lse, lse, lse, lse, 0, 0, 1)
-        keep = (q, q, lse, lse, lse, 0, 1)
-        cache_fp8 = False
+    else:  # no cache: zero pages and an empty keep buffer; the pointers are never read, but
+        # typed as the pass's own so that the kernel compiles one unit precision (two spilled)
+        cache = (pass_k, pass_v, lse, lse, lse, lse, 0, 0, 1)
+        keep = (pass_k, pass_v, lse, lse, lse, 0, 1)
+        cache_fp8 = fp8
     first_slot, rope_dims, rope_center = tables.first_slot, tables.rope_dims, tables.rope_center
     rope = tables.rope if tables.rope is not None else lse  # never read without a rotary
     slots = tables.slots

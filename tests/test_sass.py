@@ -72,7 +72,8 @@ def test_attention_computes_each_softmax_once(reports, name, arch):
 
 
 @pytest.mark.parametrize("name", [spec.name for spec in sass.stream_specs() + sass.candidate_specs()
-                                  if spec.name.startswith("temporal_attention[fp8") and 90 in spec.configs])
+                                  if spec.tags.get("precision") == "fp8" and spec.tags.get("storage") == "fp8"
+                                  and 90 in spec.configs])
 def test_fp8_attention_stores_value_tiles_in_words_on_sm_90(reports, name):
     """FP8 wgmma takes V only K-major, so each V tile is transposed into shared memory; loaded as
     plain rows, Triton did it one byte at a time (STS.U8: 32 per thread per 32 keys, the store

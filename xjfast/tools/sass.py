@@ -53,9 +53,12 @@ def stream_specs() -> list[KernelSpec]:
     B, H, T, L = 1, 12, 1560, 2 * 1560
     per_arch = {90: CANDIDATES["sm_90"][0], 100: CANDIDATES["sm_100"][0]}  # what a GPU runs before any ranking
     specs = []
-    for D, rope, precision in ((128, 44, "fp8"), (64, 24, "fp8"), (128, 44, "bf16")):
+    # (the stream's cache stores e4m3 pages, which bf16 precision reads dequantized; a cache may
+    # also store bf16, whose units FP8 precision reads unquantized beside its FP8 pass units)
+    for D, rope, precision, storage in ((128, 44, "fp8", "fp8"), (64, 24, "fp8", "fp8"), (128, 44, "bf16", "fp8"),
+                                        (128, 44, "fp8", "bf16")):
         fp8 = precision == "fp8"
-        page = "*fp8e4nv"  # the stream's cache stores e4m3 pages; bf16 precision reads them dequantized
+        page = "*fp8e4nv" if storage == "fp8" else "*bf16"
         pass_kv = "*fp8e4nv" if fp8 else "*bf16"
         args = dict(
             # two key-unit splits' fp32 outputs (kv_splits' choice for 2 query frames on an H100)
@@ -68,12 +71,14 @@ def stream_specs() -> list[KernelSpec]:
             stride_pkb=L * H * D, stride_pkl=H * D, stride_pkh=D, stride_pvb=L * H * D, stride_pvl=H * D,
             stride_pvh=D, n_units=2, unit_T=T, private_ptr="*i8", slots_ptr="*i32", block_units=1, B=B, H=H, Lq=L, first_slot=21,
             sm_scale_log2=0.127, rope_ptr="*fp32", rope_center=27)
-        const = dict(D=D, ROPE_DIMS=rope, CACHE_FP8=fp8, PASS_FP8=fp8, CAUSAL=True,
+        all_fp8 = fp8 and storage == "fp8"
+        const = dict(D=D, ROPE_DIMS=rope, CACHE_FP8=all_fp8, PASS_FP8=fp8, CAUSAL=True,
                      DT=tl.bfloat16, INTERPRET=False)
-        specs.append(KernelSpec(f"temporal_attention[{precision},D={D}]", "temporal_attention",
-                                "temporal_attention_kernel", args, const,
-                                configs={arch: precision_config(cfg, fp8) for arch, cfg in per_arch.items()},
-                                tags=dict(op="temporal_attention", precision=precision, head_dim=D)))
+        name = f"temporal_attention[{precision}{'' if storage == 'fp8' else f',{storage} cache'},D={D}]"
+        specs.append(KernelSpec(name, "temporal_attention", "temporal_attention_kernel", args, const,
+                                configs={arch: precision_config(cfg, all_fp8) for arch, cfg in per_arch.items()},
+                                tags=dict(op="temporal_attention", precision=precision, head_dim=D,
+                                          storage=storage)))
     specs.append(KernelSpec(
         "attention_mass[fp8,D=128]", "temporal_attention", "attention_mass_kernel",
         dict(q_ptr="*bf16", lse_ptr="*fp32", stride_qb=L * H * 128, stride_ql=H * 128, stride_qh=128,
