@@ -270,7 +270,7 @@ def _triton_splits(q, k, v, cache, block_tokens, precision) -> int:
     from xjfast.kernels.temporal_attention import split_plan
     from xjfast.ops.temporal_attention import _validate
     plan = _validate(q, k, v, block_tokens, None, None, cache, 0, precision, "triton")
-    return split_plan(q, plan, cache.view(0), triton_interpreted())[0]
+    return split_plan(q, plan, cache.view(0) if cache is not None else None, triton_interpreted())[0]
 
 
 def _variants(candidates, device, tune: bool):
