@@ -103,7 +103,8 @@ def hopper_paths(capability: tuple[int, int] | None) -> bool:
     wgmma takes V only K-major: from plain row loads Triton transposes each V tile into shared
     memory one byte at a time (64 STS.U8 per thread per 64 keys), so V comes as four interleaved
     key sets, each thread then holding four consecutive keys of its channels (16 32-bit stores).
-    sm_100's MMA reads V as it lies; there the four loads only cost registers (it spilled)."""
+    sm_100's MMA reads V as it lies; there the four loads only cost registers (it spilled). Ada
+    (sm_89) shares sm_90's target: its FP8 mma.sync also takes V K-major, into registers."""
     return capability is None or target(capability) == "sm_90"
 
 
