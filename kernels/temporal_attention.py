@@ -133,6 +133,13 @@ def kv_splits(programs: int, units: int, slots: int) -> int:
     return next(n for n in choices if cost(n) <= 1.1 * best)
 
 
+def launch_config(q, plan, view, interpret: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of a launch: config(), with precision_config on a GPU."""
+    cfg = config(q.device, interpret)
+    all_fp8 = plan.precision == "fp8" and (view is None or view.storage == "fp8")
+    return cfg if interpret else precision_config(cfg, all_fp8)
+
+
 def split_plan(q, plan, view, interpret: bool) -> tuple[int, int]:
     """(splits, units per split) of a launch: XJFAST_TRITON_ATTENTION_SPLITS when set (the
     interpreter's tests run it), else kv_splits on a GPU, else 1; no split is left empty."""
@@ -535,9 +542,7 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
 
     B, L, H, D = q.shape
     fp8 = plan.precision == "fp8"
-    cfg = config(q.device, interpret)
-    all_fp8 = fp8 and (view is None or view.storage == "fp8")
-    block_m, block_n, warps, stages = cfg if interpret else precision_config(cfg, all_fp8)
+    block_m, block_n, warps, stages = launch_config(q, plan, view, interpret)
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32) if lse is None else lse
     tables = kernel_tables(plan, view, q)

@@ -245,14 +245,14 @@ def filled_cache(frames, H, D, T, device=DEVICE, **kwargs):
     return cache
 
 
-def kv_tile(backend, device):
+def kv_tile(backend, q, plan, view):
     """The online-softmax step of `backend`'s kernel: the reference simulates P's rounding with it."""
     if backend == "cuda":
         from xjfast.ops.temporal_attention import CUDA_KV_TILE
         return CUDA_KV_TILE
     from xjfast.backends import triton_interpreted
-    from xjfast.kernels.temporal_attention import config
-    return config(device, triton_interpreted())[1]
+    from xjfast.kernels.temporal_attention import launch_config
+    return launch_config(q, plan, view, triton_interpreted())[1]
 
 
 def kv_splits(backend, q, plan, view):
@@ -278,7 +278,7 @@ def run_backend(backend, q, k, v, kv_cache=None, simulate="triton", core=None, *
     plan, view = plan_of(q, k, v, kv_cache, backend, **kwargs)
     if backend == "reference":
         return resolve("temporal_attention", backend, q.device).fn(
-            q, k, v, plan, view, kv_tile=kv_tile(simulate, q.device), kv_splits=kv_splits(simulate, q, plan, view))
+            q, k, v, plan, view, kv_tile=kv_tile(simulate, q, plan, view), kv_splits=kv_splits(simulate, q, plan, view))
     B, L, H, D = q.shape
     out, lse = poisoned(q.shape, q.dtype), poisoned((B, H, L), torch.float32)
     if backend == "triton":
