@@ -110,7 +110,7 @@ def denoise_step_kernel(
         y = (i // W) % H
         x = i % W
         xt_at = b * s_xb + c * s_xc + f * s_xf + y * s_xh + x * s_xw
-        out = ((b * C + c) * F + f) * (H * W) + y * W + x
+        out = (((b * C + c) * F + f) * H + y) * W + x
     xt = tl.load(xt_ptr + xt_at, mask=live, other=0.0).to(tl.float32)
     if TOKENS:  # the head's [B, N, PT*PH*PW*C] tokens, Wan2.1's channel order (pt, ph, pw, c)
         token = ((f // PT) * (H // PH) + y // PH) * (W // PW) + x // PW

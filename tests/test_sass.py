@@ -100,6 +100,20 @@ def test_loop_analysis_sees_a_duplicated_softmax(reports):
     assert r["inner_loop"]["exp2"] * 32 * r["num_warps"] >= 2 * 64 * 64, r
 
 
+def test_every_denoise_step_variant_compiles_without_spills(tmp_path):
+    """The launcher's denoise_step variants (tokens or latents, row groups or not, a next sigma or
+    not, the frame index in memory or given, each dtype) compiled for sm_90a: the interpreter runs
+    them, but only a compile shows a lowering error or a spill. (`--variants` also covers the
+    attention's hundreds of variants, too many for CI.)"""
+    out = tmp_path / "variants.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-m", "xjfast.tools.sass", "--variants", "--kernel", "denoise_step[", "--arch",
+                    "90", "--json", str(out)], env=env, check=True, capture_output=True, text=True)
+    reports = json.loads(out.read_text())
+    assert len(reports) == 1 + sum(spec.function == "denoise_step_kernel" for spec in sass.variant_specs())
+    assert [r["kernel"] for r in reports if r["stack_bytes"] or r["spill_stores"]] == []
+
+
 def test_every_launched_kernel_is_checked():
     """A Triton kernel added to kernels/ without a spec here would escape every check above."""
     import importlib

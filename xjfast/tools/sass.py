@@ -3,7 +3,7 @@ and report per kernel and arch: registers, spills, shared memory, the tensor-cor
 in the SASS, and what one iteration of the innermost tensor-core loop issues per thread
 ("loop": instructions and exp2).
 
-    python -m xjfast.tools.sass [--arch 90 100] [--kernel NAME ...] [--candidates] [--json FILE]
+    python -m xjfast.tools.sass [--arch 90 100] [--kernel NAME ...] [--candidates] [--variants] [--json FILE]
 
 Triton compiles for a target it does not have (`triton.compile(ASTSource(...), target=GPUTarget)`),
 and the cuobjdump/nvdisasm shipped inside Triton's wheel read the cubin. Integer arguments are
@@ -143,6 +143,49 @@ def candidate_specs() -> list[KernelSpec]:
             for arch, target in ((90, "sm_90"), (100, "sm_100")) for cfg in CANDIDATES[target]]
 
 
+def variant_specs() -> list[KernelSpec]:
+    """Every variant the launchers compile beyond stream_specs (for --variants: a compile error or a
+    spill only a variant shows). The attention in each candidate configuration, as precision_config
+    adapts it, x head_dim 128/64 x {FP8 over an e4m3 cache or none, FP8 over a bf16-stored cache,
+    bf16} x block-causal or not x bf16/fp16 inputs x split (fp32) or unsplit output; denoise_step
+    with tokens or latents x row groups or not x with or without a next sigma x frame index in
+    memory or not, per dtype."""
+    import itertools
+
+    import triton.language as tl
+
+    from xjfast.kernels.temporal_attention import CANDIDATES, config_name, precision_config
+    stream = {spec.name: spec for spec in stream_specs()}
+    specs = []
+    base = stream["temporal_attention[fp8,D=128]"]
+    kinds = (("fp8", "fp8"), ("fp8", "bf16"), ("bf16", "fp8"))
+    for (arch, target), (D, rope), (precision, storage), causal, dtype, split in itertools.product(
+            ((90, "sm_90"), (100, "sm_100")), ((128, 44), (64, 24)), kinds, (True, False), ("bf16", "fp16"),
+            (True, False)):
+        all_fp8 = precision == "fp8" and storage == "fp8"
+        page = "*fp8e4nv" if storage == "fp8" else f"*{dtype}"
+        pass_kv = "*fp8e4nv" if precision == "fp8" else f"*{dtype}"
+        args = dict(base.args, q_ptr=f"*{dtype}", out_ptr="*fp32" if split else f"*{dtype}", ck_ptr=page,
+                    cv_ptr=page, kk_ptr=page, kv_ptr=page, pk_ptr=pass_kv, pv_ptr=pass_kv)
+        const = dict(base.constexprs, D=D, ROPE_DIMS=rope, CACHE_FP8=all_fp8, PASS_FP8=precision == "fp8",
+                     CAUSAL=causal, DT={"bf16": tl.bfloat16, "fp16": tl.float16}[dtype])
+        for cfg in CANDIDATES[target]:
+            name = (f"temporal_attention[{precision},{storage} cache,D={D},{'causal' if causal else 'full'},{dtype},"
+                    f"{'split' if split else 'unsplit'}] {config_name(cfg)}")
+            specs.append(dataclasses.replace(base, name=name, args=args, constexprs=const,
+                                             configs={arch: precision_config(cfg, all_fp8)},
+                                             tags=dict(base.tags, precision=precision, storage=storage, head_dim=D)))
+    base = stream["denoise_step[tokens,bf16]"]
+    for tokens, rows, has_next, in_memory, dtype in itertools.product(
+            (True, False), (True, False), (True, False), (True, False), ("bf16", "fp16", "fp32")):
+        name = (f"denoise_step[{'tokens' if tokens else 'latents'},{'rows' if rows else 'general'},"
+                f"{'next' if has_next else 'last'},{'frame in memory' if in_memory else 'frame given'},{dtype}]")
+        args = dict(base.args, xt_ptr=f"*{dtype}", mo_ptr=f"*{dtype}", x0_ptr=f"*{dtype}", xn_ptr=f"*{dtype}")
+        const = dict(base.constexprs, TOKENS=tokens, ROWS=rows, HAS_NEXT=has_next, FRAME_IN_MEMORY=in_memory)
+        specs.append(dataclasses.replace(base, name=name, args=args, constexprs=const))
+    return specs
+
+
 def _signature(fn, spec: KernelSpec):
     """Signature and attributes as Triton's launcher would specialize them for these values."""
     signature, attrs = {}, {}
@@ -247,12 +290,15 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the reports to this file")
     parser.add_argument("--candidates", action="store_true",
                         help="also the FP8 attention in every configuration the benchmark ranks")
+    parser.add_argument("--variants", action="store_true",
+                        help="also every other variant the launchers compile (hundreds: --kernel narrows them)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     reports = []
     print(f"{'kernel':42} {'arch':7} {'regs':>4} {'stack':>5} {'STL/LDL':>9} {'smem KiB':>8} {'loop':>15}  "
           "tensor-core ops")
-    for spec in stream_specs() + (candidate_specs() if args.candidates else []):
+    for spec in stream_specs() + (candidate_specs() if args.candidates else []) + \
+            (variant_specs() if args.variants else []):
         if args.kernel and not any(k in spec.name for k in args.kernel):
             continue
         for arch in [a for a in args.arch if spec.configs is None or a in spec.configs]:
