@@ -310,13 +310,31 @@ CASES = {
 }
 
 
+def case_inputs(spec):
+    """q, k, v of a CASES entry and two caches filled alike (None without one): one per run."""
+    H, T = 2, 32
+    q, k, v = (t.to(DEVICE) for t in qkv(L=spec["L"], H=H, D=spec["D"], dtype=spec.get("dtype", torch.bfloat16)))
+    caches = [filled_cache(H=H, D=spec["D"], T=T, **spec["cache"]) if "cache" in spec else None for _ in range(2)]
+    return q, k, v, caches
+
+
+def check_against_simulating_reference(backend, q, k, v, caches, kwargs):
+    """`backend` (poisoned outputs) against the reference simulating its P rounding, on caches[0]
+    and caches[1] respectively: output, LSE and the attention mass."""
+    out, lse = run_backend(backend, q, k, v, caches[0], **kwargs)
+    ref, ref_lse = run_backend("reference", q, k, v, caches[1], simulate=backend, **kwargs)
+    assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten"
+    assert rel_l2(out, ref.double()) <= SIM_REL_L2
+    assert (lse - ref_lse).abs().max() < 5e-3  # an fp8 rounding of q may flip where fp32 sums differ
+    if caches[0] is not None and caches[0].mass is not None:  # the attention-mass companion kernel
+        assert torch.allclose(caches[0].mass, caches[1].mass, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", fast_backends("temporal_attention"))
 @pytest.mark.parametrize("case", list(CASES))
 def test_fast_backend_matches_simulating_reference(backend, case):
     spec = CASES[case]
-    H, T = 2, 32
-    q, k, v = (t.to(DEVICE) for t in qkv(L=spec["L"], H=H, D=spec["D"], dtype=spec.get("dtype", torch.bfloat16)))
-    caches = [filled_cache(H=H, D=spec["D"], T=T, **spec["cache"]) if "cache" in spec else None for _ in range(2)]
+    q, k, v, caches = case_inputs(spec)
     reason = uncovered(backend, q, k, v, caches[0], **spec["kwargs"])
     if reason is not None:  # a partial backend: an explicit request says why, auto passes over it
         with pytest.raises(BackendUnavailable, match=re.escape(reason)):
@@ -325,13 +343,8 @@ def test_fast_backend_matches_simulating_reference(backend, case):
         assert resolve("temporal_attention", "auto", q.device, (q, k, v, *plan_of(q, k, v, caches[0], **spec["kwargs"]))
                        ).backend != backend
         return
-    out, lse = run_backend(backend, q, k, v, caches[0], **spec["kwargs"])
-    ref, ref_lse = run_backend("reference", q, k, v, caches[1], simulate=backend, **spec["kwargs"])
-    assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten"
-    assert rel_l2(out, ref.double()) <= SIM_REL_L2
-    assert (lse - ref_lse).abs().max() < 5e-3  # an fp8 rounding of q may flip where fp32 sums differ
-    if caches[0] is not None and caches[0].mass is not None:  # the attention-mass companion kernel
-        assert torch.allclose(caches[0].mass, caches[1].mass, rtol=1e-3, atol=1e-5)
+    check_against_simulating_reference(backend, q, k, v, caches, spec["kwargs"])
+    if caches[0] is not None and caches[0].mass is not None:
         assert caches[0].mass.sum() > 0
 
 
@@ -346,20 +359,12 @@ def test_triton_split_key_units_merge_to_the_reference(monkeypatch, backend, cas
     from xjfast.kernels.temporal_attention import split_plan
     monkeypatch.setenv("XJFAST_TRITON_ATTENTION_SPLITS", str(splits))
     spec = CASES[case]
-    H, T = 2, 32
-    q, k, v = (t.to(DEVICE) for t in qkv(L=spec["L"], H=H, D=spec["D"], dtype=spec.get("dtype", torch.bfloat16)))
-    caches = [filled_cache(H=H, D=spec["D"], T=T, **spec["cache"]) if "cache" in spec else None for _ in range(2)]
+    q, k, v, caches = case_inputs(spec)
     plan, view = plan_of(q, k, v, caches[0], backend, **spec["kwargs"])
     ran, per_split = split_plan(q, plan, view, True)
     units = (len(view.units) if view is not None else 0) + spec["L"] // (plan.frame_tokens or plan.block_tokens)
     assert ran == splits and (ran - 1) * per_split < units <= ran * per_split, (ran, per_split, units)
-    out, lse = run_backend(backend, q, k, v, caches[0], **spec["kwargs"])
-    ref, ref_lse = run_backend("reference", q, k, v, caches[1], simulate=backend, **spec["kwargs"])
-    assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten"
-    assert rel_l2(out, ref.double()) <= SIM_REL_L2
-    assert (lse - ref_lse).abs().max() < 5e-3
-    if caches[0] is not None and caches[0].mass is not None:
-        assert torch.allclose(caches[0].mass, caches[1].mass, rtol=1e-3, atol=1e-5)
+    check_against_simulating_reference(backend, q, k, v, caches, spec["kwargs"])
 
 
 def test_key_unit_splits_fill_the_waves():
@@ -440,9 +445,7 @@ def cuda_cores():
 def test_cuda_cores_match_simulating_reference(backend, core, case):
     """Each tensor-core path of the CUDA kernel on every masking / cache / keep-buffer case."""
     spec = CASES[case]
-    H, T = 2, 32
-    q, k, v = (t.to(DEVICE) for t in qkv(L=spec["L"], H=H, D=spec["D"], dtype=spec.get("dtype", torch.bfloat16)))
-    caches = [filled_cache(H=H, D=spec["D"], T=T, **spec["cache"]) if "cache" in spec else None for _ in range(2)]
+    q, k, v, caches = case_inputs(spec)
     if uncovered(backend, q, k, v, caches[0], **spec["kwargs"]) is not None:
         pytest.skip("a case the CUDA kernel does not cover (tested above: it says so)")
     out, lse = run_backend(backend, q, k, v, caches[0], core=core, **spec["kwargs"])
