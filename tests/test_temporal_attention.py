@@ -367,6 +367,22 @@ def test_triton_split_key_units_merge_to_the_reference(monkeypatch, backend, cas
     check_against_simulating_reference(backend, q, k, v, caches, spec["kwargs"])
 
 
+@pytest.mark.parametrize("backend", [p for p in fast_backends("temporal_attention") if p.id == "triton"])
+@pytest.mark.parametrize("case", ["cache-keep-tokens", "head-dim-128-fp16", "bf16-precision"])
+@pytest.mark.parametrize("hopper, block_n", [(True, 32), (False, 64), (False, 32)])
+def test_triton_paths_and_tiles_of_each_target(monkeypatch, backend, case, hopper, block_n):
+    """The interpreter runs the kernel's Hopper paths (hopper_paths(None)) with 64-key tiles; the
+    paths sm_100 compiles (V loaded as plain rows, its scales held across the key loop) and the
+    32-key tiles of 16-bit launches and of some candidates run here too."""
+    import xjfast.kernels.temporal_attention as kernel
+    monkeypatch.setattr(kernel, "hopper_paths", lambda capability: hopper)
+    monkeypatch.setenv(kernel.CONFIG_ENV, f"64,{block_n},4,1")
+    spec = CASES[case]
+    q, k, v, caches = case_inputs(spec)
+    assert kv_tile(backend, q, *plan_of(q, k, v, caches[0], backend, **spec["kwargs"])) == block_n
+    check_against_simulating_reference(backend, q, k, v, caches, spec["kwargs"])
+
+
 def test_key_unit_splits_fill_the_waves():
     """kv_splits at the stream shape on an H100 (132 SMs, two 4-warp programs each): 25 query
     tiles x 12 heads (one query frame) would run 1.14 waves of work in two; splitting fills them."""
