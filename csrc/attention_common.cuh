@@ -296,9 +296,8 @@ struct SoftmaxState {
 // S (raw Q.K^T of keys n0..n0+63) -> P * 448 rounded to e4m3 as the P.V product's A operand, with
 // the running max, sum and O of rows g, g+8 updated (exp2 domain). Rows that do not see the unit
 // (`visible`) get a -inf bias, so with kWholeTiles only a partial tile (keys past `tokens`) masks
-// element by element (the two versions of the loop cost registers: the mma.sync core, at its
-// 128-register bound, masks every tile). P's 448 is folded into the exponent,
-// 2^(s - m + log2 448), and l takes P's sum / 448.
+// element by element (the mma.sync core masks every tile: one version of its key loop). P's 448
+// is folded into the exponent, 2^(s - m + log2 448), and l takes P's sum / 448.
 template <int D, bool kWholeTiles>
 __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], int n0, int tokens, const bool (&visible)[2],
                                              float score_scale, const float (&q_mean)[2], SoftmaxState<D>& st,
@@ -361,7 +360,7 @@ __device__ __forceinline__ void store_rows(const AttentionArgs& a, int b, int h,
   for (int r = 0; r < 2; ++r) {
     const float total = quad_sum(st.l[r]);
     if (rows[r] >= a.qt.Lq) continue;
-    const float inv = 1.f / total;
+    const float inv = total > 0.f ? 1.f / total : 0.f;  // a row that saw no key: 0 (its LSE -inf)
     In* out_row = out_bh + rows[r] * a.so[1];
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {

@@ -45,7 +45,7 @@ template <int D>
 struct MmaSyncCore {
   static constexpr bool kAsyncProxy = false;           // the tensor cores read what ldmatrix loaded
   static constexpr bool kCoreMatrixQ = false;          // Q in padded rows (chunk_offset)
-  static constexpr bool kWholeTiles = false;           // softmax_tile masks every tile (128 registers)
+  static constexpr bool kWholeTiles = false;           // softmax_tile masks every tile (one loop version)
   static constexpr bool kCompiled = true;              // on every arch _C is built for
   static constexpr int kRow = D + 16;                   // the pad puts an ldmatrix's 8 rows on distinct banks
   static constexpr int kVtRow = kCoreBlockN + 16;
