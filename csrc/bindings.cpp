@@ -23,7 +23,12 @@ namespace py = pybind11;
 
 static void copy_strides(const std::vector<int64_t>& from, int64_t* to, size_t max, const char* name) {
   if (from.size() > max) throw std::invalid_argument(std::string(name) + ": too many strides");
-  for (size_t i = 0; i < max; ++i) to[i] = i < from.size() ? from[i] : 0;
+  for (size_t i = 0; i < max; ++i) {
+    to[i] = i < from.size() ? from[i] : 0;
+    // torch never makes one; a direct call's would address memory before the tensor
+    if (to[i] < 0) throw std::invalid_argument(std::string(name) + ": strides must be non-negative, got " +
+                                               std::to_string(to[i]));
+  }
 }
 
 // Pointers arrive as integers (tensor.data_ptr()), the stream as its handle (cuda_stream).

@@ -4,6 +4,7 @@ import re
 import pytest
 import torch
 
+from xjfast.errors import BackendUnavailable
 from xjfast.ops.kv_cache_commit import kv_cache_commit
 
 from backends import DEVICE, fast_backends, poisoned
@@ -82,14 +83,19 @@ def test_commit_other_frames(backend, T, frames, strided):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [b for b in fast_backends("kv_cache_commit") if b.values[0] == "cuda"])
-def test_cuda_commit_rejects_misaligned_input(backend):
+def test_cuda_commit_passes_misaligned_input_to_triton(backend):
+    """A k the CUDA kernel's 16-byte loads cannot read: backend='cuda' says why, auto commits it
+    with another backend, as the reference does."""
     B, T, H, D = 1, 16, 2, 64
-    st = storage(2, B, T, H, D, E4M3)
     ids = torch.tensor([1], dtype=torch.int32, device=DEVICE)
     buffer = torch.randn(B, T, H, D + 1, device=DEVICE, dtype=torch.bfloat16)
     k = buffer[..., 1:]  # unit last stride, but the rows start 2 bytes past a 16-byte boundary
-    with pytest.raises(ValueError, match=r"k: the CUDA kernel reads 16-byte vectors"):
-        kv_cache_commit(k, k, *st, ids, backend=backend)
+    with pytest.raises(BackendUnavailable, match=r"k: the CUDA kernel reads 16-byte vectors"):
+        kv_cache_commit(k, k, *storage(2, B, T, H, D, E4M3), ids, backend=backend)
+    auto, ref = storage(2, B, T, H, D, E4M3), storage(2, B, T, H, D, E4M3)
+    kv_cache_commit(k, k, *auto, ids)
+    kv_cache_commit(k, k, *ref, ids, backend="reference")
+    assert_pages_match(ids.long(), ref, auto, E4M3)
 
 
 @pytest.mark.parametrize("ids", [[0, 2], [0, -1], [1, 1]])
@@ -152,6 +158,7 @@ def commit_args(**changes):
     (dict(k_mean=(1 << 20) + 2), ValueError, "k_mean: expected a 4-byte aligned address"),
     (dict(sizes=[4, 65536, 1560, 65536, 128, 4]), ValueError, "more than one launch can hold"),
     (dict(k_strides=[0, 0, 0, 0]), ValueError, "k: too many strides"),
+    (dict(v_strides=[1560 * 12 * 128, -12 * 128, 128]), ValueError, "v: strides must be non-negative, got -1536"),
 ])
 def test_cuda_entry_point_rejects_bad_arguments_before_launching(changes, error, message):
     C = pytest.importorskip("xjfast._C", reason="xjfast._C is not built")

@@ -49,10 +49,36 @@ def register(op: str, backend: str, *, min_capability: tuple[int, int] = (0, 0),
     check_choice("backend", backend, BACKENDS)
 
     def wrap(fn: Callable) -> Callable:
-        _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, fn, min_capability, supports)
+        run = fn if backend == "reference" else _on_tensors_device(fn)
+        _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, run, min_capability, supports)
         return fn
 
     return wrap
+
+
+def _first_cuda_device(args) -> torch.device | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.is_cuda:
+                return a.device
+        elif isinstance(a, (tuple, list)) and (device := _first_cuda_device(a)) is not None:
+            return device
+    return None
+
+
+def _on_tensors_device(fn: Callable) -> Callable:
+    """`fn` run with the GPU of its tensors current: the kernels launch on the current device's
+    stream (Triton's launcher and xjfast._C alike), and torch makes a tensor's GPU current only
+    inside its own ops, so a call on cuda:1 while cuda:0 is current would launch on the wrong one."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = _first_cuda_device(args)
+        if device is None or device.index is None or device.index == torch.cuda.current_device():
+            return fn(*args, **kwargs)
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def triton_interpreted() -> bool:
@@ -93,7 +119,6 @@ def registered_ops() -> list[str]:
     return sorted(_REGISTRY)
 
 
-@functools.lru_cache(maxsize=None)
 @functools.lru_cache(maxsize=1)
 def ranking() -> dict:
     """op -> "major.minor" -> {"order": [backends, fastest first], "source": results file, "gpu": name}.

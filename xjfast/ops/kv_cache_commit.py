@@ -59,7 +59,8 @@ def kv_cache_commit(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids, 
     check_tensor("page_ids", page_ids, dtypes=(torch.int32, torch.int64), ndim=1, device=k.device)
     if page_ids.numel() != n:
         raise ValueError(f"page_ids: expected {n} page indices (one per frame of k), got {page_ids.numel()}")
-    resolve("kv_cache_commit", backend, k.device).fn(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids)
+    args = (k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids)
+    resolve("kv_cache_commit", backend, k.device, args).fn(*args)
 
 
 @register("kv_cache_commit", "reference")
@@ -80,15 +81,27 @@ def kv_cache_commit_triton(*args):
     launch(*args, interpret=triton_interpreted())
 
 
+def _cuda_supports(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids) -> str | None:
+    from xjfast.ops._cuda import aligned_16
+    if k.shape[-1] not in (64, 128):
+        return f"the CUDA kernel takes head_dim 64 or 128, got {k.shape[-1]}"
+    for name, t in (("k", k), ("v", v)):
+        if not aligned_16(t, unit_dims=False):
+            return (f"{name}: the CUDA kernel reads 16-byte vectors, so the address and the (b, token, head) strides "
+                    f"must be multiples of 16 bytes (backend='triton' reads any), got strides {t.stride()}")
+    return None
+
+
 # Thread-block clusters (one frame's head spread over up to 8 SMs) need compute capability 9.0.
-@register("kv_cache_commit", "cuda", min_capability=(9, 0))
+@register("kv_cache_commit", "cuda", min_capability=(9, 0), supports=_cuda_supports)
 def kv_cache_commit_cuda(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids):
-    """csrc/kv_cache_commit.cu. k/v and the pages are read and written 16 bytes at a time: a k or v
-    whose address or (b, token, head) strides are not multiples of 16 bytes is a ValueError.
+    """csrc/kv_cache_commit.cu. k/v and the pages are read and written 16 bytes at a time (what
+    _cuda_supports checks of k and v; the bindings raise ValueError for storage that is not).
     A page id outside [0, P) is skipped by the kernel (the op cannot read device ids without a sync)."""
     from xjfast.ops._cuda import DTYPE_CODES, extension, stream_handle
     P, B, T, H, D = k_pages.shape
+    ids = page_ids.to(torch.int32)  # held until the launch: its memory must outlive the enqueue
     extension().kv_cache_commit(
-        k.data_ptr(), v.data_ptr(), list(k.stride()[:3]), list(v.stride()[:3]), page_ids.to(torch.int32).data_ptr(),
+        k.data_ptr(), v.data_ptr(), list(k.stride()[:3]), list(v.stride()[:3]), ids.data_ptr(),
         k_pages.data_ptr(), v_pages.data_ptr(), k_scale.data_ptr(), k_mean.data_ptr(), v_scale.data_ptr(),
         DTYPE_CODES[k.dtype], DTYPE_CODES[k_pages.dtype], [page_ids.numel(), B, T, H, D, P], stream_handle(k.device))

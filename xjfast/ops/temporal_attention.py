@@ -347,10 +347,6 @@ def _cuda_supports(q, k, v, plan: AttentionPlan, view) -> str | None:
     return None
 
 
-def _aligned_16(t: torch.Tensor) -> bool:
-    return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-
-
 CUDA_CORES = ("auto", "mma", "wgmma", "ws")
 CUDA_CORE_RANKING = "temporal_attention:cuda_core"  # its entry in backend_ranking.json
 CONFIG_RANKING = "temporal_attention:triton_config"  # the Triton kernel's configurations, ranked likewise
@@ -399,12 +395,12 @@ def cuda_core(device: torch.device | str | None = None) -> str | None:
 def temporal_attention_cuda(q, k, v, plan: AttentionPlan, view, *, out=None, lse=None, core=None):
     """csrc/temporal_attention.cu; `out`/`lse` as the Triton launcher takes them; `core` one of
     CUDA_CORES (default: cuda_core(q.device))."""
-    from xjfast.ops._cuda import DTYPE_CODES, extension, stream_handle
+    from xjfast.ops._cuda import DTYPE_CODES, aligned_16, extension, stream_handle
     from xjfast.ops.kv_cache_commit import kv_cache_commit_cuda
 
     B, L, H, D = q.shape
     # rows are read 16 bytes at a time (q here, k and v by the commit kernel)
-    q, k, v = (t if _aligned_16(t) else t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
+    q, k, v = (t if aligned_16(t) else t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
     out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32) if lse is None else lse
     tables = kernel_tables(plan, view, q)
