@@ -143,6 +143,18 @@ def test_a_cuda_cache_without_a_gpu_names_the_device():
         StreamingKVCache(1, 1, H, D, T, device="cuda")
 
 
+@pytest.mark.parametrize("name", ["cpu:0", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_device_named_without_its_tensors_index_takes_them(name):
+    """Tensors made on "cuda" report cuda:N (and on "cpu:0", cpu): a cache made on either name
+    takes them, in commit and in attention."""
+    cache = StreamingKVCache(1, 1, H, D, T, device=name)
+    k, v = (t.to(name) for t in frame())
+    assert cache.device == k.device
+    cache.commit(0, k, v)
+    out = temporal_attention(torch.randn(1, T, H, D, device=name), k, v, kv_cache=cache, layer=0)
+    assert out.device == k.device and out.isfinite().all()
+
+
 def test_bad_commits_name_the_argument():
     cache = StreamingKVCache(2, 1, H, D, T)
     k, v = frame()

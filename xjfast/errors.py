@@ -58,7 +58,8 @@ def check_choice(name: str, value, choices) -> None:
 
 
 def check_device(name: str, device) -> torch.device:
-    """A device argument as a torch.device; a CUDA device needs a GPU that torch sees."""
+    """A device argument as the torch.device its tensors report (cuda -> cuda:N, the current GPU;
+    cpu:0 -> cpu), so that it compares equal to theirs; a CUDA device needs a GPU torch sees."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -66,4 +67,7 @@ def check_device(name: str, device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{name}: expected a usable device, got {device} but torch sees no CUDA GPU "
                          f"(torch.cuda.is_available() is False)")
-    return device
+    try:
+        return torch.empty(0, device=device).device
+    except RuntimeError as exc:  # e.g. cuda:3 on a machine with one GPU
+        raise ValueError(f"{name}: expected a usable device, got {device}: {exc}") from exc
