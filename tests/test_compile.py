@@ -51,9 +51,14 @@ def test_tiny_preset_compiles_and_captures_in_a_cuda_graph_on_the_gpu():
     eager = forward(x, t).float()
     compiled = torch.compile(forward, fullgraph=True)(x, t).float()
     assert (compiled - eager).norm() <= 1e-2 * eager.norm()
-    forward(x, t)  # warm-up on the capture stream's allocator
+    # capture (and its warm-up, so that libraries' workspaces exist before) on a side stream
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        forward(x, t)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         captured = forward(x, t)
     graph.replay()
+    torch.cuda.synchronize()
     assert (captured.float() - eager).norm() <= 1e-3 * eager.norm()  # (library kernels may differ in capture)

@@ -230,7 +230,7 @@ class CausalDiT(nn.Module):
         # one rotary table per pass, shared by every layer: spatial (what the cache stores), and
         # without a cache the temporal part by frame position
         rope = rope_table(grid, self.cfg.head_dim, temporal=False, device=tokens.device)
-        rope_t = None if cache is not None else rope_table(grid, self.cfg.head_dim, frames=slots, spatial=False,
+        rope_t = None if cache is not None else rope_table(grid, self.cfg.head_dim, frames=frame_slots, spatial=False,
                                                             device=tokens.device)
         pass_args = dict(cache=cache, layer=0, rope=rope, rope_t=rope_t,
                          block_tokens=block_frames * frame_tokens if blocks > 1 else None,
