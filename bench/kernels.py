@@ -18,7 +18,6 @@ import time
 import torch
 
 import xjfast
-from bench.baseline import cached_keys_values
 from bench.harness import accuracy, cuda_attention_core, environ, on_gpu, rate, time_ms
 from xjfast.backends import implementations, unusable_reason
 from xjfast.errors import BackendUnavailable
@@ -78,16 +77,24 @@ def _visible_pairs(Lq, n_cached, block_tokens):
     return Lq * n_cached + int(mask.sum())
 
 
+def _frames_by_slot(frames, cache, dtype):
+    """The cached frames' original (unquantized) keys with the rotary applied by slot, and values,
+    in `dtype`: what a bf16 implementation that keeps the frames as they came attends to."""
+    view, T = cache.view(0), cache.frame_tokens
+    keys = [rotate_leading(fk.to(dtype), torch.full((T,), s, device=fk.device), view.rope_dims, view.rope_theta)
+            .to(dtype) for s, (fk, _) in enumerate(frames)]
+    return keys, [fv.to(dtype) for _, fv in frames]
+
+
 def _exact(frames, q, k, v, cache, block_tokens):
     """float64 attention over the original (unquantized) keys with the rotary applied by slot."""
     view = cache.view(0)
     L, T = q.shape[1], cache.frame_tokens
     dims, theta = view.rope_dims, view.rope_theta
-    ks = [rotate_leading(fk.double(), torch.full((T,), s, device=q.device), dims, theta)
-          for s, (fk, _) in enumerate(frames)]
+    ks, vs = _frames_by_slot(frames, cache, torch.float64)
     pos = view.num_slots + torch.arange(L, device=q.device) // T
     keys = torch.cat(ks + [rotate_leading(k.double(), pos, dims, theta)], 1)
-    values = torch.cat([fv.double() for _, fv in frames] + [v.double()], 1)
+    values = torch.cat(vs + [v.double()], 1)
     qr = rotate_leading(q.double(), pos, dims, theta).double()
     mask = torch.ones(L, keys.shape[1], dtype=torch.bool, device=q.device)
     mask[:, len(frames) * T:] = block_mask(L, block_tokens, device=q.device)
@@ -98,10 +105,11 @@ def _exact(frames, q, k, v, cache, block_tokens):
     return out
 
 
-def _peers(case, cache, q, k, v, block_tokens, gpu):
-    """(name, callable or skip reason) for every implementation a user could run instead."""
+def _peers(case, cache, frames, q, k, v, block_tokens, gpu):
+    """(name, callable or skip reason) for every implementation a user could run instead: bf16
+    attention over the frames as they came (no FP8 cache), so their accuracy is their own."""
     view = cache.view(0)
-    keys, values = cached_keys_values(view, q.dtype)
+    keys, values = _frames_by_slot(frames, cache, q.dtype)
     L, T = q.shape[1], cache.frame_tokens
     pos = view.num_slots + torch.arange(L, device=q.device) // T
     qr = rotate_leading(q, pos, view.rope_dims, view.rope_theta).to(q.dtype).transpose(1, 2).contiguous()
@@ -251,7 +259,7 @@ def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_c
                 rows.append(dict(row, skipped=str(exc)))
             except Exception as exc:  # recorded; the other implementations' figures stand
                 rows.append(dict(row, error=_skip_reason(exc)))
-    for name, fn in _peers(case, cache, q, k, v, block_tokens, gpu).items():
+    for name, fn in _peers(case, cache, frames, q, k, v, block_tokens, gpu).items():
         row = dict(case, case=_case_name(case), impl=name)
         if isinstance(fn, str):
             rows.append(dict(row, skipped=fn))
