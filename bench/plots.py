@@ -1,5 +1,5 @@
 """PNG plots of a results file: attention TFLOP/s by cached frames per implementation, and stream
-fps per configuration. matplotlib is optional: without it the run says so and writes no PNG."""
+fps (steady state) per configuration. matplotlib is optional: without it the run says so and writes no PNG."""
 from __future__ import annotations
 
 import os
@@ -32,21 +32,21 @@ def write(results: dict, out_dir: str, stem: str) -> list[str]:
         paths.append(os.path.join(out_dir, f"{stem}-attention.png"))
         fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
         plt.close(fig)
-    stream = [r for r in results.get("stream", {}).get("rows", []) if "model_fps" in r]
+    stream = [r for r in results.get("stream", {}).get("rows", []) if "steady_model_fps" in r]
     if stream:
         labels = sorted({f"{r['steps']} step, {r['frames_per_block']} fpb, {r['sink']}+{r['window']}" for r in stream})
         fig, ax = plt.subplots(figsize=(10, 4.5))
         engines = sorted({r["engine"] for r in stream})
         width = 0.8 / (2 * len(engines))
         for i, engine in enumerate(engines):
-            for j, key in enumerate(("model_fps", "end_to_end_fps")):
+            for j, key in enumerate(("steady_model_fps", "steady_end_to_end_fps")):
                 vals = [next((r[key] for r in stream if r["engine"] == engine and
                               f"{r['steps']} step, {r['frames_per_block']} fpb, {r['sink']}+{r['window']}" == lab), 0)
                         for lab in labels]
                 ax.bar([x + (2 * i + j) * width for x in range(len(labels))], vals, width,
                        label=f"{engine} ({'model' if j == 0 else 'end-to-end'})")
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, fontsize=8)
-        ax.set_ylabel("video frames / s")
+        ax.set_ylabel("video frames / s (steady state)")
         ax.legend(fontsize=8)
         ax.set_title(f"stream ({results['stream']['preset']}) on {results['environment']['device']['name']}")
         paths.append(os.path.join(out_dir, f"{stem}-stream.png"))

@@ -51,13 +51,19 @@ def main(argv=None) -> int:
             results["plots"] = [os.path.basename(p) for p in plots.write(results, out_dir, stem)]
         write_json(path, results)
 
+    def checkpoint(name):
+        def keep(partial):  # a section's results so far, on disk (a run stopped from outside keeps them)
+            results[name] = partial
+            write_json(path, results)
+        return keep
+
     sections = (
         ("roofline", lambda: roofline.measure(device)),
         ("attention", lambda: kernels.attention(device, results.get("roofline", {}),
                                                 lambda: budget(RESERVE_AFTER["attention"]))),
         ("memory_bound", lambda: kernels.memory_bound(device, results.get("roofline", {}))),
         ("diffusers_wan", lambda: diffusers_wan.measure(device, log, lambda: budget(RESERVE_AFTER["diffusers_wan"]))),
-        ("stream", lambda: stream.measure(device, log)),  # last: the longest, and it takes no budget
+        ("stream", lambda: stream.measure(device, log, budget, checkpoint("stream"))),  # last: the longest
     )
     for name, measure in sections:
         t = time.perf_counter()

@@ -7,6 +7,7 @@ without decoding, "end-to-end" with the preview decoder. Each row records the ge
 """
 from __future__ import annotations
 
+import time
 from unittest import mock
 
 import torch
@@ -23,13 +24,20 @@ ENGINES = {
 
 
 def configs(gpu: bool):
+    """`steady` blocks are measured after warm_up_blocks."""
     if not gpu:
-        return [dict(steps=1, frames_per_block=1, sink=1, window=3, blocks=8),
-                dict(steps=2, frames_per_block=3, sink=1, window=3, blocks=3)]
-    return [dict(steps=1, frames_per_block=1, sink=1, window=8, blocks=40),
-            dict(steps=4, frames_per_block=1, sink=1, window=8, blocks=10),
-            dict(steps=1, frames_per_block=3, sink=3, window=12, blocks=12),
-            dict(steps=1, frames_per_block=1, sink=2, window=6, blocks=30)]
+        return [dict(steps=1, frames_per_block=1, sink=1, window=3, steady=2),
+                dict(steps=2, frames_per_block=3, sink=1, window=3, steady=1)]
+    return [dict(steps=1, frames_per_block=1, sink=1, window=8, steady=28),
+            dict(steps=4, frames_per_block=1, sink=1, window=8, steady=8),
+            dict(steps=1, frames_per_block=3, sink=3, window=12, steady=8),
+            dict(steps=1, frames_per_block=1, sink=2, window=6, steady=19)]
+
+
+def warm_up_blocks(cfg: dict) -> int:
+    """Blocks before the steady state: the first block, those that fill the cache (until then each
+    pass differs, and a graph step cannot run), and the static step's eager warm-up and capture."""
+    return 1 + -(-(cfg["sink"] + cfg["window"]) // cfg["frames_per_block"]) + 2
 
 
 def _run(model, decoder, preset, device, engine: dict, cfg: dict, prompt) -> dict:
@@ -40,12 +48,22 @@ def _run(model, decoder, preset, device, engine: dict, cfg: dict, prompt) -> dic
     gen.set_prompt(prompt)
     if on_gpu(device):
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(cfg["blocks"]):
+    warm_up = warm_up_blocks(cfg)
+    done = []  # a step returns once its frames are on the host: the time each block was delivered
+    for _ in range(warm_up + cfg["steady"]):
         gen.step()
+        done.append(time.perf_counter())
     s = gen.stats()
-    # the stream's second half: past the cache warm-up and the capture, what a long stream sustains
-    late = s.pop("block_latency_ms")[cfg["blocks"] // 2:]
-    s["second_half_end_to_end_fps"] = 4 * cfg["frames_per_block"] * len(late) / (sum(late) / 1e3)
+    # the steady state (what a long stream sustains) apart from the whole run's figures, which
+    # carry Triton's first compiles, the cache filling and the capture
+    total, model_ms = s.pop("block_latency_ms")[warm_up:], s.pop("block_model_ms")[warm_up:]
+    video_frames = 4 * cfg["frames_per_block"]
+    per_frame = sorted(1e3 * (b - a) / cfg["frames_per_block"] for a, b in zip(done[warm_up - 1:], done[warm_up:]))
+    s.update(blocks=len(done), steady_blocks=len(total),
+             steady_model_fps=video_frames * len(model_ms) / (sum(model_ms) / 1e3),
+             steady_end_to_end_fps=video_frames * len(total) / (sum(total) / 1e3),
+             steady_interval_p50_ms=per_frame[len(per_frame) // 2],
+             steady_interval_p99_ms=per_frame[min(len(per_frame) - 1, int(0.99 * len(per_frame)))])
     if on_gpu(device):
         s["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     return s
@@ -67,54 +85,93 @@ def _memory_flat(model, decoder, preset, device, engine, prompt, frames=(100, 10
     return out
 
 
-def measure(device: torch.device, log) -> dict:
+# Seconds a part of the section is expected to need at most on an H100; one is not started with
+# less of the budget left (and the results say so): a stage cut off from outside would lose them.
+NEEDS_S = {"row": 15, "memory": 45, "speculation_row": 8}
+
+
+def measure(device: torch.device, log, budget=None, checkpoint=None) -> dict:
+    """The engines per configuration, the memory after 100 and 1,000 frames, speculation on/off.
+    `budget()`: seconds left (None: unbounded); `checkpoint(partial)` is given the section's
+    results after each row, so a run stopped from outside keeps what was measured. An exception in
+    one part is recorded in that part; the others stand."""
     gpu = on_gpu(device)
     name = "wan2.1-1.3b" if gpu else "tiny"
     dtype = torch.bfloat16 if gpu else torch.float32
     model, decoder, encoder, preset = build(name, device=device, dtype=dtype)
     prompt = (encoder("a paper boat drifting down a rainy street") if encoder is not None else
               torch.randn(preset.text_tokens, preset.dit.text_dim, generator=torch.Generator().manual_seed(0)).to(dtype))
-    rows = []
+    out = {"preset": name, "rows": [], "speculation": []}
+
+    def save():
+        if checkpoint is not None:
+            checkpoint(out)
+
+    def short_of(need: str) -> str | None:
+        left = budget() if budget is not None else None
+        return None if left is None or left >= NEEDS_S[need] else f"not run: {left:.0f} s of the time budget left"
+
     for cfg in configs(gpu):
         for engine_name, engine in ENGINES.items():
+            row = dict(cfg, engine=engine_name, preset=name)
+            out["rows"].append(row)
             patch = mock.patch("xjfast.models.dit.temporal_attention", sdpa_temporal_attention) \
                 if engine_name.startswith("baseline") else mock.patch.dict({})
-            try:
-                with patch:
-                    row = _run(model, decoder, preset, device, engine, cfg, prompt)
-                rows.append(dict(cfg, engine=engine_name, preset=name, **row))
-                log(f"  stream {engine_name} {cfg}: model {row['model_fps']:.1f} fps, "
-                    f"end-to-end {row['end_to_end_fps']:.1f} fps, cuda graph "
+            if (skipped := short_of("row")) is not None:
+                row["skipped"] = skipped
+            else:
+                with patch:  # an exception (e.g. out of memory) is recorded, the other figures stand
+                    row.update(_recorded(_run, model, decoder, preset, device, engine, cfg, prompt))
+            if "steady_model_fps" in row:
+                log(f"  stream {engine_name} {cfg}: steady model {row['steady_model_fps']:.1f} fps, "
+                    f"end-to-end {row['steady_end_to_end_fps']:.1f} fps, cuda graph "
                     f"{'in use' if row['cuda_graph']['in_use'] else 'not in use: ' + str(row['cuda_graph']['fallback'])}")
-            except Exception as exc:  # e.g. out of memory: recorded, the other figures stand
-                rows.append(dict(cfg, engine=engine_name, preset=name, error=f"{type(exc).__name__}: {exc}"))
-    out = {"preset": name, "rows": rows, "speculation": _speculation(model, decoder, preset, device, prompt, log)}
+            save()
     if gpu:
-        out["memory"] = _memory_flat(model, decoder, preset, device, ENGINES["xjfast-fp8"], prompt)
+        out["memory"] = {"skipped": skipped} if (skipped := short_of("memory")) is not None else \
+            _recorded(_memory_flat, model, decoder, preset, device, ENGINES["xjfast-fp8"], prompt)
+        save()
+    _speculation(model, decoder, preset, device, prompt, log, out["speculation"], short_of, save)
     return out
 
 
-def _speculation(model, decoder, preset, device, prompt, log) -> list[dict]:
-    """Speculation off and on, per resolution and depth (xjfast engine), with acceptance rates."""
+def _recorded(part, *args) -> dict:
+    try:
+        return part(*args)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _speculation(model, decoder, preset, device, prompt, log, rows, short_of, save) -> None:
+    """Speculation off and on, per resolution and depth (xjfast engine), with acceptance rates,
+    appended to `rows`."""
     gpu = on_gpu(device)
     resolutions = [(32, 32), (60, 104)] if gpu else [preset.latent_hw]  # 256x256 and 480x832 video
-    rows = []
     for hw in resolutions:
         for depth in (0, 2, 3, 4, "auto"):
             for drafter in (("extrapolate", "shallow:4") if depth else ("extrapolate",)):
-                gen = StreamGenerator(model, decoder, CacheConfig(1, 8), latent_hw=hw, speculate=depth,
-                                      drafter=drafter, backend="auto" if gpu else "reference")
-                gen.set_prompt(prompt)
-                for _ in range(4):  # warm-up, then a fresh stream
-                    gen.step()
-                gen.reset()
-                gen.set_prompt(prompt)
-                while gen.stats()["latent_frames"] < (24 if gpu else 8):
-                    gen.step()
-                s = gen.stats()
-                row = dict(video=f"{8 * hw[0]}x{8 * hw[1]}", speculate=depth, drafter=drafter,
-                           model_fps=s["model_fps"], end_to_end_fps=s["end_to_end_fps"], **s["speculation"])
+                row = dict(video=f"{8 * hw[0]}x{8 * hw[1]}", speculate=depth, drafter=drafter)
                 rows.append(row)
-                log(f"  speculation {row['video']} depth={depth} {drafter}: {row['model_fps']:.1f} fps, "
-                    f"acceptance {row['acceptance_rate']:.0%}")
-    return rows
+                if (skipped := short_of("speculation_row")) is not None:
+                    row["skipped"] = skipped
+                else:
+                    row.update(_recorded(_speculation_row, model, decoder, device, prompt, hw, depth, drafter))
+                if "model_fps" in row:
+                    log(f"  speculation {row['video']} depth={depth} {drafter}: {row['model_fps']:.1f} fps, "
+                        f"acceptance {row['acceptance_rate']:.0%}")
+                save()
+
+
+def _speculation_row(model, decoder, device, prompt, hw, depth, drafter) -> dict:
+    gpu = on_gpu(device)
+    gen = StreamGenerator(model, decoder, CacheConfig(1, 8), latent_hw=hw, speculate=depth,
+                          drafter=drafter, backend="auto" if gpu else "reference")
+    gen.set_prompt(prompt)
+    for _ in range(4):  # warm-up, then a fresh stream
+        gen.step()
+    gen.reset()
+    gen.set_prompt(prompt)
+    while gen.stats()["latent_frames"] < (24 if gpu else 8):
+        gen.step()
+    s = gen.stats()
+    return dict(model_fps=s["model_fps"], end_to_end_fps=s["end_to_end_fps"], **s["speculation"])

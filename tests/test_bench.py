@@ -39,8 +39,11 @@ def test_cpu_mode_writes_a_complete_results_file(tmp_path):
         assert all("GB/s" in r or "TFLOP/s" in r or r["skipped"] for r in seen.values())
         assert "median_ms" in seen["reference"] and "CUDA device" in seen["triton"]["skipped"]
     assert {r["op"] for r in results["memory_bound"]} == {"kv_cache_commit", "kv_cache_compact", "denoise_step"}
-    engines = {r["engine"] for r in results["stream"]["rows"] if "model_fps" in r}
+    engines = {r["engine"] for r in results["stream"]["rows"] if "steady_model_fps" in r}
     assert engines == {"xjfast-fp8", "baseline-sdpa-bf16"}
+    for r in results["stream"]["rows"]:  # the steady state: every block past the warm-up, none of it
+        assert r["steady_blocks"] == r["steady"] and r["blocks"] == r["passes"] > r["steady"]
+        assert 0 < r["steady_interval_p50_ms"] <= r["steady_interval_p99_ms"]
     drop_in = results["diffusers_wan"]
     if importlib.util.find_spec("diffusers") is None:
         assert "not installed" in drop_in["skipped"]
@@ -263,3 +266,19 @@ def test_attention_stops_taking_cases_when_the_budget_is_spent():
     assert any(r["query_frames"] == first["query_frames"] and "median_ms" in r for r in rows)
     [skipped] = [r for r in rows if r["query_frames"] == second["query_frames"]]
     assert "time budget" in skipped["skipped"]
+
+
+def test_stream_keeps_what_it_measured_and_skips_what_no_longer_fits():
+    """Each row is handed to the checkpoint as it is measured (a stage cut off from outside keeps
+    them); once the budget cannot hold another, every later row says so instead of running."""
+    sys.path.insert(0, ROOT)
+    from bench import stream
+    left = iter([60.0] + [0.0] * 100)  # time for the first row only
+    saved = []
+    out = stream.measure(torch.device("cpu"), lambda msg: None, budget=lambda: next(left),
+                         checkpoint=lambda partial: saved.append(json.loads(json.dumps(partial))))
+    first, *rest = out["rows"]
+    assert first["steady_model_fps"] > 0 and first["steady_blocks"] == first["steady"]
+    assert rest and all("time budget" in r["skipped"] for r in rest)
+    assert out["speculation"] and all("time budget" in r["skipped"] for r in out["speculation"])
+    assert saved[0]["rows"][0]["steady_model_fps"] == first["steady_model_fps"] and saved[-1] == out

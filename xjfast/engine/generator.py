@@ -361,6 +361,7 @@ class StreamGenerator:
             "interval_p50_ms": 1e3 * statistics.median(per_frame) if per_frame else float("nan"),
             "interval_p99_ms": 1e3 * pct(per_frame, 0.99),
             "block_latency_ms": [1e3 * s for s in self._total_s],
+            "block_model_ms": [1e3 * s for s in self._model_s],
             "cache_bytes": self.cache.memory_bytes(),
             "speculation": {
                 "depth": self.depth.best() if self.speculate == "auto" else max(1, self.speculate),
