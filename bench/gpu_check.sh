@@ -53,7 +53,8 @@ SUMMARY=()
 overall=0
 
 # stage NAME CAP_S RESERVE_S COMMAND...: runs COMMAND (output to the log; its tail to stdout) under
-# timeout min(CAP_S, time left - RESERVE_S), where RESERVE_S is what the later stages still need.
+# timeout min(CAP_S, time left - RESERVE_S), where RESERVE_S is what the later stages still need;
+# COMMAND sees that limit as XJFAST_STAGE_LIMIT_S.
 stage() {
   local name=$1 cap=$2 reserve=$3
   shift 3
@@ -68,7 +69,7 @@ stage() {
   log "=== $name (at $(elapsed) s, limit $limit s): $*"
   local t0 rc
   t0=$(date +%s)
-  timeout -k 5 "$limit" "$@" >>"$LOG" 2>&1
+  timeout -k 5 "$limit" env XJFAST_STAGE_LIMIT_S="$limit" "$@" >>"$LOG" 2>&1
   rc=$?
   local took=$(($(date +%s) - t0)) verdict
   case $rc in

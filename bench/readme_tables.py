@@ -151,7 +151,10 @@ def tables(results_dir: str) -> str:
                            f"{r['steady_interval_p99_ms']:.1f} |")
         if data.get("stream", {}).get("rows"):
             out.append("\nFrame rates in video frames (4 per latent frame) and intervals per latent frame, over the "
-                       "steady state: the blocks after the cache filled and the CUDA graph was captured.")
+                       "steady state: the blocks after the cache filled and the CUDA graph was captured. The "
+                       "baseline engine is xjfast's PyTorch reference ops in bf16 with torch SDPA, eager: it also "
+                       "reads each commit's page ids on the host (a sync per layer), draws the Philox noise with "
+                       "torch ops, and rotates its cached keys by slot on every pass.")
         out.append("")
     return "\n".join(out)
 

@@ -83,6 +83,18 @@ def test_first_launch_leaves_out_what_fails_or_hangs(monkeypatch, capsys):
         "first launch of path:ws: HUNG: killed after 0.01 s", "XJFAST_DISABLE=", "XJFAST_CUDA_ATTENTION_SKIP=ws"]
 
 
+def test_first_launch_children_end_before_the_stage_does(monkeypatch):
+    """gpu_check.sh's stage limit (XJFAST_STAGE_LIMIT_S) caps each child's, leaving the parent time
+    to say what to leave out; without one, LIMIT_S."""
+    sys.path.insert(0, ROOT)
+    from bench import first_launch
+    monkeypatch.delenv("XJFAST_STAGE_LIMIT_S", raising=False)
+    assert first_launch.child_limit() == first_launch.LIMIT_S
+    for stage, child in ((500, first_launch.LIMIT_S), (75, 75 - first_launch.STAGE_MARGIN_S), (12, 10)):
+        monkeypatch.setenv("XJFAST_STAGE_LIMIT_S", str(stage))
+        assert first_launch.child_limit() == child
+
+
 def test_readme_tables_come_from_results_files(tmp_path):
     sys.path.insert(0, ROOT)
     from bench.readme_tables import tables
