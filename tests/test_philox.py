@@ -97,3 +97,8 @@ def test_streams_differ_by_seed_and_frame():
 def test_bad_arguments_are_named(call, words):
     with pytest.raises(ValueError, match=words):
         call()
+
+
+def test_a_frame_index_on_a_device_named_without_its_index():
+    """"cpu:0" (as "cuda" on a GPU) names the device its tensors report without the index."""
+    assert torch.equal(philox_normal(1, torch.tensor(3), 64, device="cpu:0"), philox_normal(1, 3, 64))

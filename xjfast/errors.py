@@ -27,7 +27,7 @@ def check_tensor(name: str, t, *, dtypes=None, ndim: int | None = None,
         raise TypeError(f"{name}: expected dtype {_fmt(dtypes)}, got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(t.shape)}")
-    if device is not None and t.device != torch.device(device):
+    if device is not None and t.device != canonical_device(device):
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
     if nonempty and t.numel() == 0:
         raise ValueError(f"{name}: expected a tensor with no empty dimension, got shape {tuple(t.shape)}")
@@ -58,8 +58,8 @@ def check_choice(name: str, value, choices) -> None:
 
 
 def check_device(name: str, device) -> torch.device:
-    """A device argument as the torch.device its tensors report (cuda -> cuda:N, the current GPU;
-    cpu:0 -> cpu), so that it compares equal to theirs; a CUDA device needs a GPU torch sees."""
+    """A device argument as the torch.device its tensors report (canonical_device), so that it
+    compares equal to theirs; a CUDA device needs a GPU torch sees."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -67,7 +67,17 @@ def check_device(name: str, device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{name}: expected a usable device, got {device} but torch sees no CUDA GPU "
                          f"(torch.cuda.is_available() is False)")
-    try:
-        return torch.empty(0, device=device).device
-    except RuntimeError as exc:  # e.g. cuda:3 on a machine with one GPU
-        raise ValueError(f"{name}: expected a usable device, got {device}: {exc}") from exc
+    device = canonical_device(device)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{name}: expected a usable device, got {device} but torch sees "
+                         f"{torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
+def canonical_device(device) -> torch.device:
+    """`device` as its tensors report it: "cuda" is the current GPU, cuda:N; "cpu:0" is cpu. (A
+    torch.device without an index differs from every tensor's.)"""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu") if device.type == "cpu" else device

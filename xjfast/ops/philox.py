@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from xjfast.errors import canonical_device
+
 M0, M1 = 0xD2511F53, 0xCD9E8D57
 W0, W1 = 0x9E3779B9, 0xBB67AE85
 MASK32 = 0xFFFFFFFF
@@ -75,8 +77,8 @@ def check_frame_index(frame_index, device=None, limit: int = 2 ** 64):
         if frame_index.dtype != torch.int64 or frame_index.dim() != 0:
             raise ValueError(f"frame_index: expected an int or a 0-d int64 tensor, got a tensor of dtype "
                              f"{frame_index.dtype} and shape {tuple(frame_index.shape)}")
-        if device is not None and frame_index.device != torch.device(device):
-            raise ValueError(f"frame_index: expected a tensor on {torch.device(device)}, got one on "
+        if device is not None and frame_index.device != canonical_device(device):
+            raise ValueError(f"frame_index: expected a tensor on {canonical_device(device)}, got one on "
                              f"{frame_index.device}")
     elif isinstance(frame_index, bool) or not isinstance(frame_index, int) or not 0 <= frame_index < limit:
         exponent = limit.bit_length() - 1
