@@ -40,8 +40,9 @@ inline int current_device() {
   return device;
 }
 
-// More than 48 KiB of dynamic shared memory must be allowed per kernel and device: done once per
-// device (`devices` holds a bit per device index already allowed; one static per kernel).
+// Shared memory beyond 48 KiB a block, static and dynamic together, must be allowed per kernel and
+// device (`bytes`: the dynamic part; plus the static part, at most the device's opt-in limit): done
+// once per device (`devices` holds a bit per device index already allowed; one static per kernel).
 template <typename Kernel>
 void allow_dynamic_smem(Kernel kernel, int bytes, std::atomic<uint64_t>& devices) {
   const int device = current_device();

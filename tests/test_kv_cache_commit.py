@@ -119,6 +119,24 @@ def test_kernels_write_nothing_for_a_page_id_outside_the_storage(backend):
     assert_pages_match(ids[:1].long(), ref, out, E4M3)
 
 
+@pytest.mark.parametrize("backend", fast_backends("kv_cache_commit"))
+def test_page_ids_as_a_strided_view_or_int64_write_the_pages_they_name(backend):
+    """The kernels read int32 ids one after another: a strided view is read as the values it holds,
+    and an int64 id beyond int32 is out of range (skipped), not truncated onto a page (2^32 + 1 -> 1)."""
+    B, T, H, D = 1, 16, 2, 64
+    k, v = torch.randn(B, 2 * T, H, D, device=DEVICE).bfloat16(), torch.randn(B, 2 * T, H, D, device=DEVICE).bfloat16()
+    every_other = torch.tensor([2, 1, 0, 3], dtype=torch.int32, device=DEVICE)[::2]  # [2, 0], stride 2
+    ref, out = storage(4, B, T, H, D, E4M3), storage(4, B, T, H, D, E4M3)
+    kv_cache_commit(k, v, *ref, every_other.clone(), backend="reference")
+    kv_cache_commit(k, v, *out, every_other, backend=backend)
+    assert_pages_match(every_other.long(), ref, out, E4M3)
+    wide = torch.tensor([3, 2 ** 32 + 1], dtype=torch.int64, device=DEVICE)
+    ref, out = storage(4, B, T, H, D, E4M3), storage(4, B, T, H, D, E4M3)
+    kv_cache_commit(k[:, :T], v[:, :T], *ref, wide[:1], backend="reference")
+    kv_cache_commit(k, v, *out, wide, backend=backend)
+    assert_pages_match(wide[:1], ref, out, E4M3)
+
+
 def test_bad_arguments_name_them():
     B, T, H, D = 1, 8, 2, 64
     st = storage(2, B, T, H, D, E4M3)

@@ -165,3 +165,16 @@ def test_cuda_entry_point_reaches_the_launch_with_good_arguments():
     # past every argument check, the launch first asks the GPU whether it has clusters
     with pytest.raises(C.CudaError, match=r"cudaGetDevice\(&device\) failed"):
         C.kv_cache_compact(**compact_args())
+
+
+def test_cuda_backend_passes_storage_it_cannot_read_16_bytes_at_a_time_to_others():
+    """The CUDA compaction moves 16-byte vectors: contiguous storage that starts off a 16-byte
+    boundary is not for it (auto takes Triton), with the reason naming the tensor."""
+    from xjfast.ops.kv_cache_compact import _cuda_supports
+    B, K, T, H, D = 1, 8, 16, 2, 64
+    keep, evicted = page(B, K, H, D, E4M3), page(B, T, H, D, E4M3)
+    assert _cuda_supports(keep, 0, evicted, None) is None
+    shifted = torch.empty(B * K * H * D + 8, dtype=E4M3, device=DEVICE)[8:].view(B, K, H, D)
+    reason = _cuda_supports([keep[0], shifted] + keep[2:], 0, evicted, None)
+    assert reason.startswith("keep.v: the CUDA kernel moves 16-byte vectors") and "triton" in reason
+    assert "head_dim 64 or 128" in _cuda_supports(page(B, K, H, 32, E4M3), 0, page(B, T, H, 32, E4M3), None)

@@ -59,7 +59,8 @@ def kv_cache_commit(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids, 
     check_tensor("page_ids", page_ids, dtypes=(torch.int32, torch.int64), ndim=1, device=k.device)
     if page_ids.numel() != n:
         raise ValueError(f"page_ids: expected {n} page indices (one per frame of k), got {page_ids.numel()}")
-    args = (k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids)
+    # the kernels read the ids with stride 1
+    args = (k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids.contiguous())
     resolve("kv_cache_commit", backend, k.device, args).fn(*args)
 
 
@@ -100,7 +101,10 @@ def kv_cache_commit_cuda(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_
     A page id outside [0, P) is skipped by the kernel (the op cannot read device ids without a sync)."""
     from xjfast.ops._cuda import DTYPE_CODES, extension, stream_handle
     P, B, T, H, D = k_pages.shape
-    ids = page_ids.to(torch.int32)  # held until the launch: its memory must outlive the enqueue
+    # int32 for the kernel, an int64 id it cannot hold made -1 (skipped, as any id outside [0, P),
+    # rather than truncated onto a page); held until the launch: its memory must outlive the enqueue
+    ids = page_ids if page_ids.dtype == torch.int32 else \
+        torch.where((page_ids >= 0) & (page_ids < P), page_ids, -1).to(torch.int32)
     extension().kv_cache_commit(
         k.data_ptr(), v.data_ptr(), list(k.stride()[:3]), list(v.stride()[:3]), ids.data_ptr(),
         k_pages.data_ptr(), v_pages.data_ptr(), k_scale.data_ptr(), k_mean.data_ptr(), v_scale.data_ptr(),

@@ -89,7 +89,13 @@ def kv_cache_compact_triton(*args):
 
 def _cuda_supports(keep, keep_count, page, top) -> str | None:
     D = keep[0].shape[-1]
-    return None if D in (64, 128) else f"the CUDA kernel takes head_dim 64 or 128, got {D}"
+    if D not in (64, 128):
+        return f"the CUDA kernel takes head_dim 64 or 128, got {D}"
+    for name, t in (("keep.k", keep[0]), ("keep.v", keep[1]), ("page.k", page[0]), ("page.v", page[1])):
+        if t.data_ptr() % 16:  # contiguous (checked): rows of D bytes or more, 16-byte multiples
+            return (f"{name}: the CUDA kernel moves 16-byte vectors, so the storage must start 16-byte aligned "
+                    f"(backend='triton' reads any), got address {t.data_ptr():#x}")
+    return None
 
 
 @register("kv_cache_compact", "cuda", min_capability=(9, 0), supports=_cuda_supports)
