@@ -119,6 +119,24 @@ __device__ __forceinline__ void wgmma_commit_and_wait() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }
+// Pins the registers a wgmma reads or writes asynchronously in place around wgmma_fence and
+// wgmma_commit_and_wait: PTX leaves any other access to them between fence and wait undefined,
+// and without this the compiler may move ordinary reads or writes of them (the accumulator's
+// zeroing or rescale, P's packing) across those asm statements (CUTLASS's warpgroup_fence_operand).
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&r)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(r[i][e])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_operands(const uint32_t (&r)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" ::"r"(r[i][e]) : "memory");
+}
 // Shared memory written by ordinary stores (cp.async included) that the tensor cores read next.
 __device__ __forceinline__ void fence_proxy_async() {
 #ifdef XJ_WGMMA
@@ -190,6 +208,7 @@ struct WgmmaCore {
   __device__ static void scores(const uint8_t* s_q, const uint8_t* s_k, float (&s)[kCoreBlockN / 8][4]) {
 #pragma unroll
     for (int j = 0; j < kCoreBlockN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;  // (the first k-step ignores them)
+    fence_operands(s);
     wgmma_fence();
 #pragma unroll
     for (int kc = 0; kc < D / 32; ++kc) {
@@ -198,15 +217,19 @@ struct WgmmaCore {
       wgmma_m64n64k32_ss(s, k_step_descriptor(smem_u32(s_q), kc, kRowGroup), k, kc > 0);
     }
     wgmma_commit_and_wait();
+    fence_operands(s);
   }
 
   __device__ static void accumulate_pv(const uint32_t (&pa)[kCoreBlockN / 32][4], const uint8_t* s_vt,
                                        float (&o)[D / 8][4]) {
-    wgmma_fence();  // o was rescaled by ordinary instructions
+    fence_operands(o);  // o was rescaled, and pa packed, by ordinary instructions
+    fence_operands(pa);
+    wgmma_fence();
 #pragma unroll
     for (int kc = 0; kc < kCoreBlockN / 32; ++kc)
       wgmma_rs(o, pa[kc], k_step_descriptor(smem_u32(s_vt), kc, kVtGroup));
     wgmma_commit_and_wait();
+    fence_operands(o);
   }
 };
 
