@@ -65,9 +65,10 @@ def extensions() -> list[Extension]:
 
 
 setup(
-    # xjfast and its subpackages, plus the top-level kernels/ directory as xjfast.kernels.
-    packages=find_packages(include=["xjfast", "xjfast.*"]) + ["xjfast.kernels"],
-    package_dir={"xjfast.kernels": "kernels"},
+    # xjfast and its subpackages, plus the top-level kernels/ and bench/ directories as
+    # xjfast.kernels and xjfast.bench (what `xjfast bench` runs from an installed wheel).
+    packages=find_packages(include=["xjfast", "xjfast.*"]) + ["xjfast.kernels", "xjfast.bench"],
+    package_dir={"xjfast.kernels": "kernels", "xjfast.bench": "bench"},
     ext_modules=extensions(),
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -11,7 +11,7 @@ import importlib.util
 
 import torch
 
-from bench.harness import accuracy, on_gpu, time_ms
+from .harness import accuracy, on_gpu, time_ms
 
 # Wan2.1-T2V-1.3B's transformer config (diffusers layout).
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,

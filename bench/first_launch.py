@@ -40,7 +40,7 @@ def launch_path(path: str) -> int:
     tiles) plus two block-causal query frames, on CUDA attention path `path`; 0 when it matches the
     reference."""
     import xjfast
-    from bench.harness import accuracy, cuda_attention_core
+    from .harness import accuracy, cuda_attention_core
     H, D, T = 2, 128, 80
     torch.manual_seed(0)
     cache = xjfast.StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=2, keep_tokens=24, device="cuda",
@@ -62,7 +62,7 @@ def launch_path(path: str) -> int:
 def launch_op(op: str, backend: str) -> int:
     """bench/sanitize.py's small launches of `op` on `backend`; 0 when each ran (or said it does not
     cover its arguments)."""
-    from bench.sanitize import launches
+    from .sanitize import launches
     from xjfast.errors import BackendUnavailable
     torch.manual_seed(0)
     for label, call in launches(op, backend, DEVICE):
@@ -95,7 +95,7 @@ def children() -> list[tuple[str, dict]]:
 def run_child(argument: str, env: dict) -> tuple[str, bool]:
     limit = child_limit()
     try:
-        child = subprocess.run([sys.executable, "-m", "bench.first_launch", argument], capture_output=True,
+        child = subprocess.run([sys.executable, "-m", f"{__package__}.first_launch", argument], capture_output=True,
                                text=True, timeout=limit, env=dict(os.environ, **env))
         said = (child.stdout + child.stderr).strip().splitlines()
         verdict = "ok" if child.returncode == 0 else f"FAILED (exit status {child.returncode})"

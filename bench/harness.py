@@ -184,11 +184,16 @@ def _device_info(device: torch.device) -> dict:
 
 
 def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=os.path.dirname(__file__)).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The checkout's commit; for an installed package (no checkout of ours around it), its version."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(root, "setup.py")):
+        try:
+            return subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True,
+                                  check=True, cwd=root).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            pass
+    import xjfast
+    return f"v{xjfast.__version__}"
 
 
 def environment(device: torch.device) -> dict:

@@ -18,7 +18,7 @@ import time
 import torch
 
 import xjfast
-from bench.harness import accuracy, cuda_attention_core, environ, on_gpu, rate, time_ms
+from .harness import accuracy, cuda_attention_core, environ, on_gpu, rate, time_ms
 from xjfast.backends import implementations, unusable_reason
 from xjfast.errors import BackendUnavailable
 from xjfast.ops.rotary import rotate_leading
@@ -41,12 +41,23 @@ def backends(op: str, device: torch.device) -> list[tuple[str, str | None]]:
     return out
 
 
-def attention_cases(gpu: bool):
-    """Most telling first (the engine's 2-frame pass), so a run cut short by its time budget keeps them."""
-    if not gpu:  # CI: tiny shapes, reference backend
-        return [dict(H=2, D=64, T=32, query_frames=q, cached=2) for q in (1, 2)]
-    cases = [dict(H=12, D=128, T=1560, query_frames=q, cached=c) for q in (2, 1) for c in (12, 3, 21, 6)]
-    return cases + [dict(H=12, D=64, T=1560, query_frames=2, cached=12)]
+# The stream shape (Wan2.1-1.3B at 480x832), and CI's tiny one; `xjfast bench --heads ...` replaces them.
+DEFAULT_SHAPE = {"gpu": dict(heads=[12], head_dim=[128], frame_tokens=[1560], query_frames=[2, 1],
+                             cached_frames=[12, 3, 21, 6]),
+                 "cpu": dict(heads=[2], head_dim=[64], frame_tokens=[32], query_frames=[1, 2], cached_frames=[2])}
+
+
+def attention_cases(gpu: bool, shape: dict | None = None):
+    """Every combination of `shape`'s values (default: the stream shapes, plus head_dim 64 on a GPU).
+    Most telling first (the engine's 2-frame pass), so a run cut short by its time budget keeps them."""
+    custom = shape is not None
+    shape = shape or DEFAULT_SHAPE["gpu" if gpu else "cpu"]
+    [H], [T] = shape["heads"], shape["frame_tokens"]
+    cases = [dict(H=H, D=D, T=T, query_frames=q, cached=c)
+             for D in shape["head_dim"] for q in shape["query_frames"] for c in shape["cached_frames"]]
+    if gpu and not custom:
+        cases.append(dict(H=H, D=64, T=T, query_frames=2, cached=12))
+    return cases
 
 
 def _skip_reason(exc: Exception) -> str:
@@ -64,7 +75,7 @@ def _case_data(case, device, backend, seed):
         return x.to(device=device, dtype=torch.bfloat16)
 
     frames = [(rnd(1, T, H, D, bias=True), rnd(1, T, H, D)) for _ in range(cached)]
-    cache = xjfast.StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=cached - 1, device=device,
+    cache = xjfast.StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=max(cached - 1, 1), device=device,
                                     backend=backend)
     for k, v in frames:
         cache.commit(0, k, v)
@@ -196,16 +207,17 @@ def _case_name(case: dict, precision: str | None = None) -> str:
     return f"{name}-{precision}" if precision else name
 
 
-def attention(device: torch.device, roof: dict, budget=None) -> list[dict]:
+def attention(device: torch.device, roof: dict, budget=None, shape: dict | None = None) -> list[dict]:
     """One row per (case, implementation): timing, TFLOP/s and accuracy, or `skipped` with the reason.
-    `budget()` (seconds left, or None) stops before a case that would not fit."""
+    `budget()` (seconds left, or None) stops before a case that would not fit; `shape`: see
+    attention_cases."""
     gpu = on_gpu(device)
     fp8_ceiling = roof.get("gemm_fp8", {}).get("TFLOP/s")
     bf16_ceiling = roof.get("gemm_bf16", {}).get("TFLOP/s")
     candidates = backends("temporal_attention", device)
     cache_backend = "auto" if gpu else "reference"
     rows, case_s = [], 0.0
-    for index, case in enumerate(attention_cases(gpu)):
+    for index, case in enumerate(attention_cases(gpu, shape)):
         left = budget() if budget else None
         if left is not None and case_s and left < 1.5 * case_s:  # the first (most telling) case always runs
             rows.append(dict(case, impl="*", skipped=f"out of the run's time budget ({left:.0f} s left)"))
@@ -323,9 +335,10 @@ def _time_backends(op: str, device, run, inputs, amount_gb: float, copy_bw: floa
     return rows
 
 
-def memory_bound(device: torch.device, roof: dict) -> list[dict]:
+def memory_bound(device: torch.device, roof: dict, shape: dict | None = None) -> list[dict]:
     """kv_cache_commit, kv_cache_compact and denoise_step: GB/s and fraction of copy bandwidth, at
-    the stream shape (a 480x832 frame: 1560 tokens of 12 heads x 128; 16 x 60 x 104 latents)."""
+    the stream shape (a 480x832 frame: 1560 tokens of 12 heads x 128; 16 x 60 x 104 latents), or
+    the cache ops at `shape`'s heads, frame tokens and (first) head_dim."""
     from xjfast.ops.denoise_step import denoise_step
     from xjfast.ops.kv_cache_commit import kv_cache_commit
     from xjfast.ops.kv_cache_compact import kv_cache_compact
@@ -333,10 +346,12 @@ def memory_bound(device: torch.device, roof: dict) -> list[dict]:
     gpu = on_gpu(device)
     copy_bw = roof.get("copy", {}).get("GB/s")
     H, D, T, frames = (12, 128, 1560, 3) if gpu else (2, 64, 32, 1)
+    if shape is not None:
+        [H], D, [T] = shape["heads"], shape["head_dim"][0], shape["frame_tokens"]
     e4m3 = torch.float8_e4m3fn
 
-    def fp8_random(*shape):  # valid e4m3 values (never NaN bit patterns, never zeros)
-        return torch.randn(*shape, device=device).to(e4m3)
+    def fp8_random(*size):  # valid e4m3 values (never NaN bit patterns, never zeros)
+        return torch.randn(*size, device=device).to(e4m3)
 
     rows = []
     pages = [fp8_random(frames, 1, T, H, D) for _ in range(2)]

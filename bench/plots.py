@@ -16,8 +16,10 @@ def write(results: dict, out_dir: str, stem: str) -> list[str]:
     paths = []
     rows = [r for r in results.get("attention", []) if "TFLOP/s" in r]
     if rows:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-        for ax, qf in zip(axes, (1, 2)):
+        spans = sorted({r["query_frames"] for r in rows})
+        fig, axes = plt.subplots(1, len(spans), figsize=(6 * len(spans), 4.5), sharey=True, squeeze=False)
+        axes = axes[0]
+        for ax, qf in zip(axes, spans):
             for impl in sorted({r["impl"] for r in rows}):
                 pts = sorted((r["cached"], r["TFLOP/s"]) for r in rows
                              if r["impl"] == impl and r["query_frames"] == qf and r["D"] == max(x["D"] for x in rows))
@@ -27,7 +29,7 @@ def write(results: dict, out_dir: str, stem: str) -> list[str]:
             ax.set_xlabel("cached frames")
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("TFLOP/s")
-        axes[1].legend(fontsize=8)
+        axes[-1].legend(fontsize=8)
         fig.suptitle(results["environment"]["device"]["name"])
         paths.append(os.path.join(out_dir, f"{stem}-attention.png"))
         fig.savefig(paths[-1], dpi=110, bbox_inches="tight")

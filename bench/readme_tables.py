@@ -18,9 +18,18 @@ import re
 
 from xjfast.ops.temporal_attention import CONFIG_RANKING, CUDA_CORE_RANKING  # what auto reads
 
+from .run import SECTIONS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 RANKING = os.path.join(ROOT, "xjfast", "backend_ranking.json")
+
+
+def standard_run(results: dict) -> bool:
+    """Whether a results file is a whole run at the default shapes (what the README and the ranking
+    are made of), not `xjfast bench --only ...` or a run at shapes of the user's choosing."""
+    run = results.get("run", {})
+    return not run.get("shape") and set(run.get("sections", SECTIONS)) == set(SECTIONS)
 
 
 def newest_per_gpu(results_dir: str) -> dict:
@@ -30,6 +39,10 @@ def newest_per_gpu(results_dir: str) -> dict:
             data = json.load(f)
         env = data.get("environment", {})
         if env.get("device", {}).get("kind") != "cuda":
+            continue
+        if not standard_run(data):
+            print(f"left out: {os.path.basename(path)} (sections {data['run'].get('sections')}, "
+                  f"shape {data['run'].get('shape')}: not a whole run at the default shapes)")
             continue
         gpu = env["device"]["name"]
         if gpu not in newest or env["date"] > newest[gpu][1]["environment"]["date"]:

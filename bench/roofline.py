@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.harness import on_gpu, rate, time_ms
+from .harness import on_gpu, rate, time_ms
 
 
 def _copy(device, gpu: bool) -> dict:

@@ -1,14 +1,20 @@
-"""Run every benchmark and write one results JSON (+ PNG plots) into an output folder.
+"""Run the benchmarks and write one results JSON (+ PNG plots) into an output folder.
 
-    python -m bench.run [OUT_DIR]          (default: $OUT, else bench/results)
+    python -m bench.run [OUT_DIR] [--only SECTION,...] [--budget S] [--device D] [shape options]
+                                          (OUT_DIR default: $OUT, else bench/results)
     XJFAST_BENCH_DEVICE=cpu python -m bench.run /tmp/out   (tiny shapes, reference backend)
+    xjfast bench [OUT_DIR] ...            the same from an installed xjfast (OUT_DIR default: ./xjfast-bench)
 
 The results file is rewritten after each section, so a run stopped from outside keeps what it
-measured. XJFAST_BENCH_BUDGET_S (seconds) bounds the run: the sections that measure many cases
-stop taking new ones when the next would not fit, and say so in the results.
+measured. --budget (or XJFAST_BENCH_BUDGET_S) bounds the run in seconds: the sections that measure
+many cases stop taking new ones when the next would not fit, and say so in the results. The shape
+options replace the attention cases (and the memory-bound ops' frame) with the product of the
+values given; such a run, or one of some sections only, is marked in the results (`run`), and
+bench/readme_tables.py keeps it out of the README and of the ranking `auto` follows.
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import sys
@@ -16,22 +22,93 @@ import time
 
 import torch
 
-from bench import diffusers_wan, kernels, plots, roofline, stream
-from bench.harness import bench_device, environment, nvml_readings, on_gpu, results_name, section, write_json
+from . import diffusers_wan, kernels, plots, roofline, stream
+from .harness import bench_device, environment, nvml_readings, on_gpu, results_name, section, write_json
 
-
+SECTIONS = ("roofline", "attention", "memory_bound", "diffusers_wan", "stream")
 PLOTTED = ("attention", "stream")  # the sections plots.write draws
 # Seconds a section leaves to the sections after it when it decides whether to take another case.
 RESERVE_AFTER = {"attention": 150, "diffusers_wan": 90}
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    out_dir = argv[0] if argv else os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
+def _sections(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected sections from {', '.join(SECTIONS)}, got {text!r}")
+    return names
+
+
+def _parser(prog: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog or f"python -m {__package__}.run", description="Benchmark xjfast's kernels and stream against the "
+                                "machine's roofline and the peers installed here; writes a results JSON and PNG plots.")
+    p.add_argument("out_dir", nargs="?", help="folder for the results")
+    p.add_argument("--only", type=_sections, default=list(SECTIONS), metavar="SECTION,...",
+                   help=f"sections to run, of {', '.join(SECTIONS)} (default: all; fractions of the ceiling "
+                        "need roofline)")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="time budget of the run (default: $XJFAST_BENCH_BUDGET_S, else none)")
+    p.add_argument("--device", help="torch device (default: $XJFAST_BENCH_DEVICE, else cuda if available, "
+                                    "else cpu: tiny shapes, reference backend)")
+    shape = p.add_argument_group("attention shape (replaces the stream shapes: every combination is a case)")
+    shape.add_argument("--heads", type=_positive_ints, metavar="H", help="attention heads (one value)")
+    shape.add_argument("--head-dim", type=_positive_ints, metavar="D,...", help="head_dim: 64 and/or 128")
+    shape.add_argument("--frame-tokens", type=_positive_ints, metavar="T", help="tokens per latent frame (one value)")
+    shape.add_argument("--query-frames", type=_positive_ints, metavar="N,...", help="frames the queries span")
+    shape.add_argument("--cached-frames", type=_positive_ints, metavar="N,...", help="frames in the KV cache")
+    return p
+
+
+def _device(p: argparse.ArgumentParser, wanted: str | None) -> torch.device:
+    if not wanted:
+        return bench_device()
+    try:
+        device = torch.device(wanted)
+    except RuntimeError:
+        p.error(f"--device: expected a torch device (cpu, cuda, cuda:1), got {wanted!r}")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device: expected cpu or cuda, got {wanted!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device: no CUDA GPU is usable here (torch.cuda.is_available() is False)")
+    return device
+
+
+def _shape(p: argparse.ArgumentParser, args, gpu: bool) -> dict | None:
+    """The attention cases' shape from the options (None: the default cases), with every option
+    not given taken from the default shape of this device."""
+    given = {k: getattr(args, k) for k in ("heads", "head_dim", "frame_tokens", "query_frames", "cached_frames")}
+    if all(v is None for v in given.values()):
+        return None
+    default = kernels.DEFAULT_SHAPE["gpu" if gpu else "cpu"]
+    shape = {k: v if v is not None else default[k] for k, v in given.items()}
+    for key in ("heads", "frame_tokens"):
+        if len(shape[key]) != 1:
+            p.error(f"--{key.replace('_', '-')}: expected one value, got {shape[key]}")
+    if set(shape["head_dim"]) - {64, 128}:
+        p.error(f"--head-dim: expected 64 and/or 128 (the head_dims temporal_attention runs), got {shape['head_dim']}")
+    return shape
+
+
+def main(argv=None, prog: str | None = None, default_out: str | None = None) -> int:
+    p = _parser(prog)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    out_dir = args.out_dir or default_out or os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    device = _device(p, args.device)
+    shape = _shape(p, args, on_gpu(device))
     os.makedirs(out_dir, exist_ok=True)
-    device = bench_device()
     started = time.perf_counter()
-    budget_s = float(os.environ["XJFAST_BENCH_BUDGET_S"]) if os.environ.get("XJFAST_BENCH_BUDGET_S") else None
+    budget_s = args.budget if args.budget is not None else \
+        float(os.environ["XJFAST_BENCH_BUDGET_S"]) if os.environ.get("XJFAST_BENCH_BUDGET_S") else None
 
     def log(msg):
         print(f"[{time.perf_counter() - started:7.1f}s] {msg}", flush=True)
@@ -39,7 +116,12 @@ def main(argv=None) -> int:
     def budget(reserve=0.0):
         return None if budget_s is None else budget_s - (time.perf_counter() - started) - reserve
 
-    results = {"environment": environment(device), "sections_s": {}, "nvml_after": {}}
+    def left_before(name):  # the budget a section may spend: what the sections after it get is kept
+        later = any(n in args.only for n in SECTIONS[SECTIONS.index(name) + 1:])
+        return lambda: budget(RESERVE_AFTER[name] if later else 0.0)
+
+    results = {"environment": environment(device), "run": {"sections": args.only, "shape": shape},
+               "sections_s": {}, "nvml_after": {}}
     stem = results_name(results["environment"])
     path = os.path.join(out_dir, f"{stem}.json")
     log(f"benchmarking on {results['environment']['device']['name']} ({device}); results in {path}")
@@ -60,12 +142,14 @@ def main(argv=None) -> int:
     sections = (
         ("roofline", lambda: roofline.measure(device)),
         ("attention", lambda: kernels.attention(device, results.get("roofline", {}),
-                                                lambda: budget(RESERVE_AFTER["attention"]))),
-        ("memory_bound", lambda: kernels.memory_bound(device, results.get("roofline", {}))),
-        ("diffusers_wan", lambda: diffusers_wan.measure(device, log, lambda: budget(RESERVE_AFTER["diffusers_wan"]))),
+                                                left_before("attention"), shape)),
+        ("memory_bound", lambda: kernels.memory_bound(device, results.get("roofline", {}), shape)),
+        ("diffusers_wan", lambda: diffusers_wan.measure(device, log, left_before("diffusers_wan"))),
         ("stream", lambda: stream.measure(device, log, budget, checkpoint("stream"))),  # last: the longest
     )
     for name, measure in sections:
+        if name not in args.only:
+            continue
         t = time.perf_counter()
         left = budget()
         if left is not None and left <= 0:

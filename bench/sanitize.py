@@ -13,7 +13,7 @@ import sys
 import torch
 
 import xjfast
-from bench.harness import cuda_attention_core, environ
+from .harness import cuda_attention_core, environ
 from xjfast.backends import implementations, registered_ops, unusable_reason
 from xjfast.errors import BackendUnavailable
 from xjfast.ops.denoise_step import denoise_step

@@ -12,8 +12,8 @@ from unittest import mock
 
 import torch
 
-from bench.baseline import sdpa_temporal_attention
-from bench.harness import on_gpu
+from .baseline import sdpa_temporal_attention
+from .harness import on_gpu
 from xjfast.engine import CacheConfig, StreamGenerator
 from xjfast.models import build
 

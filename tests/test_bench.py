@@ -294,3 +294,89 @@ def test_stream_keeps_what_it_measured_and_skips_what_no_longer_fits():
     assert rest and all("time budget" in r["skipped"] for r in rest)
     assert out["speculation"] and all("time budget" in r["skipped"] for r in out["speculation"])
     assert saved[0]["rows"][0]["steady_model_fps"] == first["steady_model_fps"] and saved[-1] == out
+
+
+def test_xjfast_bench_runs_the_sections_and_shapes_asked_for(tmp_path, capsys, monkeypatch):
+    """`xjfast bench` from the installed package: only the sections named, every combination of the
+    shape options as an attention case, and the run marked as such in the results."""
+    from xjfast.cli import main
+    monkeypatch.delenv("XJFAST_BENCH_BUDGET_S", raising=False)
+    assert main(["bench", str(tmp_path), "--device", "cpu", "--only", "roofline,attention", "--heads", "3",
+                 "--head-dim", "64", "--frame-tokens", "16", "--query-frames", "1,2", "--cached-frames", "1,3"]) == 0
+    [path] = tmp_path.glob("*.json")
+    results = json.loads(path.read_text())
+    assert set(results["sections_s"]) == {"roofline", "attention"} and "stream" not in results
+    assert results["run"] == {"sections": ["roofline", "attention"], "shape": {
+        "heads": [3], "head_dim": [64], "frame_tokens": [16], "query_frames": [1, 2], "cached_frames": [1, 3]}}
+    timed = [r for r in results["attention"] if r.get("impl") == "xjfast-reference-fp8"]
+    assert sorted((r["H"], r["D"], r["T"], r["query_frames"], r["cached"]) for r in timed) == [
+        (3, 64, 16, 1, 1), (3, 64, 16, 1, 3), (3, 64, 16, 2, 1), (3, 64, 16, 2, 3)]
+    assert all(r["median_ms"] > 0 and r["cosine"] > 0.99 for r in timed)
+    assert "xjfast-reference-fp8" in capsys.readouterr().out  # the summary table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--only", "attention,speed"], "--only: expected sections from roofline, attention"),
+    (["--head-dim", "96"], "--head-dim: expected 64 and/or 128"),
+    (["--heads", "2,4"], "--heads: expected one value"),
+    (["--cached-frames", "0"], "--cached-frames: expected positive integers"),
+    (["--device", "tpu:x"], "--device: expected a torch device"),
+])
+def test_xjfast_bench_names_a_bad_option(tmp_path, capsys, args, message):
+    from xjfast.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", str(tmp_path), "--device", "cpu"] + args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU where there is none")
+def test_xjfast_bench_refuses_a_gpu_that_is_not_there(tmp_path, capsys):
+    from xjfast.cli import main
+    with pytest.raises(SystemExit):
+        main(["bench", str(tmp_path), "--device", "cuda"])
+    assert "no CUDA GPU is usable here" in capsys.readouterr().err
+
+
+def test_partial_and_custom_shape_runs_stay_out_of_the_readme_and_the_ranking(tmp_path):
+    """A newer `xjfast bench --only ...` or custom-shape file must not stand for the GPU in place of
+    the newest whole run at the stream shapes."""
+    sys.path.insert(0, ROOT)
+    from bench.readme_tables import SECTIONS, ranking_file
+
+    def results(date, ms, run):
+        rows = [{"op": "denoise_step", "case": "s", "backend": b, "impl": f"xjfast-{b}", "median_ms": t}
+                for b, t in zip(("triton", "cuda"), ms)]
+        return dict(_gpu_results("H100", date, "9.0", rows), run=run)
+    shape = {"heads": [4], "head_dim": [64], "frame_tokens": [64], "query_frames": [1], "cached_frames": [2]}
+    for name, data in (("whole.json", results("2026-11-01", (0.5, 0.6), {"sections": list(SECTIONS), "shape": None})),
+                       ("only.json", results("2026-11-02", (0.6, 0.5), {"sections": ["memory_bound"], "shape": None})),
+                       ("shape.json", results("2026-11-03", (0.6, 0.5), {"sections": list(SECTIONS), "shape": shape}))):
+        (tmp_path / name).write_text(json.dumps(data))
+    assert ranking_file(str(tmp_path))["denoise_step"]["9.0"]["source"] == "bench/results/whole.json"
+
+
+def test_a_wheel_carries_the_benchmarks_and_runs_xjfast_bench_outside_the_checkout(tmp_path):
+    """What a user of a wheel gets: bench/ installed as xjfast.bench, `xjfast bench` running from it
+    (no checkout around: the results carry the package's version instead of a commit)."""
+    import zipfile
+    env = dict(os.environ, XJFAST_CUDA_ARCHS="")  # the pure-Python wheel: seconds, no nvcc
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
+                            "-w", str(tmp_path / "dist"), ROOT], env=env, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    [wheel] = (tmp_path / "dist").glob("xjfast-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        assert {"xjfast/bench/run.py", "xjfast/bench/kernels.py", "xjfast/kernels/temporal_attention.py"} <= names
+        assert not any(n.startswith("bench/") or n.endswith((".sh", ".json")) and "/bench/" in n for n in names)
+        z.extractall(tmp_path / "site")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), XJFAST_BENCH_DEVICE="cpu")
+    env.pop("XJFAST_BENCH_BUDGET_S", None)
+    run = subprocess.run([sys.executable, "-c", "import sys, xjfast.cli; print(xjfast.cli.__file__); "
+                          "sys.exit(xjfast.cli.main(['bench', 'out', '--only', 'roofline']))"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.stdout.startswith(str(tmp_path / "site"))  # the wheel's package, not the checkout's
+    [path] = (tmp_path / "out").glob("*.json")
+    results = json.loads(path.read_text())
+    assert results["environment"]["xjfast_commit"] == "v0.1.0" and results["roofline"]["copy"]["GB/s"] > 0

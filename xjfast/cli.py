@@ -1,4 +1,5 @@
-"""The `xjfast` command: `info` (what runs here and why not) and `generate` (a video stream)."""
+"""The `xjfast` command: `info` (what runs here and why not), `generate` (a video stream) and
+`bench` (the benchmarks, bench/run.py's options)."""
 from __future__ import annotations
 
 import argparse
@@ -171,10 +172,21 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, default=2, help="blocks generated and discarded before the stream is timed")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(run=_generate)
+    # listed here for --help; main() hands its arguments to bench/run.py, which owns its options
+    sub.add_parser("bench", help="benchmark the kernels and the stream here against the machine's roofline "
+                                 "and the peers installed (xjfast bench --help)")
     return p
 
 
+def _bench(argv: list[str]) -> int:
+    from xjfast.bench.run import main as bench_main
+    return bench_main(argv, prog="xjfast bench", default_out="xjfast-bench")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     args = parser().parse_args(argv)
     if getattr(args, "command", None) == "generate" and not args.prompt:
         args.prompt = ["a paper boat drifting down a rainy street"]
