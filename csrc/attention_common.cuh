@@ -294,14 +294,15 @@ struct SoftmaxState {
 };
 
 // S (raw Q.K^T of keys n0..n0+63) -> P * 448 rounded to e4m3 as the P.V product's A operand, with
-// the running max, sum and O of rows g, g+8 updated (exp2 domain). Rows that do not see the unit
+// the running max and sum of rows g, g+8 updated (exp2 domain) and the factor `alpha` by which
+// their O is to be rescaled (by the core's accumulate_pv, which may fuse it with its sum). Rows that do not see the unit
 // (`visible`) get a -inf bias, so with kWholeTiles only a partial tile (keys past `tokens`) masks
 // element by element (the mma.sync core masks every tile: one version of its key loop). P's 448
 // is folded into the exponent, 2^(s - m + log2 448), and l takes P's sum / 448.
 template <int D, bool kWholeTiles>
 __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], int n0, int tokens, const bool (&visible)[2],
                                              float score_scale, const float (&q_mean)[2], SoftmaxState<D>& st,
-                                             uint32_t (&pa)[kBlockN / 32][4]) {
+                                             uint32_t (&pa)[kBlockN / 32][4], float (&alpha)[2]) {
   const int t = threadIdx.x % 4;
   const float bias[2] = {visible[0] ? q_mean[0] : -INFINITY, visible[1] ? q_mean[1] : -INFINITY};
   // A row's scores are s * score_scale + bias, score_scale > 0: the max is taken on the raw
@@ -329,12 +330,10 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], int n0,
   for (int r = 0; r < 2; ++r) {
     const float m_new = fmaxf(st.m[r], quad_max(tile_max[r]) * score_scale + bias[r]);
     const float m_safe = m_new == -INFINITY ? 0.f : m_new;  // a row that has seen no key yet
-    const float alpha = exp2_sfu(st.m[r] - m_safe);
+    alpha[r] = exp2_sfu(st.m[r] - m_safe);
     offset[r] = bias[r] - (m_safe - kLog2PScale);  // -inf for a row that may not see the unit
     st.m[r] = m_new;
-    st.l[r] *= alpha;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) st.o[i][2 * r] *= alpha, st.o[i][2 * r + 1] *= alpha;
+    st.l[r] *= alpha[r];
   }
 #pragma unroll
   for (int j = 0; j < kBlockN / 8; ++j) {

@@ -80,9 +80,13 @@ struct MmaSyncCore {
     }
   }
 
-  // o += P (16 x 64; p already rounded by the caller's scale in p_fragment) . V^T tile.
+  // o = o * alpha (per row: elements 0-1 row g, 2-3 row g + 8) + P (16 x 64; p already rounded by
+  // the caller's scale in p_fragment) . V^T tile. (On sm_90/sm_100 this e4m3 mma runs as unpacks
+  // and 16-bit HMMA, whose fp32 accumulator is whole: o is the accumulator.)
   __device__ static void accumulate_pv(const uint32_t (&pa)[kCoreBlockN / 32][4], const uint8_t* s_vt,
-                                       float (&o)[D / 8][4]) {
+                                       const float (&alpha)[2], float (&o)[D / 8][4]) {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] *= alpha[0], o[i][1] *= alpha[0], o[i][2] *= alpha[1], o[i][3] *= alpha[1];
     const int lane = threadIdx.x % 32;
     const uint8_t* row = s_vt + b_fragment_row(lane) * kVtRow + b_fragment_byte(lane);
 #pragma unroll
@@ -157,25 +161,25 @@ __device__ __forceinline__ void wgmma_m64n64k32_ss(float (&s)[8][4], uint64_t a,
 #endif
 }
 
-// o (64 x N over the warpgroup) += A (registers, this warp's 16 x 32) . B (desc), N = 64 or 128.
-__device__ __forceinline__ void wgmma_rs(float (&o)[8][4], const uint32_t (&a)[4], uint64_t b) {
+// o (64 x N over the warpgroup) = or += A (registers, this warp's 16 x 32) . B (desc), N = 64 or 128.
+__device__ __forceinline__ void wgmma_rs(float (&o)[8][4], const uint32_t (&a)[4], uint64_t b, int accumulate) {
 #ifdef XJ_WGMMA
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1;\n}\n"
       : XJ_F16(o, 0), XJ_F16(o, 4)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
 #else
   __trap();
 #endif
 }
-__device__ __forceinline__ void wgmma_rs(float (&o)[16][4], const uint32_t (&a)[4], uint64_t b) {
+__device__ __forceinline__ void wgmma_rs(float (&o)[16][4], const uint32_t (&a)[4], uint64_t b, int accumulate) {
 #ifdef XJ_WGMMA
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
       : XJ_F16(o, 0), XJ_F16(o, 4), XJ_F16(o, 8), XJ_F16(o, 12)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
 #else
   __trap();
 #endif
@@ -220,16 +224,28 @@ struct WgmmaCore {
     fence_operands(s);
   }
 
+  // o = o * alpha (per row, as MmaSyncCore's) + P.V of one 64-key tile, the product summed apart
+  // and added in fp32 (two-level accumulation): an FP8 wgmma keeps 13 mantissa bits of the
+  // accumulator it adds into (SageAttention2, DeepSeek-V3), an error that would grow with the
+  // number of keys if o itself were that accumulator.
   __device__ static void accumulate_pv(const uint32_t (&pa)[kCoreBlockN / 32][4], const uint8_t* s_vt,
-                                       float (&o)[D / 8][4]) {
-    fence_operands(o);  // o was rescaled, and pa packed, by ordinary instructions
-    fence_operands(pa);
+                                       const float (&alpha)[2], float (&o)[D / 8][4]) {
+    float pv[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) pv[i][0] = pv[i][1] = pv[i][2] = pv[i][3] = 0.f;  // (the first k-step ignores them)
+    fence_operands(pv);
+    fence_operands(pa);  // packed by ordinary instructions
     wgmma_fence();
 #pragma unroll
     for (int kc = 0; kc < kCoreBlockN / 32; ++kc)
-      wgmma_rs(o, pa[kc], k_step_descriptor(smem_u32(s_vt), kc, kVtGroup));
+      wgmma_rs(pv, pa[kc], k_step_descriptor(smem_u32(s_vt), kc, kVtGroup), kc > 0);
     wgmma_commit_and_wait();
-    fence_operands(o);
+    fence_operands(pv);
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      o[i][0] = fmaf(o[i][0], alpha[0], pv[i][0]), o[i][1] = fmaf(o[i][1], alpha[0], pv[i][1]);
+      o[i][2] = fmaf(o[i][2], alpha[1], pv[i][2]), o[i][3] = fmaf(o[i][3], alpha[1], pv[i][3]);
+    }
   }
 };
 

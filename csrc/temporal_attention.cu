@@ -152,9 +152,10 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
       float s[kBlockN / 8][4];
       Core::scores(scratch.q, s_k, s);
       uint32_t pa[kBlockN / 32][4];  // P * 448 rounded to e4m3, as the product's A operand
-      softmax_tile<D, Core::kWholeTiles>(s, n0, unit.tokens, visible, score_scale, q_mean, st, pa);
+      float alpha[2];
+      softmax_tile<D, Core::kWholeTiles>(s, n0, unit.tokens, visible, score_scale, q_mean, st, pa, alpha);
       __syncthreads();  // the transposed V tile is complete
-      Core::accumulate_pv(pa, s_vt, st.o);
+      Core::accumulate_pv(pa, s_vt, alpha, st.o);
       __syncthreads();  // this stage and s_vt are free for the next prefetch and transpose
     }
     st.to_value_units(unit.v_scale, false);

@@ -159,9 +159,10 @@ __global__ void __launch_bounds__(kThreads, 1) temporal_attention_ws_kernel(cons
       float s[kBlockN / 8][4];
       Core::template scores<true>(scratch.q, smem + L::kK + stage * L::kTile, s);
       uint32_t pa[kBlockN / 32][4];
-      softmax_tile<D, true>(s, n0, unit.tokens, visible, score_scale, q_mean, st, pa);
+      float alpha[2];
+      softmax_tile<D, true>(s, n0, unit.tokens, visible, score_scale, q_mean, st, pa, alpha);
       mbarrier_wait(vt_full + stage, round & 1);
-      Core::accumulate_pv(pa, smem + L::kVt + stage * L::kTile, st.o);
+      Core::accumulate_pv(pa, smem + L::kVt + stage * L::kTile, alpha, st.o);
       mbarrier_arrive(empty + stage);
     }
     st.to_value_units(unit.v_scale, false);

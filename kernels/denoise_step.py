@@ -76,7 +76,9 @@ def uniform(x):
     return (x.to(tl.float32) + 1.0) * 2.3283064365386963e-10
 
 
-@triton.jit
+# Triton's launcher compiles an integer argument equal to 1 as the constant 1, and one divisible
+# by 16 apart: a seed of 1 broke `.to(tl.uint32)`, and a frame index would compile anew mid-stream.
+@triton.jit(do_not_specialize=["frame_index", "seed_lo", "seed_hi"])
 def denoise_step_kernel(
     xt_ptr, mo_ptr, coef_ptr, x0_ptr, xn_ptr,
     s_xb, s_xc, s_xf, s_xh, s_xw, s_m0, s_m1, s_m2, s_m3, s_m4,

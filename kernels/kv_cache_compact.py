@@ -60,7 +60,8 @@ def _dequantize(k_keep, v_keep, k_page, v_page, from_keep, old_ks, old_km, old_v
     return k, v
 
 
-@triton.jit
+# keep_count and count grow as the keep buffer fills: not specialized, so no compile mid-stream
+@triton.jit(do_not_specialize=["keep_count", "count"])
 def kv_cache_compact_stats_kernel(
     keep_k, keep_v, keep_ks, keep_km, keep_vs, page_k, page_v, page_ks, page_km, page_vs, top_ptr,
     scratch_k, scratch_v, stats_ptr, old_ptr,
@@ -101,7 +102,7 @@ def kv_cache_compact_stats_kernel(
     store_stats(stats_ptr + (unit * tl.num_programs(1) + c) * 4 * D, offs_d, D, k_sum, k_max, k_min, v_amax)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["keep_count", "count"])
 def kv_cache_compact_kernel(
     keep_k, keep_v, keep_ks, keep_km, keep_vs, page_k, page_v, page_ks, page_km, page_vs, top_ptr,
     scratch_k, scratch_v, stats_ptr, old_ptr,

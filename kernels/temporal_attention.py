@@ -41,14 +41,16 @@ _LOG2E = tl.constexpr(LOG2E)
 # On sm_90 a 64-row tile at 8 warps (two warpgroups) has each warpgroup compute the whole S
 # tile and its softmax for half of P.V's columns: twice the exp2 and 1.5x the MMA work of one
 # warpgroup (per thread per 64 keys: 34 MUFU either way, over 256 threads instead of 128), so
-# 4-warp tiles come first, two CTAs per SM hiding each other's loads; 64-key tiles halve the
-# accumulator rescale per key (395 instructions per thread per 64 keys against 2 x 272); one
-# 8-warp configuration stays for the benchmark to weigh; 128-row tiles would split the rows but
-# spill at head_dim 128 (as do 64-key tiles with 2 or more stages). On sm_100 (tcgen05,
+# 4-warp tiles come first, two CTAs per SM hiding each other's loads. FP8 P.V is summed per tile
+# from zero and added to the output in fp32 (_attend_tile), which holds a second 64 x 128 fp32
+# tile in registers: at 4 warps only 32-key tiles with one stage stay spill-free under Triton 3.6
+# (64-key tiles, or a second stage, spill 8-24 bytes), so sm_90 runs 32-key steps (277 SASS
+# instructions per thread each) and keeps the 8-warp 64-key tile for the benchmark to weigh;
+# 128-row tiles would split the rows but spill at head_dim 128. On sm_100 (tcgen05,
 # accumulators in tensor memory) the warpgroups split the S tile. `python -m xjfast.tools.sass`
 # shows instructions and exp2 per thread per key step.
 CANDIDATES = {
-    "sm_90": ((64, 64, 4, 1), (64, 32, 4, 2), (64, 32, 4, 1), (64, 64, 8, 2)),
+    "sm_90": ((64, 32, 4, 1), (64, 64, 8, 2)),
     "sm_100": ((64, 64, 8, 1), (64, 32, 8, 1)),
 }
 INTERPRET_CONFIG = (64, 64, 4, 1)
@@ -63,10 +65,10 @@ def parse_config(text: str, source: str = CONFIG_ENV) -> tuple[int, int, int, in
         cfg = tuple(int(x) for x in text.split(","))
     except ValueError:
         cfg = ()
-    if len(cfg) != 4 or cfg[0] not in (64, 128) or cfg[1] not in (16, 32, 64, 128) or cfg[2] not in (4, 8) \
-            or not 1 <= cfg[3] <= 4:
+    if len(cfg) != 4 or cfg[0] not in (64, 128) or cfg[1] not in (32, 64, 128) or cfg[2] not in (4, 8) \
+            or not 1 <= cfg[3] <= 4:  # an FP8 dot takes K >= 32: P.V's K is BLOCK_N
         raise ValueError(f"{source}: expected 'BLOCK_M,BLOCK_N,warps,stages' with BLOCK_M in 64, 128, BLOCK_N in "
-                         f"16..128 (a power of two), warps 4 or 8 and 1 to 4 stages, got {text!r}")
+                         f"32, 64, 128, warps 4 or 8 and 1 to 4 stages, got {text!r}")
     return cfg
 
 
@@ -303,14 +305,20 @@ def _attend_tile(acc, m_i, l_i, n0, n_tokens, q_lo, q_hi, score_scale, q_bias, o
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * score_scale + q_bias)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
-    acc = acc * alpha[:, None]
     # 4. P.V: FP8 with P scaled by P_SCALE (folded into the exponent: 2^(s - m + log2 448)), or
     # bf16 (fp32 in the interpreter, whose bf16 dot is broken)
     if UNIT_FP8:
         p = tl.exp2(s * score_scale[:, None] + (q_bias - m_safe + LOG2_P_SCALE)[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1) * (1.0 / P_SCALE)
-        acc = tl.dot(to_e4m3(p, INTERPRET), v, acc)
+        # Hopper's FP8 wgmma keeps 13 mantissa bits of the accumulator it adds into (SageAttention2,
+        # DeepSeek-V3): over a cache of thousands of keys that error would grow with its length,
+        # so each tile's P.V is summed on its own and added to acc in fp32 (two-level accumulation)
+        if HOPPER:
+            acc = acc * alpha[:, None] + tl.dot(to_e4m3(p, INTERPRET), v)
+        else:
+            acc = tl.dot(to_e4m3(p, INTERPRET), v, acc * alpha[:, None])
     else:
+        acc = acc * alpha[:, None]
         p = tl.exp2(s * score_scale[:, None] + (q_bias - m_safe)[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if INTERPRET:
@@ -374,7 +382,9 @@ def _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, slot, page_ptr, visible, o
                         cvs_ptr + row * D, sm_scale_log2, rope_ptr, rope_center, CACHE_FP8, True, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
 
 
-@triton.jit
+# Counts that change as the cache fills are not specialized (as 1, or as divisible by 16): each
+# new value class would compile the kernel anew in the middle of a stream.
+@triton.jit(do_not_specialize=["split_units", "n_pages", "n_sinks", "keep_count", "first_slot"])
 def temporal_attention_kernel(
     q_ptr, out_ptr, lse_ptr, stride_qb, stride_ql, stride_qh, stride_os, stride_ob, stride_ol, stride_oh,
     stride_ls, split_units,
@@ -495,16 +505,18 @@ def attention_combine_kernel(part_ptr, part_lse_ptr, out_ptr, lse_ptr, splits, s
     tl.store(lse_ptr + (b * H + h).to(tl.int64) * Lq + offs_m, m_safe + tl.log(total), mask=rows)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["table_index", "slot", "first_slot"])  # per call: see temporal_attention_kernel
 def attention_mass_kernel(
     q_ptr, lse_ptr, stride_qb, stride_ql, stride_qh, ck_ptr, cks_ptr, ckm_ptr, mass_ptr,
     page_table_ptr, table_index, slot, B, H, Lq, cache_T, first_slot, unit_T, slots_ptr, sm_scale_log2, rope_ptr,
     rope_center,
     D: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CACHE_FP8: tl.constexpr, INTERPRET: tl.constexpr,
+    CACHE_FP8: tl.constexpr, DT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """mass[page, b, t] += sum over queries (and, by atomics, heads) of softmax(q.k_t) for one page,
-    page = page_table[table_index]: read on the device, so a captured graph follows the ring."""
+    page = page_table[table_index]: read on the device, so a captured graph follows the ring. The
+    scores are the attention's own (16-bit pages are multiplied in q's dtype DT, as there), so
+    they match the LSE it wrote."""
     pid_n = tl.program_id(0)
     page = tl.load(page_table_ptr + table_index).to(tl.int64)
     b = tl.program_id(1) // H
@@ -524,8 +536,8 @@ def attention_mass_kernel(
         q_rows = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_ql
         q_slot = first_slot + tl.load(slots_ptr + offs_m // unit_T, mask=rows, other=0)
         q_lo, q_hi, q_scale, q_mean = _query(q_rows, rows, q_slot - slot, k_mean, sm_scale_log2, rope_ptr, rope_center,
-                                             D, ROPE_DIMS, CACHE_FP8, tl.float32, INTERPRET)
-        s = _scores(q_lo, q_hi, k_rows, live, D, CACHE_FP8, tl.float32, INTERPRET, True) * (q_scale * (k_scale * sm_scale_log2))[:, None]
+                                             D, ROPE_DIMS, CACHE_FP8, DT, INTERPRET)
+        s = _scores(q_lo, q_hi, k_rows, live, D, CACHE_FP8, DT, INTERPRET, True) * (q_scale * (k_scale * sm_scale_log2))[:, None]
         lse2 = tl.load(lse_ptr + (b * H + h).to(tl.int64) * Lq + offs_m, mask=rows, other=0.0) * 1.4426950408889634
         p = tl.exp2(s + q_mean[:, None] - lse2[:, None])
         mass += tl.sum(tl.where(rows[:, None], p, 0.0), axis=0)
@@ -597,5 +609,5 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
                 q, lse, q.stride(0), q.stride(1), q.stride(2), view.k_pages, view.k_scale, view.k_mean, view.mass,
                 view.page_table, table_index, slot, B, H, L, view.k_pages.shape[2], first_slot, unit_T, slots,
                 sm_scale_log2, rope, rope_center, D=D, ROPE_DIMS=rope_dims, BLOCK_M=Q_TILE, BLOCK_N=block_n,
-                CACHE_FP8=cache_fp8, INTERPRET=interpret, num_warps=warps, num_stages=stages)
+                CACHE_FP8=cache_fp8, DT=_DTYPES[q.dtype], INTERPRET=interpret, num_warps=warps, num_stages=stages)
     return out, lse

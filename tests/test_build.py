@@ -174,6 +174,22 @@ def test_attention_key_steps_exponentiate_each_score_once():
         assert loop is not None and loop["exp2"] == 34, (key, loop)
 
 
+def test_wgmma_attention_sums_pv_per_tile_in_fp32():
+    """Hopper's FP8 wgmma keeps 13 mantissa bits of the accumulator it adds into: the wgmma and ws
+    paths sum each 64-key tile's P.V (two k-steps, A from registers) from zero and add it to O in
+    fp32 (two-level accumulation), or the error would grow with the number of keys."""
+    from xjfast.tools.sass import register_a_chains
+    if "90a" not in EXPECTED_ARCHS:
+        pytest.skip("no sm_90a in this build")
+    chains = {key: register_a_chains(sass) for key, sass in sass_by_function().items()
+              if key[0] == "sm_90a" and re.search(r"temporal_attention(_ws)?_kernel", key[1])
+              and ("WgmmaCore" in key[1] or "_ws_" in key[1])}
+    assert len(chains) == 12, sorted(chains)
+    for key, by_shape in chains.items():
+        [(shape, pv)] = by_shape.items()  # P.V is the only product with A in registers
+        assert 2 * pv["fresh"] >= pv["total"] > 0, (key, shape, pv)
+
+
 def test_warp_specialized_attention_starts_with_the_registers_its_split_assumes():
     """setmaxnreg moves registers within the CTA's launch allocation: the producer warpgroup drops to 40
     per thread and the two consumer warpgroups rise to 232, which needs exactly 168 per thread at

@@ -223,3 +223,35 @@ def test_reference_backend_on_a_gpu_is_not_captured_and_says_why():
         g.step()
     s = g.stats()["cuda_graph"]
     assert not s["in_use"] and s["captures"] == 0 and "reference implementation" in s["fallback"]
+
+
+def _compiled_triton_variants() -> int:
+    """Kernels Triton has compiled so far for xjfast's kernels (every specialization, every device)."""
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+    total = 0
+    for module in ("denoise_step", "kv_cache_commit", "kv_cache_compact", "temporal_attention"):
+        for fn in vars(importlib.import_module(f"xjfast.kernels.{module}")).values():
+            if isinstance(fn, JITFunction):
+                total += sum(len(cache[0]) for cache in fn.device_caches.values())
+    return total
+
+
+@pytest.mark.gpu
+def test_a_stream_compiles_nothing_once_its_cache_and_keep_buffer_are_full():
+    """Triton's launcher compiles an integer argument equal to 1, or divisible by 16, as a variant
+    of its own: counters that move in a stream (frame index, cache and keep fill) must not, or a
+    frame mid-stream waits seconds for a compile; and seed 0's re-noise after step 1 is keyed 1
+    (step_seed(0, 1)), which as a constant broke the denoise kernel's compile."""
+    model, decoder, encoder, preset = build("tiny", device=DEVICE, dtype=torch.bfloat16)
+    g = StreamGenerator(model, decoder, CacheConfig(1, 3, 48), latent_hw=preset.latent_hw, text_encoder=encoder,
+                        cuda_graph=False, seed=0, steps=2, backend="triton")
+    g.set_prompt(PROMPT)
+    for _ in range(8):  # the first block, the cache filled, the first eviction filling the keep buffer
+        g.step()
+    compiled = _compiled_triton_variants()
+    assert compiled > 0
+    for _ in range(40):  # frame indices 1 .. 46 pass 16 and 32
+        g.step()
+    assert _compiled_triton_variants() == compiled

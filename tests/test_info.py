@@ -98,7 +98,7 @@ def test_a_partial_ranking_keeps_the_other_backends_after_it(ranked, monkeypatch
 def test_info_tells_what_auto_picks_and_why(ranked):
     info = collect_info()
     assert info["auto"]["denoise_step"] == {"backend": "cuda", "why": "ranked by bench/results/h100.json"}
-    assert info["auto"]["temporal_attention"]["backend"] == "triton[64,64,4,1]"  # sm_90's first configuration
+    assert info["auto"]["temporal_attention"]["backend"] == "triton[64,32,4,1]"  # sm_90's first configuration
     assert "default order" in info["auto"]["temporal_attention"]["why"]
     assert "auto denoise_step: cuda (ranked by bench/results/h100.json)" in format_info(info)
 

@@ -125,3 +125,28 @@ def test_every_launched_kernel_is_checked():
                 for name in dir(importlib.import_module(f"xjfast.kernels.{info.name}")) if name.endswith("_kernel")}
     checked = {(spec.module, spec.function) for spec in sass.stream_specs()}
     assert launched and launched <= checked, sorted(launched - checked)
+
+
+def test_every_kernel_compiles_with_its_integer_arguments_equal_to_one(tmp_path):
+    """Triton's launcher compiles an integer argument equal to 1 as the constant 1 (unless the kernel
+    says do_not_specialize); the interpreter never does, so only a compile shows code that breaks on
+    it: a seed half of 1 (step_seed(0, 1)) made `.to(tl.uint32)` fail in denoise_step."""
+    out = tmp_path / "ones.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "xjfast.tools.sass", "--ones", "--arch", "90", "--json", str(out)],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(json.loads(out.read_text())) == len(sass.stream_specs())
+
+
+@pytest.mark.parametrize("name", [spec.name for spec in sass.stream_specs() + sass.candidate_specs()
+                                  if spec.name.startswith("temporal_attention[fp8") and "D=128" in spec.name
+                                  and (spec.configs is None or 90 in spec.configs)])
+def test_fp8_pv_is_summed_per_tile_on_sm_90(reports, name):
+    """Hopper's FP8 wgmma keeps 13 mantissa bits of the accumulator it adds into: P.V (64 rows x
+    128 channels over a warpgroup's share of them, A from registers) starts from zero every key
+    tile and is added to the output in fp32, or the error grows with the number of keys
+    (SageAttention2's two-level accumulation)."""
+    r = reports[(name, 90)]
+    pv = r["register_a"][f"QGMMA.64x{128 * 4 // r['num_warps']}x32"]
+    assert pv["fresh"] * r["block"][1] // 32 >= pv["total"] > 0, (name, pv)

@@ -3,7 +3,8 @@ and report per kernel and arch: registers, spills, shared memory, the tensor-cor
 in the SASS, and what one iteration of the innermost tensor-core loop issues per thread
 ("loop": instructions and exp2).
 
-    python -m xjfast.tools.sass [--arch 90 100] [--kernel NAME ...] [--candidates] [--variants] [--json FILE]
+    python -m xjfast.tools.sass [--arch 90 100] [--kernel NAME ...] [--candidates] [--variants] [--ones]
+                                [--json FILE]
 
 Triton compiles for a target it does not have (`triton.compile(ASTSource(...), target=GPUTarget)`),
 and the cuobjdump/nvdisasm shipped inside Triton's wheel read the cubin. Integer arguments are
@@ -86,7 +87,7 @@ def stream_specs() -> list[KernelSpec]:
              table_index=1, slot=1, B=B, H=H,
              Lq=L, cache_T=T, first_slot=21, unit_T=T, slots_ptr="*i32", sm_scale_log2=0.127, rope_ptr="*fp32",
              rope_center=27),
-        dict(D=128, ROPE_DIMS=44, BLOCK_M=Q_TILE, CACHE_FP8=True, INTERPRET=False), configs=per_arch,
+        dict(D=128, ROPE_DIMS=44, BLOCK_M=Q_TILE, CACHE_FP8=True, DT=tl.bfloat16, INTERPRET=False), configs=per_arch,
         tags=dict(op="temporal_attention")))
     specs.append(KernelSpec(  # the merge of three key-unit splits
         "attention_combine[D=128]", "temporal_attention", "attention_combine_kernel",
@@ -187,9 +188,12 @@ def variant_specs() -> list[KernelSpec]:
 
 
 def _signature(fn, spec: KernelSpec):
-    """Signature and attributes as Triton's launcher would specialize them for these values."""
-    signature, attrs = {}, {}
-    for index, name in enumerate(fn.arg_names):
+    """Signature, attributes and constexprs as Triton's launcher specializes these values: an
+    integer equal to 1 becomes the constant 1, one divisible by 16 is marked so, unless the kernel
+    lists the argument in do_not_specialize (the interpreter does neither, so only a compile shows
+    code that breaks on the constant: `seed.to(tl.uint32)` of a constexpr 1 does)."""
+    signature, attrs, constexprs = {}, {}, dict(spec.constexprs)
+    for index, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
         if name in spec.constexprs:
             signature[name] = "constexpr"
             continue
@@ -199,11 +203,13 @@ def _signature(fn, spec: KernelSpec):
             attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 256-byte aligned
         elif isinstance(value, float):
             signature[name] = "fp32"
+        elif value == 1 and not param.do_not_specialize:
+            signature[name], constexprs[name] = "constexpr", 1
         else:
             signature[name] = "i32"
-            if value % 16 == 0:
+            if value % 16 == 0 and not param.do_not_specialize:
                 attrs[(index,)] = [["tt.divisibility", 16]]
-    return signature, attrs
+    return signature, attrs, constexprs
 
 
 def _tool(name: str) -> str:
@@ -241,6 +247,18 @@ def inner_loop(sass: str) -> dict | None:
     return dict(instructions=len(ops), exp2=ops.count("MUFU.EX2"), byte_stores=ops.count("STS.U8"))
 
 
+def register_a_chains(sass: str) -> dict:
+    """For each wgmma shape whose A operand comes from registers (attention's P.V), how many of its
+    instructions there are and how many start from a zero accumulator (`RZ, !UPT`): with FP8,
+    Hopper keeps 13 mantissa bits of the accumulator a wgmma adds into, so P.V is summed per tile
+    from zero and added to the output in fp32, and every chain of tile/32 must start fresh."""
+    out: dict = {}
+    for shape, acc in re.findall(r"\b([QH]GMMA\.\d+x\d+x\d+)\.\S+ R\d+, R\d+, gdesc\[[^\]]*\], (RZ|R\d+)", sass):
+        total, fresh = out.get(shape, (0, 0))
+        out[shape] = (total + 1, fresh + (acc == "RZ"))
+    return {shape: {"total": t, "fresh": f} for shape, (t, f) in out.items()}
+
+
 def analyse(cubin: bytes) -> dict:
     """Registers, stack (spill) bytes and instruction counts of a cubin holding one kernel."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -253,7 +271,7 @@ def analyse(cubin: bytes) -> dict:
     opcodes = collections.Counter(re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)", sass, re.M))
     return dict(registers=regs, stack_bytes=stack, spill_stores=opcodes.get("STL", 0),
                 spill_loads=opcodes.get("LDL", 0), tensor_core={op: opcodes[op] for op in TENSOR_CORE_OPS if opcodes[op]},
-                ffma=opcodes.get("FFMA", 0), inner_loop=inner_loop(sass))
+                ffma=opcodes.get("FFMA", 0), inner_loop=inner_loop(sass), register_a=register_a_chains(sass))
 
 
 def compile_spec(spec: KernelSpec, arch: int) -> dict:
@@ -272,8 +290,8 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
     if "HOPPER" in fn.arg_names:  # as the launcher sets it for the target
         from xjfast.kernels.temporal_attention import hopper_paths
         spec = dataclasses.replace(spec, constexprs={**spec.constexprs, "HOPPER": hopper_paths((arch // 10, 0))})
-    signature, attrs = _signature(fn, spec)
-    source = ASTSource(fn, signature, constexprs=spec.constexprs, attrs=attrs)
+    signature, attrs, constexprs = _signature(fn, spec)
+    source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
     report = analyse(compiled.asm["cubin"])
@@ -292,6 +310,9 @@ def main(argv=None) -> int:
                         help="also the FP8 attention in every configuration the benchmark ranks")
     parser.add_argument("--variants", action="store_true",
                         help="also every other variant the launchers compile (hundreds: --kernel narrows them)")
+    parser.add_argument("--ones", action="store_true",
+                        help="the kernels with every integer argument 1, which the launcher compiles as the "
+                             "constant 1 (except do_not_specialize), instead of the stream-shape values")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     reports = []
@@ -299,6 +320,9 @@ def main(argv=None) -> int:
           "tensor-core ops")
     for spec in stream_specs() + (candidate_specs() if args.candidates else []) + \
             (variant_specs() if args.variants else []):
+        if args.ones:
+            spec = dataclasses.replace(spec, name=f"{spec.name} ints=1",
+                                       args={k: 1 if type(v) is int else v for k, v in spec.args.items()})
         if args.kernel and not any(k in spec.name for k in args.kernel):
             continue
         for arch in [a for a in args.arch if spec.configs is None or a in spec.configs]:
