@@ -572,7 +572,7 @@ def test_triton_configuration_forced_or_ranked(monkeypatch):
     from xjfast.kernels import temporal_attention as kernel
     monkeypatch.setenv(kernel.CONFIG_ENV, "128,32,8,3")
     assert kernel.config(torch.device("cpu"), True) == (128, 32, 8, 3)
-    for bad in ("64,64,8", "64,48,8,2", "64,64,6,2", "a,b,c,d"):
+    for bad in ("64,64,8", "64,48,8,2", "64,16,4,1", "64,64,6,2", "a,b,c,d"):  # 16 keys: an FP8 dot takes K >= 32
         monkeypatch.setenv(kernel.CONFIG_ENV, bad)
         with pytest.raises(ValueError, match=f"XJFAST_TRITON_ATTENTION_CONFIG: expected 'BLOCK_M,BLOCK_N,warps,"
                                              f"stages'.*got '{bad}'"):
