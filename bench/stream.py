@@ -36,8 +36,10 @@ def configs(gpu: bool):
 
 def warm_up_blocks(cfg: dict) -> int:
     """Blocks before the steady state: the first block, those that fill the cache (until then each
-    pass differs, and a graph step cannot run), and the static step's eager warm-up and capture."""
-    return 1 + -(-(cfg["sink"] + cfg["window"]) // cfg["frames_per_block"]) + 2
+    pass differs, and a graph step cannot run), the static step's eager warm-up, and the block
+    that captures the graph (and replays it once: its time carries the capture)."""
+    from xjfast.engine.static_step import WARMUP_PASSES
+    return 1 + -(-(cfg["sink"] + cfg["window"]) // cfg["frames_per_block"]) + WARMUP_PASSES + 1
 
 
 def _run(model, decoder, preset, device, engine: dict, cfg: dict, prompt) -> dict:

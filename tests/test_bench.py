@@ -18,7 +18,8 @@ def test_cpu_mode_writes_a_complete_results_file(tmp_path):
     # keep what PYTHONPATH holds (gpu_check.sh puts carried wheels, diffusers, there)
     env = dict(os.environ, XJFAST_BENCH_DEVICE="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    env.pop("TRITON_INTERPRET", None)
+    for name in ("TRITON_INTERPRET", "XJFAST_DISABLE", "XJFAST_CUDA_ATTENTION_SKIP"):  # gpu_check.sh may set the last two
+        env.pop(name, None)
     run = subprocess.run([sys.executable, "-m", "bench.run", str(tmp_path)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
@@ -71,6 +72,7 @@ def test_first_launch_leaves_out_what_fails_or_hangs(monkeypatch, capsys):
     sys.path.insert(0, ROOT)
     from bench import first_launch
     monkeypatch.setenv("XJFAST_BENCH_DEVICE", "cpu")
+    monkeypatch.delenv("XJFAST_STAGE_LIMIT_S", raising=False)  # gpu_check.sh's, which would cap LIMIT_S below
     monkeypatch.chdir(ROOT)
     first_launch.main([("denoise_step:reference", {}), ("no_such_op:triton", {})])
     said = capsys.readouterr().out.splitlines()
@@ -380,3 +382,27 @@ def test_a_wheel_carries_the_benchmarks_and_runs_xjfast_bench_outside_the_checko
     [path] = (tmp_path / "out").glob("*.json")
     results = json.loads(path.read_text())
     assert results["environment"]["xjfast_commit"] == "v0.1.0" and results["roofline"]["copy"]["GB/s"] > 0
+
+
+@pytest.mark.parametrize("cfg", [dict(steps=1, frames_per_block=1, sink=1, window=3),
+                                 dict(steps=2, frames_per_block=3, sink=1, window=3)])
+def test_stream_steady_state_starts_after_the_capture_block(cfg):
+    """The stream benchmark's steady state leaves out the first block, the cache filling, the
+    static step's eager warm-up passes and the block that captures the graph (whose time carries
+    the capture: as a steady block it was the p99): the static step's first pass, here on the CPU
+    where it runs eagerly, starts the warm-up."""
+    sys.path.insert(0, ROOT)
+    from bench.stream import warm_up_blocks
+    from xjfast.engine import CacheConfig, StreamGenerator
+    from xjfast.engine.static_step import WARMUP_PASSES
+    from xjfast.models import build
+    model, decoder, encoder, preset = build("tiny")
+    g = StreamGenerator(model, decoder, CacheConfig(cfg["sink"], cfg["window"]), steps=cfg["steps"],
+                        frames_per_block=cfg["frames_per_block"], latent_hw=preset.latent_hw, text_encoder=encoder,
+                        cuda_graph=True)
+    g.set_prompt("a lighthouse")
+    block = 0
+    while not g.stats()["cuda_graph"]["static_steps_eager"]:
+        g.step()
+        block += 1
+    assert warm_up_blocks(cfg) == (block - 1) + WARMUP_PASSES + 1

@@ -46,6 +46,23 @@ def test_cuda_backend_on_a_cpu_device_says_why():
     assert reason and ("CUDA device" in reason or "xjfast._C" in reason)
 
 
+def test_triton_without_the_installed_kernels_says_how_to_install_them(monkeypatch):
+    """A checkout put on sys.path without installing it has xjfast but not xjfast.kernels (kernels/
+    is mapped there by the install): the Triton backend says so, auto passes it over."""
+    import importlib.util
+
+    from xjfast import backends
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xjfast.kernels" else find_spec(name, *a))
+    backends._triton_kernels_installed.cache_clear()
+    try:
+        reason = backend_unavailable_reason("triton", "cuda")
+    finally:
+        monkeypatch.undo()
+        backends._triton_kernels_installed.cache_clear()
+    assert reason.startswith("xjfast.kernels is not installed") and "pip install" in reason
+
+
 def test_arch_matching():
     # "a": exactly that compute capability; plain and "f": same major, equal or higher minor.
     assert _ext.arch_runs_on("90a", (9, 0)) and not _ext.arch_runs_on("90a", (10, 0))
@@ -76,7 +93,8 @@ def ranked(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     fake_c = type("C", (), {"built_archs": staticmethod(lambda: ["90a"]), "runtime_version": staticmethod(lambda: 13000)})
     monkeypatch.setattr(_ext, "_load", lambda: (fake_c, None))
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for name in ("TRITON_INTERPRET", "XJFAST_DISABLE", "XJFAST_CUDA_ATTENTION_SKIP"):  # gpu_check.sh may set the last two
+        monkeypatch.delenv(name, raising=False)
     return backends
 
 
@@ -139,6 +157,8 @@ def fake_gpu(monkeypatch):
     fake_ext = type("C", (), {"built_archs": staticmethod(lambda: ["90a", "100a"])})
     monkeypatch.setattr(_ext, "_load", lambda: (fake_ext, None))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("XJFAST_DISABLE", "XJFAST_CUDA_ATTENTION_SKIP"):  # what gpu_check.sh's first launches left out
+        monkeypatch.delenv(name, raising=False)
 
     def with_capability(capability):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -167,11 +187,12 @@ def test_cuda_cache_kernels_need_clusters(fake_gpu, monkeypatch, op):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")
-def test_asking_about_a_cuda_device_without_a_gpu_says_so():
+def test_asking_about_a_cuda_device_without_a_gpu_says_so(monkeypatch):
     """What the registry answers for device "cuda" where torch sees no GPU (bench/sanitize.py asks
     before launching): a reason for each fast backend and the reference for auto, not torch's
     "not compiled with CUDA" from a capability query."""
     from xjfast.backends import registered_ops, unusable_reason
+    monkeypatch.delenv("XJFAST_DISABLE", raising=False)  # its reason would come first
     for op in registered_ops():
         for backend in ("triton", "cuda"):
             reason = unusable_reason(op, backend, "cuda")

@@ -85,6 +85,13 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_kernels_installed() -> bool:
+    """kernels/ becomes xjfast.kernels only by installing the package (setup.py's package_dir): a
+    checkout on sys.path without it has the ops but not their Triton kernels."""
+    return importlib.util.find_spec("xjfast.kernels") is not None
+
+
 def backend_unavailable_reason(backend: str, device: torch.device | str | None = None) -> str | None:
     """None if `backend` can run on `device` at all, else a sentence saying why not."""
     check_choice("backend", backend, BACKENDS)
@@ -94,6 +101,9 @@ def backend_unavailable_reason(backend: str, device: torch.device | str | None =
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
             return "Triton is not installed (pip install triton)"
+        if not _triton_kernels_installed():
+            return ("xjfast.kernels is not installed (kernels/ installs as xjfast.kernels: pip install "
+                    "--no-build-isolation -e . in the checkout)")
         if device is not None and device.type != "cuda" and not triton_interpreted():
             return f"Triton kernels need a CUDA device (got {device}); TRITON_INTERPRET=1 runs them on the CPU"
         # a CUDA device needs a GPU; no device at all, a GPU or the interpreter
