@@ -15,6 +15,7 @@ import torch
 from .baseline import sdpa_temporal_attention
 from .harness import on_gpu
 from xjfast.engine import CacheConfig, StreamGenerator
+from xjfast.engine.static_step import WARMUP_PASSES
 from xjfast.models import build
 
 ENGINES = {
@@ -38,7 +39,6 @@ def warm_up_blocks(cfg: dict) -> int:
     """Blocks before the steady state: the first block, those that fill the cache (until then each
     pass differs, and a graph step cannot run), the static step's eager warm-up, and the block
     that captures the graph (and replays it once: its time carries the capture)."""
-    from xjfast.engine.static_step import WARMUP_PASSES
     return 1 + -(-(cfg["sink"] + cfg["window"]) // cfg["frames_per_block"]) + WARMUP_PASSES + 1
 
 

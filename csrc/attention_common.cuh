@@ -295,10 +295,11 @@ struct SoftmaxState {
 
 // S (raw Q.K^T of keys n0..n0+63) -> P * 448 rounded to e4m3 as the P.V product's A operand, with
 // the running max and sum of rows g, g+8 updated (exp2 domain) and the factor `alpha` by which
-// their O is to be rescaled (by the core's accumulate_pv, which may fuse it with its sum). Rows that do not see the unit
-// (`visible`) get a -inf bias, so with kWholeTiles only a partial tile (keys past `tokens`) masks
-// element by element (the mma.sync core masks every tile: one version of its key loop). P's 448
-// is folded into the exponent, 2^(s - m + log2 448), and l takes P's sum / 448.
+// their O is to be rescaled (by the core's accumulate_pv, which may fuse it with its sum). Rows
+// that do not see the unit (`visible`) get a -inf bias, so with kWholeTiles only a partial tile
+// (keys past `tokens`) masks element by element (the mma.sync core masks every tile: one version
+// of its key loop). P's 448 is folded into the exponent, 2^(s - m + log2 448), and l takes P's
+// sum / 448.
 template <int D, bool kWholeTiles>
 __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], int n0, int tokens, const bool (&visible)[2],
                                              float score_scale, const float (&q_mean)[2], SoftmaxState<D>& st,

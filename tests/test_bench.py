@@ -11,6 +11,8 @@ import torch
 import xjfast  # noqa: F401  (registers the ops)
 from xjfast.backends import implementations
 
+from backends import GPU_CHECK_EXCLUSIONS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -18,7 +20,7 @@ def test_cpu_mode_writes_a_complete_results_file(tmp_path):
     # keep what PYTHONPATH holds (gpu_check.sh puts carried wheels, diffusers, there)
     env = dict(os.environ, XJFAST_BENCH_DEVICE="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    for name in ("TRITON_INTERPRET", "XJFAST_DISABLE", "XJFAST_CUDA_ATTENTION_SKIP"):  # gpu_check.sh may set the last two
+    for name in ("TRITON_INTERPRET",) + GPU_CHECK_EXCLUSIONS:
         env.pop(name, None)
     run = subprocess.run([sys.executable, "-m", "bench.run", str(tmp_path)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)

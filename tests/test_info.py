@@ -11,6 +11,8 @@ from xjfast.backends import backend_unavailable_reason, resolve
 from xjfast.errors import BackendUnavailable
 from xjfast.info import collect_info, format_info
 
+from backends import GPU_CHECK_EXCLUSIONS
+
 
 def test_collect_info_on_this_machine():
     info = collect_info()
@@ -93,7 +95,7 @@ def ranked(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     fake_c = type("C", (), {"built_archs": staticmethod(lambda: ["90a"]), "runtime_version": staticmethod(lambda: 13000)})
     monkeypatch.setattr(_ext, "_load", lambda: (fake_c, None))
-    for name in ("TRITON_INTERPRET", "XJFAST_DISABLE", "XJFAST_CUDA_ATTENTION_SKIP"):  # gpu_check.sh may set the last two
+    for name in ("TRITON_INTERPRET",) + GPU_CHECK_EXCLUSIONS:
         monkeypatch.delenv(name, raising=False)
     return backends
 
@@ -157,7 +159,7 @@ def fake_gpu(monkeypatch):
     fake_ext = type("C", (), {"built_archs": staticmethod(lambda: ["90a", "100a"])})
     monkeypatch.setattr(_ext, "_load", lambda: (fake_ext, None))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for name in ("XJFAST_DISABLE", "XJFAST_CUDA_ATTENTION_SKIP"):  # what gpu_check.sh's first launches left out
+    for name in GPU_CHECK_EXCLUSIONS:
         monkeypatch.delenv(name, raising=False)
 
     def with_capability(capability):
@@ -192,7 +194,8 @@ def test_asking_about_a_cuda_device_without_a_gpu_says_so(monkeypatch):
     before launching): a reason for each fast backend and the reference for auto, not torch's
     "not compiled with CUDA" from a capability query."""
     from xjfast.backends import registered_ops, unusable_reason
-    monkeypatch.delenv("XJFAST_DISABLE", raising=False)  # its reason would come first
+    for name in GPU_CHECK_EXCLUSIONS:  # a disabled implementation's reason would come first
+        monkeypatch.delenv(name, raising=False)
     for op in registered_ops():
         for backend in ("triton", "cuda"):
             reason = unusable_reason(op, backend, "cuda")
