@@ -29,16 +29,32 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
                : "memory");
 }
-// Waits until the phase of parity `parity` has completed.
+__device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(smem_u32(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+__device__ __forceinline__ uint64_t global_time_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+  return t;
+}
+// Far above any real wait (a tile's TMA takes microseconds, and compute-sanitizer slows a launch
+// by 100x at most), and far below the minutes a hung launch would otherwise hold the GPU.
+constexpr uint64_t kMbarrierTimeoutNs = 5'000'000'000ull;
+// Waits until the phase of parity `parity` has completed. A phase that never completes (an
+// arrival miscounted, a TMA that faulted) traps after kMbarrierTimeoutNs instead of hanging: the
+// host then sees the launch fail ("unspecified launch failure") and the process can report it.
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
+  if (mbarrier_try_wait(bar, parity)) return;  // the common case reads no clock
+  const uint64_t start = global_time_ns();
+  while (!mbarrier_try_wait(bar, parity)) {
+    if (global_time_ns() - start > kMbarrierTimeoutNs) __trap();
+  }
 }
 
 // The box at `coords` (innermost first) of a 5-D tensor map into shared memory; its bytes count

@@ -141,7 +141,9 @@ def test_warp_specialized_attention_uses_tma_mbarriers_and_wgmma():
     """csrc/temporal_attention_ws.cu on sm_90a: K/V tiles by TMA (UTMALDG.5D) into an mbarrier
     pipeline (SYNCS arrive / transaction / try-wait), the registers moved from the producer to the
     consumer warpgroups (USETMAXREG), S and P.V on FP8 wgmma (QGMMA), nothing through cp.async or
-    16-bit MMA. Built for sm_100a it only traps (the host never launches it there)."""
+    16-bit MMA. A wait whose phase never completes reads the global timer and traps after a
+    timeout (csrc/tma.cuh) rather than hang the GPU. Built for sm_100a it only traps (the host
+    never launches it there)."""
     kernels = {key: sass for key, sass in sass_by_function().items() if "temporal_attention_ws_kernel" in key[1]}
     assert {arch for arch, _ in kernels} == {f"sm_{arch}" for arch in EXPECTED_ARCHS}
     assert len(kernels) == 6 * len(EXPECTED_ARCHS)  # fp32 / bf16 / fp16 queries x head_dim 64, 128
@@ -152,6 +154,7 @@ def test_warp_specialized_attention_uses_tma_mbarriers_and_wgmma():
         assert re.search(r"\bUTMALDG\.5D\b", sass), name
         assert re.search(r"\bSYNCS\.ARRIVE\.TRANS64", sass) and "SYNCS.PHASECHK.TRANS64.TRYWAIT" in sass, name
         assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY" in sass, name
+        assert "SR_GLOBALTIMER" in sass and "BPT.TRAP" in sass, name
         assert re.search(r"\bQGMMA\.64x64x32\.F32\.E4M3\.E4M3\b", sass), name
         head_dim = 64 if "Li64E" in name else 128
         assert re.search(rf"\bQGMMA\.64x{head_dim}x32\.F32\.E4M3\.E4M3\b", sass), name  # P.V
