@@ -60,14 +60,14 @@ def config_name(cfg) -> str:
     return ",".join(map(str, cfg))
 
 
-def parse_config(text: str, source: str = CONFIG_ENV) -> tuple[int, int, int, int]:
+def parse_config(text: str) -> tuple[int, int, int, int]:
     try:
         cfg = tuple(int(x) for x in text.split(","))
     except ValueError:
         cfg = ()
     if len(cfg) != 4 or cfg[0] not in (64, 128) or cfg[1] not in (32, 64, 128) or cfg[2] not in (4, 8) \
             or not 1 <= cfg[3] <= 4:  # an FP8 dot takes K >= 32: P.V's K is BLOCK_N
-        raise ValueError(f"{source}: expected 'BLOCK_M,BLOCK_N,warps,stages' with BLOCK_M in 64, 128, BLOCK_N in "
+        raise ValueError(f"{CONFIG_ENV}: expected 'BLOCK_M,BLOCK_N,warps,stages' with BLOCK_M in 64, 128, BLOCK_N in "
                          f"32, 64, 128, warps 4 or 8 and 1 to 4 stages, got {text!r}")
     return cfg
 
@@ -81,8 +81,9 @@ def ranked_config(capability: tuple[int, int], ranking: dict) -> tuple[int, int,
     contents) orders for it, else the target's first candidate."""
     candidates = CANDIDATES[target(capability)]
     entry = ranking.get(CONFIG_RANKING, {}).get(f"{capability[0]}.{capability[1]}")
-    ranked = [parse_config(name, CONFIG_RANKING) for name in (entry["order"] if entry else [])]
-    return ([c for c in ranked if c in candidates] + list(candidates))[0]
+    order = entry["order"] if entry else []  # names of configurations; others (no longer candidates) pass
+    ranked = sorted((c for c in candidates if config_name(c) in order), key=lambda c: order.index(config_name(c)))
+    return (ranked + list(candidates))[0]
 
 
 @functools.lru_cache(maxsize=None)

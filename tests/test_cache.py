@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from xjfast import StreamingKVCache, temporal_attention
+from xjfast.errors import BackendUnavailable
 from xjfast.cache import KEEP
 
 T, H, D = 16, 2, 64
@@ -247,3 +248,70 @@ def test_ring_needs_a_full_cache_a_sync_and_a_full_keep_buffer():
         assert keeping.ring_unready(1) == "warm-up: the keep buffer is not full yet"
         keeping.commit(0, *frame())
     assert keeping.ring_unready(1) is None and keeping.keep_count(0) == 2 * T
+
+
+@pytest.mark.parametrize("keep_tokens", [0, 5])
+def test_a_commit_longer_than_the_window_equals_its_frames_one_at_a_time(keep_tokens):
+    """Frames past the window's length are evicted within the commit: each evicted page is merged
+    into the keep buffer once, before it is overwritten, as frame-by-frame commits do."""
+    whole, single = (StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=2, keep_tokens=keep_tokens,
+                                      storage="fp32") for _ in range(2))
+    k, v = frame(7)
+    whole.commit(0, k, v)
+    for f in range(7):
+        single.commit(0, k[:, f * T:(f + 1) * T], v[:, f * T:(f + 1) * T])
+    assert whole.cached_frames(0) == single.cached_frames(0) == [0, 5, 6] and whole.frames_seen == 7
+    assert whole.keep_count(0) == single.keep_count(0) == keep_tokens
+    for name in ("k_pages", "v_pages", "k_mean", "page_table", "keep_k", "keep_v", "keep_k_mean"):
+        assert torch.equal(getattr(whole, name), getattr(single, name)), name
+
+
+def test_a_rejected_commit_or_recache_leaves_the_cache_as_it_was():
+    cache = StreamingKVCache(2, 1, H, D, T, sink_frames=1, window_frames=2, keep_tokens=4)
+    for _ in range(3):
+        for layer in range(2):
+            cache.commit(layer, *frame())
+    before, pages = _state(cache), cache.k_pages.clone()
+    k, v = frame()
+    with pytest.raises(TypeError, match="v: expected dtype torch.float32, got torch.bfloat16"):
+        cache.commit(0, k, v.bfloat16())
+    with pytest.raises(ValueError, match="k: the last dimension must have stride 1"):
+        cache.commit(0, torch.randn(1, T, H, 2 * D)[..., ::2], v)
+    with pytest.raises(ValueError, match=r"frames\[1\]\[1\]: expected 3 frames"):
+        cache.recache([frame(3), (frame(3)[0], frame(2)[1])])
+    assert _state(cache) == before and torch.equal(cache.k_pages, pages)
+    if not torch.cuda.is_available():  # a backend that cannot run here, found before anything moves
+        cache.backend = "cuda"
+        with pytest.raises(BackendUnavailable, match="kv_cache_commit: backend 'cuda' is unavailable"):
+            cache.commit(0, k, v)
+        assert _state(cache) == before
+
+
+def test_a_ring_commit_before_the_cache_is_full_is_refused():
+    cache = StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=2)
+    cache.commit(0, *frame())
+    cache.sync_ring()
+    with pytest.raises(RuntimeError, match="not a pure ring rotation .*warm-up"):
+        with cache.ring_commits():
+            cache.commit(0, *frame())
+    assert cache.cached_frames(0) == [0] and cache.ring_head.tolist() == [0]
+
+
+def test_expected_commits_weigh_every_page_they_may_evict():
+    """A speculative pass commits its block, then the drafts it accepts: the attention mass is
+    accumulated on as many of the oldest window pages as it may evict, so that each one's kept
+    tokens are chosen by attention, not arbitrarily."""
+    cache = StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=3, keep_tokens=T, storage="fp32")
+    for _ in range(4):
+        cache.commit(0, *frame())
+    window = cache.view(0).page_table[1:].tolist()
+    assert cache.view(0).mass_pages == tuple(window[:1])  # as large as the last commit
+    cache.expect_commits(2)
+    assert cache.view(0).mass_pages == tuple(window[:2])
+    temporal_attention(torch.randn(1, T, H, D), *frame(), kv_cache=cache, layer=0)
+    assert (cache.mass[0, window[:2]] > 0).all() and (cache.mass[0, window[2]] == 0).all()
+    cache.commit(0, *frame())
+    cache.commit(0, *frame())  # the second page evicted in the pass: its tokens compete by their mass
+    assert (cache.keep_mass[0] > 0).all()
+    with pytest.raises(ValueError, match="frames: expected an int >= 1, got 0"):
+        cache.expect_commits(0)

@@ -163,6 +163,9 @@ def test_per_sample_sigma_and_out_buffers():
     (lambda x, v: denoise_step(x, v, 0.5, patch_size=(2, 2)), ValueError, "patch_size: expected three positive ints"),
     (lambda x, v: denoise_step(x, v, 0.5, noise_seed=1.5), ValueError, "noise_seed: expected an int"),
     (lambda x, v: denoise_step(x, v, "half"), TypeError, r"sigma: expected a number or a tensor of shape \[2\]"),
+    (lambda x, v: denoise_step(x, v, 0.5, 0.2, noise_seed=1, out=(x.clone(),) * 2), ValueError,
+     "out: expected x0 and x_next in separate memory"),
+    (lambda x, v: denoise_step(x[:0], v[:0], 0.5, backend="gpu"), ValueError, "backend: expected one of"),
 ])
 def test_bad_input_names_the_argument(call, error, words):
     with pytest.raises(error, match=words):
@@ -175,6 +178,17 @@ def test_empty_latents_give_empty_outputs(backend, shape):
     x = torch.randn(shape, device=DEVICE)
     x0, x_next = denoise_step(x, x, 0.5, 0.2, noise_seed=1, backend=backend)
     assert x0.shape == x_next.shape == shape
+
+
+def test_cuda_backend_takes_model_out_in_the_latents_dtype_only():
+    """The CUDA kernel reads one element type: an fp32 model_out with bf16 latents goes elsewhere
+    (auto) rather than be rounded to bf16 before the fp32 arithmetic."""
+    from xjfast.backends import implementations
+    supports = implementations("denoise_step")["cuda"].supports
+    x = latents(dtype=torch.bfloat16)
+    assert supports(x, x) is None
+    assert supports(x, x.float()) == ("the CUDA kernel reads model_out in x_t's dtype (torch.bfloat16), got "
+                                      "torch.float32 (backend='triton' reads both)")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no GPU is present")

@@ -137,6 +137,23 @@ def test_disabled_implementations_are_passed_over_and_refused(ranked, monkeypatc
             ranked.resolve("denoise_step", "auto", "cuda")
 
 
+def test_a_malformed_ranking_file_is_ignored_with_a_warning(tmp_path, monkeypatch):
+    """Entries of the wrong form (an op's entry not a dict, no order) are dropped, the rest kept."""
+    from xjfast import backends
+    path = tmp_path / "ranking.json"
+    path.write_text(json.dumps({"denoise_step": {"9.0": {"source": "x"}, "10.0": {"order": ["cuda"]}},
+                                "kv_cache_commit": ["cuda"], "temporal_attention": {"9.0": {"order": "cuda"}}}))
+    monkeypatch.setattr(backends, "RANKING_FILE", str(path))
+    backends.ranking.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="are ignored"):
+            ranking = backends.ranking()
+        assert ranking == {"denoise_step": {"10.0": {"order": ["cuda"]}}, "temporal_attention": {}}
+        assert backends.auto_order("denoise_step", (10, 0)) == (["cuda", "triton", "reference"], None)
+    finally:
+        backends.ranking.cache_clear()
+
+
 def test_the_committed_ranking_file_is_well_formed():
     from xjfast import backends
     from xjfast.kernels.temporal_attention import CANDIDATES, config_name

@@ -150,6 +150,21 @@ def test_bad_arguments_name_them():
         kv_cache_commit(k, k, st[0].to(torch.int8), *st[1:], ids)
     with pytest.raises(ValueError, match="k_mean: expected shape"):
         kv_cache_commit(k, k, *st[:3], st[3][:, :, :1], st[4], ids)
+    with pytest.raises(ValueError, match="k_pages: expected a tensor with no empty dimension"):
+        kv_cache_commit(k[:, :0], k[:, :0], *storage(2, B, 0, H, D, E4M3), ids)
+
+
+@pytest.mark.parametrize("op", ["kv_cache_commit", "kv_cache_compact"])
+def test_triton_cache_kernels_pass_a_head_dim_that_is_no_power_of_two_to_others(op):
+    """A row of head_dim channels is one Triton block: head_dim 96 goes to the reference (auto), or
+    raises with the reason (backend='triton'), rather than fail to compile."""
+    from xjfast.backends import implementations
+    supports = implementations(op)["triton"].supports
+    for D, reason in ((64, None), (96, "the Triton kernel takes a power-of-two head_dim, got 96")):
+        st = storage(2, 1, 8, 2, D, E4M3)
+        k = torch.randn(1, 8, 2, D)
+        args = (k, k, *st, None) if op == "kv_cache_commit" else (st, 0, st, None)
+        assert supports(*args) == reason
 
 
 # The CUDA entry point checks its arguments before touching the GPU, so these run anywhere _C is built.

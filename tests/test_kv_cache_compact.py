@@ -124,6 +124,11 @@ def test_bad_arguments_name_them():
         kv_cache_compact(keep, mass.long(), 0, p, page_mass)
     with pytest.raises(ValueError, match=r"page_mass: expected a tensor on"):
         kv_cache_compact(keep, mass, 0, p, page_mass.to("meta"))
+    empty = page(1, 4, 2, 0, E4M3)
+    with pytest.raises(ValueError, match=r"keep.k: expected \[B, K, H, D\] with B, H and D >= 1, got \(1, 4, 2, 0\)"):
+        kv_cache_compact(empty, mass, 0, page(1, 8, 2, 0, E4M3), page_mass)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        kv_cache_compact(page(1, 0, 2, 64, E4M3), mass[:, :0], 0, p, page_mass, backend="gpu")
 
 
 # The CUDA entry point checks its arguments before touching the GPU, so these run anywhere _C is built.

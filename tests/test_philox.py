@@ -99,6 +99,11 @@ def test_bad_arguments_are_named(call, words):
         call()
 
 
+def test_a_negative_frame_index_in_memory_reads_as_the_kernels_read_it():
+    """A tensor index is read on the device without a check: -1 is 2^64 - 1 there, as in the kernels."""
+    assert torch.equal(philox_normal(1, torch.tensor(-1), 64), philox_normal(1, 2 ** 64 - 1, 64))
+
+
 def test_a_frame_index_on_a_device_named_without_its_index():
     """"cpu:0" (as "cuda" on a GPU) names the device its tensors report without the index."""
     assert torch.equal(philox_normal(1, torch.tensor(3), 64, device="cpu:0"), philox_normal(1, 3, 64))

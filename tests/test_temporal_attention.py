@@ -140,8 +140,12 @@ def test_frame_slots_give_draft_and_noisy_blocks_one_slot():
     mask[:, 2 * T:] = explicit_block_mask(4 * T, T, private)
     ref, _ = exact_attention(rotate_complex(q, pass_pos, dims), keys, torch.cat(vs + (v,), 1), mask)
     assert (out.double() - ref).abs().max() < 2e-5
-    with pytest.raises(ValueError, match="frame_slots: expected 4 slots"):
-        temporal_attention(q, k, v, kv_cache=cache, layer=0, frame_slots=(0, 1))
+    assert torch.equal(out, temporal_attention(q, k, v, block_tokens=T, private_blocks=torch.tensor(private),
+                                               kv_cache=cache, layer=0, precision="bf16",
+                                               frame_slots=torch.tensor(slots)))
+    for bad in ((0, 1), (0, 1, 1.9, 2), (0, 1, 1, True), (0, 1, 1, 1 << 16), ("a", "b", "c", "d")):
+        with pytest.raises(ValueError, match=r"frame_slots: expected 4 ints in \[0, 65536\)"):
+            temporal_attention(q, k, v, kv_cache=cache, layer=0, frame_slots=bad)
     with pytest.raises(ValueError, match="frame_slots: needs kv_cache"):
         temporal_attention(q, k, v, frame_slots=(0, 1, 1, 2))
 
@@ -192,6 +196,9 @@ def test_bad_tensors_name_the_argument(change, error, words):
     (dict(private_blocks=[True]), "private_blocks: needs block_tokens"),
     (dict(block_tokens=64, private_blocks=[True]), "private_blocks: expected 2 entries"),
     (dict(scale=-1.0), "scale: expected a positive finite float"),
+    (dict(scale=True), "scale: expected a positive finite float, got True"),
+    (dict(block_tokens=64, private_blocks="ab"), "private_blocks: expected a sequence of bools"),
+    (dict(block_tokens=64, private_blocks=[0.5, 1]), "private_blocks: expected a sequence of bools"),
     (dict(precision="fp4"), "precision: expected one of"),
     (dict(backend="tpu"), "backend: expected one of"),
     (dict(layer=0), "layer: given without kv_cache"),

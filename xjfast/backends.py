@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -139,7 +140,14 @@ def ranking() -> dict:
             data = json.load(f)
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    clean = {op: {cc: entry for cc, entry in by_cc.items()
+                  if isinstance(entry, dict) and isinstance(entry.get("order"), list)
+                  and all(isinstance(name, str) for name in entry["order"])}
+             for op, by_cc in (data.items() if isinstance(data, dict) else ()) if isinstance(by_cc, dict)}
+    if clean != data:
+        warnings.warn(f"{RANKING_FILE}: entries not of the form {{op: {{'major.minor': {{'order': [names], ...}}}}}} "
+                      f"are ignored (python -m bench.readme_tables rewrites the file)", stacklevel=2)
+    return clean
 
 
 def auto_order(op: str, capability: tuple[int, int]) -> tuple[list[str], str | None]:
@@ -147,7 +155,7 @@ def auto_order(op: str, capability: tuple[int, int]) -> tuple[list[str], str | N
     ranked them (None when no result covers this op and capability: PREFERENCE alone)."""
     entry = ranking().get(op, {}).get(f"{capability[0]}.{capability[1]}")
     ranked = [b for b in entry["order"] if b in BACKENDS] if entry else []
-    return ranked + [b for b in PREFERENCE if b not in ranked], entry["source"] if entry else None
+    return ranked + [b for b in PREFERENCE if b not in ranked], entry.get("source") if entry else None
 
 
 def unusable_reason(op: str, backend: str, device: torch.device | str, args: tuple | None = None) -> str | None:

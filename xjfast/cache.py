@@ -32,7 +32,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from xjfast.backends import check_backend
+from xjfast.backends import check_backend, resolve
 from xjfast.errors import check_choice, check_device, check_positive, check_tensor
 from xjfast.ops.fp8 import E4M3
 from xjfast.ops.kv_cache_commit import kv_cache_commit
@@ -176,8 +176,9 @@ class StreamingKVCache:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
 
-    def _check_frames(self, name: str, t, frames: int | None = None) -> int:
-        check_tensor(name, t, dtypes=INPUT_DTYPES, ndim=4, device=self.device)
+    def _check_frames(self, name: str, t, frames: int | None = None, dtype: torch.dtype | None = None) -> int:
+        check_tensor(name, t, dtypes=INPUT_DTYPES if dtype is None else (dtype,), ndim=4, device=self.device,
+                     unit_last_stride=True)
         B, L, H, D = t.shape
         T = self.frame_tokens
         if (B, H, D) != (self.batch, self.heads, self.head_dim) or L % T or L == 0:
@@ -192,26 +193,48 @@ class StreamingKVCache:
 
         When the window is full, each new frame evicts the oldest non-sink frame; with
         `keep_tokens`, the evicted frame's highest-mass tokens are merged into the keep buffer.
-        Inside `ring_commits()` the commit is a device-side ring rotation (see there).
+        Inside `ring_commits()` the commit is a device-side ring rotation (see there). A commit
+        that raises (bad input, a backend that cannot run) leaves the cache as it was.
         """
         self._check_layer(layer)
         n = self._check_frames("k", k)
-        self._check_frames("v", v, n)
+        self._check_frames("v", v, n, dtype=k.dtype)
         if self._ring_mode:
             self._ring_commit(layer, k, v, n)
-            self._assign_pages(layer, n, compact=False)  # the same pages, on the host's books
+            self._assign_pages(layer, n, ring=True)  # the same pages, on the host's books
             return
-        pages = self._assign_pages(layer, n)
-        self._write_pages(layer, pages, k, v)
+        W, T = self.window_frames, self.frame_tokens
+        for first in range(0, n, W):  # a page is evicted at most once per chunk, before it is written
+            chunk = slice(first * T, min(n, first + W) * T)
+            self._commit_chunk(layer, k[:, chunk], v[:, chunk])
+        self._lookahead[layer] = n
+
+    def _commit_chunk(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A host commit of at most window_frames frames: bookkeeping, then (once the commit kernel
+        is known to take the call) the evicted pages merged into the keep buffer and the frames
+        written. The compaction kernel of a backend takes whatever cache storage its commit kernel
+        takes (the same head_dim rule; the storage is the cache's own)."""
+        saved = self._bookkeeping()
+        try:
+            pages, evicted = self._assign_pages(layer, k.shape[1] // self.frame_tokens)
+            ids = torch.tensor(pages, dtype=torch.int32, device=self.device)
+            resolve("kv_cache_commit", self.backend, self.device, self._commit_args(layer, k, v, ids))
+        except Exception:
+            self._restore_bookkeeping(saved)
+            raise
+        for page in evicted if self.keep_tokens else ():
+            self._compact(layer, page)
+        self._write_pages(layer, ids, k, v)
         self._update_page_table(layer)
         self._ring_synced = False
 
-    def _assign_pages(self, layer: int, n: int, compact: bool = True) -> list[int]:
-        """Host bookkeeping of a commit of n frames to `layer`: the pages they go to, in order.
-        With `compact` (host commits) an evicted page is merged into the keep buffer here; without
-        (ring commits, whose device work ran already) only the kept-token count is advanced."""
+    def _assign_pages(self, layer: int, n: int, ring: bool = False) -> tuple[list[int], list[int]]:
+        """Host bookkeeping of a commit of n <= window_frames frames to `layer`: the pages they go
+        to, in order, and the pages evicted for them (oldest first), which a host commit merges
+        into the keep buffer before writing; for `ring` commits, whose device work ran already,
+        only the kept-token count is advanced."""
         S, W = self.sink_frames, self.window_frames
-        pages = []
+        pages, evicted = [], []
         for _ in range(n):
             if self._sinks[layer] < S:
                 page = self._sinks[layer]
@@ -221,16 +244,25 @@ class StreamingKVCache:
                 self._window[layer] += 1
             else:  # evict the oldest window page: its slot in the ring now holds the new frame
                 page = S + self._head[layer]
-                if self.keep_tokens and compact:
-                    self._compact(layer, page)
-                elif self.keep_tokens:
+                evicted.append(page)
+                if self.keep_tokens and ring:
                     self._keep_count[layer] = min(self.keep_tokens, self._keep_count[layer] + self.frame_tokens)
                 self._head[layer] = (self._head[layer] + 1) % W
             pages.append(page)
             self._frame_of_page[layer][page] = self._frames_seen[layer]
             self._frames_seen[layer] += 1
         self._lookahead[layer] = n
-        return pages
+        return pages, evicted
+
+    def expect_commits(self, frames: int) -> None:
+        """The next pass commits up to `frames` frames to each layer, in one commit or several (a
+        speculative pass commits its block, then the drafts it accepts): the attention op then
+        accumulates attention mass (for `keep_tokens`) on the `frames` oldest window pages, the
+        ones those commits may evict. Without it, the next commit is taken to be as large as the
+        last one."""
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"frames: expected an int >= 1, got {frames!r}")
+        self._lookahead = [frames] * self.num_layers
 
     # ---- the device ring (CUDA-graph capturable commits) -------------------------------------
     def ring_unready(self, frames: int) -> str | None:
@@ -268,7 +300,10 @@ class StreamingKVCache:
             self._ring_mode = False
 
     def _ring_commit(self, layer: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
-        S = self.sink_frames
+        S, W = self.sink_frames, self.window_frames
+        if n > W or self._sinks[layer] + self._window[layer] < S + W or self._keep_count[layer] < self.keep_tokens:
+            raise RuntimeError(f"ring_commits: a commit of {n} frames to layer {layer} is not a pure ring rotation "
+                               f"(ring_unready: {self.ring_unready(n)}); commit it outside ring_commits()")
         head = self.ring_head[layer:layer + 1]
         order = self._ring_tables.index_select(0, head)[0]  # the page table now, the window oldest first
         evicted = order[S:S + n]  # the n oldest pages, which the new frames overwrite
@@ -286,19 +321,25 @@ class StreamingKVCache:
         """The host bookkeeping of ring commits of `frames` frames to every layer that ran on the
         device without Python (a replayed graph), so cached_frames(), frames_seen and view() stay true."""
         for layer in range(self.num_layers):
-            self._assign_pages(layer, frames, compact=False)
+            self._assign_pages(layer, frames, ring=True)
+
+    def _bookkeeping(self) -> tuple:
+        return copy.deepcopy((self._sinks, self._window, self._head, self._keep_count, self._frames_seen,
+                              self._lookahead, self._frame_of_page))
+
+    def _restore_bookkeeping(self, saved: tuple) -> None:
+        (self._sinks, self._window, self._head, self._keep_count, self._frames_seen, self._lookahead,
+         self._frame_of_page) = saved
 
     @contextlib.contextmanager
     def frozen_mirror(self):
         """The host bookkeeping as it was on entry, again on exit: a CUDA graph capture runs the
         Python of its commits, but none of their device work."""
-        saved = copy.deepcopy((self._sinks, self._window, self._head, self._keep_count, self._frames_seen,
-                               self._lookahead, self._frame_of_page))
+        saved = self._bookkeeping()
         try:
             yield
         finally:
-            (self._sinks, self._window, self._head, self._keep_count, self._frames_seen, self._lookahead,
-             self._frame_of_page) = saved
+            self._restore_bookkeeping(saved)
 
     def recache(self, frames: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Overwrite the cached frames in place with re-encoded K/V (e.g. under a new prompt).
@@ -308,17 +349,27 @@ class StreamingKVCache:
         """
         if len(frames) != self.num_layers:
             raise ValueError(f"frames: expected one (k, v) pair per layer ({self.num_layers}), got {len(frames)}")
-        for layer, (k, v) in enumerate(frames):
+        writes = []  # every layer checked, and its kernel resolved, before any is rewritten
+        for layer, pair in enumerate(frames):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"frames[{layer}]: expected a (k, v) pair, got {type(pair).__name__}")
+            k, v = pair
             pages = self._slot_pages(layer)
             if pages:
                 self._check_frames(f"frames[{layer}][0]", k, len(pages))
-                self._check_frames(f"frames[{layer}][1]", v, len(pages))
-                self._write_pages(layer, pages, k, v)
+                self._check_frames(f"frames[{layer}][1]", v, len(pages), dtype=k.dtype)
+                ids = torch.tensor(pages, dtype=torch.int32, device=self.device)
+                resolve("kv_cache_commit", self.backend, self.device, self._commit_args(layer, k, v, ids))
+                writes.append((layer, ids, k, v))
+        for write in writes:
+            self._write_pages(*write)
 
-    def _write_pages(self, layer: int, pages: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        ids = torch.tensor(pages, dtype=torch.int32, device=self.device)
-        kv_cache_commit(k, v, self.k_pages[layer], self.v_pages[layer], self.k_scale[layer], self.k_mean[layer],
-                        self.v_scale[layer], ids, backend=self.backend)
+    def _commit_args(self, layer: int, k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor) -> tuple:
+        return (k, v, self.k_pages[layer], self.v_pages[layer], self.k_scale[layer], self.k_mean[layer],
+                self.v_scale[layer], ids)
+
+    def _write_pages(self, layer: int, ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        kv_cache_commit(*self._commit_args(layer, k, v, ids), backend=self.backend)
         if self.mass is not None:
             self.mass[layer, ids.long()] = 0.0
 

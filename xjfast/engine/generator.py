@@ -276,6 +276,7 @@ class StreamGenerator:
 
     def _speculative_pass(self, first: int, depth: int) -> tuple[torch.Tensor, int]:
         """One pass over depth noisy frames and depth - 1 drafts; returns (frames, accepted drafts)."""
+        self.cache.expect_commits(depth)  # its commits may evict up to depth pages: weigh them all
         drafts = self._drafts(first, depth - 1)
         noise = [self._noise(first + j, 1) for j in range(depth)]
         blocks, slots = [self._previous, noise[0]], [0, 1]

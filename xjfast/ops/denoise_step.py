@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from xjfast.backends import register, resolve
+from xjfast.backends import check_backend, register, resolve
 from xjfast.errors import check_choice, check_tensor
 from xjfast.ops.philox import _check_seed, check_frame_index, latent_noise
 
@@ -100,6 +100,7 @@ def denoise_step(x_t, model_out, sigma, sigma_next=None, *, prediction="flow", n
     (x0, x_next) when sigma_next is given; `out` (a tensor, or a pair with sigma_next) receives
     them. Outputs are contiguous latents in x_t's dtype; arithmetic is fp32.
     """
+    check_backend(backend)
     check_tensor("x_t", x_t, dtypes=DTYPES, ndim=5)
     check_tensor("model_out", model_out, dtypes=DTYPES, device=x_t.device)
     check_choice("prediction", prediction, PREDICTIONS)
@@ -146,8 +147,8 @@ def _denoise_step_op(x_t: torch.Tensor, model_out: torch.Tensor, coef: torch.Ten
     32-bit halves because the schema's int is signed 64-bit. frame_tensor, when given, holds the
     frame index in device memory and replaces frame_index."""
     frame = frame_index if frame_tensor is None else frame_tensor
-    resolve("denoise_step", backend, x_t.device).fn(x_t, model_out, coef, seed_lo | (seed_hi << 32), frame,
-                                                   tuple(patch_size), x0, x_next)
+    args = (x_t, model_out, coef, seed_lo | (seed_hi << 32), frame, tuple(patch_size), x0, x_next)
+    resolve("denoise_step", backend, x_t.device, args).fn(*args)
 
 
 @_denoise_step_op.register_fake
@@ -168,7 +169,17 @@ def _outputs(out, x_t, with_next: bool):
             if t.shape != x_t.shape or not t.is_contiguous():
                 raise ValueError(f"out: expected a contiguous tensor of shape {tuple(x_t.shape)}, got shape "
                                  f"{tuple(t.shape)} with strides {t.stride()}")
+        if with_next and outs[0].numel() and _overlap(outs[0], outs[1]):
+            raise ValueError("out: expected x0 and x_next in separate memory (both are written), got overlapping "
+                             "tensors")
     return outs + [None] * (2 - wanted)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors share bytes of one storage."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    return a.data_ptr() < b.data_ptr() + b.nbytes and b.data_ptr() < a.data_ptr() + a.nbytes
 
 
 def unpatchify(tokens: torch.Tensor, shape, patch_size) -> torch.Tensor:
@@ -198,10 +209,16 @@ def denoise_step_triton(*args):
     launch(*args)
 
 
-@register("denoise_step", "cuda", min_capability=(8, 0))
+def _cuda_supports(x_t, model_out, *_) -> str | None:
+    if model_out.dtype != x_t.dtype:  # rounding model_out to x_t's dtype first would not be fp32 arithmetic
+        return (f"the CUDA kernel reads model_out in x_t's dtype ({x_t.dtype}), got {model_out.dtype} "
+                f"(backend='triton' reads both)")
+    return None
+
+
+@register("denoise_step", "cuda", min_capability=(8, 0), supports=_cuda_supports)
 def denoise_step_cuda(x_t, model_out, coef, seed, frame_index, patch_size, x0, x_next):
     from xjfast.ops._cuda import DTYPE_CODES, extension, stream_handle
-    model_out = model_out.to(x_t.dtype)  # the kernel reads one element type
     coef = coef.to(x_t.device).contiguous()
     in_memory = isinstance(frame_index, torch.Tensor)  # read by the kernel through its pointer
     extension().denoise_step(

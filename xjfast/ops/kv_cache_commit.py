@@ -40,7 +40,7 @@ def kv_cache_commit(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids, 
     """
     check_tensor("k", k, dtypes=INPUTS, ndim=4, unit_last_stride=True)
     check_tensor("v", v, dtypes=(k.dtype,), ndim=4, device=k.device, unit_last_stride=True)
-    check_tensor("k_pages", k_pages, dtypes=STORAGE, ndim=5, device=k.device)
+    check_tensor("k_pages", k_pages, dtypes=STORAGE, ndim=5, device=k.device, nonempty=True)
     check_tensor("v_pages", v_pages, dtypes=(k_pages.dtype,), ndim=5, device=k.device)
     P, B, T, H, D = k_pages.shape
     for name, t, shape in (("v_pages", v_pages, (P, B, T, H, D)), ("k_scale", k_scale, (P, B, H)),
@@ -76,7 +76,15 @@ def kv_cache_commit_reference(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, 
         k_pages[page], v_pages[page], k_scale[page], k_mean[page], v_scale[page] = kq, vq, ks, km, vs
 
 
-@register("kv_cache_commit", "triton", min_capability=(8, 9))
+def triton_head_dim_reason(head_dim: int) -> str | None:
+    """The Triton cache kernels hold a row of head_dim channels in one block (tl.arange)."""
+    if head_dim & (head_dim - 1):
+        return f"the Triton kernel takes a power-of-two head_dim, got {head_dim}"
+    return None
+
+
+@register("kv_cache_commit", "triton", min_capability=(8, 9),
+          supports=lambda k, *_: triton_head_dim_reason(k.shape[-1]))
 def kv_cache_commit_triton(*args):
     from xjfast.kernels.kv_cache_commit import kv_cache_commit as launch
     launch(*args, interpret=triton_interpreted())

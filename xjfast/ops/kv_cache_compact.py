@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from xjfast.backends import register, resolve, triton_interpreted
+from xjfast.backends import check_backend, register, resolve, triton_interpreted
 from xjfast.errors import check_tensor
-from xjfast.ops.kv_cache_commit import STORAGE, quantize_unit
+from xjfast.ops.kv_cache_commit import STORAGE, quantize_unit, triton_head_dim_reason
 
 
 def select_keep(keep_mass: torch.Tensor, keep_count: int, page_mass: torch.Tensor):
@@ -28,12 +28,15 @@ def kv_cache_compact(keep, keep_mass, keep_count: int, page, page_mass, *, backe
     keep = (k [B, K, H, D], v, k_scale [B, H], k_mean [B, H, D], v_scale [B, H, D]), keep_mass [B, K];
     page = (k [B, T, H, D], v, k_scale, k_mean, v_scale) of the evicted page, page_mass [B, T].
     """
+    check_backend(backend)
     names = ("k", "v", "k_scale", "k_mean", "v_scale")
     for prefix, group in (("keep", keep), ("page", page)):
         if not isinstance(group, (tuple, list)) or len(group) != 5:
             raise ValueError(f"{prefix}: expected 5 tensors ({', '.join(names)}), got {group!r:.80}")
     check_tensor("keep.k", keep[0], dtypes=STORAGE, ndim=4)
     B, K, H, D = keep[0].shape
+    if not B * H * D:
+        raise ValueError(f"keep.k: expected [B, K, H, D] with B, H and D >= 1, got {tuple(keep[0].shape)}")
     T = page[0].shape[1] if isinstance(page[0], torch.Tensor) and page[0].dim() == 4 else None
     for prefix, group, tokens in (("keep", keep, K), ("page", page, T)):
         for name, t in zip(names, group):
@@ -81,7 +84,8 @@ def kv_cache_compact_reference(keep, keep_count, page, top):
     keep[2].copy_(ks), keep[3].copy_(km), keep[4].copy_(vs)
 
 
-@register("kv_cache_compact", "triton", min_capability=(8, 9))
+@register("kv_cache_compact", "triton", min_capability=(8, 9),
+          supports=lambda keep, *_: triton_head_dim_reason(keep[0].shape[-1]))
 def kv_cache_compact_triton(*args):
     from xjfast.kernels.kv_cache_compact import kv_cache_compact as launch
     launch(*args, interpret=triton_interpreted())

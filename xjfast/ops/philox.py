@@ -97,8 +97,9 @@ def philox_normal(seed: int, frame_index, numel: int, device=None) -> torch.Tens
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise ValueError(f"numel: expected an int >= 0, got {numel!r}")
     g = torch.arange(math.ceil(numel / 4), dtype=torch.int64, device=device)
-    # an int64 tensor holds frame indices below 2^63, so its high word is a plain shift
-    c2, c3 = frame_index & MASK32, frame_index >> 32
+    # the counter's words as the kernels read the index: unsigned (a negative index in a tensor,
+    # which no check can see without a sync, is its two's complement there too)
+    c2, c3 = frame_index & MASK32, (frame_index >> 32) & MASK32
     x0, x1, x2, x3 = _rounds(g & MASK32, g >> 32, c2, c3, seed & MASK32, seed >> 32)
     u0, u1, u2, u3 = (uniform(x) for x in (x0, x1, x2, x3))
     r0, r2 = (-2.0 * u0.log()).sqrt(), (-2.0 * u2.log()).sqrt()

@@ -27,6 +27,7 @@ from xjfast.ops.rotary import rope_table, rotate_leading
 
 PRECISIONS = ("fp8", "bf16")
 HEAD_DIMS = (64, 128)
+MAX_FRAME_SLOT = 1 << 16  # a pass's slots past the cache's (the rotary table grows with the largest)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 Q_TILE = 64  # query tokens per Q quantization block (the kernels' BLOCK_M)
 KV_TILE = 64  # keys per step of the online softmax (the kernels' BLOCK_N): P is rounded per step
@@ -72,7 +73,7 @@ def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, pre
     check_backend(backend)
     if scale is None:
         scale = D ** -0.5
-    elif not isinstance(scale, (int, float)) or not scale > 0 or scale == float("inf"):
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 or scale == float("inf"):
         raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
     if block_tokens is not None:
         if not isinstance(block_tokens, int) or isinstance(block_tokens, bool) or block_tokens <= 0 \
@@ -84,8 +85,10 @@ def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, pre
     else:
         if block_tokens is None:
             raise ValueError("private_blocks: needs block_tokens (private blocks are blocks of the mask)")
-        private = tuple(bool(p) for p in (private_blocks.tolist() if isinstance(private_blocks, torch.Tensor)
-                                           else private_blocks))
+        flags = private_blocks.tolist() if hasattr(private_blocks, "tolist") else private_blocks  # tensor, array
+        if isinstance(flags, (str, bytes)) or not all(isinstance(p, (bool, int)) and p in (0, 1) for p in flags):
+            raise ValueError(f"private_blocks: expected a sequence of bools (one per block), got {private_blocks!r}")
+        private = tuple(bool(p) for p in flags)
         if len(private) != blocks:
             raise ValueError(f"private_blocks: expected {blocks} entries (one per block of {block_tokens} "
                              f"tokens), got {len(private)}")
@@ -113,10 +116,11 @@ def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, pre
     if frame_slots is not None:
         if kv_cache is None:
             raise ValueError("frame_slots: needs kv_cache (temporal positions are cache slots)")
-        slots = tuple(int(x) for x in frame_slots)
-        if len(slots) != L // frame_tokens or any(x < 0 for x in slots):
-            raise ValueError(f"frame_slots: expected {L // frame_tokens} slots >= 0 (one per frame of the pass), "
-                             f"got {list(frame_slots)}")
+        slots = tuple(frame_slots.tolist() if hasattr(frame_slots, "tolist") else frame_slots)
+        if len(slots) != L // frame_tokens or not all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < MAX_FRAME_SLOT for x in slots):
+            raise ValueError(f"frame_slots: expected {L // frame_tokens} ints in [0, {MAX_FRAME_SLOT}) (one per frame "
+                             f"of the pass), got {list(slots)}")
     elif kv_cache is not None:
         slots = tuple(range(L // frame_tokens))
     return AttentionPlan(block_tokens or L, private, block_tokens is not None, float(scale), frame_tokens,
