@@ -556,7 +556,7 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
     B, L, H, D = q.shape
     fp8 = plan.precision == "fp8"
     block_m, block_n, warps, stages = launch_config(q, plan, view, interpret)
-    out = torch.empty_like(q) if out is None else out
+    out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32) if lse is None else lse
     tables = kernel_tables(plan, view, q)
     unit_T = tables.unit_tokens

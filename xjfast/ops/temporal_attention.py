@@ -158,8 +158,8 @@ def _temporal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
 
 @_temporal_attention_op.register_fake
 def _(q, k, v, block_tokens, private, causal, scale, precision, backend):
-    B, L, H, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, H, L), dtype=torch.float32)
+    B, L, H, D = q.shape  # every backend returns a contiguous out, whatever q's strides
+    return q.new_empty((B, L, H, D)), q.new_empty((B, H, L), dtype=torch.float32)
 
 
 # ---- what the fast kernels read besides q, k, v ---------------------------------------------
