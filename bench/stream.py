@@ -159,8 +159,9 @@ def _speculation(model, decoder, preset, device, prompt, log, rows, short_of, sa
                 else:
                     row.update(_recorded(_speculation_row, model, decoder, device, prompt, hw, depth, drafter))
                 if "model_fps" in row:
+                    rate = row["acceptance_rate"]
                     log(f"  speculation {row['video']} depth={depth} {drafter}: {row['model_fps']:.1f} fps, "
-                        f"acceptance {row['acceptance_rate']:.0%}")
+                        f"acceptance {'-' if rate is None else f'{rate:.0%}'}")
                 save()
 
 

@@ -315,3 +315,13 @@ def test_expected_commits_weigh_every_page_they_may_evict():
     assert (cache.keep_mass[0] > 0).all()
     with pytest.raises(ValueError, match="frames: expected an int >= 1, got 0"):
         cache.expect_commits(0)
+
+
+def test_attention_inside_read_only_accumulates_no_mass():
+    cache = StreamingKVCache(1, 1, H, D, T, sink_frames=0, window_frames=1, keep_tokens=T, storage="fp32")
+    cache.commit(0, *frame())
+    with cache.read_only():
+        temporal_attention(torch.randn(1, T, H, D), *frame(), kv_cache=cache, layer=0)
+    assert (cache.mass == 0).all()
+    temporal_attention(torch.randn(1, T, H, D), *frame(), kv_cache=cache, layer=0)
+    assert (cache.mass > 0).any()

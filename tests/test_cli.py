@@ -99,7 +99,8 @@ def test_prompt_schedule_and_speculation(tmp_path, capsys):
                  "--speculate", "3", "--drafter", "hold", "--accept-tol", "10", "--frames", "40", "--out", str(out),
                  "--quiet", "--warmup", "0"]) == 0
     printed = capsys.readouterr().out
-    assert "prompt switches: 1, 2 transition frames" in printed and "speculation: depth 3" in printed
+    assert "prompt switches: 1, 2 switching passes" in printed and "speculation: depth 3" in printed
+    assert "recache" in printed and f"wrote {out}: 40 frames" in printed
     from xjfast.video import probe
     assert probe(out)["frames"] == 40
 
@@ -108,5 +109,37 @@ def test_prompt_schedule_parsing():
     from xjfast.cli import prompt_schedule
     assert prompt_schedule(["a", "b@48", "c@96"]) == [(0, "a"), (48, "b"), (96, "c")]
     assert prompt_schedule(["e-mail me@home"]) == [(0, "e-mail me@home")]
-    with pytest.raises(SystemExit):
+    assert prompt_schedule(["a@0", "b@4"]) == [(0, "a"), (4, "b")]
+    with pytest.raises(SystemExit, match="a later prompt needs a switch frame"):
         prompt_schedule(["a", "b"])
+    with pytest.raises(SystemExit, match="a later prompt needs a switch frame"):
+        prompt_schedule(["a", "b@\u00b2"])  # a superscript two is no frame number
+    with pytest.raises(SystemExit, match="expected a non-empty prompt text"):
+        prompt_schedule(["a", "@48"])
+    for switches in (["b@48", "c@48"], ["b@0"], ["b@48", "c@16"]):
+        with pytest.raises(SystemExit, match="each switch comes after the one before"):
+            prompt_schedule(["a"] + switches)
+
+
+def test_a_switch_is_applied_at_its_frame_under_speculation(tmp_path, capsys, monkeypatch):
+    """A speculative pass stops at a switch: the prompt changes at the frame asked for."""
+    from xjfast.engine import StreamGenerator
+    switched_at = []
+    set_prompt = StreamGenerator.set_prompt
+
+    def spy(self, prompt, transition_frames=0, recache=False):
+        switched_at.append(self._next_frame)
+        return set_prompt(self, prompt, transition_frames, recache)
+
+    monkeypatch.setattr(StreamGenerator, "set_prompt", spy)
+    assert main(["generate", "--prompt", "a", "--prompt", "b@24", "--speculate", "4", "--drafter", "hold",
+                 "--accept-tol", "10", "--frames", "40", "--out", str(tmp_path / "s.mp4"), "--quiet",
+                 "--warmup", "0"]) == 0
+    assert switched_at == [0, 0, 6]  # before and after the warm-up; then latent frame 6 = video frame 24
+
+
+def test_a_negative_transition_is_refused_before_the_stream(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--transition", "-1", "--out", str(tmp_path / "x.mp4")])
+    assert "--transition: expected latent frames >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()

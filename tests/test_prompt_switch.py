@@ -79,8 +79,54 @@ def test_recache_under_the_same_prompt_reproduces_the_cache(tiny):
     assert (g.cache.k_mean - means).abs().max() < 1e-4
 
 
+def test_transition_counts_latent_frames_in_blocks_of_several(tiny):
+    g = generator(tiny, frames_per_block=2)
+    g.step()
+    g.set_prompt("a city street at night", transition_frames=4)
+    for _ in range(3):
+        g.step()
+    assert g.conditioning_weights == [1.0, 0.5, 1.0, 1.0]  # a block takes its last frame's weight
+    assert g.stats()["switch_frames"] == 2
+
+
+def test_a_cut_counts_as_a_switch_and_recache_is_timed(tiny):
+    g = generator(tiny)
+    for _ in range(3):
+        g.step()
+    g.set_prompt("a city street at night", recache=True)
+    g.step()
+    g.step()
+    s = g.stats()
+    assert s["switch_frames"] == 1 and len(s["recache_ms"]) == 1 and s["recache_ms"][0] > 0
+
+
+def test_recache_with_blocks_of_three_frames(tiny):
+    """The previous block (not committed yet) is kept for the drafters and for recache."""
+    g = generator(tiny, frames_per_block=3, cache_config=CacheConfig(1, 6))
+    for _ in range(4):
+        g.step()
+    frames = g.cache.cached_frames(0)
+    g.set_prompt("a city street at night", recache=True)
+    assert g.cache.cached_frames(0) == frames
+    g.step()
+
+
+def test_reset_during_a_transition_starts_on_the_new_prompt(tiny):
+    g = generator(tiny)
+    g.step()
+    g.set_prompt("a city street at night", transition_frames=4)
+    g.step()
+    g.reset()
+    fresh = generator(tiny)
+    fresh.set_prompt("a city street at night")
+    assert all(torch.equal(a, b) for a, b in zip(g.prompt_kv[0], fresh.prompt_kv[0]))
+    assert torch.equal(g.step().latents, fresh.step().latents)
+
+
 def test_bad_transition(tiny):
     g = generator(tiny)
+    with pytest.raises(ValueError, match=r"prompt: a transition blends embeddings of the current prompt's shape"):
+        g.set_prompt(torch.randn(3, g.model.cfg.text_dim), transition_frames=2)
     with pytest.raises(ValueError, match="transition_frames: expected an int >= 0"):
         g.set_prompt("x", transition_frames=-1)
     with pytest.raises(TypeError, match="recache: expected True or False, got 'yes'"):

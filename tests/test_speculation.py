@@ -79,12 +79,52 @@ def test_auto_depth_measures_and_picks_the_fastest():
     c = DepthController(None, max_depth=3)
     assert [c.choose() for _ in range(1)] == [1]
     for depth, seconds in ((1, 1.0), (2, 1.1), (3, 1.2)):
-        c.record(depth, seconds, depth - 1, depth - 1)  # every draft accepted
+        c.record(depth, seconds, depth - 1)  # every draft accepted
     assert c.choose() == 3 and c.expected_frames(3) == 3
     slow = DepthController(None, max_depth=3)
     for depth, seconds in ((1, 1.0), (2, 3.0), (3, 5.0)):
-        slow.record(depth, seconds, depth - 1, 0)  # nothing accepted: no speculation pays
+        slow.record(depth, seconds, 0)  # nothing accepted: no speculation pays
     assert slow.choose() == 1 and slow.speedup() == 1.0
+
+
+def test_acceptance_counts_the_drafts_judged():
+    """Drafts after the first rejected one are never judged: a pass of 3 drafts that accepts one
+    judged two, so the per-draft rate is 1/2 (not 1/3) and the expected frames follow from it."""
+    c = DepthController(None, max_depth=4)
+    assert c.acceptance() is None
+    c.record(4, 1.0, 1)
+    assert c.acceptance() == 0.5 and c.expected_frames(3) == 1.75
+
+
+def test_a_fixed_depth_measures_its_speedup(tiny, sequential):
+    """A plain pass now and then gives the baseline of speedup_over_no_speculation."""
+    c = DepthController(3, explore_every=4)
+    depths = []
+    for _ in range(8):
+        depths.append(c.choose())
+        c.record(depths[-1], 1.0, depths[-1] - 1)
+    assert depths == [1, 3, 3, 1, 3, 3, 3, 1]
+    g = generator(tiny, speculate=2, drafter=oracle(sequential))
+    latent_stream(g)
+    assert g.stats()["speculation"]["speedup_over_no_speculation"] > 0
+
+
+def test_a_callable_drafter_returning_other_things_is_named(tiny):
+    for result, error in ((None, TypeError), ([1, 2], TypeError), ([torch.zeros(1)] * 2, ValueError)):
+        g = generator(tiny, speculate=3, drafter=lambda history, count, frame_index, r=result: r)
+        g.step()
+        g.step()  # the baseline pass
+        with pytest.raises(error, match="drafter: expected"):
+            g.step()
+
+
+def test_step_caps_a_speculative_pass(tiny, sequential):
+    g = generator(tiny, speculate=4, drafter=oracle(sequential))
+    g.step()
+    g.step()  # the baseline pass
+    assert g.step(max_frames=2).latents.shape[2] == 2
+    with pytest.raises(ValueError, match="max_frames: expected an int >= 1 or None, got 0"):
+        g.step(max_frames=0)
 
 
 def test_auto_runs_and_reports(tiny, sequential):

@@ -140,6 +140,7 @@ class StreamingKVCache:
         self._lookahead = [1] * L        # frames per commit, seen last: pages next to evict
         self._frame_of_page = [[-1] * (self.sink_frames + self.window_frames) for _ in range(L)]
         self._ring_synced = False        # ring_head holds _head (set by sync_ring)
+        self._read_only = False          # inside read_only(): views accumulate no attention mass
         self.keep_mass.zero_()
         if self.mass is not None:
             self.mass.zero_()
@@ -253,6 +254,16 @@ class StreamingKVCache:
             self._frames_seen[layer] += 1
         self._lookahead[layer] = n
         return pages, evicted
+
+    @contextlib.contextmanager
+    def read_only(self):
+        """Attention over the cache inside accumulates no attention mass (e.g. a drafter's passes,
+        which the stream without drafting would not run)."""
+        self._read_only, previous = True, self._read_only
+        try:
+            yield
+        finally:
+            self._read_only = previous
 
     def expect_commits(self, frames: int) -> None:
         """The next pass commits up to `frames` frames to each layer, in one commit or several (a
@@ -414,7 +425,8 @@ class StreamingKVCache:
             units.append(KeyUnit(KEEP, len(units), self._keep_count[layer]))
         units += [KeyUnit(p, len(units) + i, T) for i, p in enumerate(pages[sinks:])]
         window = pages[sinks:]
-        mass_pages = tuple(window[:self._lookahead[layer]]) if self.mass is not None else ()
+        weighed = self.mass is not None and not self._read_only
+        mass_pages = tuple(window[:self._lookahead[layer]]) if weighed else ()
         first = len(units) - len(window)  # the slot of the oldest window page
         mass_units = tuple((sinks + i, first + i) for i in range(len(mass_pages)))
         return CacheLayerView(
@@ -422,7 +434,7 @@ class StreamingKVCache:
             self.v_scale[layer], self.keep_k[layer], self.keep_v[layer], self.keep_k_scale[layer],
             self.keep_k_mean[layer], self.keep_v_scale[layer], self.page_table[layer, :len(pages)],
             tuple(units), len(units), sinks, self._keep_count[layer],
-            None if self.mass is None else self.mass[layer], mass_pages, mass_units,
+            self.mass[layer] if weighed else None, mass_pages, mass_units,
             self.storage, self.rope_dims, self.rope_theta)
 
     def __repr__(self) -> str:

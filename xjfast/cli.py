@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 
 
@@ -91,6 +92,10 @@ def _stream(args, device, dtype) -> int:
     # whole passes: a pass emits a block of frames_per_block latent frames (4 video frames each)
     total = math.ceil(args.frames / (args.frames_per_block * VIDEO_FRAMES_PER_LATENT)) * \
         args.frames_per_block * VIDEO_FRAMES_PER_LATENT
+    for frame, text in switches:
+        if frame >= total:
+            print(f"xjfast generate: the switch to {text!r} at frame {frame} is past the stream's {total} frames",
+                  file=sys.stderr)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with Mp4Writer(args.out, preset.fps) as writer, \
             tqdm(total=total, desc=f"xjfast {args.preset}", unit="frame", disable=args.quiet) as bar:
@@ -98,11 +103,14 @@ def _stream(args, device, dtype) -> int:
             if switches and writer.frames >= switches[0][0]:
                 generator.set_prompt(conditioning(switches.pop(0)[1]), transition_frames=args.transition,
                                      recache=args.recache)
-            video = generator.step().video.numpy()[:total - writer.frames]  # a speculative pass may overshoot
+            # a speculative pass stops at the next switch and at the stream's end (in latent frames)
+            until = min([total] + [frame for frame, _ in switches[:1]])
+            limit = max(1, math.ceil((until - writer.frames) / VIDEO_FRAMES_PER_LATENT))
+            video = generator.step(max_frames=limit).video.numpy()[:total - writer.frames]
             writer.write(video)
             bar.update(len(video))
     s = generator.stats()
-    print(f"wrote {args.out}: {s['video_frames']} frames at {preset.fps} fps "
+    print(f"wrote {args.out}: {writer.frames} frames at {preset.fps} fps "
           f"({s['latent_frames']} latent frames, {writer.size[1]}x{writer.size[0]}) on {device}")
     print(f"model {s['model_fps']:.1f} fps | end-to-end {s['end_to_end_fps']:.1f} fps (video frames, decode included)"
           f" | first frame {s['time_to_first_frame_ms']:.1f} ms")
@@ -111,29 +119,42 @@ def _stream(args, device, dtype) -> int:
           f"{warmup_s:.2f} s ({args.warmup} blocks before the stream, not counted)")
     spec = s["speculation"]
     if args.speculate:
-        print(f"speculation: depth {spec['depth']}, acceptance {spec['acceptance_rate']:.0%}, "
+        rate = "-" if spec["acceptance_rate"] is None else f"{spec['acceptance_rate']:.0%}"
+        print(f"speculation: depth {spec['depth']}, acceptance {rate}, "
               f"{spec['frames_per_pass']:.2f} latent frames per pass")
     if s["switch_frames"]:
-        print(f"prompt switches: {len(schedule) - 1}, {s['switch_frames']} transition frames, latency p50 "
-              f"{s['switch_latency_p50_ms']:.1f} ms, max {s['switch_latency_max_ms']:.1f} ms (separate from the above)")
+        print(f"prompt switches: {len(schedule) - 1}, {s['switch_frames']} switching passes, latency p50 "
+              f"{s['switch_latency_p50_ms']:.1f} ms, max {s['switch_latency_max_ms']:.1f} ms (separate from the above)"
+              + (f"; recache {max(s['recache_ms']):.1f} ms at most" if s["recache_ms"] else ""))
     return 0
 
 
 def prompt_schedule(prompts: list[str]) -> list[tuple[int, str]]:
-    """[(video frame, text)] from --prompt values: the first starts the stream, "text@N" switches
-    to `text` at video frame N."""
+    """[(video frame, text)] from --prompt values: the first starts the stream (a trailing "@0"
+    allowed), each later "text@N" switches to `text` at video frame N, N increasing."""
     schedule = []
     for i, item in enumerate(prompts):
-        text, at, frame = item.rpartition("@") if "@" in item else ("", "", "")
-        if at and frame.isdigit():
-            schedule.append((int(frame), text))
-        elif i == 0:
-            schedule.append((0, item))
-        else:
+        text, _, frame = item.rpartition("@")
+        if not re.fullmatch(r"[0-9]+", frame):
+            text, frame = item, None
+        if frame is None and i > 0:
             raise SystemExit(f"xjfast generate: --prompt {item!r}: a later prompt needs a switch frame, as 'text@48'")
-    if schedule[0][0] != 0 or [f for f, _ in schedule] != sorted(f for f, _ in schedule):
-        raise SystemExit("xjfast generate: --prompt: the first prompt starts at frame 0 and switches must be in order")
+        if not text.strip():
+            raise SystemExit(f"xjfast generate: --prompt {item!r}: expected a non-empty prompt text")
+        at = 0 if frame is None else int(frame)
+        if (i == 0 and at != 0) or (i > 0 and at <= schedule[-1][0]):
+            raise SystemExit(f"xjfast generate: --prompt {item!r}: the first prompt starts at frame 0 and each "
+                             f"switch comes after the one before (frames increasing)")
+        schedule.append((at, text))
     return schedule
+
+
+def speculation_depth(value: str):
+    """--speculate: a depth or "auto" (named for argparse's messages)."""
+    return value if value == "auto" else int(value)
+
+
+speculation_depth.__name__ = "depth or 'auto'"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -148,7 +169,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--transition", type=int, default=8,
                    help="latent frames over which a prompt switch blends old into new (0: a cut)")
     g.add_argument("--recache", action="store_true", help="re-encode the cached frames under a new prompt")
-    g.add_argument("--speculate", default=0, type=lambda v: v if v == "auto" else int(v),
+    g.add_argument("--speculate", default=0, type=speculation_depth,
                    help="speculative drafting depth (frames per pass, 0: off, or 'auto')")
     g.add_argument("--drafter", default="extrapolate", help="hold | extrapolate | shallow:L")
     g.add_argument("--accept-tol", type=float, default=0.05, help="relative L2 within which a draft is accepted")
@@ -194,6 +215,8 @@ def main(argv=None) -> int:
         parser().error("--frames: expected a positive number of video frames")
     if getattr(args, "warmup", 0) < 0 or (getattr(args, "threads", None) is not None and args.threads < 1):
         parser().error("--warmup: expected >= 0; --threads: expected >= 1")
+    if getattr(args, "transition", 0) < 0:
+        parser().error(f"--transition: expected latent frames >= 0, got {args.transition}")
     return args.run(args)
 
 

@@ -103,7 +103,12 @@ class StreamGenerator:
         self.reset()
 
     def reset(self) -> None:
-        """Start a new stream (same seed: the same frames again)."""
+        """Start a new stream (same seed: the same frames again), conditioned on the newest prompt
+        (a transition under way is completed)."""
+        if getattr(self, "_transition", None) is not None:
+            self.prompt_kv = self.model.prompt_kv(self._embeds)
+        self._recache_s = []             # seconds of each recache (set_prompt(..., recache=True))
+        self._switch_pending = False     # a prompt was cut to: the next pass is a switching one
         self.cache.reset()
         self._next_frame = 0
         self._previous = None            # clean latents of the last block: committed by the next pass
@@ -137,23 +142,34 @@ class StreamGenerator:
         """Condition on a prompt: text (presets with a text encoder) or embeddings [S, D] / [B, S, D].
 
         Mid-stream, `transition_frames=N` blends the conditioning from the current prompt to this
-        one over the next N latent frames (cross-attention keys/values recomputed per frame while
-        blending); `recache=True` re-encodes the cached frames under the new prompt in one pass.
+        one over the next N latent frames (cross-attention keys/values recomputed per block while
+        blending; a block of several frames takes the weight of its last frame), which needs
+        embeddings of the current prompt's shape; `recache=True` re-encodes the cached frames under
+        the new prompt in one pass. The passes of a transition, or the first pass after a cut, count
+        as switching frames in stats().
         """
-        if not isinstance(transition_frames, int) or transition_frames < 0:
+        if isinstance(transition_frames, bool) or not isinstance(transition_frames, int) or transition_frames < 0:
             raise ValueError(f"transition_frames: expected an int >= 0, got {transition_frames!r}")
         if not isinstance(recache, bool):
             raise TypeError(f"recache: expected True or False, got {recache!r}")
         embeds = self._embeddings(prompt)
-        if self._embeds is not None and transition_frames > 0:
-            current = self._current_embeds()
-            self._transition = (current, embeds, transition_frames, 0)
+        blend = self._embeds is not None and transition_frames > 0
+        if blend and embeds.shape != self._embeds.shape:
+            raise ValueError(f"prompt: a transition blends embeddings of the current prompt's shape "
+                             f"{tuple(self._embeds.shape)}, got {tuple(embeds.shape)} (transition_frames=0 cuts)")
+        if blend:
+            self._transition = (self._current_embeds(), embeds, transition_frames, 0)
         else:
             self._transition = None
             self.prompt_kv = self.model.prompt_kv(embeds)
+        self._switch_pending = self._embeds is not None and self.cache.frames_seen > 0
         self._embeds = embeds
         if recache and self.cache.frames_seen:
+            self._sync()
+            start = time.perf_counter()
             self._recache(self.model.prompt_kv(embeds))
+            self._sync()
+            self._recache_s.append(time.perf_counter() - start)
 
     def _current_embeds(self) -> torch.Tensor:
         if self._transition is None:
@@ -163,15 +179,18 @@ class StreamGenerator:
         return old * (1 - w) + new * w
 
     def _advance_transition(self) -> bool:
-        """Set this block's conditioning; True while a prompt transition is under way."""
+        """Set this block's conditioning; True while a prompt transition is under way (or for the
+        first block after a cut)."""
+        pending, self._switch_pending = self._switch_pending, False
         if self._transition is None:
             self.conditioning_weights.append(1.0)
-            return False
+            return pending
         old, new, frames, done = self._transition
-        w = (done + 1) / frames
+        done = min(frames, done + self.frames_per_block)  # the weight of the block's last frame
+        w = done / frames
         self.prompt_kv = self.model.prompt_kv(old * (1 - w) + new * w)
         self.conditioning_weights.append(w)
-        self._transition = None if done + 1 == frames else (old, new, frames, done + 1)
+        self._transition = None if done == frames else (old, new, frames, done)
         return True
 
     def _recache(self, prompt_kv) -> None:
@@ -206,7 +225,10 @@ class StreamGenerator:
     def _remember(self, first: int, latents: torch.Tensor) -> None:
         for f in range(latents.shape[2]):
             self._latents[first + f] = latents[:, :, f:f + 1]
-        keep = set(self.cache.cached_frames(0)) | set(range(first + latents.shape[2] - 2, first + latents.shape[2]))
+        # the cached frames, the last block (committed by the next pass: recache may need it) and
+        # the last two frames (the drafters' history)
+        last = first + latents.shape[2]
+        keep = set(self.cache.cached_frames(0)) | set(range(last - max(2, self.frames_per_block), last))
         self._latents = {f: x for f, x in self._latents.items() if f in keep}
 
     def _timesteps(self, sigma: float, with_clean: bool) -> torch.Tensor:
@@ -253,25 +275,31 @@ class StreamGenerator:
         if kind == "extrapolate":
             return extrapolate(history, count)
         if kind == "callable":
-            drafts = list(detail(history, count, frame_index=first))
-            if len(drafts) != count or any(d.shape != history[-1].shape for d in drafts):
-                raise ValueError(f"drafter: expected {count} latents shaped {tuple(history[-1].shape)}, got "
-                                 f"{[tuple(d.shape) for d in drafts]}")
+            drafts = detail(history, count, frame_index=first)
+            expected = f"{count} floating-point tensors shaped {tuple(history[-1].shape)} on {self.device}"
+            if not isinstance(drafts, (list, tuple)) or not all(isinstance(d, torch.Tensor) for d in drafts):
+                raise TypeError(f"drafter: expected a list of {expected}, got {type(drafts).__name__} "
+                                f"{drafts!r:.80}")
+            if len(drafts) != count or any(d.shape != history[-1].shape or d.device != self.device
+                                           or not d.is_floating_point() for d in drafts):
+                raise ValueError(f"drafter: expected {expected}, got "
+                                 f"{[(tuple(d.shape), str(d.dtype), str(d.device)) for d in drafts]}")
             return [d.to(self.dtype) for d in drafts]
         return self._shallow_drafts(first, count, detail)
 
     def _shallow_drafts(self, first: int, count: int, layers: int) -> list:
         """Self-speculative drafts: the first `layers` blocks and the head, over the same cache
-        (read only), each draft conditioned on the ones before it."""
+        (read only: no attention mass is accumulated), each draft conditioned on the ones before it."""
         drafts = []
         sigma = self.sigmas[0]
-        for j in range(count):
-            clean = [self._previous] + drafts
-            x = torch.cat(clean + [self._noise(first + j, 1)], dim=2)
-            t = torch.tensor([[0.0] * len(clean) + [sigma * 1000]], device=self.device).expand(self.batch, -1)
-            tokens = self.model(x, t, self.prompt_kv, cache=self.cache, block_frames=1, layers=layers,
-                                precision=self.precision, backend=self.backend)
-            drafts.append(denoise_step(x[:, :, -1:], tokens[:, -self.frame_tokens:], sigma, backend=self.backend))
+        with self.cache.read_only():
+            for j in range(count):
+                clean = [self._previous] + drafts
+                x = torch.cat(clean + [self._noise(first + j, 1)], dim=2)
+                t = torch.tensor([[0.0] * len(clean) + [sigma * 1000]], device=self.device).expand(self.batch, -1)
+                tokens = self.model(x, t, self.prompt_kv, cache=self.cache, block_frames=1, layers=layers,
+                                    precision=self.precision, backend=self.backend)
+                drafts.append(denoise_step(x[:, :, -1:], tokens[:, -self.frame_tokens:], sigma, backend=self.backend))
         return drafts
 
     def _speculative_pass(self, first: int, depth: int) -> tuple[torch.Tensor, int]:
@@ -303,15 +331,21 @@ class StreamGenerator:
         return torch.cat(outputs[:accepted + 1], dim=2), accepted
 
     @torch.no_grad()
-    def step(self) -> Frame:
-        """Generate the next block (or the frames of one speculative pass) and decode it."""
+    def step(self, max_frames: int | None = None) -> Frame:
+        """Generate the next block (or the frames of one speculative pass) and decode it.
+
+        `max_frames` caps the latent frames a speculative pass may emit (e.g. to stop at a prompt
+        switch or the stream's end); a block of frames_per_block frames is never split."""
+        if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
+                                       or max_frames < 1):
+            raise ValueError(f"max_frames: expected an int >= 1 or None, got {max_frames!r}")
         if self.prompt_kv is None:
             raise RuntimeError("set_prompt(...) must be called before generating frames")
         self._sync()
         start = time.perf_counter()
         first = self._next_frame
         switching = self._advance_transition()
-        depth = 1 if switching or self._previous is None else self.depth.choose()
+        depth = 1 if switching or self._previous is None else min(self.depth.choose(), max_frames or MAX_DEPTH)
         if depth > 1:
             self._static.note_eager("speculation: a drafted pass")
             x, accepted = self._speculative_pass(first, depth)
@@ -320,7 +354,7 @@ class StreamGenerator:
         self._sync()
         model_done = time.perf_counter()
         if self._previous is not None and not switching:
-            self.depth.record(depth, model_done - start, depth - 1, accepted)
+            self.depth.record(depth, model_done - start, accepted)
         video = self.decoder(x, None if self._previous is None else self._previous[:, :, -1])
         self._sync()
         done = time.perf_counter()
@@ -372,6 +406,7 @@ class StreamGenerator:
             },
             "cuda_graph": self._static.stats(),
             "switch_frames": len(switch),
+            "recache_ms": [1e3 * s for s in self._recache_s],
             "switch_latency_p50_ms": 1e3 * statistics.median(switch) if switch else None,
             "switch_latency_max_ms": 1e3 * max(switch) if switch else None,
         }

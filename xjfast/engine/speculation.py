@@ -41,18 +41,21 @@ def parse_drafter(drafter) -> tuple[str, Callable | int | None]:
 
 class DepthController:
     """Picks the speculation depth with the most frames per second from measured pass times and
-    the running draft-acceptance rate; depth 1 (no speculation) is always a candidate."""
+    the running draft-acceptance rate; depth 1 (no speculation) is always a candidate. A fixed
+    depth still runs a plain pass now and then (one in explore_every), the baseline of speedup()."""
 
     def __init__(self, fixed: int | None, max_depth: int = MAX_DEPTH, explore_every: int = 32):
         self.fixed, self.max_depth, self.explore_every = fixed, max_depth, explore_every
         self.pass_s = collections.defaultdict(lambda: collections.deque(maxlen=16))
-        self.proposed = self.accepted = self.passes = 0
+        self.judged = self.accepted = self.passes = 0
 
-    def acceptance(self) -> float:
-        return self.accepted / self.proposed if self.proposed else 0.0
+    def acceptance(self) -> float | None:
+        """The probability that a draft is accepted given the ones before it were (None before any
+        draft was judged): drafts after the first rejected one are never judged, so not counted."""
+        return self.accepted / self.judged if self.judged else None
 
     def expected_frames(self, depth: int) -> float:
-        p = self.acceptance()
+        p = self.acceptance() or 0.0
         return sum(p ** i for i in range(depth))
 
     def frames_per_second(self, depth: int) -> float | None:
@@ -61,7 +64,8 @@ class DepthController:
 
     def choose(self) -> int:
         if self.fixed is not None:
-            return self.fixed
+            baseline = not self.pass_s.get(1) or self.passes % self.explore_every == self.explore_every - 1
+            return 1 if self.fixed > 1 and baseline else self.fixed
         unmeasured = [d for d in range(1, self.max_depth + 1) if not self.pass_s.get(d)]
         if unmeasured:
             return unmeasured[0]
@@ -69,9 +73,10 @@ class DepthController:
             return 1 + (self.passes // self.explore_every) % self.max_depth
         return max(range(1, self.max_depth + 1), key=self.frames_per_second)
 
-    def record(self, depth: int, seconds: float, proposed: int, accepted: int) -> None:
+    def record(self, depth: int, seconds: float, accepted: int) -> None:
+        """A pass of `depth` frames (depth - 1 drafts) that took `seconds` and accepted `accepted` drafts."""
         self.pass_s[depth].append(seconds)
-        self.proposed += proposed
+        self.judged += accepted + (accepted < depth - 1)  # the first rejected draft was judged too
         self.accepted += accepted
         self.passes += 1
 
