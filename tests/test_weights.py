@@ -63,6 +63,74 @@ def test_what_is_neither_path_nor_state_dict_is_named():
         CausalDiT.from_pretrained(5)
 
 
+def tiny_state():
+    model, *_ = build("tiny", seed=5)
+    return model, {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def test_an_index_json_names_exactly_the_shards_to_load(tmp_path):
+    model, state = tiny_state()
+    keys = sorted(state)
+    halves = {"model-a.safetensors": keys[: len(keys) // 2], "model-b.safetensors": keys[len(keys) // 2:]}
+    for name, part in halves.items():
+        save_file({k: state[k] for k in part}, tmp_path / name)
+    index = tmp_path / ("model" + ".safetensors.index.json")
+    index.write_text(json.dumps({"weight_map": {k: name for name, part in halves.items() for k in part}}))
+    save_file({k: torch.zeros_like(state[k]) for k in keys}, tmp_path / "old-model.safetensors")  # not in the index
+    for path in (tmp_path, index):
+        loaded = CausalDiT.from_pretrained(path, heads=2)
+        assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in keys)
+    (tmp_path / "model-b.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"shards named in .* are missing: \[.*model-b.safetensors"):
+        CausalDiT.from_pretrained(tmp_path, heads=2)
+
+
+def test_a_folder_of_unrelated_safetensors_files_is_refused(tmp_path):
+    _, state = tiny_state()
+    save_file(state, tmp_path / "model.safetensors")
+    save_file(state, tmp_path / "model-fp8.safetensors")
+    with pytest.raises(ValueError, match="several .safetensors files that are not the shards of one checkpoint"):
+        CausalDiT.from_pretrained(tmp_path, heads=2)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda s: s.pop("blocks.0.ffn.0.weight"), ValueError, r"missing keys \['blocks.0.ffn.0.weight'\]"),
+    (lambda s: [s.pop(k) for k in list(s) if k.startswith("blocks.")], ValueError, r"missing keys .*blocks"),
+    (lambda s: s.update({"blocks.1.ffn.2.bias": torch.zeros(3)}), ValueError,
+     r"shapes \(checkpoint, expected\) differ for \{'blocks.1.ffn.2.bias': \(\(3,\), \(128,\)\)"),
+])
+def test_a_checkpoint_of_another_structure_names_what_differs(change, error, message):
+    _, state = tiny_state()
+    change(state)
+    with pytest.raises(error, match=message):
+        CausalDiT.from_pretrained(state, heads=2)
+
+
+@pytest.mark.parametrize("heads", [0, 3, 4, True])
+def test_a_head_count_that_does_not_split_dim_is_named(heads):
+    _, state = tiny_state()
+    with pytest.raises(ValueError, match=f"heads: expected a head count that splits dim 128 .* got {heads}"):
+        CausalDiT.from_pretrained(state, heads=heads)
+
+
+def test_a_checkpoint_with_modules_kept_in_fp32_loads_in_one_dtype():
+    """diffusers' bf16 pipelines keep some modules (time embedding, modulation) in fp32."""
+    model, state = tiny_state()
+    mixed = {k: v if k.startswith("time_embedding") or k.endswith("modulation") else v.bfloat16()
+             for k, v in state.items()}
+    loaded = CausalDiT.from_pretrained(mixed, heads=2)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    x, t = torch.randn(1, 4, 1, 16, 16, dtype=torch.bfloat16), torch.tensor([[500.0]])
+    kv = loaded.prompt_kv(torch.randn(1, 7, loaded.cfg.text_dim, dtype=torch.bfloat16))
+    assert loaded(x, t, kv, precision="bf16", backend="reference").isfinite().all()
+
+
+def test_a_text_file_named_pt_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.pt").write_text("hello")
+    with pytest.raises(ValueError, match="notes.pt is not a readable checkpoint"):
+        CausalDiT.from_pretrained(tmp_path / "notes.pt")
+
+
 @pytest.mark.gpu
 @torch.no_grad()
 def test_diffusers_weights_reproduce_diffusers_forward_on_the_gpu_in_fp8():

@@ -172,10 +172,13 @@ class CausalDiT(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_state_dict, *, heads: int | None = None, dtype=None, device="cpu"):
         """A CausalDiT with the weights of a Wan2.1 checkpoint (its original layout) or of diffusers'
-        WanTransformer3DModel: a state dict, a .safetensors file, or a folder of (sharded) files.
+        WanTransformer3DModel: a state dict, a .safetensors (or .pt) file, a safetensors index json,
+        or a folder of (sharded) files.
 
         The architecture is read from the weights' shapes; the head count (which shapes do not
-        show) from `heads`, the folder's config.json, or dim // 128 as in every Wan2.1 model.
+        show) from `heads`, the config.json beside the weights, or dim // 128 as in every Wan2.1
+        model. Parameters come in `dtype`, by default patch_embedding's (a checkpoint that keeps
+        some modules in fp32, as diffusers' bf16 pipelines do, gives one dtype throughout).
         """
         from xjfast.models.weights import config_from_state, diffusers_to_wan, is_diffusers_layout, read_state
         state, config = read_state(path_or_state_dict)
@@ -186,13 +189,17 @@ class CausalDiT(nn.Module):
                              f"WanTransformer3DModel checkpoint (first keys: {sorted(state)[:5]})")
         with torch.device("meta"):
             model = cls(config_from_state(state, config, heads))
-        expected = set(model.state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        expected = model.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
             raise ValueError(f"path_or_state_dict: the checkpoint does not match CausalDiT: missing keys {missing}, "
                              f"unexpected keys {unexpected}")
+        shapes = {k: (tuple(state[k].shape), tuple(t.shape)) for k, t in expected.items() if state[k].shape != t.shape}
+        if shapes:
+            raise ValueError(f"path_or_state_dict: the checkpoint does not match CausalDiT: shapes (checkpoint, "
+                             f"expected) differ for {dict(list(shapes.items())[:5])}")
         model.load_state_dict(state, assign=True)
-        return model.to(device=device, dtype=dtype).eval()
+        return model.to(device=device, dtype=dtype or state["patch_embedding.weight"].dtype).eval()
 
     def tokens_per_frame(self, latent_hw: tuple[int, int]) -> int:
         return (latent_hw[0] // self.cfg.patch_size[1]) * (latent_hw[1] // self.cfg.patch_size[2])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import pickle
 import re
 
 import torch
@@ -49,49 +48,105 @@ def diffusers_to_wan(state: dict) -> dict:
     return out
 
 
+SHARD = re.compile(r".*-\d{5}-of-\d{5}\.safetensors$")
+INDEX_SUFFIX = ".safetensors.index.json"
+# the keys config_from_state reads the architecture from
+STRUCTURE_KEYS = ("patch_embedding.weight", "blocks.0.ffn.0.weight", "text_embedding.0.weight",
+                  "time_embedding.0.weight")
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    """The files of the checkpoint at `path`: a file; a folder's index json's shards (exactly
+    those); or a folder's one .safetensors file, or its -0000i-of-0000n shards."""
+    if path.endswith(INDEX_SUFFIX) and os.path.isfile(path):
+        with open(path) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"path_or_state_dict: {path} has no weight_map (not a safetensors index)")
+        files = [os.path.join(os.path.dirname(path), name) for name in sorted(set(weight_map.values()))]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(f"path_or_state_dict: shards named in {path} are missing: {missing}")
+        return files
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"path_or_state_dict: {path} does not exist")
+    indexes = sorted(glob.glob(os.path.join(path, "*" + INDEX_SUFFIX)))
+    if len(indexes) > 1:
+        raise ValueError(f"path_or_state_dict: {path} holds several safetensors indexes {indexes}: pass one of them")
+    if indexes:
+        return _checkpoint_files(indexes[0])
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"path_or_state_dict: no .safetensors files in {path}")
+    if len(files) > 1 and not all(SHARD.match(f) for f in files):
+        raise ValueError(f"path_or_state_dict: {path} holds several .safetensors files that are not the shards of one "
+                         f"checkpoint (name-0000i-of-0000n.safetensors, or an index json): "
+                         f"{[os.path.basename(f) for f in files]}; pass the file to load")
+    return files
+
+
+def _read_file(file: str) -> dict:
+    if file.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(file)
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"path_or_state_dict: {file} is not a readable checkpoint ({exc})") from exc
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load fails in many ways on what is not a checkpoint
+        raise ValueError(f"path_or_state_dict: {file} is not a readable checkpoint ({type(exc).__name__}: "
+                         f"{exc})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"path_or_state_dict: {file} is not a readable checkpoint (not a state dict of tensors)")
+    return state
+
+
 def read_state(path_or_state) -> tuple[dict, dict]:
-    """(state dict, config.json contents or {}) from a dict, a .safetensors/.pt file or a folder."""
+    """(state dict, config.json contents or {}) from a dict, a .safetensors/.pt file, a
+    safetensors index json, or a folder (its config.json, or the one beside a file)."""
     if isinstance(path_or_state, dict):
         return dict(path_or_state), {}
     if not isinstance(path_or_state, (str, os.PathLike)):
         raise TypeError(f"path_or_state_dict: expected a path or a state dict, got {type(path_or_state).__name__}")
     path = os.fspath(path_or_state)
+    files = _checkpoint_files(path)
+    config_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
     config = {}
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        if not files:
-            raise FileNotFoundError(f"path_or_state_dict: no .safetensors files in {path}")
-        if os.path.exists(os.path.join(path, "config.json")):
-            with open(os.path.join(path, "config.json")) as f:
-                config = json.load(f)
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        raise FileNotFoundError(f"path_or_state_dict: {path} does not exist")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
     state = {}
     for file in files:
-        if file.endswith(".safetensors"):
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-            read, unreadable = load_file, (SafetensorError, OSError)
-        else:
-            read = lambda f: torch.load(f, map_location="cpu", weights_only=True)  # noqa: E731
-            unreadable = (OSError, RuntimeError, pickle.UnpicklingError, EOFError)
-        try:
-            state.update(read(file))
-        except unreadable as exc:
-            raise ValueError(f"path_or_state_dict: {file} is not a readable checkpoint ({exc})") from exc
+        part = _read_file(file)
+        repeated = sorted(set(part) & set(state))
+        if repeated:
+            raise ValueError(f"path_or_state_dict: {file} repeats keys of the files before it: {repeated[:5]}")
+        state.update(part)
     return state, config
 
 
 def config_from_state(state: dict, config: dict, heads: int | None):
     """DiTConfig inferred from weight shapes; heads from `heads`, config.json, or dim // 128 (Wan2.1)."""
     from xjfast.models.dit import DiTConfig
+    from xjfast.ops.temporal_attention import HEAD_DIMS
+    missing = [k for k in STRUCTURE_KEYS if k not in state]
+    blocks = [int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))]
+    if missing or not blocks:
+        raise ValueError(f"path_or_state_dict: the checkpoint does not match CausalDiT: missing keys "
+                         f"{missing or ['blocks.*']}")
     patch = state["patch_embedding.weight"]
     dim = patch.shape[0]
-    heads = heads or config.get("num_heads") or config.get("num_attention_heads") or dim // 128
-    layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    if heads is None:
+        heads = config.get("num_heads") or config.get("num_attention_heads") or dim // 128
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or dim % heads \
+            or dim // heads not in HEAD_DIMS:
+        raise ValueError(f"heads: expected a head count that splits dim {dim} into heads of {HEAD_DIMS} channels, "
+                         f"got {heads!r}")
     return DiTConfig(in_channels=patch.shape[1], dim=dim, ffn_dim=state["blocks.0.ffn.0.weight"].shape[0],
-                     heads=heads, layers=layers, text_dim=state["text_embedding.0.weight"].shape[1],
+                     heads=heads, layers=1 + max(blocks), text_dim=state["text_embedding.0.weight"].shape[1],
                      freq_dim=state["time_embedding.0.weight"].shape[1], patch_size=tuple(patch.shape[2:]),
                      eps=config.get("eps", 1e-6))
