@@ -32,6 +32,9 @@ def _generate(args) -> int:
         print(f"xjfast generate: --device: expected a torch device (cpu, cuda, cuda:1), got {args.device!r}",
               file=sys.stderr)
         return 2
+    if device.type not in ("cpu", "cuda"):
+        print(f"xjfast generate: --device: expected cpu or cuda[:N], got {args.device!r}", file=sys.stderr)
+        return 2
     if device.type == "cuda" and not torch.cuda.is_available():
         print("xjfast generate: --device: no CUDA GPU is usable here (torch.cuda.is_available() is False)",
               file=sys.stderr)
@@ -70,7 +73,7 @@ def _stream(args, device, dtype) -> int:
                                 backend=args.backend, latent_hw=preset.latent_hw, precision=args.precision,
                                 text_encoder=encoder, speculate=args.speculate, drafter=args.drafter,
                                 accept_tol=args.accept_tol)
-    schedule = prompt_schedule(args.prompt)
+    schedule = args.schedule
 
     def conditioning(text):
         if encoder is not None:
@@ -96,7 +99,6 @@ def _stream(args, device, dtype) -> int:
         if frame >= total:
             print(f"xjfast generate: the switch to {text!r} at frame {frame} is past the stream's {total} frames",
                   file=sys.stderr)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with Mp4Writer(args.out, preset.fps) as writer, \
             tqdm(total=total, desc=f"xjfast {args.preset}", unit="frame", disable=args.quiet) as bar:
         while writer.frames < total:
@@ -112,7 +114,7 @@ def _stream(args, device, dtype) -> int:
     s = generator.stats()
     print(f"wrote {args.out}: {writer.frames} frames at {preset.fps} fps "
           f"({s['latent_frames']} latent frames, {writer.size[1]}x{writer.size[0]}) on {device}")
-    print(f"model {s['model_fps']:.1f} fps | end-to-end {s['end_to_end_fps']:.1f} fps (video frames, decode included)"
+    print(f"model {s['model_fps']:.3g} fps | end-to-end {s['end_to_end_fps']:.3g} fps (video frames, decode included)"
           f" | first frame {s['time_to_first_frame_ms']:.1f} ms")
     print(f"interval per latent frame (4 video frames) p50 {s['interval_p50_ms']:.1f} ms, p99 "
           f"{s['interval_p99_ms']:.1f} ms | KV cache {s['cache_bytes'] / 2 ** 20:.2f} MiB | warm-up "
@@ -131,20 +133,21 @@ def _stream(args, device, dtype) -> int:
 
 def prompt_schedule(prompts: list[str]) -> list[tuple[int, str]]:
     """[(video frame, text)] from --prompt values: the first starts the stream (a trailing "@0"
-    allowed), each later "text@N" switches to `text` at video frame N, N increasing."""
+    allowed), each later "text@N" switches to `text` at video frame N, N increasing. A ValueError
+    names the value that is not."""
     schedule = []
     for i, item in enumerate(prompts):
         text, _, frame = item.rpartition("@")
         if not re.fullmatch(r"[0-9]+", frame):
             text, frame = item, None
         if frame is None and i > 0:
-            raise SystemExit(f"xjfast generate: --prompt {item!r}: a later prompt needs a switch frame, as 'text@48'")
+            raise ValueError(f"--prompt {item!r}: a later prompt needs a switch frame, as 'text@48'")
         if not text.strip():
-            raise SystemExit(f"xjfast generate: --prompt {item!r}: expected a non-empty prompt text")
+            raise ValueError(f"--prompt {item!r}: expected a non-empty prompt text")
         at = 0 if frame is None else int(frame)
         if (i == 0 and at != 0) or (i > 0 and at <= schedule[-1][0]):
-            raise SystemExit(f"xjfast generate: --prompt {item!r}: the first prompt starts at frame 0 and each "
-                             f"switch comes after the one before (frames increasing)")
+            raise ValueError(f"--prompt {item!r}: the first prompt starts at frame 0 and each switch comes after "
+                             f"the one before (frames increasing)")
         schedule.append((at, text))
     return schedule
 
@@ -192,7 +195,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the tiny preset, torch's otherwise)")
     g.add_argument("--warmup", type=int, default=2, help="blocks generated and discarded before the stream is timed")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.set_defaults(run=_generate)
+    g.set_defaults(run=_generate, subparser=g)
     # listed here for --help; main() hands its arguments to bench/run.py, which owns its options
     sub.add_parser("bench", help="benchmark the kernels and the stream here against the machine's roofline "
                                  "and the peers installed (xjfast bench --help)")
@@ -208,16 +211,32 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
-    args = parser().parse_args(argv)
-    if getattr(args, "command", None) == "generate" and not args.prompt:
-        args.prompt = ["a paper boat drifting down a rainy street"]
-    if getattr(args, "frames", 1) < 1:
-        parser().error("--frames: expected a positive number of video frames")
-    if getattr(args, "warmup", 0) < 0 or (getattr(args, "threads", None) is not None and args.threads < 1):
-        parser().error("--warmup: expected >= 0; --threads: expected >= 1")
-    if getattr(args, "transition", 0) < 0:
-        parser().error(f"--transition: expected latent frames >= 0, got {args.transition}")
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command == "generate":
+        _check_generate(args, args.subparser)
     return args.run(args)
+
+
+def _check_generate(args, p: argparse.ArgumentParser) -> None:
+    """What `generate` can check before building a model (exit status 2, as argparse's own checks)."""
+    args.prompt = args.prompt or ["a paper boat drifting down a rainy street"]
+    try:
+        args.schedule = prompt_schedule(args.prompt)
+    except ValueError as exc:
+        p.error(str(exc))
+    for name, value, low in (("--frames", args.frames, 1), ("--warmup", args.warmup, 0),
+                             ("--transition", args.transition, 0), ("--weights-seed", args.weights_seed, 0),
+                             ("--threads", 1 if args.threads is None else args.threads, 1)):
+        if value < low:
+            p.error(f"{name}: expected an int >= {low}, got {value}")
+    if not args.out.lower().endswith(".mp4"):
+        p.error(f"--out: expected a path ending in .mp4 (the stream is written as MP4), got {args.out!r}")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--out: cannot create the folder {folder}: {exc.strerror}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ class Mp4Writer:
 
     def __init__(self, path: str, fps: int, crf: int = 18):
         av = require_av()
-        self.container = av.open(str(path), mode="w")
+        self.container = av.open(str(path), mode="w", format="mp4")  # whatever the file's extension
         self.stream = self.container.add_stream("libx264", rate=Fraction(fps))
         self.stream.pix_fmt = "yuv420p"
         self.stream.options = {"crf": str(crf), "preset": "veryfast"}
