@@ -86,7 +86,7 @@ profile:
 # A wheel holding SASS for ARCHS only, into dist/. A clean build/ so that no file left there by
 # an earlier build ends up in the wheel; the in-place install in .venv is left as it is.
 wheel: $(TOOLS_STAMP)
-	rm -rf build
+	rm -rf build dist/xjfast-*.whl
 	XJFAST_CUDA_ARCHS="$(ARCHS)" $(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .
 	@ls -1 dist/*.whl
 

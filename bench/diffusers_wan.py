@@ -43,8 +43,9 @@ def _cast_like_from_pretrained(model, dtype) -> None:
 
 def measure(device: torch.device, log, budget=None) -> dict:
     if importlib.util.find_spec("diffusers") is None:
-        return {"skipped": "diffusers is not installed (bench/fetch_wheels.sh saves wheels for a machine "
-                           "without internet; gpu_check.sh installs them)"}
+        return {"skipped": "diffusers is not installed (pip install 'xjfast[diffusers]'; for a GPU machine "
+                           "without internet, a checkout's bench/fetch_wheels.sh saves the wheels and "
+                           "gpu_check.sh installs them)"}
     import diffusers
 
     from xjfast.integrations import diffusers as xjd

@@ -11,7 +11,9 @@ def write(results: dict, out_dir: str, stem: str) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        results.setdefault("notes", []).append("no plots: matplotlib is not installed")
+        notes = results.setdefault("notes", [])
+        if "no plots: matplotlib is not installed" not in notes:  # written after each section
+            notes.append("no plots: matplotlib is not installed")
         return []
     paths = []
     rows = [r for r in results.get("attention", []) if "TFLOP/s" in r]
