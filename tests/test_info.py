@@ -125,7 +125,7 @@ def test_info_tells_what_auto_picks_and_why(ranked):
 
 def test_disabled_implementations_are_passed_over_and_refused(ranked, monkeypatch):
     """XJFAST_DISABLE (gpu_check.sh: an implementation whose first launch hung or crashed)."""
-    monkeypatch.setenv("XJFAST_DISABLE", "denoise_step:cuda, kv_cache_commit:triton")
+    monkeypatch.setenv("XJFAST_DISABLE", "denoise_step:cuda, kv_cache_commit : triton")
     assert ranked.resolve("denoise_step", "auto", "cuda").backend == "triton"  # ranked first, disabled
     assert ranked.resolve("kv_cache_commit", "auto", "cuda").backend == "cuda"
     with pytest.raises(BackendUnavailable, match="denoise_step:cuda is disabled by XJFAST_DISABLE"):

@@ -174,7 +174,7 @@ def disabled() -> set[tuple[str, str]]:
     them; asking for one raises BackendUnavailable. The reference cannot be disabled."""
     pairs = set()
     for entry in filter(None, (e.strip() for e in os.environ.get("XJFAST_DISABLE", "").split(","))):
-        op, _, backend = entry.partition(":")
+        op, _, backend = (part.strip() for part in entry.partition(":"))
         if op not in _REGISTRY or backend not in BACKENDS[1:]:
             raise ValueError(f"XJFAST_DISABLE: expected op:backend pairs with an op among {registered_ops()} and a "
                              f"backend among {list(BACKENDS[1:])}, got {entry!r}")

@@ -7,6 +7,7 @@ private) and keeps the longest prefix of drafts that the model's own outputs con
 from __future__ import annotations
 
 import collections
+import statistics
 from typing import Callable
 
 import torch
@@ -59,8 +60,8 @@ class DepthController:
         return sum(p ** i for i in range(depth))
 
     def frames_per_second(self, depth: int) -> float | None:
-        times = self.pass_s.get(depth)
-        return self.expected_frames(depth) / (sum(times) / len(times)) if times else None
+        times = self.pass_s.get(depth)  # the median: a pass that compiled or captured a graph is an outlier
+        return self.expected_frames(depth) / statistics.median(times) if times else None
 
     def choose(self) -> int:
         if self.fixed is not None:
