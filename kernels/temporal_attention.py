@@ -392,11 +392,11 @@ def temporal_attention_kernel(
     ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, page_table_ptr, n_pages, n_sinks, cache_T,
     kk_ptr, kv_ptr, kks_ptr, kkm_ptr, kvs_ptr, keep_count, keep_cap,
     pk_ptr, pv_ptr, pks_ptr, pkm_ptr, pvs_ptr, stride_pkb, stride_pkl, stride_pkh, stride_pvb, stride_pvl,
-    stride_pvh, n_units, unit_T, private_ptr, slots_ptr, block_units,
+    stride_pvh, n_units, unit_T, private_ptr, slots_ptr, lags_ptr, block_units,
     B, H, Lq, first_slot, sm_scale_log2, rope_ptr, rope_center,
     D: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CACHE_FP8: tl.constexpr, PASS_FP8: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr,
-    INTERPRET: tl.constexpr, HOPPER: tl.constexpr,
+    INTERPRET: tl.constexpr, HOPPER: tl.constexpr, LAGGED: tl.constexpr,
 ):
     """Program (query tile, batch*head, split): the split reads key units [lo, hi) of the slot order
     (sinks, keep buffer, window, the pass's units), split_units each, and writes its own output
@@ -418,6 +418,10 @@ def temporal_attention_kernel(
     q_slot = first_slot + tl.load(slots_ptr + row_unit, mask=rows, other=0)
     all_rows = offs_m >= 0
     zeros_d = tl.zeros([D], dtype=tl.float32)
+    if LAGGED:  # frame_lags: a row's oldest `lag` window pages are hidden, sinks and keep `lag` slots nearer
+        row_lag = tl.load(lags_ptr + row_unit, mask=rows, other=0)
+    else:
+        row_lag = tl.zeros_like(q_slot)
 
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -426,21 +430,30 @@ def temporal_attention_kernel(
     # cached units in slot order: sink pages, the keep buffer, window pages ([P, B, T, H, D])
     page_stride_t = H * D
     for i in range(lo, tl.minimum(hi, n_sinks)):
-        acc, m_i, l_i = _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, i, page_table_ptr + i, all_rows, offs_d, b, h, B, H,
+        acc, m_i, l_i = _attend_page(acc, m_i, l_i, q_rows, rows, q_slot - row_lag, i, page_table_ptr + i, all_rows,
+                                     offs_d, b, h, B, H,
                                      ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, rope_ptr, rope_center,
                                      D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
     if (keep_count > 0) & (lo <= n_sinks) & (n_sinks < hi):
         row = b * H + h
         base = b.to(tl.int64) * keep_cap * H * D + h * D
         acc, m_i, l_i = _attend_unit(
-            acc, m_i, l_i, q_rows, rows, q_slot - n_sinks, all_rows, offs_d, kk_ptr + base, kv_ptr + base,
+            acc, m_i, l_i, q_rows, rows, q_slot - row_lag - n_sinks, all_rows, offs_d, kk_ptr + base, kv_ptr + base,
             page_stride_t, page_stride_t, keep_count, tl.load(kks_ptr + row), tl.load(kkm_ptr + row * D + offs_d),
             kvs_ptr + row * D, sm_scale_log2, rope_ptr, rope_center, CACHE_FP8, True, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
     for i in range(tl.maximum(n_sinks, lo - has_keep), tl.minimum(n_pages, hi - has_keep)):
-        acc, m_i, l_i = _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, i + has_keep,
-                                     page_table_ptr + i, all_rows, offs_d, b, h, B, H,
-                                     ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, rope_ptr, rope_center,
-                                     D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
+        if LAGGED:
+            seen = row_lag <= i - n_sinks  # window page i - n_sinks: hidden from rows that lag past it
+            if tl.max(seen.to(tl.int32), axis=0) > 0:
+                acc, m_i, l_i = _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, i + has_keep,
+                                             page_table_ptr + i, seen, offs_d, b, h, B, H,
+                                             ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, rope_ptr,
+                                             rope_center, D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
+        else:
+            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, i + has_keep,
+                                         page_table_ptr + i, all_rows, offs_d, b, h, B, H,
+                                         ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, rope_ptr,
+                                         rope_center, D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
 
     # the pass's own units (frames with a cache, mask blocks without)
     row_block = row_unit // block_units
@@ -506,13 +519,13 @@ def attention_combine_kernel(part_ptr, part_lse_ptr, out_ptr, lse_ptr, splits, s
     tl.store(lse_ptr + (b * H + h).to(tl.int64) * Lq + offs_m, m_safe + tl.log(total), mask=rows)
 
 
-@triton.jit(do_not_specialize=["table_index", "slot", "first_slot"])  # per call: see temporal_attention_kernel
+@triton.jit(do_not_specialize=["table_index", "slot", "first_slot", "window_index"])  # see temporal_attention_kernel
 def attention_mass_kernel(
     q_ptr, lse_ptr, stride_qb, stride_ql, stride_qh, ck_ptr, cks_ptr, ckm_ptr, mass_ptr,
-    page_table_ptr, table_index, slot, B, H, Lq, cache_T, first_slot, unit_T, slots_ptr, sm_scale_log2, rope_ptr,
-    rope_center,
+    page_table_ptr, table_index, slot, B, H, Lq, cache_T, first_slot, unit_T, slots_ptr, lags_ptr, window_index,
+    sm_scale_log2, rope_ptr, rope_center,
     D: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CACHE_FP8: tl.constexpr, DT: tl.constexpr, INTERPRET: tl.constexpr,
+    CACHE_FP8: tl.constexpr, DT: tl.constexpr, INTERPRET: tl.constexpr, LAGGED: tl.constexpr,
 ):
     """mass[page, b, t] += sum over queries (and, by atomics, heads) of softmax(q.k_t) for one page,
     page = page_table[table_index]: read on the device, so a captured graph follows the ring. The
@@ -541,6 +554,8 @@ def attention_mass_kernel(
         s = _scores(q_lo, q_hi, k_rows, live, D, CACHE_FP8, DT, INTERPRET, True) * (q_scale * (k_scale * sm_scale_log2))[:, None]
         lse2 = tl.load(lse_ptr + (b * H + h).to(tl.int64) * Lq + offs_m, mask=rows, other=0.0) * 1.4426950408889634
         p = tl.exp2(s + q_mean[:, None] - lse2[:, None])
+        if LAGGED:  # rows that lag past this window page do not see it
+            rows = rows & (tl.load(lags_ptr + offs_m // unit_T, mask=rows, other=0) <= window_index)
         mass += tl.sum(tl.where(rows[:, None], p, 0.0), axis=0)
     tl.atomic_add(mass_ptr + (page * B + b).to(tl.int64) * cache_T + offs_n, mass, mask=live)
 
@@ -593,10 +608,10 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
         q, part, part_lse, q.stride(0), q.stride(1), q.stride(2), *o_strides, B * H * L, split_units,
         *cache, *keep,
         pass_k, pass_v, pass_ks, pass_km, pass_vs, k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), n_units, unit_T, tables.private, slots,
+        v.stride(0), v.stride(1), v.stride(2), n_units, unit_T, tables.private, slots, tables.lags,
         plan.block_tokens // unit_T, B, H, L, first_slot, sm_scale_log2, rope, rope_center,
         D=D, ROPE_DIMS=rope_dims, BLOCK_M=block_m, BLOCK_N=block_n, CACHE_FP8=cache_fp8, PASS_FP8=fp8,
-        CAUSAL=plan.causal, DT=_DTYPES[q.dtype], INTERPRET=interpret,
+        CAUSAL=plan.causal, DT=_DTYPES[q.dtype], INTERPRET=interpret, LAGGED=bool(plan.frame_lags),
         HOPPER=hopper_paths(None if interpret else torch.cuda.get_device_capability(q.device)),
         num_warps=warps, num_stages=stages,
     )
@@ -609,6 +624,7 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
             attention_mass_kernel[(triton.cdiv(view.k_pages.shape[2], block_n), B * H)](
                 q, lse, q.stride(0), q.stride(1), q.stride(2), view.k_pages, view.k_scale, view.k_mean, view.mass,
                 view.page_table, table_index, slot, B, H, L, view.k_pages.shape[2], first_slot, unit_T, slots,
-                sm_scale_log2, rope, rope_center, D=D, ROPE_DIMS=rope_dims, BLOCK_M=Q_TILE, BLOCK_N=block_n,
-                CACHE_FP8=cache_fp8, DT=_DTYPES[q.dtype], INTERPRET=interpret, num_warps=warps, num_stages=stages)
+                tables.lags, table_index - view.num_sinks, sm_scale_log2, rope, rope_center, D=D, ROPE_DIMS=rope_dims,
+                BLOCK_M=Q_TILE, BLOCK_N=block_n, CACHE_FP8=cache_fp8, DT=_DTYPES[q.dtype], INTERPRET=interpret,
+                LAGGED=bool(plan.frame_lags), num_warps=warps, num_stages=stages)
     return out, lse

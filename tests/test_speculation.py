@@ -54,6 +54,17 @@ def test_oracle_drafts_are_always_accepted_and_reproduce_the_stream(tiny, sequen
     assert s["acceptance_rate"] == 1.0 and s["frames_per_pass"] > 1.5
 
 
+@pytest.mark.parametrize("sinks", [0, 1])
+@pytest.mark.parametrize("depth", [2, 4])
+def test_speculation_reproduces_the_stream_while_the_cache_evicts(tiny, sinks, depth):
+    """A window of 3: from the fourth frame on every pass evicts, and a pass's later frames see
+    the cache as the stream would by then (frame_lags), so the stream is the same."""
+    config = CacheConfig(sinks, 3, storage="fp32")
+    sequential = latent_stream(generator(tiny, cache_config=config), 14 + depth)
+    g = generator(tiny, cache_config=config, speculate=depth, drafter=oracle(sequential))
+    assert (latent_stream(g, 14) - sequential[:, :, :14]).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("drafter", ["hold", "extrapolate", "shallow:2"])
 def test_zero_tolerance_reproduces_the_stream_with_any_drafter(tiny, sequential, drafter):
     g = generator(tiny, speculate=3, drafter=drafter, accept_tol=0.0)
@@ -143,6 +154,8 @@ def test_bad_arguments(tiny):
         StreamGenerator(model, decoder, latent_hw=preset.latent_hw, speculate=2, drafter="psychic")
     with pytest.raises(ValueError, match="speculate: drafting needs steps=1"):
         StreamGenerator(model, decoder, latent_hw=preset.latent_hw, speculate=2, steps=2)
+    with pytest.raises(ValueError, match="speculate: a drafted pass's later frames attend with frame_lags"):
+        StreamGenerator(model, decoder, latent_hw=preset.latent_hw, speculate=2, backend="cuda")
     with pytest.raises(ValueError, match="speculate: expected"):
         StreamGenerator(model, decoder, latent_hw=preset.latent_hw, speculate=9)
     with pytest.raises(ValueError, match=f"drafter: shallow:L takes L of the model's {model.cfg.layers} blocks, "

@@ -150,6 +150,32 @@ def test_frame_slots_give_draft_and_noisy_blocks_one_slot():
         temporal_attention(q, k, v, frame_slots=(0, 1, 1, 2))
 
 
+def test_frame_lags_show_each_frame_the_cache_a_later_pass_would_see():
+    """Sink 1 + window 3, full (frames 0, 2, 3, 4 at slots 0-3); a 2-frame pass at slots 4, 5 whose
+    second frame lags by 1: it does not see the oldest window frame (2), and sees the sink at the
+    distance a stream that had committed one more frame would give it."""
+    cache = StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=3, storage="fp32")
+    ks, vs = zip(*[qkv(L=T, H=H, D=D)[1:] for _ in range(5)])
+    stream(cache, ks, vs)
+    q, k, v = qkv(L=2 * T, H=H, D=D)
+    out = temporal_attention(q, k, v, block_tokens=T, kv_cache=cache, layer=0, precision="bf16", frame_lags=(0, 1))
+    dims = cache.rope_dims
+    for f, (cached, positions) in enumerate((((0, 2, 3, 4), (0, 1, 2, 3)), ((0, 3, 4), (1, 2, 3)))):
+        keys = torch.cat([ks[i] for i in cached] + [k[:, :(f + 1) * T]], 1)
+        values = torch.cat([vs[i] for i in cached] + [v[:, :(f + 1) * T]], 1)
+        k_pos = torch.tensor(list(positions) + [4] + [5] * f).repeat_interleave(T)
+        rows = slice(f * T, (f + 1) * T)
+        ref, _ = exact_attention(rotate_complex(q[:, rows], torch.full((T,), 4 + f), dims),
+                                 rotate_complex(keys, k_pos, dims), values)
+        assert (out[:, rows].double() - ref).abs().max() < 2e-5
+    lagged = StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=3, storage="fp32")
+    stream(lagged, ks[:2], vs[:2])  # window not full: a lag may hide no more than it holds
+    with pytest.raises(ValueError, match=r"frame_lags: expected 2 ints in \[0, 1\]"):
+        temporal_attention(q, k, v, kv_cache=lagged, layer=0, frame_lags=(0, 2))
+    with pytest.raises(ValueError, match="frame_lags: needs kv_cache"):
+        temporal_attention(q, k, v, frame_lags=(0, 1))
+
+
 def test_fp8_cache_within_design_bounds():
     cache = StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=3)
     ks, vs = zip(*[qkv(L=T, H=H, D=D)[1:] for _ in range(4)])
@@ -274,7 +300,7 @@ def kv_splits(backend, q, plan, view):
 def plan_of(q, k, v, kv_cache=None, backend="auto", **kwargs):
     plan = _validate(q, k, v, kwargs.get("block_tokens"), kwargs.get("private_blocks"), None, kv_cache,
                      0 if kv_cache is not None else None, kwargs.get("precision", "fp8"), backend,
-                     kwargs.get("frame_slots"))
+                     kwargs.get("frame_slots"), kwargs.get("frame_lags"))
     return plan, kv_cache.view(0) if kv_cache is not None else None
 
 
@@ -314,6 +340,10 @@ CASES = {
     "cache-rotary-past-half": dict(L=64, D=64, cache=dict(frames=3, rope_dims=48), kwargs=dict(block_tokens=32)),
     "speculative-pass": dict(L=128, D=64, cache=dict(frames=3), kwargs=dict(
         block_tokens=32, private_blocks=(False, True, False, True), frame_slots=(0, 1, 1, 2))),
+    # a full cache with a keep buffer: the later frames hide the oldest window page (and its mass)
+    "speculative-pass-lagged": dict(L=128, D=64, cache=dict(frames=5, sink_frames=1, window_frames=2, keep_tokens=8),
+                                    kwargs=dict(block_tokens=32, private_blocks=(False, True, False, True),
+                                                frame_slots=(0, 1, 1, 2), frame_lags=(0, 0, 1, 1))),
 }
 
 

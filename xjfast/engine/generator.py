@@ -65,6 +65,9 @@ class StreamGenerator:
         if speculate not in (0, 1) and (steps != 1 or frames_per_block != 1):
             raise ValueError(f"speculate: drafting needs steps=1 and frames_per_block=1, got steps={steps}, "
                              f"frames_per_block={frames_per_block}")
+        if speculate not in (0, 1) and backend == "cuda":
+            raise ValueError("speculate: a drafted pass's later frames attend with frame_lags, which the CUDA attention "
+                             "does not take: use backend='auto' (the Triton kernel runs those passes) or 'triton'")
         if isinstance(accept_tol, bool) or not isinstance(accept_tol, (int, float)) or not 0 <= accept_tol < math.inf:
             raise ValueError(f"accept_tol: expected a finite relative L2 tolerance >= 0, got {accept_tol!r}")
         check_choice("precision", precision, PRECISIONS)
@@ -312,13 +315,17 @@ class StreamGenerator:
             blocks += [draft, noise[j + 1]]
             slots += [j + 1, j + 2]
         private = [i % 2 == 1 for i in range(len(blocks))]
+        # noisy frame first + j (and draft j - 1) see the cache as the j-th pass from now would:
+        # without the frames evicted by then (sinks and window: what it holds now, plus j)
+        cached, capacity = self.cache.num_frames(0), self.cache.sink_frames + self.cache.window_frames
+        lags = [max(0, cached + i // 2 - capacity) for i in range(len(blocks))]
         sigma = self.sigmas[0]
         t = torch.tensor([[0.0 if i % 2 == 0 else sigma * 1000 for i in range(len(blocks))]], device=self.device)
         stashed = []
         tokens = self.model(torch.cat(blocks, dim=2), t.expand(self.batch, -1), self.prompt_kv, cache=self.cache,
                             commit_frames=1, block_frames=1, private_blocks=private, frame_slots=slots,
                             kv_frames=[2 * (j + 1) for j in range(depth - 1)], kv_out=stashed,
-                            precision=self.precision, backend=self.backend)
+                            precision=self.precision, backend=self.backend, frame_lags=lags)
         T = self.frame_tokens
         outputs = [denoise_step(noise[j], tokens[:, (2 * j + 1) * T:(2 * j + 2) * T], sigma, backend=self.backend)
                    for j in range(depth)]
@@ -345,7 +352,9 @@ class StreamGenerator:
         start = time.perf_counter()
         first = self._next_frame
         switching = self._advance_transition()
-        depth = 1 if switching or self._previous is None else min(self.depth.choose(), max_frames or MAX_DEPTH)
+        # a pass's later frames hide at most the whole window (frame_lags): depth - 1 <= window_frames
+        limit = min(max_frames or MAX_DEPTH, self.cache.window_frames + 1)
+        depth = 1 if switching or self._previous is None else min(self.depth.choose(), limit)
         if depth > 1:
             self._static.note_eager("speculation: a drafted pass")
             x, accepted = self._speculative_pass(first, depth)

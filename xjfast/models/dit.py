@@ -81,7 +81,8 @@ class SelfAttention(nn.Module):
                                  private_blocks=pass_args["private_blocks"], kv_cache=cache,
                                  layer=layer if cache is not None else None, precision=pass_args["precision"],
                                  backend=pass_args["backend"],
-                                 frame_slots=pass_args["frame_slots"] if cache is not None else None)
+                                 frame_slots=pass_args["frame_slots"] if cache is not None else None,
+                                 frame_lags=pass_args["frame_lags"])
         commit = pass_args["commit_tokens"]
         if cache is not None and commit:
             cache.commit(layer, k[:, :commit], v[:, :commit])
@@ -211,13 +212,15 @@ class CausalDiT(nn.Module):
 
     def forward(self, x, timesteps, prompt_kv, *, cache=None, commit_frames=0, block_frames=1,
                 private_blocks=None, precision="fp8", backend="auto", frame_slots=None, kv_frames=None,
-                kv_out=None, layers=None):
+                kv_out=None, layers=None, frame_lags=None):
         """x [B, C, F, H, W] latents of the pass; timesteps [B, F / block_frames] (0..1000) per block.
 
         Returns the head's tokens [B, F/pt * H/ph * W/pw, pt*ph*pw*C] (denoise_step un-patchifies
         them). With `cache`, the first `commit_frames` frames' K/V are committed to it.
         frame_slots: temporal slot of each frame (after the cache's slots; without a cache, its
         rotary position); default 0, 1, 2, ...
+        frame_lags: with `cache`, per frame the oldest window frames it does not see (see
+        temporal_attention): a speculative pass's later frames see the cache as the stream would.
         kv_frames, kv_out: the K/V (spatial rotary only) of these frames are appended to the list
         kv_out, one (k, v) per layer — to commit later (accepted drafts) or to recache.
         layers: run only the first `layers` blocks, then the head (a self-speculative drafter).
@@ -243,6 +246,7 @@ class CausalDiT(nn.Module):
                          block_tokens=block_frames * frame_tokens if blocks > 1 else None,
                          private_blocks=private_blocks if blocks > 1 else None, precision=precision,
                          backend=backend, commit_tokens=commit_frames * frame_tokens, frame_slots=slots,
+                         frame_lags=frame_lags if cache is not None else None,
                          kv_tokens=[(f * frame_tokens, (f + 1) * frame_tokens) for f in (kv_frames or [])],
                          kv_out=kv_out if kv_frames else None)
         for i, block in enumerate(self.blocks[:layers]):

@@ -43,6 +43,7 @@ class AttentionPlan(NamedTuple):
     frame_tokens: int | None     # tokens per temporal slot of the pass (None: no rotary)
     precision: str
     frame_slots: tuple = ()      # slot of each frame of the pass, after the cache's slots
+    frame_lags: tuple = ()       # per frame of the pass: window frames it does not see (empty: none)
 
 
 def block_mask(num_tokens: int, block_tokens: int | None, private_blocks: Sequence[bool] | None = None,
@@ -58,7 +59,8 @@ def block_mask(num_tokens: int, block_tokens: int | None, private_blocks: Sequen
     return visible
 
 
-def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, precision, backend, frame_slots=None):
+def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, precision, backend, frame_slots=None,
+              frame_lags=None):
     check_tensor("q", q, dtypes=DTYPES, ndim=4, unit_last_stride=True, nonempty=True)
     check_tensor("k", k, dtypes=(q.dtype,), ndim=4, device=q.device, unit_last_stride=True)
     check_tensor("v", v, dtypes=(q.dtype,), ndim=4, device=q.device, unit_last_stride=True)
@@ -123,22 +125,40 @@ def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, pre
                              f"of the pass), got {list(slots)}")
     elif kv_cache is not None:
         slots = tuple(range(L // frame_tokens))
+    lags = ()
+    if frame_lags is not None:
+        if kv_cache is None:
+            raise ValueError("frame_lags: needs kv_cache (a lag hides the cache's oldest window frames)")
+        window = kv_cache.num_frames(layer) - kv_cache.view(layer).num_sinks
+        lags = tuple(frame_lags.tolist() if hasattr(frame_lags, "tolist") else frame_lags)
+        if len(lags) != L // frame_tokens or not all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= window for x in lags):
+            raise ValueError(f"frame_lags: expected {L // frame_tokens} ints in [0, {window}] (one per frame of the "
+                             f"pass, at most the window frames cached), got {list(lags)}")
+        lags = lags if any(lags) else ()
     return AttentionPlan(block_tokens or L, private, block_tokens is not None, float(scale), frame_tokens,
-                         precision, slots)
+                         precision, slots, lags)
 
 
 def temporal_attention(q, k, v, *, block_tokens=None, private_blocks=None, scale=None, kv_cache=None,
-                       layer=None, precision="fp8", return_lse=False, backend="auto", frame_slots=None):
+                       layer=None, precision="fp8", return_lse=False, backend="auto", frame_slots=None,
+                       frame_lags=None):
     """Attention of the pass's queries over `kv_cache[layer]` (oldest first) and the pass's own keys.
 
     q, k, v: [B, Lq, H, D], bf16/fp16 (fp32 on the reference), D in {64, 128}. With `kv_cache`,
     q and k carry their spatial rotary but not the temporal one: the op rotates by slot (cached
     frames take slots 0..n-1, frame f of the pass slot n+f, or n+frame_slots[f] when given: a
     speculative pass holds a draft and a noisy block of the same frame, which share a slot).
+    frame_lags[f] = j: frame f's queries see the cache as it will be once j more frames have
+    evicted the oldest: its j oldest window frames are hidden from them, and the sinks and the
+    keep buffer are j slots nearer (the distance a stream that committed those j frames first
+    would give them). A speculative pass's later frames take that view of the cache, so that
+    they attend as the non-speculative stream does.
     Returns out [B, Lq, H, D] in q's dtype, and LSE [B, H, Lq] fp32 (natural log, of the scaled
     scores) if `return_lse`.
     """
-    plan = _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, precision, backend, frame_slots)
+    plan = _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, precision, backend, frame_slots,
+                     frame_lags)
     if kv_cache is None:  # a registered custom op: torch.compile and graph capture see one node
         out, lse = torch.ops.xjfast.temporal_attention(q, k, v, plan.block_tokens, list(plan.private), plan.causal,
                                                        plan.scale, plan.precision, backend)
@@ -167,6 +187,7 @@ def _(q, k, v, block_tokens, private, causal, scale, precision, backend):
 class KernelTables(NamedTuple):
     """Small device tables a fast kernel reads, built once per value (graph-capture safe)."""
     slots: torch.Tensor      # int32 [units]: temporal slot of each unit of the pass, after first_slot
+    lags: torch.Tensor       # int32 [units]: frame_lags (zeros without)
     private: torch.Tensor    # int8 [blocks]
     rope: torch.Tensor | None  # fp32 [2 * rope_center + 1, 2, D / 2] (None: no temporal rotary)
     rope_center: int
@@ -180,13 +201,14 @@ def kernel_tables(plan: AttentionPlan, view, q: torch.Tensor) -> KernelTables:
     unit_tokens = plan.frame_tokens or plan.block_tokens
     n_units = L // unit_tokens
     slots = device_tuple(plan.frame_slots or tuple(range(n_units)), torch.int32, q.device)
+    lags = device_tuple(plan.frame_lags or (0,) * n_units, torch.int32, q.device)
     private = device_tuple(plan.private, torch.int8, q.device)
     if view is None or view.rope_dims == 0:
-        return KernelTables(slots, private, None, 0, 0, 0 if view is None else view.num_slots, unit_tokens)
+        return KernelTables(slots, lags, private, None, 0, 0, 0 if view is None else view.num_slots, unit_tokens)
     # the largest |query slot - unit slot|: every slot of the cache plus the pass's own
     span = view.k_pages.shape[0] + 2 + max(plan.frame_slots, default=0) + n_units
     rope = rope_table(view.rope_dims, view.rope_theta, D, span, q.device)
-    return KernelTables(slots, private, rope, span, view.rope_dims, view.num_slots, unit_tokens)
+    return KernelTables(slots, lags, private, rope, span, view.rope_dims, view.num_slots, unit_tokens)
 
 
 def pass_pages(k: torch.Tensor, v: torch.Tensor, unit_tokens: int, commit) -> tuple:
@@ -213,6 +235,7 @@ class _Unit(NamedTuple):
     keys: slice | None     # this unit's columns in the pass (None for cached units)
     page: int | None       # cache page, for the attention-mass accumulator
     fp8: bool              # Q.K and P.V of this unit run in e4m3
+    window: int | None = None  # its index in the cache's window (None: a sink, the keep buffer or the pass's)
 
 
 def _dequantized(kq, vq, ks, km, vs):
@@ -224,7 +247,8 @@ def _cached_units(view, fp8: bool) -> list[_Unit]:
     are; bf16/fp32 pages are used unquantized (there is no FP8 grid to reuse)."""
     from xjfast.cache import KEEP
     units = []
-    for unit in view.units:
+    first_window = len(view.units) - (view.page_table.numel() - view.num_sinks)
+    for index, unit in enumerate(view.units):
         if unit.page == KEEP:
             stored = (view.keep_k[:, :unit.tokens], view.keep_v[:, :unit.tokens], view.keep_k_scale,
                       view.keep_k_mean, view.keep_v_scale)
@@ -232,7 +256,7 @@ def _cached_units(view, fp8: bool) -> list[_Unit]:
             p = unit.page
             stored = (view.k_pages[p], view.v_pages[p], view.k_scale[p], view.k_mean[p], view.v_scale[p])
         units.append(_Unit(*_dequantized(*stored), unit.position, None, None if unit.page == KEEP else unit.page,
-                           fp8 and view.storage == "fp8"))
+                           fp8 and view.storage == "fp8", index - first_window if index >= first_window else None))
     return units
 
 
@@ -273,20 +297,25 @@ def temporal_attention_reference(q, k, v, plan: AttentionPlan, view, kv_tile: in
     units = (_cached_units(view, plan.precision == "fp8") if view is not None else []) + \
         _pass_units(k, v, plan, first_slot)
     qf = q.float()
-    q_pos = None
+    q_pos = q_lag = None
     if plan.frame_tokens:
-        slots = torch.tensor(plan.frame_slots, device=q.device)
-        q_pos = first_slot + slots[torch.arange(L, device=q.device) // plan.frame_tokens]
+        frame_of = torch.arange(L, device=q.device) // plan.frame_tokens
+        q_pos = first_slot + torch.tensor(plan.frame_slots, device=q.device)[frame_of]
+        q_lag = torch.tensor(plan.frame_lags or (0,) * len(plan.frame_slots), device=q.device)[frame_of]
     rope_dims, theta = (view.rope_dims, view.rope_theta) if view is not None else (0, 0.0)
     visible = block_mask(L, plan.block_tokens, plan.private, q.device) if plan.causal else None
 
     scores = []
     for unit in units:
-        qr = qf if unit.position is None else rotate_leading(qf, q_pos - unit.position, rope_dims, theta)
+        anchored = unit.keys is None and unit.window is None  # a sink or the keep buffer: nearer by the lag
+        delta = None if unit.position is None else q_pos - unit.position - (q_lag if anchored else 0)
+        qr = qf if delta is None else rotate_leading(qf, delta, rope_dims, theta)
         s = torch.einsum("blhd,bnhd->bhln", _quantize_q(qr) if unit.fp8 else qr, unit.k)
         s = (s + torch.einsum("blhd,bhd->bhl", qr, unit.mean)[..., None]) * plan.scale
         if unit.keys is not None and visible is not None:
             s = s.masked_fill(~visible[:, unit.keys], float("-inf"))
+        if unit.window is not None and plan.frame_lags:  # hidden from the rows that lag past it
+            s = s.masked_fill((q_lag > unit.window)[:, None], float("-inf"))
         scores.append(s)
     s = torch.cat(scores, dim=-1)
     row_max = s.amax(dim=-1, keepdim=True)
@@ -341,6 +370,8 @@ def temporal_attention_triton(q, k, v, plan: AttentionPlan, view):
 
 
 def _cuda_supports(q, k, v, plan: AttentionPlan, view) -> str | None:
+    if plan.frame_lags:
+        return "the CUDA kernel takes no frame_lags (backend='triton' does)"
     if plan.precision != "fp8":
         return f"the CUDA kernel implements precision='fp8' (got {plan.precision!r}; backend='triton' runs it)"
     if view is not None and view.storage != "fp8":

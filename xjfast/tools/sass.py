@@ -70,24 +70,30 @@ def stream_specs() -> list[KernelSpec]:
             kk_ptr=page, kv_ptr=page, kks_ptr="*fp32", kkm_ptr="*fp32", kvs_ptr="*fp32", keep_count=0, keep_cap=3,
             pk_ptr=pass_kv, pv_ptr=pass_kv, pks_ptr="*fp32", pkm_ptr="*fp32", pvs_ptr="*fp32",
             stride_pkb=L * H * D, stride_pkl=H * D, stride_pkh=D, stride_pvb=L * H * D, stride_pvl=H * D,
-            stride_pvh=D, n_units=2, unit_T=T, private_ptr="*i8", slots_ptr="*i32", block_units=1, B=B, H=H, Lq=L, first_slot=21,
+            stride_pvh=D, n_units=2, unit_T=T, private_ptr="*i8", slots_ptr="*i32", lags_ptr="*i32", block_units=1,
+            B=B, H=H, Lq=L, first_slot=21,
             sm_scale_log2=0.127, rope_ptr="*fp32", rope_center=27)
         all_fp8 = fp8 and storage == "fp8"
         const = dict(D=D, ROPE_DIMS=rope, CACHE_FP8=all_fp8, PASS_FP8=fp8, CAUSAL=True,
-                     DT=tl.bfloat16, INTERPRET=False)
+                     DT=tl.bfloat16, INTERPRET=False, LAGGED=False)
         name = f"temporal_attention[{precision}{'' if storage == 'fp8' else f',{storage} cache'},D={D}]"
         specs.append(KernelSpec(name, "temporal_attention", "temporal_attention_kernel", args, const,
                                 configs={arch: precision_config(cfg, all_fp8) for arch, cfg in per_arch.items()},
                                 tags=dict(op="temporal_attention", precision=precision, head_dim=D,
                                           storage=storage)))
+    # a speculative pass's (frame_lags: each frame's view of the cache); the Triton kernel runs it
+    fp8_128 = next(spec for spec in specs if spec.name == "temporal_attention[fp8,D=128]")
+    specs.append(dataclasses.replace(fp8_128, name="temporal_attention[fp8,D=128,lagged]",
+                                     constexprs=dict(fp8_128.constexprs, LAGGED=True)))
     specs.append(KernelSpec(
         "attention_mass[fp8,D=128]", "temporal_attention", "attention_mass_kernel",
         dict(q_ptr="*bf16", lse_ptr="*fp32", stride_qb=L * H * 128, stride_ql=H * 128, stride_qh=128,
              ck_ptr="*fp8e4nv", cks_ptr="*fp32", ckm_ptr="*fp32", mass_ptr="*fp32", page_table_ptr="*i32",
              table_index=1, slot=1, B=B, H=H,
-             Lq=L, cache_T=T, first_slot=21, unit_T=T, slots_ptr="*i32", sm_scale_log2=0.127, rope_ptr="*fp32",
-             rope_center=27),
-        dict(D=128, ROPE_DIMS=44, BLOCK_M=Q_TILE, CACHE_FP8=True, DT=tl.bfloat16, INTERPRET=False), configs=per_arch,
+             Lq=L, cache_T=T, first_slot=21, unit_T=T, slots_ptr="*i32", lags_ptr="*i32", window_index=0,
+             sm_scale_log2=0.127, rope_ptr="*fp32", rope_center=27),
+        dict(D=128, ROPE_DIMS=44, BLOCK_M=Q_TILE, CACHE_FP8=True, DT=tl.bfloat16, INTERPRET=False, LAGGED=False),
+        configs=per_arch,
         tags=dict(op="temporal_attention")))
     specs.append(KernelSpec(  # the merge of three key-unit splits
         "attention_combine[D=128]", "temporal_attention", "attention_combine_kernel",
