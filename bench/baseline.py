@@ -32,7 +32,10 @@ def cached_keys_values(view, dtype):
 
 
 def sdpa_temporal_attention(q, k, v, *, block_tokens=None, private_blocks=None, scale=None, kv_cache=None,
-                            layer=None, precision="bf16", return_lse=False, backend="auto", frame_slots=None):
+                            layer=None, precision="bf16", return_lse=False, backend="auto", frame_slots=None,
+                            frame_lags=None):
+    if frame_lags is not None and any(frame_lags):
+        raise ValueError("frame_lags: the baseline engine runs no drafted passes")
     B, L, H, D = q.shape
     keys, values = [], []
     if kv_cache is not None:
