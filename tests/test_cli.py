@@ -57,22 +57,44 @@ def test_info_runs_as_a_command():
     (["--frames", "0"], "--frames: expected an int >= 1, got 0"),
     (["--warmup", "-1"], "--warmup: expected an int >= 0, got -1"),
     (["--weights-seed", "-1"], "--weights-seed: expected an int >= 0, got -1"),
-    (["--out", "stream"], "--out: expected a path ending in .mp4"),
+    (["--out", "stream"], "--out: expected the path of an .mp4 file"),
     (["--prompt", "a", "--prompt", "b"], "--prompt 'b': a later prompt needs a switch frame"),
     (["--speculate", "foo"], "invalid depth or 'auto' value: 'foo'"),
+    (["--speculate", "9"], "--speculate: expected 'auto' or a depth in [0, 4], got 9"),
+    (["--seed", "-1"], "--seed: expected an int >= 0, got -1"),
+    (["--steps", "9"], "--steps: expected 1 to 4 denoising steps, got 9"),
+    (["--window", "0"], "--window: expected an int >= 1, got 0"),
+    (["--keep-tokens", "-5"], "--keep-tokens: expected an int >= 0, got -5"),
+    (["--accept-tol", "nan"], "--accept-tol: expected a finite relative L2 tolerance >= 0, got nan"),
+    (["--drafter", "psychic"], "--drafter: expected 'hold', 'extrapolate', 'shallow:L'"),
+    (["--speculate", "2", "--steps", "2"], "--speculate: drafting needs --steps 1"),
+    (["--speculate", "2", "--backend", "cuda"], "--speculate: drafting needs --steps 1"),
 ])
-def test_bad_arguments_exit_before_any_model_is_built(capsys, args, message):
-    """argparse's exit status 2 and the generate command's usage, naming the option."""
+def test_bad_arguments_exit_before_any_model_is_built(capsys, monkeypatch, tmp_path, args, message):
+    """argparse's exit status 2 and the generate command's usage, naming the option; no model built."""
+    from xjfast.models import presets
+
+    def build(*_, **__):
+        raise AssertionError("a model was built before the arguments were checked")
+
+    monkeypatch.setattr(presets, "build", build)
+    if "--out" not in args:
+        args = args + ["--out", str(tmp_path / "x.mp4")]
     with pytest.raises(SystemExit) as exit_:
         main(["generate"] + args)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and "usage: xjfast generate" in err
 
 
+def test_an_out_path_that_is_a_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "clip.mp4").mkdir()
+    with pytest.raises(SystemExit):
+        main(["generate", "--out", str(tmp_path / "clip.mp4")])
+    assert "--out: expected the path of an .mp4 file" in capsys.readouterr().err
+
+
 @needs_av
 @pytest.mark.parametrize("args, message", [
-    (["--steps", "0"], "steps: expected an int in [1, 4], got 0"),
-    (["--window", "0"], "window_frames: expected an int >= 1, got 0"),
     (["--weights", "/nonexistent/model.safetensors"], "path_or_state_dict: /nonexistent/model.safetensors does not exist"),
 ])
 def test_invalid_settings_exit_with_the_library_message(tmp_path, capsys, args, message):

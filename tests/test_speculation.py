@@ -132,6 +132,17 @@ def test_a_callable_drafter_returning_other_things_is_named(tiny):
             g.step()
 
 
+@pytest.mark.parametrize("speculate", ["auto", 4])
+def test_depth_stays_within_what_the_window_can_lag(tiny, speculate):
+    """depth - 1 <= window_frames: auto measures and picks among those depths only (it never waits
+    for a depth it cannot run), and a deeper fixed depth runs as the deepest."""
+    g = generator(tiny, cache_config=CacheConfig(1, 1, storage="fp32"), speculate=speculate, drafter="hold")
+    for _ in range(8):
+        g.step()
+    assert g.depth.max_depth == 2 and set(g.depth.pass_s) <= {1, 2}
+    assert g.stats()["speculation"]["depth"] <= 2 and 2 in g.depth.pass_s
+
+
 def test_step_caps_a_speculative_pass(tiny, sequential):
     g = generator(tiny, speculate=4, drafter=oracle(sequential))
     g.step()

@@ -143,6 +143,10 @@ def test_frame_slots_give_draft_and_noisy_blocks_one_slot():
     assert torch.equal(out, temporal_attention(q, k, v, block_tokens=T, private_blocks=torch.tensor(private),
                                                kv_cache=cache, layer=0, precision="bf16",
                                                frame_slots=torch.tensor(slots)))
+    import numpy as np
+    for same in (list(np.array(slots)), list(torch.tensor(slots)), np.array(slots)):  # numpy / 0-d tensor ints
+        assert torch.equal(out, temporal_attention(q, k, v, block_tokens=T, private_blocks=list(np.array(private)),
+                                                   kv_cache=cache, layer=0, precision="bf16", frame_slots=same))
     for bad in ((0, 1), (0, 1, 1.9, 2), (0, 1, 1, True), (0, 1, 1, 1 << 16), ("a", "b", "c", "d")):
         with pytest.raises(ValueError, match=r"frame_slots: expected 4 ints in \[0, 65536\)"):
             temporal_attention(q, k, v, kv_cache=cache, layer=0, frame_slots=bad)

@@ -28,7 +28,7 @@ def test_wan_layout_round_trips_through_sharded_safetensors(tmp_path):
     keys = sorted(state)
     save_file({k: state[k] for k in keys[: len(keys) // 2]}, tmp_path / "model-00001-of-00002.safetensors")
     save_file({k: state[k] for k in keys[len(keys) // 2:]}, tmp_path / "model-00002-of-00002.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({"num_heads": 2}))
+    (tmp_path / "config.json").write_text(json.dumps({"num_heads": 2, "dim": 128, "num_layers": 2}))
     loaded = CausalDiT.from_pretrained(tmp_path)
     assert loaded.cfg == model.cfg
     assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in keys)
@@ -123,6 +123,20 @@ def test_a_checkpoint_with_modules_kept_in_fp32_loads_in_one_dtype():
     x, t = torch.randn(1, 4, 1, 16, 16, dtype=torch.bfloat16), torch.tensor([[500.0]])
     kv = loaded.prompt_kv(torch.randn(1, 7, loaded.cfg.text_dim, dtype=torch.bfloat16))
     assert loaded(x, t, kv, precision="bf16", backend="reference").isfinite().all()
+
+
+@pytest.mark.parametrize("config", [{"num_heads": 64}, ["not", "a", "dict"], "{not json"])
+def test_a_config_beside_the_weights_that_is_not_the_models_is_ignored_or_named(tmp_path, config):
+    """Only a Wan transformer's config.json gives the head count; a folder may hold others' (T5's)."""
+    model, state = tiny_state()
+    save_file(state, tmp_path / "dit.safetensors")
+    (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    if isinstance(config, str):
+        with pytest.raises(ValueError, match="config.json is not readable JSON"):
+            CausalDiT.from_pretrained(tmp_path / "dit.safetensors", heads=2)
+        return
+    assert CausalDiT.from_pretrained(tmp_path / "dit.safetensors", heads=2).cfg == model.cfg
+    assert CausalDiT.from_pretrained(tmp_path / "dit.safetensors").cfg.heads == 1  # dim // 128, not 64
 
 
 def test_a_text_file_named_pt_is_not_a_checkpoint(tmp_path):

@@ -225,13 +225,29 @@ def _check_generate(args, p: argparse.ArgumentParser) -> None:
         args.schedule = prompt_schedule(args.prompt)
     except ValueError as exc:
         p.error(str(exc))
+    from xjfast.engine.speculation import MAX_DEPTH, parse_drafter
     for name, value, low in (("--frames", args.frames, 1), ("--warmup", args.warmup, 0),
                              ("--transition", args.transition, 0), ("--weights-seed", args.weights_seed, 0),
-                             ("--threads", 1 if args.threads is None else args.threads, 1)):
+                             ("--threads", 1 if args.threads is None else args.threads, 1), ("--seed", args.seed, 0),
+                             ("--frames-per-block", args.frames_per_block, 1), ("--window", args.window, 1),
+                             ("--sink", args.sink, 0), ("--keep-tokens", args.keep_tokens, 0)):
         if value < low:
             p.error(f"{name}: expected an int >= {low}, got {value}")
-    if not args.out.lower().endswith(".mp4"):
-        p.error(f"--out: expected a path ending in .mp4 (the stream is written as MP4), got {args.out!r}")
+    if not 1 <= args.steps <= 4:
+        p.error(f"--steps: expected 1 to 4 denoising steps, got {args.steps}")
+    if args.speculate != "auto" and not 0 <= args.speculate <= MAX_DEPTH:
+        p.error(f"--speculate: expected 'auto' or a depth in [0, {MAX_DEPTH}], got {args.speculate}")
+    if not 0 <= args.accept_tol < math.inf:
+        p.error(f"--accept-tol: expected a finite relative L2 tolerance >= 0, got {args.accept_tol}")
+    try:
+        parse_drafter(args.drafter)
+    except ValueError as exc:
+        p.error(f"--{exc}")
+    if args.speculate not in (0, 1) and (args.steps != 1 or args.frames_per_block != 1 or args.backend == "cuda"):
+        p.error("--speculate: drafting needs --steps 1, --frames-per-block 1 and a backend other than cuda "
+                "(auto runs drafted passes on the Triton kernel)")
+    if not args.out.lower().endswith(".mp4") or os.path.isdir(args.out):
+        p.error(f"--out: expected the path of an .mp4 file (the stream is written as MP4), got {args.out!r}")
     folder = os.path.dirname(os.path.abspath(args.out))
     try:
         os.makedirs(folder, exist_ok=True)

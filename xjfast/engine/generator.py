@@ -120,8 +120,10 @@ class StreamGenerator:
         self._switching = []             # per pass: was it a prompt-transition frame
         self._transition = None          # (old embeds, new embeds, frames, frames done)
         self.conditioning_weights = []   # weight of the newest prompt, per block generated
-        fixed = None if self.speculate == "auto" else max(1, self.speculate)
-        self.depth = DepthController(fixed)
+        # a pass's later frames hide at most the whole window (frame_lags): depth - 1 <= window_frames
+        deepest = min(MAX_DEPTH, self.cache.window_frames + 1)
+        fixed = None if self.speculate == "auto" else min(max(1, self.speculate), deepest)
+        self.depth = DepthController(fixed, max_depth=deepest)
         self._static.reset()
 
     # ---- prompts ---------------------------------------------------------------------------
@@ -352,9 +354,7 @@ class StreamGenerator:
         start = time.perf_counter()
         first = self._next_frame
         switching = self._advance_transition()
-        # a pass's later frames hide at most the whole window (frame_lags): depth - 1 <= window_frames
-        limit = min(max_frames or MAX_DEPTH, self.cache.window_frames + 1)
-        depth = 1 if switching or self._previous is None else min(self.depth.choose(), limit)
+        depth = 1 if switching or self._previous is None else min(self.depth.choose(), max_frames or MAX_DEPTH)
         if depth > 1:
             self._static.note_eager("speculation: a drafted pass")
             x, accepted = self._speculative_pass(first, depth)
@@ -408,7 +408,7 @@ class StreamGenerator:
             "block_model_ms": [1e3 * s for s in self._model_s],
             "cache_bytes": self.cache.memory_bytes(),
             "speculation": {
-                "depth": self.depth.best() if self.speculate == "auto" else max(1, self.speculate),
+                "depth": self.depth.best() if self.depth.fixed is None else self.depth.fixed,
                 "acceptance_rate": self.depth.acceptance(),
                 "frames_per_pass": latent_frames / len(self._frames) if self._frames else float("nan"),
                 "speedup_over_no_speculation": self.depth.speedup(),

@@ -105,6 +105,25 @@ def _read_file(file: str) -> dict:
     return state
 
 
+MODEL_CLASSES = ("WanModel", "WanTransformer3DModel")
+
+
+def _model_config(path: str) -> dict:
+    """The config.json at `path` when it describes a Wan2.1 / diffusers Wan transformer (its class,
+    or Wan2.1's `dim` and `num_layers`), else {}: a folder may hold other models' configs."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"path_or_state_dict: {path} is not readable JSON ({exc})") from exc
+    if isinstance(config, dict) and (config.get("_class_name") in MODEL_CLASSES
+                                     or {"dim", "num_layers"} <= set(config)):
+        return config
+    return {}
+
+
 def read_state(path_or_state) -> tuple[dict, dict]:
     """(state dict, config.json contents or {}) from a dict, a .safetensors/.pt file, a
     safetensors index json, or a folder (its config.json, or the one beside a file)."""
@@ -114,11 +133,7 @@ def read_state(path_or_state) -> tuple[dict, dict]:
         raise TypeError(f"path_or_state_dict: expected a path or a state dict, got {type(path_or_state).__name__}")
     path = os.fspath(path_or_state)
     files = _checkpoint_files(path)
-    config_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
-    config = {}
-    if os.path.isfile(config_path):
-        with open(config_path) as f:
-            config = json.load(f)
+    config = _model_config(os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json"))
     state = {}
     for file in files:
         part = _read_file(file)

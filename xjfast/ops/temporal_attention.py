@@ -59,6 +59,26 @@ def block_mask(num_tokens: int, block_tokens: int | None, private_blocks: Sequen
     return visible
 
 
+def _scalars(values) -> list | None:
+    """The elements of a sequence, tensor or array as Python scalars (numpy and 0-d tensor
+    elements included), or None when `values` is no such sequence."""
+    if isinstance(values, (str, bytes)):
+        return None
+    try:
+        items = list(values.tolist() if hasattr(values, "tolist") else values)
+    except TypeError:
+        return None
+    return [x.tolist() if hasattr(x, "tolist") else x for x in items]
+
+
+def _ints(values, low: int, high: int) -> tuple | None:
+    """The integers (bools excluded) of `values`, each in [low, high], or None."""
+    items = _scalars(values)
+    if items is None or not all(isinstance(x, int) and not isinstance(x, bool) and low <= x <= high for x in items):
+        return None
+    return tuple(items)
+
+
 def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, precision, backend, frame_slots=None,
               frame_lags=None):
     check_tensor("q", q, dtypes=DTYPES, ndim=4, unit_last_stride=True, nonempty=True)
@@ -87,8 +107,8 @@ def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, pre
     else:
         if block_tokens is None:
             raise ValueError("private_blocks: needs block_tokens (private blocks are blocks of the mask)")
-        flags = private_blocks.tolist() if hasattr(private_blocks, "tolist") else private_blocks  # tensor, array
-        if isinstance(flags, (str, bytes)) or not all(isinstance(p, (bool, int)) and p in (0, 1) for p in flags):
+        flags = _scalars(private_blocks)
+        if flags is None or not all(isinstance(p, (bool, int)) and p in (0, 1) for p in flags):
             raise ValueError(f"private_blocks: expected a sequence of bools (one per block), got {private_blocks!r}")
         private = tuple(bool(p) for p in flags)
         if len(private) != blocks:
@@ -118,11 +138,10 @@ def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, pre
     if frame_slots is not None:
         if kv_cache is None:
             raise ValueError("frame_slots: needs kv_cache (temporal positions are cache slots)")
-        slots = tuple(frame_slots.tolist() if hasattr(frame_slots, "tolist") else frame_slots)
-        if len(slots) != L // frame_tokens or not all(
-                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < MAX_FRAME_SLOT for x in slots):
+        slots = _ints(frame_slots, 0, MAX_FRAME_SLOT - 1)
+        if slots is None or len(slots) != L // frame_tokens:
             raise ValueError(f"frame_slots: expected {L // frame_tokens} ints in [0, {MAX_FRAME_SLOT}) (one per frame "
-                             f"of the pass), got {list(slots)}")
+                             f"of the pass), got {_scalars(frame_slots) or frame_slots!r}")
     elif kv_cache is not None:
         slots = tuple(range(L // frame_tokens))
     lags = ()
@@ -130,11 +149,10 @@ def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, pre
         if kv_cache is None:
             raise ValueError("frame_lags: needs kv_cache (a lag hides the cache's oldest window frames)")
         window = kv_cache.num_frames(layer) - kv_cache.view(layer).num_sinks
-        lags = tuple(frame_lags.tolist() if hasattr(frame_lags, "tolist") else frame_lags)
-        if len(lags) != L // frame_tokens or not all(
-                isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= window for x in lags):
+        lags = _ints(frame_lags, 0, window)
+        if lags is None or len(lags) != L // frame_tokens:
             raise ValueError(f"frame_lags: expected {L // frame_tokens} ints in [0, {window}] (one per frame of the "
-                             f"pass, at most the window frames cached), got {list(lags)}")
+                             f"pass, at most the window frames cached), got {_scalars(frame_lags) or frame_lags!r}")
         lags = lags if any(lags) else ()
     return AttentionPlan(block_tokens or L, private, block_tokens is not None, float(scale), frame_tokens,
                          precision, slots, lags)
