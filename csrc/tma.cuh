@@ -44,8 +44,12 @@ __device__ __forceinline__ uint64_t global_time_ns() {
   return t;
 }
 // Far above any real wait (a tile's TMA takes microseconds, and compute-sanitizer slows a launch
-// by 100x at most), and far below the minutes a hung launch would otherwise hold the GPU.
-constexpr uint64_t kMbarrierTimeoutNs = 5'000'000'000ull;
+// by 100x at most), and far below the minutes a hung launch would otherwise hold the GPU. A
+// debugger that stops the GPU for longer wants -DXJ_MBARRIER_TIMEOUT_NS=0 (no timeout).
+#ifndef XJ_MBARRIER_TIMEOUT_NS
+#define XJ_MBARRIER_TIMEOUT_NS 5000000000ll
+#endif
+constexpr int64_t kMbarrierTimeoutNs = XJ_MBARRIER_TIMEOUT_NS;
 // Waits until the phase of parity `parity` has completed. A phase that never completes (an
 // arrival miscounted, a TMA that faulted) traps after kMbarrierTimeoutNs instead of hanging: the
 // host then sees the launch fail ("unspecified launch failure") and the process can report it.
@@ -53,7 +57,8 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   if (mbarrier_try_wait(bar, parity)) return;  // the common case reads no clock
   const uint64_t start = global_time_ns();
   while (!mbarrier_try_wait(bar, parity)) {
-    if (global_time_ns() - start > kMbarrierTimeoutNs) __trap();
+    // signed: a timer the driver steps back reads as no time passed, not as 2^64 ns
+    if (kMbarrierTimeoutNs > 0 && static_cast<int64_t>(global_time_ns() - start) > kMbarrierTimeoutNs) __trap();
   }
 }
 

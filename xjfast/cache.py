@@ -215,13 +215,13 @@ class StreamingKVCache:
         is known to take the call) the evicted pages merged into the keep buffer and the frames
         written. The compaction kernel of a backend takes whatever cache storage its commit kernel
         takes (the same head_dim rule; the storage is the cache's own)."""
-        saved = self._bookkeeping()
+        saved = self._layer_books(layer)  # this layer's only: a copy of every layer's costs ms per pass
         try:
             pages, evicted = self._assign_pages(layer, k.shape[1] // self.frame_tokens)
             ids = torch.tensor(pages, dtype=torch.int32, device=self.device)
             resolve("kv_cache_commit", self.backend, self.device, self._commit_args(layer, k, v, ids))
         except Exception:
-            self._restore_bookkeeping(saved)
+            self._set_layer_books(layer, saved)
             raise
         for page in evicted if self.keep_tokens else ():
             self._compact(layer, page)
@@ -333,6 +333,16 @@ class StreamingKVCache:
         device without Python (a replayed graph), so cached_frames(), frames_seen and view() stay true."""
         for layer in range(self.num_layers):
             self._assign_pages(layer, frames, ring=True)
+
+    _BOOKS = ("_sinks", "_window", "_head", "_keep_count", "_frames_seen", "_lookahead")
+
+    def _layer_books(self, layer: int) -> tuple:
+        return tuple(getattr(self, name)[layer] for name in self._BOOKS) + (list(self._frame_of_page[layer]),)
+
+    def _set_layer_books(self, layer: int, saved: tuple) -> None:
+        for name, value in zip(self._BOOKS, saved):
+            getattr(self, name)[layer] = value
+        self._frame_of_page[layer] = saved[-1]
 
     def _bookkeeping(self) -> tuple:
         return copy.deepcopy((self._sinks, self._window, self._head, self._keep_count, self._frames_seen,

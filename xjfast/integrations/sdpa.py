@@ -21,7 +21,8 @@ How a call is decided, in two stages:
 Counting: fallback_counts() by reason, accelerated_counts() by backend. Decisions made while
 torch.compile traces are not counted (nor warned about): in a compiled model the static
 fallbacks are not counted; the op's own decisions (the GPU ones, and every accelerated call) are,
-each time the compiled code runs. Warnings point at the first caller outside xjfast, torch,
+each time the compiled code runs (a replayed CUDA graph, as torch.compile's "reduce-overhead"
+mode makes, runs no Python: its calls are not counted). Warnings point at the first caller outside xjfast, torch,
 diffusers and accelerate: the line that called xjfast.sdpa or torch's SDPA, or under diffusers the
 line that called the model.
 
