@@ -70,17 +70,13 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
 
 
 def _device(p: argparse.ArgumentParser, wanted: str | None) -> torch.device:
+    from xjfast.cli import device_option
     if not wanted:
         return bench_device()
     try:
-        device = torch.device(wanted)
-    except RuntimeError:
-        p.error(f"--device: expected a torch device (cpu, cuda, cuda:1), got {wanted!r}")
-    if device.type not in ("cpu", "cuda"):
-        p.error(f"--device: expected cpu or cuda, got {wanted!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device: no CUDA GPU is usable here (torch.cuda.is_available() is False)")
-    return device
+        return device_option(wanted)
+    except ValueError as exc:
+        p.error(str(exc))
 
 
 def _shape(p: argparse.ArgumentParser, args, gpu: bool) -> dict | None:

@@ -442,18 +442,13 @@ def temporal_attention_kernel(
             page_stride_t, page_stride_t, keep_count, tl.load(kks_ptr + row), tl.load(kkm_ptr + row * D + offs_d),
             kvs_ptr + row * D, sm_scale_log2, rope_ptr, rope_center, CACHE_FP8, True, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
     for i in range(tl.maximum(n_sinks, lo - has_keep), tl.minimum(n_pages, hi - has_keep)):
-        if LAGGED:
-            seen = row_lag <= i - n_sinks  # window page i - n_sinks: hidden from rows that lag past it
-            if tl.max(seen.to(tl.int32), axis=0) > 0:
-                acc, m_i, l_i = _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, i + has_keep,
-                                             page_table_ptr + i, seen, offs_d, b, h, B, H,
-                                             ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, rope_ptr,
-                                             rope_center, D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
-        else:
-            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, i + has_keep,
-                                         page_table_ptr + i, all_rows, offs_d, b, h, B, H,
-                                         ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, rope_ptr,
-                                         rope_center, D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
+        seen = all_rows
+        if LAGGED:  # window page i - n_sinks: hidden from rows that lag past it (a -inf bias, as masks)
+            seen = row_lag <= i - n_sinks
+        acc, m_i, l_i = _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, i + has_keep,
+                                     page_table_ptr + i, seen, offs_d, b, h, B, H,
+                                     ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, rope_ptr,
+                                     rope_center, D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
 
     # the pass's own units (frames with a cache, mask blocks without)
     row_block = row_unit // block_units

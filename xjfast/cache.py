@@ -211,21 +211,15 @@ class StreamingKVCache:
         self._lookahead[layer] = n
 
     def _commit_chunk(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """A host commit of at most window_frames frames: bookkeeping, then (once the commit kernel
-        is known to take the call) the evicted pages merged into the keep buffer and the frames
-        written. The compaction kernel of a backend takes whatever cache storage its commit kernel
-        takes (the same head_dim rule; the storage is the cache's own)."""
-        saved = self._layer_books(layer)  # this layer's only: a copy of every layer's costs ms per pass
-        try:
-            pages, evicted = self._assign_pages(layer, k.shape[1] // self.frame_tokens)
-            ids = torch.tensor(pages, dtype=torch.int32, device=self.device)
-            resolve("kv_cache_commit", self.backend, self.device, self._commit_args(layer, k, v, ids))
-        except Exception:
-            self._set_layer_books(layer, saved)
-            raise
+        """A host commit of at most window_frames frames. The commit kernel is resolved first (its
+        supports hooks read the tensors, not the page ids), so one that cannot run raises before
+        anything moves; the compaction kernel of a backend takes whatever cache storage its commit
+        kernel takes (the same head_dim rule; the storage is the cache's own)."""
+        write = resolve("kv_cache_commit", self.backend, self.device, self._commit_args(layer, k, v, None))
+        pages, evicted = self._assign_pages(layer, k.shape[1] // self.frame_tokens)
         for page in evicted if self.keep_tokens else ():
             self._compact(layer, page)
-        self._write_pages(layer, ids, k, v)
+        self._write_pages(layer, pages, k, v, write)
         self._update_page_table(layer)
         self._ring_synced = False
 
@@ -334,33 +328,17 @@ class StreamingKVCache:
         for layer in range(self.num_layers):
             self._assign_pages(layer, frames, ring=True)
 
-    _BOOKS = ("_sinks", "_window", "_head", "_keep_count", "_frames_seen", "_lookahead")
-
-    def _layer_books(self, layer: int) -> tuple:
-        return tuple(getattr(self, name)[layer] for name in self._BOOKS) + (list(self._frame_of_page[layer]),)
-
-    def _set_layer_books(self, layer: int, saved: tuple) -> None:
-        for name, value in zip(self._BOOKS, saved):
-            getattr(self, name)[layer] = value
-        self._frame_of_page[layer] = saved[-1]
-
-    def _bookkeeping(self) -> tuple:
-        return copy.deepcopy((self._sinks, self._window, self._head, self._keep_count, self._frames_seen,
-                              self._lookahead, self._frame_of_page))
-
-    def _restore_bookkeeping(self, saved: tuple) -> None:
-        (self._sinks, self._window, self._head, self._keep_count, self._frames_seen, self._lookahead,
-         self._frame_of_page) = saved
-
     @contextlib.contextmanager
     def frozen_mirror(self):
         """The host bookkeeping as it was on entry, again on exit: a CUDA graph capture runs the
         Python of its commits, but none of their device work."""
-        saved = self._bookkeeping()
+        saved = copy.deepcopy((self._sinks, self._window, self._head, self._keep_count, self._frames_seen,
+                               self._lookahead, self._frame_of_page))
         try:
             yield
         finally:
-            self._restore_bookkeeping(saved)
+            (self._sinks, self._window, self._head, self._keep_count, self._frames_seen, self._lookahead,
+             self._frame_of_page) = saved
 
     def recache(self, frames: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Overwrite the cached frames in place with re-encoded K/V (e.g. under a new prompt).
@@ -379,18 +357,20 @@ class StreamingKVCache:
             if pages:
                 self._check_frames(f"frames[{layer}][0]", k, len(pages))
                 self._check_frames(f"frames[{layer}][1]", v, len(pages), dtype=k.dtype)
-                ids = torch.tensor(pages, dtype=torch.int32, device=self.device)
-                resolve("kv_cache_commit", self.backend, self.device, self._commit_args(layer, k, v, ids))
-                writes.append((layer, ids, k, v))
+                write = resolve("kv_cache_commit", self.backend, self.device, self._commit_args(layer, k, v, None))
+                writes.append((layer, pages, k, v, write))
         for write in writes:
             self._write_pages(*write)
 
-    def _commit_args(self, layer: int, k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor) -> tuple:
+    def _commit_args(self, layer: int, k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor | None) -> tuple:
         return (k, v, self.k_pages[layer], self.v_pages[layer], self.k_scale[layer], self.k_mean[layer],
                 self.v_scale[layer], ids)
 
-    def _write_pages(self, layer: int, ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        kv_cache_commit(*self._commit_args(layer, k, v, ids), backend=self.backend)
+    def _write_pages(self, layer: int, pages: list[int], k: torch.Tensor, v: torch.Tensor, write) -> None:
+        """Frame i of k/v into page pages[i], by the kv_cache_commit implementation `write` resolved
+        for these arguments (checked by _check_frames; the storage is the cache's own)."""
+        ids = torch.tensor(pages, dtype=torch.int32, device=self.device)
+        write.fn(*self._commit_args(layer, k, v, ids))
         if self.mass is not None:
             self.mass[layer, ids.long()] = 0.0
 

@@ -15,6 +15,21 @@ def _info(args) -> int:
     return 0
 
 
+def device_option(value: str):
+    """The --device of `generate` and `bench`: the CPU or a CUDA GPU torch can use; a ValueError
+    names the option otherwise."""
+    import torch
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise ValueError(f"--device: expected a torch device (cpu, cuda, cuda:1), got {value!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu or cuda[:N], got {value!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: no CUDA GPU is usable here (torch.cuda.is_available() is False)")
+    return device
+
+
 def _generate(args) -> int:
     import torch
 
@@ -27,17 +42,9 @@ def _generate(args) -> int:
     from xjfast.errors import BackendUnavailable
 
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        print(f"xjfast generate: --device: expected a torch device (cpu, cuda, cuda:1), got {args.device!r}",
-              file=sys.stderr)
-        return 2
-    if device.type not in ("cpu", "cuda"):
-        print(f"xjfast generate: --device: expected cpu or cuda[:N], got {args.device!r}", file=sys.stderr)
-        return 2
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("xjfast generate: --device: no CUDA GPU is usable here (torch.cuda.is_available() is False)",
-              file=sys.stderr)
+        device = device_option(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except ValueError as exc:
+        print(f"xjfast generate: {exc}", file=sys.stderr)
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     threads = torch.get_num_threads()

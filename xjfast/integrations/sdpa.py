@@ -47,11 +47,10 @@ import torch
 
 from xjfast.backends import BACKENDS, check_backend, resolve, unusable_reason
 from xjfast.errors import check_choice
-from xjfast.ops.temporal_attention import HEAD_DIMS, PRECISIONS, AttentionPlan
+from xjfast.ops.temporal_attention import DTYPES, HEAD_DIMS, PRECISIONS, AttentionPlan
 
 F = torch.nn.functional
 TORCH_SDPA = F.scaled_dot_product_attention
-REFERENCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # what the GPU kernels take
 
 _FALLBACKS: collections.Counter = collections.Counter()
@@ -162,7 +161,7 @@ def _static_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, en
         return "a last dimension with stride != 1"
     if scale is not None and not 0 < scale < float("inf"):
         return "scale <= 0 or not finite"
-    if query.dtype not in (REFERENCE_DTYPES if backend == "reference" else KERNEL_DTYPES):
+    if query.dtype not in (DTYPES if backend == "reference" else KERNEL_DTYPES):
         return f"dtype {query.dtype}"
     return None
 

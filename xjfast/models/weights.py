@@ -59,8 +59,8 @@ def _checkpoint_files(path: str) -> list[str]:
     """The files of the checkpoint at `path`: a file; a folder's index json's shards (exactly
     those); or a folder's one .safetensors file, or its -0000i-of-0000n shards."""
     if path.endswith(INDEX_SUFFIX) and os.path.isfile(path):
-        with open(path) as f:
-            weight_map = json.load(f).get("weight_map")
+        index = _read_json(path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise ValueError(f"path_or_state_dict: {path} has no weight_map (not a safetensors index)")
         files = [os.path.join(os.path.dirname(path), name) for name in sorted(set(weight_map.values()))]
@@ -108,16 +108,20 @@ def _read_file(file: str) -> dict:
 MODEL_CLASSES = ("WanModel", "WanTransformer3DModel")
 
 
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"path_or_state_dict: {path} is not readable JSON ({exc})") from exc
+
+
 def _model_config(path: str) -> dict:
     """The config.json at `path` when it describes a Wan2.1 / diffusers Wan transformer (its class,
     or Wan2.1's `dim` and `num_layers`), else {}: a folder may hold other models' configs."""
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"path_or_state_dict: {path} is not readable JSON ({exc})") from exc
+    config = _read_json(path)
     if isinstance(config, dict) and (config.get("_class_name") in MODEL_CLASSES
                                      or {"dim", "num_layers"} <= set(config)):
         return config

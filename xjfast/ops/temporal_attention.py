@@ -148,7 +148,8 @@ def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, pre
     if frame_lags is not None:
         if kv_cache is None:
             raise ValueError("frame_lags: needs kv_cache (a lag hides the cache's oldest window frames)")
-        window = kv_cache.num_frames(layer) - kv_cache.view(layer).num_sinks
+        held = kv_cache.num_frames(layer)
+        window = held - min(held, kv_cache.sink_frames)  # the sinks fill first
         lags = _ints(frame_lags, 0, window)
         if lags is None or len(lags) != L // frame_tokens:
             raise ValueError(f"frame_lags: expected {L // frame_tokens} ints in [0, {window}] (one per frame of the "
