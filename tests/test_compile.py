@@ -50,19 +50,24 @@ def test_sdpa_op_passes_opcheck():
     q, k, v = transposed(1, 128, 2, 64)  # [B, H, L, D] views of [B, L, H, D] tensors
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for scale, precision, backend in ((None, "bf16", "reference"), (0.1, "fp8", "reference"), (None, "fp8", "auto")):
-            torch.library.opcheck(torch.ops.xjfast.sdpa.default, (q, k, v, scale, precision, backend))
+        padding = torch.arange(128)[None, :] < 100
+        for mask, scale, precision, backend in ((None, None, "bf16", "reference"), (None, 0.1, "fp8", "reference"),
+                                                (None, None, "fp8", "auto"), (padding, None, "bf16", "reference"),
+                                                (padding, None, "fp8", "auto")):
+            torch.library.opcheck(torch.ops.xjfast.sdpa.default, (q, k, v, mask, scale, precision, backend))
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("layout", ["transposed", "contiguous"])
-def test_sdpa_compiles_with_fullgraph(layout):
+@pytest.mark.parametrize("layout, padded", [("transposed", False), ("contiguous", False), ("transposed", True)])
+def test_sdpa_compiles_with_fullgraph(layout, padded):
+    """A key-padding mask too: which keys it keeps is read inside the op, when the compiled code runs."""
     torch._dynamo.reset()
     q, k, v = transposed(1, 96, 2, 64) if layout == "transposed" else (torch.randn(1, 2, 96, 64) for _ in range(3))
     w = torch.randn(128, 128)
+    mask = (torch.arange(96) < 70).reshape(1, 1, 1, 96) if padded else None
 
     def attend(q, k, v):
-        out = sdpa(q, k, v, precision="bf16", backend="reference")
+        out = sdpa(q, k, v, attn_mask=mask, precision="bf16", backend="reference")
         return out.transpose(1, 2).reshape(1, 96, 128) @ w + 1
 
     reset_fallback_counts()

@@ -53,7 +53,8 @@ def test_sdpa_fp8_within_design_bounds():
 
 
 @pytest.mark.parametrize("kwargs, reason", [
-    (dict(attn_mask=torch.ones(96, 96, dtype=torch.bool)), "an explicit attn_mask"),
+    (dict(attn_mask=torch.ones(96, 96, dtype=torch.bool)), "an attn_mask other than a bool key-padding mask"),
+    (dict(attn_mask=torch.zeros(1, 1, 1, 96)), "an attn_mask other than a bool key-padding mask"),
     (dict(dropout_p=0.1), "dropout_p > 0"),
     (dict(is_causal=True), "is_causal"),
 ])
@@ -69,6 +70,41 @@ def test_what_is_not_accelerated_goes_to_torch_counted_and_warned_once(kwargs, r
         warnings.simplefilter("error")  # the second time: counted, not warned
         sdpa(q, k, v, backend="reference", **kwargs)
     assert list(fallback_counts().values()) == [2] and next(iter(fallback_counts())).startswith(reason)
+
+
+def key_padding(kept, L=96):
+    return torch.arange(L)[None, :] < torch.tensor(kept)[:, None]
+
+
+@pytest.mark.parametrize("kept, mask_shape", [
+    ([96], (1, 1, 1, 96)),            # keeps every key
+    ([40], (1, 1, 1, 96)),            # one row for the whole batch
+    ([40], (1, 96)),                  # fewer dims, broadcast as torch does (not 1-D: torch refuses it)
+    ([40, 40, 7], (3, 1, 1, 96)),     # a run of equal rows, then another
+    ([7, 96, 40], (3, 1, 1, 96)),
+])
+def test_key_padding_masks_are_accelerated_exactly(kept, mask_shape):
+    q, k, v = bhld(B=3)
+    mask = key_padding(kept).reshape(mask_shape)
+    out = sdpa(q, k, v, attn_mask=mask, scale=0.1, precision="bf16", backend="reference")
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.1)
+    assert out.shape == ref.shape and (out - ref).abs().max() < 1e-5
+    assert fallback_counts() == {} and accelerated_counts() == {"reference": 1}
+
+
+@pytest.mark.parametrize("mask, reason", [
+    (torch.tensor([[True] * 40 + [False, True] + [False] * 54]), "keeps other keys than a prefix"),
+    (torch.zeros(1, 1, 96, dtype=torch.bool), "keeps no key of a row"),
+    (key_padding([40, 0]).reshape(2, 1, 1, 96), "keeps no key of a row"),
+])
+def test_key_padding_masks_that_are_not_prefixes_go_to_torch(mask, reason):
+    q, k, v = bhld(B=2)
+    with pytest.warns(UserWarning, match=reason):
+        out = sdpa(q, k, v, attn_mask=mask, backend="reference")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), equal_nan=True)
+    assert list(fallback_counts()) == [f"a key-padding mask that {reason} of the row" if "prefix" in reason
+                                       else f"a key-padding mask that {reason}"]
+    assert accelerated_counts() == {}
 
 
 def test_empty_tensors_fall_back():
@@ -434,23 +470,42 @@ def test_diffusers_backends_that_bypass_torch_sdpa_are_refused_or_counted(wan, d
     disable(model, replaced)
 
 
-@torch.no_grad()
-def test_hunyuan_video_enable_warns_that_its_text_mask_keeps_attention_on_torch():
+def tiny_hunyuan_video():
     diffusers = pytest.importorskip("diffusers")
-    from xjfast.integrations.diffusers import disable, enable
     torch.manual_seed(0)
-    model = diffusers.HunyuanVideoTransformer3DModel(
+    return diffusers.HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=64, num_layers=1, num_single_layers=1,
         num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(16, 24, 24),
         guidance_embeds=False).eval()
-    with pytest.warns(UserWarning, match="HunyuanVideo.*text padding mask.*nothing is accelerated"):
-        replaced = enable(model, backend="reference")
+
+
+def hunyuan_inputs(device="cpu", dtype=torch.float32):
+    """Latents of 2x8x8 (32 tokens), 7 text tokens of which the last 3 are padding."""
+    g = torch.Generator().manual_seed(1)
+    text_mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
+    return [t.to(device) for t in (torch.randn(1, 4, 2, 8, 8, generator=g).to(dtype), torch.tensor([500]),
+                                   torch.randn(1, 7, 32, generator=g).to(dtype), text_mask,
+                                   torch.randn(1, 16, generator=g).to(dtype))]
+
+
+@torch.no_grad()
+def test_hunyuan_video_text_padding_mask_is_accelerated_and_matches_diffusers():
+    from xjfast.integrations.diffusers import disable, enable
+    model = tiny_hunyuan_video()
+    inputs = hunyuan_inputs()
+    reference = model(*inputs).sample
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model(torch.randn(1, 4, 2, 8, 8), torch.tensor([500]), torch.randn(1, 7, 32), torch.ones(1, 7, dtype=torch.long),
-              torch.randn(1, 16))
+        warnings.simplefilter("error")  # no warning at enable(): the model is supported
+        replaced = enable(model, precision="bf16", backend="reference")
+    with pytest.warns(UserWarning, match="other than a bool key-padding mask"):
+        out = model(*inputs).sample
     disable(model, replaced)
-    assert accelerated_counts() == {} and fallback_counts() == {"an explicit attn_mask": 3}
+    # the dual- and single-stream blocks' joint attention (padding mask) ran on xjfast; the token
+    # refiner's square text mask went to torch
+    assert accelerated_counts() == {"reference": 2}
+    assert fallback_counts() == {sdpa_module.MASK_REASON: 1}
+    assert (out - reference).abs().max() <= 1e-5 * reference.abs().max()
+    assert torch.equal(model(*inputs).sample, reference)
 
 
 # ---- on a GPU: the FP8 kernels behind the same one-liners -------------------------------------
@@ -512,3 +567,55 @@ def test_diffusers_wan_on_the_gpu_fp8_stays_close():
     assert set(fallback_counts()) == {CROSS} and accelerated_counts() and set(accelerated_counts()) <= {"triton", "cuda"}
     assert 1e-4 < rel_l2(out.cpu(), reference.cpu().double()) < 5e-2
     assert torch.equal(model(*inputs).sample.float(), reference)  # disable restored diffusers' attention
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_sdpa_key_padding_on_the_gpu_runs_fp8_within_design_bounds():
+    q, k, v = gpu_bhld(L=1024)
+    q, k, v = (t.expand(2, -1, -1, -1).clone() for t in (q, k, v))
+    kept = torch.tensor([1000, 777], device="cuda")
+    mask = (torch.arange(1024, device="cuda")[None, :] < kept[:, None]).reshape(2, 1, 1, 1024)
+    out = sdpa(q, k, v, attn_mask=mask)
+    assert fallback_counts() == {} and set(accelerated_counts()) <= {"triton", "cuda"}, "accelerated, not handed to torch"
+    for b, n in enumerate(kept.tolist()):  # every query (padded ones too) sees the first n keys
+        qb, kb, vb = q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n]
+        scores = (qb.double() @ kb.double().transpose(-1, -2)) * 128 ** -0.5
+        ref = (scores.softmax(-1) @ vb.double()).cpu()
+        assert rel_l2(out[b:b + 1].cpu(), ref) <= 7e-2 and cosine(out[b:b + 1].cpu(), ref) >= 0.997
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_sdpa_key_padding_while_a_cuda_graph_is_captured_goes_to_torch():
+    q, k, v = gpu_bhld(L=256)
+    mask = (torch.arange(256, device="cuda") < 200).reshape(1, 1, 1, 256)
+    sdpa(q, k, v, attn_mask=mask)  # warm-up outside the capture
+    reset_fallback_counts()
+    graph = torch.cuda.CUDAGraph()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.cuda.graph(graph):
+            out = sdpa(q, k, v, attn_mask=mask)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert list(fallback_counts()) == ["a key-padding mask while a CUDA graph is being captured (reading it needs "
+                                       "the host)"]
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=2e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_diffusers_hunyuan_video_on_the_gpu_fp8_stays_close():
+    from xjfast.integrations.diffusers import disable, enable
+    model = tiny_hunyuan_video().cuda().to(torch.bfloat16)
+    inputs = hunyuan_inputs("cuda", torch.bfloat16)
+    reference = model(*inputs).sample.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the token refiner's square mask goes to torch
+        enable(model)
+        out = model(*inputs).sample.float()
+    disable(model)
+    assert set(accelerated_counts()) <= {"triton", "cuda"} and sum(accelerated_counts().values()) == 2
+    assert fallback_counts() == {sdpa_module.MASK_REASON: 1}
+    assert 1e-4 < rel_l2(out.cpu(), reference.cpu().double()) < 5e-2

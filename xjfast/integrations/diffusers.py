@@ -13,8 +13,9 @@ copy.deepcopy and pickling; torch.compile(fullgraph=True) traces it.
 Limits: diffusers' attention backends other than torch's SDPA (set_attention_backend("flex"),
 DIFFUSERS_ATTN_BACKEND=flash, ...) never call torch's SDPA, so enable() refuses a model set to one,
 and a processor call that made no SDPA call is counted (fallback_counts()) and warned about.
-HunyuanVideo passes its text padding mask to every attention call, so all of its attention stays
-on torch (enable() warns).
+HunyuanVideo passes its text padding mask (a bool key-padding mask that keeps a prefix of the
+keys) to every attention call: xjfast.sdpa accelerates it (its token refiner's square mask over the
+text alone stays on torch).
 diffusers is optional: pip install xjfast[diffusers].
 """
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import copyreg
 import functools
 import threading
-import warnings
 
 from xjfast.integrations import sdpa as _sdpa
 from xjfast.integrations.sdpa import Route, check_settings
@@ -30,11 +30,6 @@ from xjfast.integrations.sdpa import Route, check_settings
 SUPPORTED = ("WanTransformer3DModel", "CogVideoXTransformer3DModel", "HunyuanVideoTransformer3DModel")
 # diffusers attention backends whose implementation calls torch.nn.functional.scaled_dot_product_attention
 TORCH_SDPA_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
-HUNYUAN_WARNING = (
-    "xjfast.integrations.diffusers.enable(): HunyuanVideoTransformer3DModel passes its text padding mask "
-    "(a bool attn_mask) to every attention call, and xjfast has no key-padding masks: all of this model's "
-    "attention stays on torch's SDPA (counted in fallback_counts() as 'an explicit attn_mask'); nothing is "
-    "accelerated")
 
 
 class _ProcessorType(type):
@@ -170,8 +165,6 @@ def enable(model, precision: str = "fp8", backend: str = "auto") -> dict:
                 f"model: its diffusers attention backend is {name!r} (set_attention_backend or "
                 f"DIFFUSERS_ATTN_BACKEND), which does not call torch's scaled_dot_product_attention, so xjfast "
                 f"could accelerate nothing; call model.set_attention_backend('native') before enable()")
-    if type(model).__name__ == "HunyuanVideoTransformer3DModel":
-        warnings.warn(HUNYUAN_WARNING, stacklevel=2)
     route = Route(precision, backend)
     replaced, wrapped = {}, {}
     for name, proc in current.items():

@@ -6,12 +6,13 @@ the rest — each fallback counted by reason and warned about once.
 context manager or a plain call); `unpatch()` restores torch's function.
 
 How a call is decided, in two stages:
-- What the call itself asks for — a mask, dropout, is_causal, inputs that require grad (xjfast has
-  no backward), shapes, dtypes, strides, scale — is decided here in plain Python, which
-  torch.compile traces (the decision is made once, at trace time).
-- What depends on the machine — whether the tensors are on a GPU, which kernel can run there
-  (the real resolver, xjfast.backends.resolve, on the call's arguments: compute capability,
-  XJFAST_DISABLE, the CUDA extension, precision) — is decided inside the custom op xjfast::sdpa,
+- What the call itself asks for — a mask's kind, dropout, is_causal, inputs that require grad
+  (xjfast has no backward), shapes, dtypes, strides, scale — is decided here in plain Python,
+  which torch.compile traces (the decision is made once, at trace time).
+- What depends on the machine or on tensor values — whether the tensors are on a GPU, which kernel
+  can run there (the real resolver, xjfast.backends.resolve, on the call's arguments: compute
+  capability, XJFAST_DISABLE, the CUDA extension, precision), which keys a key-padding mask
+  keeps — is decided inside the custom op xjfast::sdpa,
   which torch.compile keeps as one opaque node (its fake gives the output's exact layout: a
   contiguous [B, L, H, D], returned to the caller as its [B, H, L, D] transpose, as xjfast's
   kernels write it). With backend="auto", a call no GPU kernel can take here goes to torch's SDPA
@@ -33,6 +34,14 @@ last one ends, in whatever order they end. A thread's innermost processor call d
 settings, else the newest patch(); calls no routing covers go to the previous function. While
 torch.compile traces, a processor instead swaps the attribute for the duration of its call (a
 side effect Dynamo replays), and the dispatcher reads the patches only.
+
+Key-padding masks (HunyuanVideo's text padding): a bool attn_mask that broadcasts over heads and
+queries ([B or 1, 1, 1, Lk], or fewer leading dims) and keeps a prefix of each row's keys — the
+first n_b of batch element b — is accelerated exactly: queries 0..n_b-1 attend to keys 0..n_b-1 on
+xjfast's kernel (the self-attention it has), and the padded queries n_b.. (whose keys no one sees)
+attend to the same n_b keys on torch's SDPA. Reading n_b takes one device-to-host copy of the
+mask's row sums, so a mask is handed to torch while a CUDA graph is being captured, as is a mask
+that keeps something other than a prefix, or no key at all in some row.
 """
 from __future__ import annotations
 
@@ -132,6 +141,20 @@ def _accelerated(backend: str) -> None:
         _ACCELERATED[backend] += 1
 
 
+MASK_REASON = "an attn_mask other than a bool key-padding mask [B or 1, 1, 1, Lk]"
+
+
+def _is_key_padding(attn_mask, query, key) -> bool:
+    """Whether `attn_mask` has the kind xjfast may accelerate: bool, on the inputs' device, one row of
+    Lk keys per batch element (or one for all), broadcast over heads and queries."""
+    if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool or not 2 <= attn_mask.dim() <= 4:
+        return False
+    if query.dim() != 4 or key.dim() != 4 or attn_mask.device != query.device:
+        return False
+    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    return shape[1] == shape[2] == 1 and shape[0] in (1, query.shape[0]) and shape[3] == key.shape[2]
+
+
 def _static_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend) -> str | None:
     """Why torch's implementation takes the call, from the call alone (traceable), or None."""
     tensors = (query, key, value)
@@ -139,8 +162,8 @@ def _static_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, en
         return "query/key/value that are not all tensors"
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return "inputs that require grad (xjfast has no backward)"
-    if attn_mask is not None:
-        return "an explicit attn_mask"
+    if attn_mask is not None and not _is_key_padding(attn_mask, query, key):
+        return MASK_REASON
     if dropout_p:
         return "dropout_p > 0"
     if is_causal:
@@ -179,7 +202,9 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
         _fallback(reason)
         return TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                           scale=scale, enable_gqa=enable_gqa)
-    out = torch.ops.xjfast.sdpa(query, key, value, None if scale is None else float(scale), precision, backend)
+    key_mask = None if attn_mask is None else attn_mask.reshape(-1, key.shape[2])
+    out = torch.ops.xjfast.sdpa(query, key, value, key_mask, None if scale is None else float(scale), precision,
+                                backend)
     return out.transpose(1, 2)
 
 
@@ -199,25 +224,66 @@ def runtime_choice(device: torch.device, args: tuple, backend: str) -> tuple:
     return None, f"no xjfast GPU kernel can run this call here ({why})"
 
 
+def _kept_prefixes(key_mask: torch.Tensor, batch: int) -> tuple:
+    """([(b0, b1, n)]: batch elements b0..b1-1 keep their first n keys, in runs of equal n; None)
+    or (None, why torch takes the call), from a [B or 1, Lk] bool key-padding mask (one host read)."""
+    if key_mask.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None, "a key-padding mask while a CUDA graph is being captured (reading it needs the host)"
+    length = key_mask.shape[1]
+    kept = key_mask.sum(1)
+    prefix = (key_mask == (torch.arange(length, device=key_mask.device) < kept[:, None])).all(1)
+    rows = torch.stack([kept, prefix.long()]).cpu().tolist()
+    if not all(rows[1]):
+        return None, "a key-padding mask that keeps other keys than a prefix of the row"
+    if not all(rows[0]):
+        return None, "a key-padding mask that keeps no key of a row"
+    kept = rows[0] * batch if len(rows[0]) == 1 else rows[0]
+    runs = []
+    for b, n in enumerate(kept):
+        if runs and runs[-1][2] == n:
+            runs[-1] = (runs[-1][0], b + 1, n)
+        else:
+            runs.append((b, b + 1, n))
+    return runs, None
+
+
 @torch.library.custom_op("xjfast::sdpa", mutates_args=())
-def _sdpa_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Optional[float], precision: str,
-             backend: str) -> torch.Tensor:
-    """The runtime half of xjfast.sdpa on inputs its static checks accepted: returns a contiguous
-    [B, L, H, D], from xjfast's kernel or (auto, where none can run) torch's SDPA."""
+def _sdpa_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: Optional[torch.Tensor],
+             scale: Optional[float], precision: str, backend: str) -> torch.Tensor:
+    """The runtime half of xjfast.sdpa on inputs its static checks accepted (key_mask: None or a
+    [B or 1, Lk] bool key-padding mask): returns a contiguous [B, L, H, D], from xjfast's kernel or
+    (auto, where none can run) torch's SDPA."""
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     B, L, H, D = q.shape
-    args = (q, k, v, AttentionPlan(L, (False,), False, D ** -0.5 if scale is None else scale, None, precision), None)
-    chosen, reason = runtime_choice(q.device, args, backend)
-    if chosen is None:
+    scale_ = D ** -0.5 if scale is None else scale
+    runs, reason = ([(0, B, L)], None) if key_mask is None else _kept_prefixes(key_mask, B)
+    calls = []
+    for b0, b1, n in runs or ():
+        args = (q[b0:b1, :n], k[b0:b1, :n], v[b0:b1, :n], AttentionPlan(n, (False,), False, scale_, None, precision),
+                None)
+        chosen, reason = runtime_choice(q.device, args, backend)
+        if chosen is None:
+            break
+        calls.append((b0, b1, n, chosen, args))
+    if reason is not None:
         _fallback(reason)
-        return TORCH_SDPA(query, key, value, scale=scale).transpose(1, 2).contiguous()
-    out, _ = chosen.fn(*args)
-    _accelerated(chosen.backend)
-    return out.contiguous()
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        return TORCH_SDPA(query, key, value, attn_mask=mask, scale=scale).transpose(1, 2).contiguous()
+    if len(calls) == 1 and calls[0][2] == L:
+        out = calls[0][3].fn(*calls[0][4])[0].contiguous()
+    else:
+        out = q.new_empty(B, L, H, D)
+        for b0, b1, n, chosen, args in calls:
+            out[b0:b1, :n] = chosen.fn(*args)[0]
+            if n < L:  # the padded queries: attend to the same kept keys (torch; no one sees their keys)
+                out[b0:b1, n:] = TORCH_SDPA(query[b0:b1, :, n:], key[b0:b1, :, :n], value[b0:b1, :, :n],
+                                            scale=scale).transpose(1, 2)
+    _accelerated(calls[0][3].backend)
+    return out
 
 
 @_sdpa_op.register_fake
-def _(query, key, value, scale, precision, backend):
+def _(query, key, value, key_mask, scale, precision, backend):
     B, H, L, D = query.shape
     return query.new_empty((B, L, H, D))
 
