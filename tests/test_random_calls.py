@@ -1,6 +1,6 @@
 """Every fast backend against the reference on random valid calls: shapes, dtypes, precisions, mask
 blocks, private blocks, caches (sinks, windows, keep buffers, storages, rotary widths, fill levels)
-and speculative frame slots drawn together, as users combine them. Each case's settings are fixed
+and speculative frame slots and lags drawn together, as users combine them. Each case's settings are fixed
 by its seed; its tensors are fresh."""
 import random
 
@@ -33,6 +33,10 @@ def attention_call(seed: int) -> dict:
             for _ in range(frames - 1):
                 slots.append(slots[-1] + r.choice([0, 1]))  # a draft and a noisy block share a slot
             call["kwargs"]["frame_slots"] = tuple(slots)
+        held = min(call["commits"], call["cache"]["sink_frames"] + call["cache"]["window_frames"])
+        window_held = held - min(held, call["cache"]["sink_frames"])
+        if window_held and r.random() < 0.4:  # a drafted pass: its later frames see the cache of a later pass
+            call["kwargs"]["frame_lags"] = tuple(sorted(r.randint(0, window_held) for _ in range(frames)))
     return call
 
 

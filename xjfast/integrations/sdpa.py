@@ -193,7 +193,9 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
          precision: str = "fp8", backend: str = "auto"):
     """torch.nn.functional.scaled_dot_product_attention, FP8 inside where it can be.
 
-    Returns [B, H, L, D] in query's dtype (the transpose of a contiguous [B, L, H, D]). backend:
+    A bool key-padding attn_mask that keeps a prefix of each row's keys is accelerated too (module
+    docstring); other masks go to torch. Returns [B, H, L, D] in query's dtype (the transpose of a
+    contiguous [B, L, H, D]). backend:
     "auto" (a GPU kernel, else torch), "triton"/"cuda" (that kernel, else BackendUnavailable), or
     "reference" (xjfast's PyTorch definition, on any device)."""
     check_settings(precision, backend)
