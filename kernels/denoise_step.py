@@ -130,8 +130,8 @@ def denoise_step_kernel(
     if HAS_NEXT:
         if FRAME_IN_MEMORY:
             frame = tl.load(frame_ptr) + f
-        else:
-            frame = frame_index + f
+        else:  # int64: an index below 2^31 arrives as int32, where + f would wrap at 2^31
+            frame = frame_index.to(tl.int64) + f
         n0, n1, n2, n3 = philox_normal4(group, frame, seed_lo, seed_hi)
         eps = tl.where(lane == 0, n0[:, None], tl.where(lane == 1, n1[:, None],
                                                         tl.where(lane == 2, n2[:, None], n3[:, None])))

@@ -28,8 +28,9 @@ INTERPRET_SMS = 8       # the tests' small frames split into several chunks
 @triton.jit
 def _load_tile(k_src, v_src, t, T, stride_kl, stride_vl, offs_d):
     live = (t < T)[:, None]
-    k = tl.load(k_src + t[:, None] * stride_kl + offs_d[None, :], mask=live, other=0.0).to(tl.float32)
-    v = tl.load(v_src + t[:, None] * stride_vl + offs_d[None, :], mask=live, other=0.0).to(tl.float32)
+    t = t[:, None].to(tl.int64)  # a unit may be a whole attention pass: T * stride past 2^31 elements
+    k = tl.load(k_src + t * stride_kl + offs_d[None, :], mask=live, other=0.0).to(tl.float32)
+    v = tl.load(v_src + t * stride_vl + offs_d[None, :], mask=live, other=0.0).to(tl.float32)
     return k, v, live
 
 

@@ -469,14 +469,15 @@ def temporal_attention_kernel(
                     page_stride_t, page_stride_t, unit_T, tl.load(pks_ptr + row),
                     tl.load(pkm_ptr + row * D + offs_d), pvs_ptr + row * D,
                     sm_scale_log2, rope_ptr, rope_center, True, True, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
-            else:  # the input K/V themselves, unquantized
+            else:  # the input K/V themselves, unquantized; unmasked, one unit is the whole pass, whose
+                # rows a token stride apart may span 2^31 elements: int64 strides (tl.cast: 1 is a constexpr)
                 start = (u * unit_T).to(tl.int64)
                 k_base = pk_ptr + b.to(tl.int64) * stride_pkb + h * stride_pkh + start * stride_pkl
                 v_base = pv_ptr + b.to(tl.int64) * stride_pvb + h * stride_pvh + start * stride_pvl
                 acc, m_i, l_i = _attend_unit(
                     acc, m_i, l_i, q_rows, rows, q_slot - (first_slot + tl.load(slots_ptr + u)), visible, offs_d, k_base, v_base,
-                    stride_pkl, stride_pvl, unit_T, 1.0, zeros_d, pvs_ptr, sm_scale_log2, rope_ptr, rope_center,
-                    False, False, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
+                    tl.cast(stride_pkl, tl.int64), tl.cast(stride_pvl, tl.int64), unit_T, 1.0, zeros_d, pvs_ptr,
+                    sm_scale_log2, rope_ptr, rope_center, False, False, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
 
     seen = l_i > 0  # l >= 1 for a row that saw a key (its max counts 1); acc = 0 where none
     out = acc * (1.0 / tl.where(seen, l_i, 1.0))[:, None]

@@ -191,6 +191,17 @@ def test_cuda_backend_takes_model_out_in_the_latents_dtype_only():
                                       "torch.float32 (backend='triton' reads both)")
 
 
+@pytest.mark.parametrize("backend, kernel", [("triton", "Triton"), ("cuda", "CUDA")])
+def test_fast_backends_refuse_more_latent_frames_than_a_grid_axis_holds(backend, kernel):
+    """Both kernels put the latent frames on a grid axis a GPU limits to 65535: beyond it auto goes
+    elsewhere, rather than a launch that fails (or the bindings' ValueError)."""
+    from xjfast.backends import implementations
+    supports = implementations("denoise_step")[backend].supports
+    x = torch.empty(1, 1, 1, 1, 4).expand(1, 1, 65536, 1, 4)  # no memory behind the frames
+    assert supports(x, x) == f"the {kernel} kernel puts latent frames on a grid axis of at most 65535 programs, got 65536"
+    assert supports(x[:, :, :65535], x[:, :, :65535]) is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no GPU is present")
 def test_cuda_backend_unavailable_says_why():
     with pytest.raises(BackendUnavailable, match="denoise_step: backend 'cuda' is unavailable: [a-z]+"):
@@ -230,7 +241,7 @@ def test_fast_backend_stream_shape(backend):
         assert (f.float() - r.float()).abs().max() < 3e-2
 
 
-FRAMES = [0, 1, 37, 2 ** 33 + 1]
+FRAMES = [0, 1, 37, 2 ** 31 - 1, 2 ** 33 + 1]  # 2^31 - 1: frames past it of a block are beyond int32
 
 
 @pytest.mark.parametrize("backend", ["reference"] + fast_backends("denoise_step"))

@@ -1,5 +1,7 @@
 """kv_cache_commit: every backend writes the pages the reference writes."""
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -98,6 +100,33 @@ def test_cuda_commit_passes_misaligned_input_to_triton(backend):
     assert_pages_match(ids.long(), ref, auto, E4M3)
 
 
+# A token stride of 2^27 elements: row 16 of a unit lies 2^31 elements past row 0, as in an unmasked
+# attention pass (one unit of all its tokens) of 147600 tokens from a fused QKV projection of 40 x 128
+# heads (15360 elements a token). Only the unit's rows of the 4 GB buffer are touched.
+WIDE_ROWS = """
+import sys, torch
+from xjfast.ops.kv_cache_commit import kv_cache_commit
+device, backend = sys.argv[1:]
+T, D, stride = 17, 64, 2 ** 27
+k = torch.empty((T - 1) * stride + D, dtype=torch.bfloat16, device=device)
+k = k.as_strided((1, T, 1, D), (T * stride, stride, D, 1)).copy_(torch.randn(1, T, 1, D))
+v = torch.randn(1, T, 1, D, device=device).bfloat16()
+out = [[torch.zeros((1, 1, T, 1, D), device=device).to(torch.float8_e4m3fn) for _ in range(2)] +
+       [torch.zeros(s, device=device) for s in ((1, 1, 1), (1, 1, 1, D), (1, 1, 1, D))] for _ in range(2)]
+ids = torch.zeros(1, dtype=torch.int32, device=device)
+kv_cache_commit(k.contiguous(), v, *out[0], ids, backend="reference")
+kv_cache_commit(k, v, *out[1], ids, backend=backend)
+assert all(torch.equal(a.float(), b.float()) for a, b in zip(*out)), "pages differ"
+"""
+
+
+@pytest.mark.parametrize("backend", [b for b in fast_backends("kv_cache_commit") if b.values[0] == "triton"])
+def test_commit_reads_rows_2_31_elements_apart(backend):
+    """Row offsets past int32 (they wrapped and read outside k: a crash, hence a child process)."""
+    run = subprocess.run([sys.executable, "-c", WIDE_ROWS, str(DEVICE), backend], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("ids", [[0, 2], [0, -1], [1, 1]])
 def test_reference_rejects_page_ids_outside_the_storage_or_repeated(ids):
     B, T, H, D = 1, 8, 2, 64
@@ -165,6 +194,15 @@ def test_triton_cache_kernels_pass_a_head_dim_that_is_no_power_of_two_to_others(
         k = torch.randn(1, 8, 2, D)
         args = (k, k, *st, None) if op == "kv_cache_commit" else (st, 0, st, None)
         assert supports(*args) == reason
+
+
+def test_triton_commit_refuses_more_batch_x_heads_than_a_grid_axis_holds():
+    from xjfast.backends import implementations
+    supports = implementations("kv_cache_commit")["triton"].supports
+    k = torch.empty(1, 8, 1, 64).expand(4096, 8, 16, 64)  # no memory behind the batch
+    assert supports(k) == "the Triton kernel puts batch x heads (4096 x 16) on a grid axis of at most 65535 programs, " \
+                          "got 65536"
+    assert supports(k[:4095]) is None
 
 
 # The CUDA entry point checks its arguments before touching the GPU, so these run anywhere _C is built.

@@ -1,5 +1,7 @@
 """temporal_attention against a float64 oracle, within DESIGN.md's bounds, on every backend here."""
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -424,6 +426,19 @@ def test_triton_paths_and_tiles_of_each_target(monkeypatch, backend, case, hoppe
     check_against_simulating_reference(backend, q, k, v, caches, spec["kwargs"])
 
 
+@pytest.mark.parametrize("backend, kernel", [("triton", "Triton"), ("cuda", "CUDA")])
+def test_fast_backends_refuse_more_batch_x_heads_than_a_grid_axis_holds(backend, kernel):
+    """Both kernels put batch x heads on the grid's second axis, which a GPU limits to 65535 (the
+    interpreter does not): beyond it the backend says why, so auto and sdpa go elsewhere, instead
+    of a launch that fails on the GPU (or the bindings' ValueError)."""
+    from xjfast.backends import implementations
+    supports = implementations("temporal_attention")[backend].supports
+    q = torch.empty(1, 64, 1, 64, dtype=torch.bfloat16).expand(4096, 64, 16, 64)  # no memory behind the batch
+    assert supports(q, q, q, *plan_of(q, q, q)) == \
+        f"the {kernel} kernel puts batch x heads (4096 x 16) on a grid axis of at most 65535 programs, got 65536"
+    assert supports(q[:4095], q[:4095], q[:4095], *plan_of(q[:4095], q[:4095], q[:4095])) is None
+
+
 def test_key_unit_splits_fill_the_waves():
     """kv_splits at the stream shape on an H100 (132 SMs, two 4-warp programs each): 25 query
     tiles x 12 heads (one query frame) would run 1.14 waves of work in two; splitting fills them."""
@@ -437,6 +452,30 @@ def test_key_unit_splits_fill_the_waves():
     assert kv_splits(2 * slots, 22, slots) == 1  # whole waves already
     assert kv_splits(300, 2, slots) <= 2  # never more splits than units
     assert kv_splits(10, 40, slots) == MAX_SPLITS  # a small grid: as many as allowed
+
+
+# precision="bf16" reads the pass's K/V in place, and without a mask the whole pass is one unit: tokens
+# 2^27 elements apart put row 16 2^31 elements past row 0 (as 147600 tokens of a fused QKV projection of
+# 40 x 128 heads, 15360 elements a token). Only those rows of the 4 GB buffers are touched.
+WIDE_ROWS = """
+import sys, torch, xjfast
+device, backend = sys.argv[1:]
+T, D, stride = 17, 64, 2 ** 27
+def wide():
+    t = torch.empty((T - 1) * stride + D, dtype=torch.bfloat16, device=device)
+    return t.as_strided((1, T, 1, D), (T * stride, stride, D, 1)).copy_(torch.randn(1, T, 1, D))
+q, k, v = torch.randn(1, T, 1, D, device=device).bfloat16(), wide(), wide()
+ref = xjfast.temporal_attention(q, k.contiguous(), v.contiguous(), precision="bf16", backend="reference")
+out = xjfast.temporal_attention(q, k, v, precision="bf16", backend=backend)
+assert (out.float() - ref.float()).abs().max() <= 2 ** -6, "outputs differ"
+"""
+
+
+@pytest.mark.parametrize("backend", [p for p in fast_backends("temporal_attention") if p.id == "triton"])
+def test_triton_reads_pass_rows_2_31_elements_apart(backend):
+    """Row offsets past int32 (they wrapped and read outside k: a crash, hence a child process)."""
+    run = subprocess.run([sys.executable, "-c", WIDE_ROWS, str(DEVICE), backend], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_forced_splits_are_checked(monkeypatch):
@@ -540,6 +579,27 @@ def test_fast_backend_within_design_bounds_of_exact(backend):
     out = temporal_attention(q, k, v, block_tokens=256, backend=backend)
     ref, _ = exact_attention(q.cpu(), k.cpu(), v.cpu(), explicit_block_mask(1024, 256))
     assert rel_l2(out.cpu(), ref) <= FP8_REL_L2 and cosine(out.cpu(), ref) >= FP8_COS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", fast_backends("temporal_attention"))
+@pytest.mark.parametrize("precision", ["fp8", "bf16"])
+def test_fast_backend_on_fp32_inputs_within_design_bounds_of_exact(backend, precision):
+    """fp32 q/k/v (the op takes them): the 16-bit-key dots compile to TF32 on the GPU, finer than
+    bf16, so the bf16 bound still holds; FP8 quantizes them as it does 16-bit inputs."""
+    q, k, v = (t.to(DEVICE) for t in qkv(L=1024, H=4, D=128, dtype=torch.float32))
+    if uncovered(backend, q, k, v, block_tokens=256, precision=precision) is not None:
+        pytest.skip(f"{backend} does not take fp32 {precision} (it says so)")
+    out = temporal_attention(q, k, v, block_tokens=256, precision=precision, backend=backend)
+    ref, _ = exact_attention(q.cpu(), k.cpu(), v.cpu(), explicit_block_mask(1024, 256))
+    assert out.dtype == torch.float32 and out.isfinite().all()
+    if precision == "fp8":
+        assert rel_l2(out.cpu(), ref) <= FP8_REL_L2 and cosine(out.cpu(), ref) >= FP8_COS
+    else:
+        mask = explicit_block_mask(1024, 256).to(DEVICE)
+        bf16 = torch.nn.functional.scaled_dot_product_attention(
+            *(t.bfloat16().transpose(1, 2) for t in (q, k, v)), attn_mask=mask).transpose(1, 2).cpu()
+        assert (out.cpu().double() - ref).abs().max() <= 2 * (bf16.double() - ref).abs().max() + 1e-5
 
 
 # ---- the CUDA kernel's host-side contract (xjfast._C imports without a GPU) ---------------------

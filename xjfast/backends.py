@@ -86,6 +86,17 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second and third dimensions (the interpreter has none)
+
+
+def grid_reason(kernel: str, what: str, count: int) -> str | None:
+    """Why a launch putting `count` programs (`what`) on a grid's second or third axis would fail on
+    a GPU, or None: a supports() check, so auto passes over the kernel instead of failing."""
+    if count > MAX_GRID_Y:
+        return f"the {kernel} kernel puts {what} on a grid axis of at most {MAX_GRID_Y} programs, got {count}"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_kernels_installed() -> bool:
     """kernels/ becomes xjfast.kernels only by installing the package (setup.py's package_dir): a

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from xjfast.backends import check_backend, register, resolve
+from xjfast.backends import MAX_GRID_Y, check_backend, grid_reason, register, resolve
 from xjfast.errors import check_choice, check_tensor
 from xjfast.ops.philox import _check_seed, check_frame_index, latent_noise
 
@@ -203,13 +203,16 @@ def denoise_step_reference(x_t, model_out, coef, seed, frame_index, patch_size, 
         x_next.copy_(keep * pred + noise * eps)
 
 
-@register("denoise_step", "triton", min_capability=(8, 0))
+@register("denoise_step", "triton", min_capability=(8, 0),
+          supports=lambda x_t, *_: grid_reason("Triton", "latent frames", x_t.shape[2]))
 def denoise_step_triton(*args):
     from xjfast.kernels.denoise_step import denoise_step as launch
     launch(*args)
 
 
 def _cuda_supports(x_t, model_out, *_) -> str | None:
+    if x_t.shape[2] > MAX_GRID_Y:  # what the bindings would raise
+        return grid_reason("CUDA", "latent frames", x_t.shape[2])
     if model_out.dtype != x_t.dtype:  # rounding model_out to x_t's dtype first would not be fp32 arithmetic
         return (f"the CUDA kernel reads model_out in x_t's dtype ({x_t.dtype}), got {model_out.dtype} "
                 f"(backend='triton' reads both)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from xjfast.backends import register, resolve, triton_interpreted
+from xjfast.backends import grid_reason, register, resolve, triton_interpreted
 from xjfast.errors import check_tensor
 from xjfast.ops.fp8 import E4M3, scale_from_amax, to_e4m3
 
@@ -83,8 +83,12 @@ def triton_head_dim_reason(head_dim: int) -> str | None:
     return None
 
 
-@register("kv_cache_commit", "triton", min_capability=(8, 9),
-          supports=lambda k, *_: triton_head_dim_reason(k.shape[-1]))
+def _triton_supports(k, *_) -> str | None:
+    B, _, H, D = k.shape
+    return triton_head_dim_reason(D) or grid_reason("Triton", f"batch x heads ({B} x {H})", B * H)
+
+
+@register("kv_cache_commit", "triton", min_capability=(8, 9), supports=_triton_supports)
 def kv_cache_commit_triton(*args):
     from xjfast.kernels.kv_cache_commit import kv_cache_commit as launch
     launch(*args, interpret=triton_interpreted())

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 # Shared memory a block may use (opt-in maximum), by compute capability.
 SHARED_LIMIT = {90: 227 * 1024, 100: 227 * 1024}
-TENSOR_CORE_OPS = ("QGMMA", "HGMMA", "HMMA", "IMMA", "UTCQMMA", "UTCHMMA", "UTCOMMA", "UTCIMMA")
+TENSOR_CORE_OPS = ("QGMMA", "HGMMA", "QMMA", "HMMA", "IMMA", "UTCQMMA", "UTCHMMA", "UTCOMMA", "UTCIMMA")  # QMMA: warp FP8 (sm_89, sm_120)
 
 
 @dataclass
