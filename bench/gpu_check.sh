@@ -18,9 +18,11 @@
 # benchmarks 22 s, scaled to 16 cores and one arch plus first-call Triton compiles on the GPU):
 #   stage             expected   cap   minimum kept for it (what a stage leaves the later ones)
 #   build (1 arch)      30-60    180    60
+#   build without _C    10        60    10     only when the build failed
 #   xjfast info          3        30     5
-#   first launches      20-40    120     5     bench/first_launch.py: in parallel, 90 s each at most
 #   wheels (.whl/)       5        60     5     only when .whl/ exists (bench/fetch_wheels.sh)
+#   first launches      20-40    120    30     bench/first_launch.py: in parallel, 90 s each at most
+#                                               (10 at least, + 15 for the parent to report)
 #   tests (2 workers)   90-150   200    60     pytest-timeout: 150 s per test
 #   memcheck            20-40     75    30     PYTORCH_NO_CUDA_MEMORY_CACHING=1
 #   racecheck           20-40     75    30
@@ -86,17 +88,17 @@ log "gpu-check at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknow
 nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total,clocks.sm,power.draw,temperature.gpu \
   --format=csv 2>&1 | tee -a "$LOG"
 
-stage build 180 250 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+stage build 180 290 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 # A failed build (nvcc, CMake or pybind11 missing or failing) also leaves kernels/ uninstalled as
 # xjfast.kernels: without _C, the Triton kernels and the rest still run.
 if ! "$PY" -c "import xjfast.kernels" >>"$LOG" 2>&1; then
-  stage "build without _C" 60 245 env XJFAST_CUDA_ARCHS= "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+  stage "build without _C" 60 280 env XJFAST_CUDA_ARCHS= "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 fi
-stage info 30 245 "$PY" -m xjfast info
+stage info 30 275 "$PY" -m xjfast info
 if compgen -G ".whl/*.whl" >/dev/null; then
   # wheels carried from a machine with internet (bench/fetch_wheels.sh): diffusers for the drop-in
   # benchmark and the tests that use it
-  stage wheels 60 240 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  stage wheels 60 270 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi

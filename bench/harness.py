@@ -55,7 +55,6 @@ def time_ms(fn, inputs: list, device: torch.device, *, warmup: int = 3, reps: in
     return summary(samples)
 
 
-_FLUSH: dict = {}
 FLUSH_BYTES = 1 << 28  # 256 MiB: beyond any L2 (50 MB on H100, 126 MB on B200)
 MAX_HOLD_S = 1.0
 
@@ -65,20 +64,21 @@ def _device_samples(fn, inputs, device, reps: int, host_ms: float) -> list[float
     flushed (small inputs would otherwise be read from L2 and flatter bandwidth figures), and the
     stream is first held by a spin kernel long enough for the host to queue every call, so that
     the events time the device's work, not Python's launch overhead."""
-    flush = _FLUSH.get(device)
-    if flush is None:
-        flush = _FLUSH[device] = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    torch.cuda.synchronize(device)
-    hold_s = min(MAX_HOLD_S, 1.5 * reps * (host_ms + 0.05) / 1e3)  # + the flush's own launch
-    torch.cuda._sleep(int(hold_s * _sm_clock_hz(device)))
-    for i in range(reps):
-        flush.zero_()
-        starts[i].record()
-        fn(*inputs[i % len(inputs)])
-        ends[i].record()
-    torch.cuda.synchronize(device)
+    # freed on return: a buffer kept for the process would count in the stream's peak memory
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+    # events and the spin kernel go to the current device's stream: make it `device` (cuda:1...)
+    with torch.cuda.device(device):
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        torch.cuda.synchronize(device)
+        hold_s = min(MAX_HOLD_S, 1.5 * reps * (host_ms + 0.05) / 1e3)  # + the flush's own launch
+        torch.cuda._sleep(int(hold_s * _sm_clock_hz(device)))
+        for i in range(reps):
+            flush.zero_()
+            starts[i].record()
+            fn(*inputs[i % len(inputs)])
+            ends[i].record()
+        torch.cuda.synchronize(device)
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 

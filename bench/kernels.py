@@ -166,6 +166,12 @@ def _peers(case, cache, frames, q, k, v, block_tokens, gpu):
     return peers
 
 
+# Peers whose products run in 8 bits (SageAttention: INT8 Q.K and, from sm_89, FP8 P.V): their
+# fraction is of the FP8 GEMM ceiling, like xjfast's FP8 rows; of bf16's (half as high) it would
+# flatter them 2x.
+EIGHT_BIT_PEERS = ("sageattention",)
+
+
 def _libraries(q, k, v, mask):
     """Attention libraries a user may have installed, on [B, L, H, D] inputs (rotated, bf16)."""
     peers = {}
@@ -212,8 +218,7 @@ def attention(device: torch.device, roof: dict, budget=None, shape: dict | None 
     `budget()` (seconds left, or None) stops before a case that would not fit; `shape`: see
     attention_cases."""
     gpu = on_gpu(device)
-    fp8_ceiling = roof.get("gemm_fp8", {}).get("TFLOP/s")
-    bf16_ceiling = roof.get("gemm_bf16", {}).get("TFLOP/s")
+    ceilings = {name: roof.get(name, {}).get("TFLOP/s") for name in ("gemm_fp8", "gemm_bf16")}
     candidates = backends("temporal_attention", device)
     cache_backend = "auto" if gpu else "reference"
     rows, case_s = [], 0.0
@@ -225,12 +230,13 @@ def attention(device: torch.device, roof: dict, budget=None, shape: dict | None 
         started = time.perf_counter()
         # the first case also times the Triton kernel in each candidate configuration (ranked by
         # bench/readme_tables.py: a GPU of that capability then runs the fastest)
-        rows += _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_ceiling, tune=index == 0)
+        rows += _attention_case(case, device, candidates, cache_backend, ceilings, tune=index == 0)
         case_s = max(case_s, time.perf_counter() - started)
     return rows
 
 
-def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_ceiling, tune=False) -> list[dict]:
+def _attention_case(case, device, candidates, cache_backend, ceilings: dict, tune=False) -> list[dict]:
+    """`ceilings`: roofline name (gemm_fp8, gemm_bf16) -> TFLOP/s or None."""
     gpu = on_gpu(device)
     reps = 20 if gpu else 3
     sets = [_case_data(case, device, cache_backend, seed) for seed in (1, 2)]
@@ -265,8 +271,9 @@ def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_c
                     timing = time_ms(fn, [(s[0], s[2], s[3], s[4]) for s in sets], device, reps=reps)
                     if backend == "triton":
                         row.update(splits=_triton_splits(q, k, v, cache, block_tokens, precision))
-                ceiling = fp8_ceiling if precision == "fp8" else bf16_ceiling
-                rows.append(dict(row, **rate(timing, tflop, "TFLOP/s", ceiling), **accuracy(out, exact)))
+                ceiling = f"gemm_{precision}"
+                rows.append(dict(row, **rate(timing, tflop, "TFLOP/s", ceilings[ceiling]), ceiling=ceiling,
+                                 **accuracy(out, exact)))
             except BackendUnavailable as exc:
                 rows.append(dict(row, skipped=str(exc)))
             except Exception as exc:  # recorded; the other implementations' figures stand
@@ -278,7 +285,9 @@ def _attention_case(case, device, candidates, cache_backend, fp8_ceiling, bf16_c
             continue
         try:
             timing = time_ms(lambda: fn(), [()], device, reps=reps)
-            rows.append(dict(row, **rate(timing, tflop, "TFLOP/s", bf16_ceiling), **accuracy(fn(), exact)))
+            ceiling = "gemm_fp8" if name in EIGHT_BIT_PEERS else "gemm_bf16"
+            rows.append(dict(row, **rate(timing, tflop, "TFLOP/s", ceilings[ceiling]), ceiling=ceiling,
+                             **accuracy(fn(), exact)))
         except Exception as exc:  # a peer that cannot run this case says why
             rows.append(dict(row, skipped=_skip_reason(exc)))
     return rows
@@ -360,7 +369,8 @@ def memory_bound(device: torch.device, roof: dict, shape: dict | None = None) ->
     ids = torch.arange(frames, dtype=torch.int32, device=device)
     inputs = [(torch.randn(1, frames * T, H, D, device=device, dtype=torch.bfloat16),
                torch.randn(1, frames * T, H, D, device=device, dtype=torch.bfloat16)) for _ in range(3)]
-    gb = (frames * T * H * D * (2 * 2 + 2 * 1) + frames * H * D * 8) / 1e9  # bf16 K,V in; e4m3 K,V + scales out
+    # bf16 K, V in; e4m3 pages and their scales (k_scale, k_mean, v_scale) out: counted from the tensors
+    gb = sum(t.nbytes for t in (*inputs[0], *pages, *scales)) / 1e9
     rows += _time_backends("kv_cache_commit", device,
                            lambda b, k, v: kv_cache_commit(k, v, pages[0], pages[1], *scales, ids, backend=b),
                            inputs, gb, copy_bw, shape=f"{frames}x[{T},{H},{D}]")

@@ -129,12 +129,13 @@ def tables(results_dir: str) -> str:
         out.append(f"Roofline (same run): copy {roof.get('copy', {}).get('GB/s', float('nan')):.0f} GB/s, "
                    f"bf16 GEMM {roof.get('gemm_bf16', {}).get('TFLOP/s', float('nan')):.0f} TFLOP/s, "
                    f"FP8 GEMM {roof.get('gemm_fp8', {}).get('TFLOP/s', float('nan')):.0f} TFLOP/s.\n")
-        out.append("| temporal_attention | D | query frames | cached frames | TFLOP/s (median) | ms | rel L2 vs fp64 |")
-        out.append("|---|---|---|---|---|---|---|")
+        out.append("| temporal_attention | D | query frames | cached frames | TFLOP/s (median) | of its ceiling | ms | "
+                   "rel L2 vs fp64 |")
+        out.append("|---|---|---|---|---|---|---|---|")
         for r in data.get("attention", []):
             if "TFLOP/s" in r:
                 out.append(f"| {r['impl']} | {r['D']} | {r['query_frames']} | {r['cached']} | {r['TFLOP/s']:.1f} | "
-                           f"{r['median_ms']:.3f} | {r['rel_l2']:.2e} |")
+                           f"{_of_ceiling(r)} | {r['median_ms']:.3f} | {r['rel_l2']:.2e} |")
         out.append("\n| memory-bound op | implementation | shape | GB/s | % of copy bandwidth |\n|---|---|---|---|---|")
         for r in data.get("memory_bound", []):
             if "GB/s" in r:
@@ -150,26 +151,54 @@ def tables(results_dir: str) -> str:
                         out.append(f"| {r['latent_frames']} latent frame(s) at 480x832 | {r['tokens']} | "
                                    f"{r['diffusers_default']['median_ms']:.1f} | enable(precision=\"{precision}\") | "
                                    f"{fig['median_ms']:.1f} | {fig['speedup']:.2f}x | {fig['rel_l2']:.2e} |")
-        skipped = sorted({f"{r['impl']} ({r['skipped']})" for r in data.get("attention", []) + data.get("memory_bound", [])
-                          if r.get("skipped") and r.get("backend")})
+        # xjfast's backends and the peers alike, and what failed: a peer absent from the tables says why
+        skipped = sorted({f"{_not_measured(r)} ({r.get('skipped') or r['error']})"
+                          for r in data.get("attention", []) + data.get("memory_bound", [])
+                          if r.get("skipped") or r.get("error")})
         if skipped:
             out.append("\nNot measured: " + "; ".join(skipped) + ".")
         out.append("\n| stream engine | steps | frames/block | sink+window | model fps | end-to-end fps | "
-                   "first frame ms | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|---|---|")
+                   "first frame ms | p50 ms | p99 ms | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|")
         for r in data.get("stream", {}).get("rows", []):
             if "steady_model_fps" in r:
                 out.append(f"| {r['engine']} | {r['steps']} | {r['frames_per_block']} | {r['sink']}+{r['window']} | "
                            f"{r['steady_model_fps']:.1f} | {r['steady_end_to_end_fps']:.1f} | "
                            f"{r['time_to_first_frame_ms']:.0f} | {r['steady_interval_p50_ms']:.1f} | "
-                           f"{r['steady_interval_p99_ms']:.1f} |")
+                           f"{r['steady_interval_p99_ms']:.1f} | {r.get('peak_memory_gib', float('nan')):.2f} |")
+        memory = data.get("stream", {}).get("memory", {})
+        if "flat" in memory:
+            out.append(f"\nMemory allocated after 100 and 1,000 latent frames (xjfast-fp8): "
+                       f"{memory['allocated_after_100_frames'] / 2 ** 30:.3f} and "
+                       f"{memory['allocated_after_1000_frames'] / 2 ** 30:.3f} GiB "
+                       f"({'flat' if memory['flat'] else 'NOT flat'}).")
+        elif memory:
+            out.append(f"\nMemory over 1,000 latent frames: not measured ({memory.get('skipped') or memory.get('error')}).")
         if data.get("stream", {}).get("rows"):
             out.append("\nFrame rates in video frames (4 per latent frame) and intervals per latent frame, over the "
-                       "steady state: the blocks after the cache filled and the CUDA graph was captured. The "
-                       "baseline engine is xjfast's PyTorch reference ops in bf16 with torch SDPA, eager: it also "
-                       "reads each commit's page ids on the host (a sync per layer), draws the Philox noise with "
-                       "torch ops, and rotates its cached keys by slot on every pass.")
+                       "steady state: the blocks after the cache filled and the CUDA graph was captured. First frame: "
+                       "a fresh stream's first block, the process warm; peak: the most memory allocated, weights "
+                       "included. The baseline engine is xjfast's PyTorch reference ops in bf16 with torch SDPA, "
+                       "eager: it also reads each commit's page ids on the host (a sync per layer), draws the Philox "
+                       "noise with torch ops, and rotates its cached keys by slot on every pass.")
         out.append("")
     return "\n".join(out)
+
+
+CEILINGS = {"gemm_fp8": "FP8 GEMM", "gemm_bf16": "bf16 GEMM"}
+
+
+def _of_ceiling(row: dict) -> str:
+    """The fraction of the ceiling a row was measured against (its precision's GEMM rate)."""
+    if "fraction_of_ceiling" not in row:
+        return "-"
+    return f"{100 * row['fraction_of_ceiling']:.0f}% of {CEILINGS.get(row.get('ceiling'), row.get('ceiling'))}"
+
+
+def _not_measured(row: dict) -> str:
+    """What a skipped or failed row stands for: an implementation, or every one at a case."""
+    if row.get("impl") != "*":
+        return row["impl"]
+    return f"every implementation at D={row['D']}, {row['query_frames']} query and {row['cached']} cached frames"
 
 
 def main() -> int:

@@ -408,3 +408,150 @@ def test_stream_steady_state_starts_after_the_capture_block(cfg):
         g.step()
         block += 1
     assert warm_up_blocks(cfg) == (block - 1) + WARMUP_PASSES + 1
+
+
+def test_gpu_timing_keeps_no_memory_and_times_the_device_asked_for(monkeypatch):
+    """harness.time_ms's GPU path on the CPU, torch.cuda faked: the L2 flush buffer is freed on
+    return (kept, it counted in the stream's peak memory), and the events and the spin kernel are
+    issued on the device timed (torch issues them on the current one: cuda:0 for a cuda:1 run)."""
+    import contextlib
+    import time
+    import types
+    import weakref
+    sys.path.insert(0, ROOT)
+    from bench import harness
+    current, issued = [0], []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            issued.append(("event", current[0]))
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return 1e3 * (end.t - self.t)
+
+    @contextlib.contextmanager
+    def device(d):
+        before = current[0]
+        current[0] = torch.device(d).index if torch.device(d).index is not None else before
+        try:
+            yield
+        finally:
+            current[0] = before
+    buffers, empty = [], torch.empty
+
+    def empty_on_cpu(*size, **kw):  # the flush buffer, allocated on the CPU
+        t = empty(*size, **dict(kw, device="cpu"))
+        buffers.append(weakref.ref(t))
+        return t
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: issued.append(("sleep", current[0])))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(clock_rate=1_980_000))
+    monkeypatch.setattr(torch, "empty", empty_on_cpu)
+    monkeypatch.setattr(harness, "FLUSH_BYTES", 1 << 10)
+    timing = harness.time_ms(lambda: None, [()], torch.device("cuda", 1), reps=4)
+    assert timing["samples"] == 4 and timing["median_ms"] >= 0
+    assert len(issued) == 9 and {d for _, d in issued} == {1}
+    assert buffers and all(ref() is None for ref in buffers)
+
+
+def test_stream_rows_own_their_first_frame_and_peak_memory(monkeypatch):
+    """A stream row's time to first frame is a fresh stream's in the warm process (the run's own
+    first block carries what the process does once, e.g. Triton compiles, in the first row only),
+    and an earlier row's engine (a StreamGenerator is a reference cycle) is freed before the next
+    row's peak memory is counted."""
+    import gc
+    import time
+    sys.path.insert(0, ROOT)
+    from bench import stream
+    from xjfast.engine import StreamGenerator
+    from xjfast.models import build
+    model, decoder, _, preset = build("tiny")
+    prompt = torch.randn(preset.text_tokens, preset.dit.text_dim, generator=torch.Generator().manual_seed(0))
+    forward, once = model.forward, []
+
+    def first_call_slow(*args, **kwargs):  # a process's one-time work
+        if not once:
+            once.append(time.sleep(2.0))
+        return forward(*args, **kwargs)
+    engines_alive = []
+    monkeypatch.setattr(model, "forward", first_call_slow)
+    monkeypatch.setattr(stream, "on_gpu", lambda device: True)  # peak memory is read on a GPU only
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: engines_alive.append(
+        sum(type(o) is StreamGenerator for o in gc.get_objects())))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
+    cfg = dict(steps=1, frames_per_block=1, sink=1, window=1, steady=1)
+    gc.disable()  # what an explicit collection frees, and nothing else
+    try:
+        rows = [stream._recorded(stream._run, model, decoder, preset, torch.device("cpu"), stream.ENGINES[name],
+                                 cfg, prompt) for name in stream.ENGINES]
+    finally:
+        gc.enable()
+    assert all("error" not in r for r in rows), rows
+    assert engines_alive == [1, 1]
+    assert rows[0]["cold_time_to_first_frame_ms"] >= 2000 > rows[0]["time_to_first_frame_ms"]
+
+
+def test_memory_bound_bytes_count_every_tensor_the_op_moves():
+    """kv_cache_commit reads bf16 K, V and writes e4m3 pages and every scale (k_scale too): the GB/s
+    figure is those bytes over the median time."""
+    sys.path.insert(0, ROOT)
+    from bench import kernels
+    rows = kernels.memory_bound(torch.device("cpu"), {"copy": {"GB/s": 1.0}})
+    [commit] = [r for r in rows if r["op"] == "kv_cache_commit" and r["backend"] == "reference"]
+    H, D, T = 2, 64, 32  # CPU mode: one frame
+    moved = T * H * D * (2 * 2 + 2 * 1) + 4 * H + 2 * 4 * H * D
+    assert commit["GB/s"] * 1e9 * commit["median_ms"] / 1e3 == pytest.approx(moved, rel=1e-9)
+    assert commit["fraction_of_ceiling"] == pytest.approx(commit["GB/s"])
+
+
+def test_attention_fractions_are_of_the_ceiling_of_the_precision_run(monkeypatch):
+    """xjfast's FP8 rows and an 8-bit peer (SageAttention: INT8 Q.K, FP8 P.V) against the FP8 GEMM
+    rate; bf16 rows and bf16 peers against bf16's; each row names its ceiling."""
+    sys.path.insert(0, ROOT)
+    from bench import kernels
+
+    def peer(q):
+        return lambda: q.clone()
+    monkeypatch.setattr(kernels, "_peers", lambda case, cache, frames, q, k, v, *_: {
+        "sageattention": peer(q), "flash-attn": peer(q)})
+    shape = dict(heads=[2], head_dim=[64], frame_tokens=[16], query_frames=[1], cached_frames=[1])
+    rows = kernels.attention(torch.device("cpu"), {"gemm_fp8": {"TFLOP/s": 2.0}, "gemm_bf16": {"TFLOP/s": 1.0}},
+                             shape=shape)
+    by_impl = {r["impl"]: r for r in rows if "TFLOP/s" in r}
+    for impl, ceiling, rate in (("xjfast-reference-fp8", "gemm_fp8", 2.0), ("sageattention", "gemm_fp8", 2.0),
+                                ("xjfast-reference-bf16", "gemm_bf16", 1.0), ("flash-attn", "gemm_bf16", 1.0)):
+        row = by_impl[impl]
+        assert row["ceiling"] == ceiling and row["fraction_of_ceiling"] == pytest.approx(row["TFLOP/s"] / rate), impl
+
+
+def test_readme_tables_show_fractions_memory_and_what_was_not_measured(tmp_path):
+    """The README's tables carry each attention figure's fraction of its ceiling, the stream's peak
+    memory and memory after 100 and 1,000 frames, and every implementation not measured with the
+    reason: peers that are not installed and runs that failed included."""
+    sys.path.insert(0, ROOT)
+    from bench.readme_tables import tables
+    case = {"H": 12, "D": 128, "T": 1560, "query_frames": 2, "cached": 12}
+    timed = {"median_ms": 2.0, "min_ms": 1.9, "max_ms": 2.1, "rel_l2": 0.01}
+    data = _gpu_results("H100", "2026-11-01", "9.0", [
+        dict(case, op="temporal_attention", backend="triton", impl="xjfast-triton-fp8", case="c-fp8", **timed,
+             **{"TFLOP/s": 500.0}, fraction_of_ceiling=0.4, ceiling="gemm_fp8"),
+        dict(case, op="temporal_attention", backend="cuda", impl="xjfast-cuda[ws]-fp8", case="c-fp8",
+             error="RuntimeError: boom"),
+        dict(case, op="temporal_attention", impl="sageattention", skipped="not installed")])
+    data["stream"] = {"preset": "wan2.1-1.3b", "rows": [dict(
+        engine="xjfast-fp8", steps=1, frames_per_block=1, sink=1, window=8, steady_model_fps=100.0,
+        steady_end_to_end_fps=90.0, time_to_first_frame_ms=120.0, steady_interval_p50_ms=40.0,
+        steady_interval_p99_ms=50.0, peak_memory_gib=6.25)],
+        "memory": {"allocated_after_100_frames": 3 * 2 ** 30, "allocated_after_1000_frames": 3 * 2 ** 30,
+                   "flat": True}}
+    (tmp_path / "h100.json").write_text(json.dumps(data))
+    text = tables(str(tmp_path))
+    assert "| xjfast-triton-fp8 | 128 | 2 | 12 | 500.0 | 40% of FP8 GEMM | 2.000 | 1.00e-02 |" in text
+    assert "sageattention (not installed)" in text and "xjfast-cuda[ws]-fp8 (RuntimeError: boom)" in text
+    assert "| 6.25 |" in text and "3.000 and 3.000 GiB (flat)" in text
