@@ -183,13 +183,16 @@ def _device_info(device: torch.device) -> dict:
     return info
 
 
-def _commit() -> str:
-    """The checkout's commit; for an installed package (no checkout of ours around it), its version."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def _commit(root: str = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) -> str:
+    """The checkout's commit, "-dirty" when tracked files differ from it (the figures are not that
+    commit's); for an installed package (no checkout of ours around it), its version."""
     if os.path.isfile(os.path.join(root, "setup.py")):
         try:
-            return subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True,
-                                  check=True, cwd=root).stdout.strip()
+            def git(*args):
+                return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=root).stdout
+            # content only: a copied work tree (a GPU machine's) may not keep the files' modes
+            dirty = git("-c", "core.fileMode=false", "status", "--porcelain", "--untracked-files=no").strip()
+            return git("rev-parse", "--short=10", "HEAD").strip() + ("-dirty" if dirty else "")
         except (OSError, subprocess.CalledProcessError):
             pass
     import xjfast

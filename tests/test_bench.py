@@ -555,3 +555,25 @@ def test_readme_tables_show_fractions_memory_and_what_was_not_measured(tmp_path)
     assert "| xjfast-triton-fp8 | 128 | 2 | 12 | 500.0 | 40% of FP8 GEMM | 2.000 | 1.00e-02 |" in text
     assert "sageattention (not installed)" in text and "xjfast-cuda[ws]-fp8 (RuntimeError: boom)" in text
     assert "| 6.25 |" in text and "3.000 and 3.000 GiB (flat)" in text
+
+
+def test_results_of_a_modified_checkout_are_marked_dirty(tmp_path):
+    """The results file names the commit it measured: tracked changes make it "<commit>-dirty"
+    (untracked files, such as a build or the results themselves, do not)."""
+    from bench.harness import _commit
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "setup.py").write_text("# a checkout of ours\n")
+    git("add", "setup.py")
+    git("commit", "-q", "-m", "x")
+    head = git("rev-parse", "--short=10", "HEAD")
+    (tmp_path / "results.json").write_text("{}")
+    assert _commit(str(tmp_path)) == head
+    (tmp_path / "setup.py").write_text("# changed\n")
+    assert _commit(str(tmp_path)) == f"{head}-dirty"
+    (tmp_path / "setup.py").write_text("# a checkout of ours\n")
+    (tmp_path / "setup.py").chmod(0o755)  # a copy that lost or changed modes measured the same code
+    assert _commit(str(tmp_path)) == head
