@@ -116,6 +116,15 @@ def test_unusable_device_exits_with_a_message(tmp_path, capsys, args, message):
     assert capsys.readouterr().err.strip() == f"xjfast generate: {message}"
 
 
+def test_a_gpu_index_torch_does_not_see_is_refused(monkeypatch):
+    from xjfast.cli import device_option
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device_option("cuda:1") == torch.device("cuda:1") and device_option("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"--device: expected cuda:0 to cuda:1 \(the GPUs torch sees\), got 'cuda:2'"):
+        device_option("cuda:2")
+
+
 def test_zero_threads_is_refused():
     with pytest.raises(SystemExit):
         main(["generate", "--threads", "0"])

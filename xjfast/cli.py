@@ -27,6 +27,9 @@ def device_option(value: str):
         raise ValueError(f"--device: expected cpu or cuda[:N], got {value!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: no CUDA GPU is usable here (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device: expected cuda:0 to cuda:{torch.cuda.device_count() - 1} (the GPUs torch sees), "
+                         f"got {value!r}")
     return device
 
 
