@@ -79,6 +79,21 @@ def test_recache_under_the_same_prompt_reproduces_the_cache(tiny):
     assert (g.cache.k_mean - means).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("sink", [1, 2])
+def test_recache_encodes_the_frames_of_a_block_together_as_the_stream_did(tiny, sink):
+    """frames_per_block=2: a committed block's frames saw each other when the stream encoded them;
+    recache encodes them so again where the cached frames are whole blocks (frame by frame where
+    eviction left part of one), so under the same prompt it reproduces the cache."""
+    g = generator(tiny, precision="bf16", cache_config=CacheConfig(sink, 8, storage="fp32"), backend="reference",
+                  frames_per_block=2)
+    for _ in range(3):
+        g.step()
+    assert g.cache.cached_frames(0) == [0, 1, 2, 3]
+    means = g.cache.k_mean.clone()
+    g.set_prompt("a quiet forest at dawn", recache=True)
+    assert (g.cache.k_mean - means).abs().max() < 1e-4
+
+
 def test_transition_counts_latent_frames_in_blocks_of_several(tiny):
     g = generator(tiny, frames_per_block=2)
     g.step()

@@ -199,13 +199,19 @@ class StreamGenerator:
         return True
 
     def _recache(self, prompt_kv) -> None:
-        """Re-encode the cached frames (their clean latents, in slot order) under `prompt_kv`."""
+        """Re-encode the cached frames (their clean latents, in slot order) under `prompt_kv`: as the
+        stream encoded them, a block's frames together (block-causal by stream block), where the
+        cached frames are whole blocks; frame by frame where eviction left part of one."""
         view = self.cache.view(0)
         frames = self.cache.cached_frames(0)
         slots = [u.position for u in view.units if u.page != KEEP]
         x = torch.cat([self._latents[f] for f in frames], dim=2)
+        fpb = self.frames_per_block
+        whole = len(frames) % fpb == 0 and all(f == frames[i - i % fpb] + i % fpb and frames[i - i % fpb] % fpb == 0
+                                               for i, f in enumerate(frames))
+        block = fpb if whole else 1
         captured = []
-        self.model(x, torch.zeros(self.batch, len(frames), device=self.device), prompt_kv, block_frames=1,
+        self.model(x, torch.zeros(self.batch, len(frames) // block, device=self.device), prompt_kv, block_frames=block,
                    precision=self.precision, backend=self.backend, frame_slots=slots,
                    kv_frames=list(range(len(frames))), kv_out=captured)
         self.cache.recache(captured)
