@@ -107,7 +107,10 @@ def hopper_paths(capability: tuple[int, int] | None) -> bool:
     memory one byte at a time (64 STS.U8 per thread per 64 keys), so V comes as four interleaved
     key sets, each thread then holding four consecutive keys of its channels (16 32-bit stores).
     sm_100's MMA reads V as it lies; there the four loads only cost registers (it spilled). Ada
-    (sm_89) shares sm_90's target: its FP8 mma.sync also takes V K-major, into registers."""
+    (sm_89) shares sm_90's target: its FP8 mma.sync also takes V K-major, into registers, and keeps
+    13 mantissa bits of its accumulator as Hopper does (two-level accumulation). Consumer
+    Blackwell (sm_120) takes sm_100's: its FP8 mma.sync accumulates in fp32 (SageAttention runs
+    it with pv_accum_dtype="fp32" there), and compiled so it neither spills nor stores bytes."""
     return capability is None or target(capability) == "sm_90"
 
 
