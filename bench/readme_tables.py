@@ -151,9 +151,17 @@ def tables(results_dir: str) -> str:
                         out.append(f"| {r['latent_frames']} latent frame(s) at 480x832 | {r['tokens']} | "
                                    f"{r['diffusers_default']['median_ms']:.1f} | enable(precision=\"{precision}\") | "
                                    f"{fig['median_ms']:.1f} | {fig['speedup']:.2f}x | {fig['rel_l2']:.2e} |")
-        # xjfast's backends and the peers alike, and what failed: a peer absent from the tables says why
-        skipped = sorted({f"{_not_measured(r)} ({r.get('skipped') or r['error']})"
-                          for r in data.get("attention", []) + data.get("memory_bound", [])
+        # xjfast's backends and the peers alike, the drop-in's and the stream's rows, and what failed:
+        # a row absent from the tables says why
+        wan = data.get("diffusers_wan", {})
+        rows = [(_not_measured(r), r) for r in data.get("attention", []) + data.get("memory_bound", [])]
+        rows += [("diffusers Wan", wan)] + [(f"diffusers Wan, {r['latent_frames']} latent frame(s)", r)
+                                            for r in wan.get("rows", [])]
+        rows += [(f"diffusers Wan, {r['latent_frames']} latent frame(s), enable(precision=\"{p}\")", fig)
+                 for r in wan.get("rows", []) for p, fig in r.get("xjfast", {}).items()]
+        rows += [(f"stream {r['engine']}, {r['steps']} step(s), {r['frames_per_block']} frame(s)/block, sink+window "
+                  f"{r['sink']}+{r['window']}", r) for r in data.get("stream", {}).get("rows", [])]
+        skipped = sorted({f"{name} ({r.get('skipped') or r['error']})" for name, r in rows
                           if r.get("skipped") or r.get("error")})
         if skipped:
             out.append("\nNot measured: " + "; ".join(skipped) + ".")

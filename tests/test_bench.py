@@ -557,6 +557,30 @@ def test_readme_tables_show_fractions_memory_and_what_was_not_measured(tmp_path)
     assert "| 6.25 |" in text and "3.000 and 3.000 GiB (flat)" in text
 
 
+def test_readme_tables_list_the_stream_and_drop_in_rows_not_measured(tmp_path):
+    """A stream row that failed (e.g. out of memory) or was cut by the budget, and a drop-in row or
+    precision that was, are named with the reason instead of vanishing from the tables."""
+    sys.path.insert(0, ROOT)
+    from bench.readme_tables import tables
+    data = _gpu_results("H100", "2026-11-01", "9.0", [])
+    data["stream"] = {"preset": "wan2.1-1.3b", "rows": [
+        dict(engine="xjfast-fp8", steps=1, frames_per_block=1, sink=1, window=8, error="OutOfMemoryError: boom"),
+        dict(engine="baseline-sdpa-bf16", steps=4, frames_per_block=1, sink=1, window=8, skipped="not run: 3 s left")]}
+    data["diffusers_wan"] = {"model": "Wan", "rows": [
+        dict(latent_frames=1, tokens=1560, diffusers_default={"median_ms": 9.0}, xjfast={"fp8": {"error": "E: x"}}),
+        dict(latent_frames=21, skipped="out of the run's time budget (2 s left)")]}
+    (tmp_path / "h100.json").write_text(json.dumps(data))
+    text = tables(str(tmp_path))
+    for expected in ("stream xjfast-fp8, 1 step(s), 1 frame(s)/block, sink+window 1+8 (OutOfMemoryError: boom)",
+                     "stream baseline-sdpa-bf16, 4 step(s), 1 frame(s)/block, sink+window 1+8 (not run: 3 s left)",
+                     'diffusers Wan, 1 latent frame(s), enable(precision="fp8") (E: x)',
+                     "diffusers Wan, 21 latent frame(s) (out of the run's time budget (2 s left))"):
+        assert expected in text, expected
+    data["diffusers_wan"] = {"skipped": "diffusers is not installed"}
+    (tmp_path / "h100.json").write_text(json.dumps(data))
+    assert "diffusers Wan (diffusers is not installed)" in tables(str(tmp_path))
+
+
 def test_results_of_a_modified_checkout_are_marked_dirty(tmp_path):
     """The results file names the commit it measured: tracked changes make it "<commit>-dirty"
     (untracked files, such as a build or the results themselves, do not)."""
