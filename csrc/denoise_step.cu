@@ -45,17 +45,6 @@ __device__ __forceinline__ void store4(T* p, const float (&v)[4]) {
   }
 }
 
-// Element i's offset in model_out, token or latent layout.
-template <bool kTokens>
-__device__ __forceinline__ int64_t model_out_offset(const DenoiseGeometry& g, int b, int c, int f, int y, int x) {
-  if (kTokens) {
-    const int64_t token = (static_cast<int64_t>(f / g.pt) * (g.H / g.ph) + y / g.ph) * (g.W / g.pw) + x / g.pw;
-    const int64_t channel = (static_cast<int64_t>((f % g.pt) * g.ph + y % g.ph) * g.pw + x % g.pw) * g.C + c;
-    return b * g.sm[0] + token * g.sm[1] + channel * g.sm[2];
-  }
-  return b * g.sm[0] + c * g.sm[1] + f * g.sm[2] + y * g.sm[3] + x * g.sm[4];
-}
-
 template <typename T, bool kTokens, bool kNext, bool kRows>
 __global__ void denoise_step_kernel(const T* __restrict__ xt, const T* __restrict__ mo, const float* __restrict__ coef,
                                     T* __restrict__ x0, T* __restrict__ xn, DenoiseGeometry g, uint64_t frame_index,

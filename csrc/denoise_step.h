@@ -4,14 +4,9 @@
 
 #include <cstdint>
 
-namespace xjfast {
+#include "denoise_layout.h"
 
-struct DenoiseGeometry {
-  int B, C, F, H, W;     // latent shape of x_t and the outputs (outputs contiguous)
-  int pt, ph, pw;        // patch size (token layout only)
-  int64_t sx[5];         // x_t strides, elements
-  int64_t sm[5];         // model_out strides: 5 (latent layout) or the first 3 (tokens)
-};
+namespace xjfast {
 
 struct DenoiseArgs {
   const void* x_t;

@@ -12,6 +12,9 @@
 //                                    kernel's descriptors as the PTX ISA defines them, P from registers
 //   wgmma-tma SEED D              -> the same with K and V as TMA writes them for the
 //                                    warp-specialized kernel (D-byte swizzle)
+//   token-offset B C F H W PT PH PW SM0 SM1 SM2 b c f y x
+//                                 -> denoise_step's offset of latent element (b, c, f, y, x) in
+//                                    model_out's token layout
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
@@ -22,6 +25,7 @@
 #include <random>
 #include <vector>
 
+#include "denoise_layout.h"
 #include "e4m3.cuh"
 #include "mma_fragments.cuh"
 #include "philox.cuh"
@@ -403,7 +407,17 @@ int main(int argc, char** argv) {
     return wgmma_tiles(static_cast<uint32_t>(strtoul(argv[2], nullptr, 0)), atoi(argv[3]), argv[1][5] == '-');
   if (argc == 3 && !strcmp(argv[1], "fragments")) return fragments(static_cast<uint32_t>(strtoul(argv[2], nullptr, 0)));
   if (argc == 3 && !strcmp(argv[1], "banks")) return bank_conflicts(atoi(argv[2]));
+  if (argc == 18 && !strcmp(argv[1], "token-offset")) {
+    long long v[16];
+    for (int i = 0; i < 16; ++i) v[i] = strtoll(argv[2 + i], nullptr, 0);
+    xjfast::DenoiseGeometry g{};
+    g.B = int(v[0]), g.C = int(v[1]), g.F = int(v[2]), g.H = int(v[3]), g.W = int(v[4]);
+    g.pt = int(v[5]), g.ph = int(v[6]), g.pw = int(v[7]);
+    g.sm[0] = v[8], g.sm[1] = v[9], g.sm[2] = v[10];
+    printf("%" PRId64 "\n", xjfast::model_out_offset<true>(g, int(v[11]), int(v[12]), int(v[13]), int(v[14]), int(v[15])));
+    return 0;
+  }
   fprintf(stderr, "usage: host_tests philox C0 C1 C2 C3 K0 K1 | normal SEED FRAME N | e4m3 < floats | fragments SEED | "
-                  "wgmma SEED D | wgmma-tma SEED D | banks D\n");
+                  "wgmma SEED D | wgmma-tma SEED D | banks D | token-offset B C F H W PT PH PW SM0 SM1 SM2 b c f y x\n");
   return 2;
 }

@@ -95,3 +95,22 @@ def test_shared_memory_passes_are_free_of_bank_conflicts(host_tests, D):
            (line.split() for line in run(host_tests, "banks", D).strip().splitlines())}
     assert got == {"mma": (1, 1), "wgmma": (1, 1), "ws": (2 if D == 64 else 1, 1), "query": (1, 1 if D == 64 else 2)}
 
+
+
+@pytest.mark.parametrize("shape, patch, element", [
+    ((1, 16, 3, 60, 104), (1, 2, 2), (0, 7, 2, 59, 103)),
+    # pt * ph > 2^31 (F <= 65535, H any): the channel index passes INT_MAX before it is scaled
+    ((1, 1, 32769, 65536, 4), (32769, 65536, 4), (0, 0, 32768, 65535, 3)),
+])
+def test_denoise_token_offset_is_exact_past_int32(host_tests, shape, patch, element):
+    """denoise_step's model_out offset in the token layout (csrc/denoise_layout.h), against Wan2.1's
+    unpatchify order computed in Python integers."""
+    B, C, F, H, W = shape
+    pt, ph, pw = patch
+    b, c, f, y, x = element
+    channels = pt * ph * pw * C
+    strides = ((F // pt) * (H // ph) * (W // pw) * channels, channels, 1)
+    token = ((f // pt) * (H // ph) + y // ph) * (W // pw) + x // pw
+    channel = (((f % pt) * ph + y % ph) * pw + x % pw) * C + c
+    expected = b * strides[0] + token * strides[1] + channel * strides[2]
+    assert int(run(host_tests, "token-offset", *shape, *patch, *strides, *element)) == expected

@@ -202,6 +202,16 @@ def test_fast_backends_refuse_more_latent_frames_than_a_grid_axis_holds(backend,
     assert supports(x[:, :, :65535], x[:, :, :65535]) is None
 
 
+def test_cuda_backend_refuses_latent_sizes_past_int32():
+    """The bindings take the latent shape as C++ ints: a larger size goes elsewhere (auto) rather
+    than reach pybind11's TypeError."""
+    from xjfast.backends import implementations
+    supports = implementations("denoise_step")["cuda"].supports
+    x = torch.empty(1, 1, 1, 1, 1).expand(1, 1, 1, 1, 2**31)  # no memory behind the row
+    assert supports(x, x) == "the CUDA kernel takes latent sizes below 2^31, got shape (1, 1, 1, 1, 2147483648)"
+    assert supports(x[..., :-1], x[..., :-1]) is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no GPU is present")
 def test_cuda_backend_unavailable_says_why():
     with pytest.raises(BackendUnavailable, match="denoise_step: backend 'cuda' is unavailable: [a-z]+"):

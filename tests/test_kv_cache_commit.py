@@ -205,6 +205,27 @@ def test_triton_commit_refuses_more_batch_x_heads_than_a_grid_axis_holds():
     assert supports(k[:4095]) is None
 
 
+def test_cuda_commit_passes_to_others_what_its_entry_point_refuses():
+    """Pages not 16-byte aligned, or more (frame, batch, head) units than one launch holds: the
+    bindings raise ValueError (see below), so auto must go elsewhere, with the reason."""
+    from xjfast.backends import implementations
+    from xjfast.ops.fp8 import E4M3
+    supports = implementations("kv_cache_commit")["cuda"].supports
+    k = torch.randn(1, 64, 2, 64, dtype=torch.bfloat16)
+    st = storage(2, 1, 64, 2, 64, E4M3)
+    raw = torch.empty(st[0].numel() + 8, dtype=torch.uint8)[8:].view(E4M3).view(st[0].shape)  # contiguous, 8 bytes off
+    assert supports(k, k, *st, None) is None
+    assert supports(k, k, raw, *st[1:], None).startswith("k_pages: the CUDA kernel stores 16-byte vectors")
+    assert supports(k, k, st[0], raw, *st[2:], None).startswith("v_pages: the CUDA kernel stores 16-byte vectors")
+    # n = 2^24 frames of 1024 tokens (8 CTAs each) x 4 x 4: k and v expanded, no memory behind them
+    n, B, T, H = 1 << 24, 4, 1024, 4
+    st = storage(1, B, T, H, 64, E4M3)
+    k = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16).expand(B, n * T, H, 64)
+    assert supports(k, k, *st, None) == ("the CUDA kernel launches 8 CTAs per (frame, batch, head) on one grid axis of "
+                                         "at most 2^31 - 1, got 268435456 units")
+    assert supports(k[:, :(n - 1) * T], k[:, :(n - 1) * T], *st, None) is None
+
+
 # The CUDA entry point checks its arguments before touching the GPU, so these run anywhere _C is built.
 def commit_args(**changes):
     fake = 1 << 20  # an aligned address that is never dereferenced: every case raises first

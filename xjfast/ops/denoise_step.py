@@ -213,6 +213,8 @@ def denoise_step_triton(*args):
 def _cuda_supports(x_t, model_out, *_) -> str | None:
     if x_t.shape[2] > MAX_GRID_Y:  # what the bindings would raise
         return grid_reason("CUDA", "latent frames", x_t.shape[2])
+    if max(x_t.shape) > 2**31 - 1:  # the bindings take the shape as C++ ints (x_t may be expanded: no memory behind)
+        return f"the CUDA kernel takes latent sizes below 2^31, got shape {tuple(x_t.shape)}"
     if model_out.dtype != x_t.dtype:  # rounding model_out to x_t's dtype first would not be fp32 arithmetic
         return (f"the CUDA kernel reads model_out in x_t's dtype ({x_t.dtype}), got {model_out.dtype} "
                 f"(backend='triton' reads both)")

@@ -94,7 +94,11 @@ def kv_cache_commit_triton(*args):
     launch(*args, interpret=triton_interpreted())
 
 
+CUDA_MAX_CLUSTER, CUDA_MIN_CHUNK = 8, 128  # csrc/kv_cache_commit.cu: a unit takes one CTA per 128 tokens, up to 8
+
+
 def _cuda_supports(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids) -> str | None:
+    """What the CUDA entry point would refuse with a ValueError, so that auto goes elsewhere."""
     from xjfast.ops._cuda import aligned_16
     if k.shape[-1] not in (64, 128):
         return f"the CUDA kernel takes head_dim 64 or 128, got {k.shape[-1]}"
@@ -102,6 +106,15 @@ def _cuda_supports(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids) -
         if not aligned_16(t, unit_dims=False):
             return (f"{name}: the CUDA kernel reads 16-byte vectors, so the address and the (b, token, head) strides "
                     f"must be multiples of 16 bytes (backend='triton' reads any), got strides {t.stride()}")
+    for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
+        if t.data_ptr() % 16:  # contiguous (checked): rows of D elements, 16-byte multiples
+            return (f"{name}: the CUDA kernel stores 16-byte vectors, so the storage must start 16-byte aligned "
+                    f"(backend='triton' writes any), got address {t.data_ptr():#x}")
+    _, B, T, H, _ = k_pages.shape
+    units, cluster = k.shape[1] // T * B * H, min(CUDA_MAX_CLUSTER, -(-T // CUDA_MIN_CHUNK))
+    if units * cluster > 2**31 - 1:  # k and v may be expanded: no memory need stand behind them
+        return (f"the CUDA kernel launches {cluster} CTAs per (frame, batch, head) on one grid axis of at most 2^31 - 1, "
+                f"got {units} units")
     return None
 
 
@@ -109,7 +122,7 @@ def _cuda_supports(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids) -
 @register("kv_cache_commit", "cuda", min_capability=(9, 0), supports=_cuda_supports)
 def kv_cache_commit_cuda(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids):
     """csrc/kv_cache_commit.cu. k/v and the pages are read and written 16 bytes at a time (what
-    _cuda_supports checks of k and v; the bindings raise ValueError for storage that is not).
+    _cuda_supports checks; the bindings raise ValueError for a direct call that breaks it).
     A page id outside [0, P) is skipped by the kernel (the op cannot read device ids without a sync)."""
     from xjfast.ops._cuda import DTYPE_CODES, extension, stream_handle
     P, B, T, H, D = k_pages.shape
