@@ -226,6 +226,36 @@ def test_cuda_commit_passes_to_others_what_its_entry_point_refuses():
     assert supports(k[:, :(n - 1) * T], k[:, :(n - 1) * T], *st, None) is None
 
 
+@pytest.mark.parametrize("op", ["kv_cache_commit", "kv_cache_compact", "temporal_attention"])
+def test_cuda_cache_kernels_pass_a_gpu_with_too_little_shared_memory_to_others(monkeypatch, op):
+    """Both set aside 160 KiB of shared memory for staged rows: a GPU that gives a block less
+    (sm_120: 99 KiB) would fail in cudaFuncSetAttribute, so auto goes elsewhere, with the reason
+    (the CUDA attention too: it quantizes its pass with the commit kernel)."""
+    import types
+
+    from xjfast.backends import implementations
+    from xjfast.ops import _cuda
+    props = {"optin": 227 << 10}
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(shared_memory_per_block_optin=props["optin"]))
+    assert _cuda.shared_memory_reason(torch.device("cuda:0")) is None
+    assert _cuda.shared_memory_reason(torch.device("cpu")) is None
+    props["optin"] = 99 << 10
+    reason = ("the CUDA kernel sets aside 180 KiB of shared memory per block, this GPU allows 99 KiB "
+              "(backend='triton' runs it)")
+    assert _cuda.shared_memory_reason(torch.device("cuda:0")) == reason
+    monkeypatch.setattr(_cuda, "shared_memory_reason", lambda device, r=reason: r)  # the hooks ask it of their GPU
+    st = storage(2, 1, 64, 2, 64, torch.float8_e4m3fn)
+    k = torch.randn(1, 64, 2, 64, dtype=torch.bfloat16)
+    if op == "temporal_attention":
+        from xjfast.ops.temporal_attention import _validate
+        args, reason = (k, k, k, _validate(k, k, k, None, None, None, None, None, "fp8", "auto"), None), \
+            f"it quantizes the pass with the CUDA commit kernel: {reason}"
+    else:
+        args = (k, k, *st, None) if op == "kv_cache_commit" else (st, 0, st, None)
+    assert implementations(op)["cuda"].supports(*args) == reason
+
+
 # The CUDA entry point checks its arguments before touching the GPU, so these run anywhere _C is built.
 def commit_args(**changes):
     fake = 1 << 20  # an aligned address that is never dereferenced: every case raises first

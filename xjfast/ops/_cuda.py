@@ -22,5 +22,22 @@ def aligned_16(t: torch.Tensor, *, unit_dims: bool = True) -> bool:
                                           for s, n in zip(t.stride()[:-1], t.shape[:-1]) if unit_dims or n > 1)
 
 
+# csrc/kv_cache_{commit,compact}.cu: kStageBytes (160 KiB) of staged rows beside ~20 KiB of static
+# shared memory, allowed per kernel once per device; sm_90 and sm_100 give a block 227 KiB
+CACHE_KERNEL_SHARED_BYTES = 180 << 10
+
+
+def shared_memory_reason(device: torch.device) -> str | None:
+    """Why the CUDA cache kernels cannot run on `device` (a GPU that gives a block less shared
+    memory than they set aside, e.g. sm_120's 99 KiB), or None."""
+    if device.type != "cuda":
+        return None
+    optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+    if optin is not None and optin < CACHE_KERNEL_SHARED_BYTES:
+        return (f"the CUDA kernel sets aside {CACHE_KERNEL_SHARED_BYTES >> 10} KiB of shared memory per block, "
+                f"this GPU allows {optin >> 10} KiB (backend='triton' runs it)")
+    return None
+
+
 def stream_handle(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream

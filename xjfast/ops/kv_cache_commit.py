@@ -99,9 +99,11 @@ CUDA_MAX_CLUSTER, CUDA_MIN_CHUNK = 8, 128  # csrc/kv_cache_commit.cu: a unit tak
 
 def _cuda_supports(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids) -> str | None:
     """What the CUDA entry point would refuse with a ValueError, so that auto goes elsewhere."""
-    from xjfast.ops._cuda import aligned_16
+    from xjfast.ops._cuda import aligned_16, shared_memory_reason
     if k.shape[-1] not in (64, 128):
         return f"the CUDA kernel takes head_dim 64 or 128, got {k.shape[-1]}"
+    if shared_memory_reason(k.device):
+        return shared_memory_reason(k.device)
     for name, t in (("k", k), ("v", v)):
         if not aligned_16(t, unit_dims=False):
             return (f"{name}: the CUDA kernel reads 16-byte vectors, so the address and the (b, token, head) strides "

@@ -398,8 +398,11 @@ def temporal_attention_triton(q, k, v, plan: AttentionPlan, view):
 
 
 def _cuda_supports(q, k, v, plan: AttentionPlan, view) -> str | None:
+    from xjfast.ops._cuda import shared_memory_reason
     if _grid_reason(q, "CUDA"):
         return _grid_reason(q, "CUDA")
+    if shared_memory_reason(q.device):  # the pass's K/V go through the CUDA commit kernel
+        return f"it quantizes the pass with the CUDA commit kernel: {shared_memory_reason(q.device)}"
     if plan.frame_lags:
         return "the CUDA kernel takes no frame_lags (backend='triton' does)"
     if plan.precision != "fp8":
