@@ -116,7 +116,8 @@ for var in XJFAST_DISABLE XJFAST_CUDA_ATTENTION_SKIP; do
 done
 
 # The whole suite once on the GPU (the gpu-marked tests and every backend test with the GPU
-# visible), a line per test in the log (a stage cut off by its limit still says what passed);
+# visible), the gpu-marked ones first (tests/conftest.py), a line per test in the log (a stage cut
+# off by its limit still says what passed);
 # with pytest-xdist, one worker per 25 GB of GPU memory, 2 to 6 (the stream-shape reference
 # needs ~20 GB each; the workers also compile the Triton variants in parallel).
 pytest_args=(-v -p no:cacheprovider -rfE)

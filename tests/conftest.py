@@ -24,8 +24,15 @@ if not torch.cuda.is_available():
         pass
 
 
+def gpu_tests_first(items: list) -> list:
+    """The gpu-marked tests first, each group in its collection order: on a GPU, what only a GPU
+    can check runs before a time limit (gpu_check.sh's tests stage) may cut the suite off."""
+    return sorted(items, key=lambda item: item.get_closest_marker("gpu") is None)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
+        items[:] = gpu_tests_first(items)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     for item in items:

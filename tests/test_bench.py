@@ -601,3 +601,18 @@ def test_results_of_a_modified_checkout_are_marked_dirty(tmp_path):
     (tmp_path / "setup.py").write_text("# a checkout of ours\n")
     (tmp_path / "setup.py").chmod(0o755)  # a copy that lost or changed modes measured the same code
     assert _commit(str(tmp_path)) == head
+
+
+def test_on_a_gpu_the_gpu_tests_run_first():
+    """gpu_check.sh's tests stage may be cut off by its time limit: the suite then orders the
+    gpu-marked tests (what only the GPU run checks) first, each group in collection order."""
+    from conftest import gpu_tests_first
+
+    class Item:
+        def __init__(self, name, gpu):
+            self.name, self.gpu = name, gpu
+
+        def get_closest_marker(self, name):
+            return "marker" if name == "gpu" and self.gpu else None
+    items = [Item("a", False), Item("b", True), Item("c", False), Item("d", True)]
+    assert [i.name for i in gpu_tests_first(items)] == ["b", "d", "a", "c"]
