@@ -97,6 +97,11 @@ def grid_reason(kernel: str, what: str, count: int) -> str | None:
     return None
 
 
+def heads_grid_reason(kernel: str, batch: int, heads: int) -> str | None:
+    """grid_reason for the kernels that put batch x heads on a grid axis."""
+    return grid_reason(kernel, f"batch x heads ({batch} x {heads})", batch * heads)
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_kernels_installed() -> bool:
     """kernels/ becomes xjfast.kernels only by installing the package (setup.py's package_dir): a

@@ -207,8 +207,8 @@ class StreamGenerator:
         slots = [u.position for u in view.units if u.page != KEEP]
         x = torch.cat([self._latents[f] for f in frames], dim=2)
         fpb = self.frames_per_block
-        whole = len(frames) % fpb == 0 and all(f == frames[i - i % fpb] + i % fpb and frames[i - i % fpb] % fpb == 0
-                                               for i, f in enumerate(frames))
+        groups = [frames[i:i + fpb] for i in range(0, len(frames), fpb)]
+        whole = all(g[0] % fpb == 0 and g == list(range(g[0], g[0] + fpb)) for g in groups)
         block = fpb if whole else 1
         captured = []
         self.model(x, torch.zeros(self.batch, len(frames) // block, device=self.device), prompt_kv, block_frames=block,

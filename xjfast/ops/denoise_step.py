@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from xjfast.backends import MAX_GRID_Y, check_backend, grid_reason, register, resolve
+from xjfast.backends import check_backend, grid_reason, register, resolve
 from xjfast.errors import check_choice, check_tensor
 from xjfast.ops.philox import _check_seed, check_frame_index, latent_noise
 
@@ -211,8 +211,8 @@ def denoise_step_triton(*args):
 
 
 def _cuda_supports(x_t, model_out, *_) -> str | None:
-    if x_t.shape[2] > MAX_GRID_Y:  # what the bindings would raise
-        return grid_reason("CUDA", "latent frames", x_t.shape[2])
+    if reason := grid_reason("CUDA", "latent frames", x_t.shape[2]):  # what the bindings would raise
+        return reason
     if max(x_t.shape) > 2**31 - 1:  # the bindings take the shape as C++ ints (x_t may be expanded: no memory behind)
         return f"the CUDA kernel takes latent sizes below 2^31, got shape {tuple(x_t.shape)}"
     if model_out.dtype != x_t.dtype:  # rounding model_out to x_t's dtype first would not be fp32 arithmetic

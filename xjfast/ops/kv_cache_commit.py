@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from xjfast.backends import grid_reason, register, resolve, triton_interpreted
+from xjfast.backends import heads_grid_reason, register, resolve, triton_interpreted
 from xjfast.errors import check_tensor
 from xjfast.ops.fp8 import E4M3, scale_from_amax, to_e4m3
 
@@ -85,7 +85,7 @@ def triton_head_dim_reason(head_dim: int) -> str | None:
 
 def _triton_supports(k, *_) -> str | None:
     B, _, H, D = k.shape
-    return triton_head_dim_reason(D) or grid_reason("Triton", f"batch x heads ({B} x {H})", B * H)
+    return triton_head_dim_reason(D) or heads_grid_reason("Triton", B, H)
 
 
 @register("kv_cache_commit", "triton", min_capability=(8, 9), supports=_triton_supports)
@@ -102,8 +102,8 @@ def _cuda_supports(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids) -
     from xjfast.ops._cuda import aligned_16, shared_memory_reason
     if k.shape[-1] not in (64, 128):
         return f"the CUDA kernel takes head_dim 64 or 128, got {k.shape[-1]}"
-    if shared_memory_reason(k.device):
-        return shared_memory_reason(k.device)
+    if reason := shared_memory_reason(k.device):
+        return reason
     for name, t in (("k", k), ("v", v)):
         if not aligned_16(t, unit_dims=False):
             return (f"{name}: the CUDA kernel reads 16-byte vectors, so the address and the (b, token, head) strides "

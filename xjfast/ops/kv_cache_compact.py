@@ -96,8 +96,8 @@ def _cuda_supports(keep, keep_count, page, top) -> str | None:
     D = keep[0].shape[-1]
     if D not in (64, 128):
         return f"the CUDA kernel takes head_dim 64 or 128, got {D}"
-    if shared_memory_reason(keep[0].device):
-        return shared_memory_reason(keep[0].device)
+    if reason := shared_memory_reason(keep[0].device):
+        return reason
     for name, t in (("keep.k", keep[0]), ("keep.v", keep[1]), ("page.k", page[0]), ("page.v", page[1])):
         if t.data_ptr() % 16:  # contiguous (checked): rows of D bytes or more, 16-byte multiples
             return (f"{name}: the CUDA kernel moves 16-byte vectors, so the storage must start 16-byte aligned "

@@ -18,7 +18,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from xjfast.backends import check_backend, grid_reason, register, resolve, triton_interpreted
+from xjfast.backends import check_backend, heads_grid_reason, register, resolve, triton_interpreted
 from xjfast.errors import check_choice, check_tensor
 from xjfast.ops.fp8 import E4M3, P_SCALE, fake_quant, round_e4m3, scale_from_amax
 from xjfast.ops.kv_cache_commit import quantize_unit
@@ -382,13 +382,8 @@ def _accumulate_mass(view, units, probs) -> None:
         start += n
 
 
-def _grid_reason(q, kernel: str) -> str | None:
-    B, _, H, _ = q.shape
-    return grid_reason(kernel, f"batch x heads ({B} x {H})", B * H)
-
-
 def _triton_supports(q, k, v, plan: AttentionPlan, view) -> str | None:
-    return _grid_reason(q, "Triton")
+    return heads_grid_reason("Triton", q.shape[0], q.shape[2])
 
 
 @register("temporal_attention", "triton", min_capability=(8, 9), supports=_triton_supports)
@@ -399,10 +394,10 @@ def temporal_attention_triton(q, k, v, plan: AttentionPlan, view):
 
 def _cuda_supports(q, k, v, plan: AttentionPlan, view) -> str | None:
     from xjfast.ops._cuda import shared_memory_reason
-    if _grid_reason(q, "CUDA"):
-        return _grid_reason(q, "CUDA")
-    if shared_memory_reason(q.device):  # the pass's K/V go through the CUDA commit kernel
-        return f"it quantizes the pass with the CUDA commit kernel: {shared_memory_reason(q.device)}"
+    if reason := heads_grid_reason("CUDA", q.shape[0], q.shape[2]):
+        return reason
+    if reason := shared_memory_reason(q.device):  # the pass's K/V go through the CUDA commit kernel
+        return f"it quantizes the pass with the CUDA commit kernel: {reason}"
     if plan.frame_lags:
         return "the CUDA kernel takes no frame_lags (backend='triton' does)"
     if plan.precision != "fp8":
