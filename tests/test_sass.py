@@ -114,6 +114,36 @@ def test_every_denoise_step_variant_compiles_without_spills(tmp_path):
     assert [r["kernel"] for r in reports if r["stack_bytes"] or r["spill_stores"]] == []
 
 
+def test_loop_spills_counts_only_spills_inside_loops():
+    """A spill once per program (before or after the loops) costs next to nothing; one inside the
+    key loop costs every iteration: the tool tells them apart from the SASS's backward branches."""
+    text = """
+        /*0000*/                   STL [R1], R3 ;
+    .L_x_0:
+        /*0010*/                   LDL R4, [R1] ;
+        /*0020*/                   QGMMA.64x32x32.F32.E4M3.E4M3 R24, R8, gdesc[UR4], R24 ;
+        /*0030*/               @P0 BRA `(.L_x_0) ;
+        /*0040*/                   LDL.LU R5, [R1+0x4] ;
+    """
+    assert sass.loop_spills(text) == 1
+    assert sass.inner_loop(text)["instructions"] == 3
+
+
+@pytest.mark.parametrize("name, arch", [
+    ("temporal_attention[fp8,fp8 cache,D=128,causal,fp16,split] 64,32,4,1", 90),
+    ("temporal_attention[fp8,fp8 cache,D=128,causal,fp16,split] 64,64,8,1", 100)])
+def test_fp16_attention_spills_nothing_in_its_loops(tmp_path, name, arch):
+    """fp16 inputs, the stream's configuration, split output: at 255 registers under Triton 3.6,
+    sm_90a spills 24 bytes around the loops (prologue and epilogue, once per program), none inside
+    them; the key loops must stay free of spills on every version."""
+    out = tmp_path / "fp16.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-m", "xjfast.tools.sass", "--variants", "--kernel", name, "--arch", str(arch),
+                    "--json", str(out)], env=env, check=True, capture_output=True, text=True)
+    [r] = [r for r in json.loads(out.read_text()) if r["kernel"] == name]
+    assert r["loop_spills"] == 0 and r["stack_bytes"] <= 32, r
+
+
 def test_every_launched_kernel_is_checked():
     """A Triton kernel added to kernels/ without a spec here would escape every check above."""
     import importlib

@@ -224,13 +224,11 @@ def _tool(name: str) -> str:
     return bundled if os.path.exists(bundled) else name
 
 
-def inner_loop(sass: str) -> dict | None:
-    """The per-iteration cost of the innermost loop that holds tensor-core instructions (the key
-    loop of an attention kernel: its first copy), from one kernel's SASS as `nvdisasm -c` (branch
-    targets as labels) or `cuobjdump -sass` (as addresses) prints it: instructions, MUFU.EX2
-    (exp2) and single-byte shared stores (STS.U8) a thread issues per iteration, both branches of
-    an if inside the loop counted. None without such a loop."""
-    body, index = [], {}  # (opcode, operands); label or address -> position in body
+def _instructions(sass: str) -> tuple[list, list]:
+    """One kernel's SASS as `nvdisasm -c` (branch targets as labels) or `cuobjdump -sass` (as
+    addresses) prints it: its instructions [(opcode, operands)] and its loops [(first, last)],
+    positions in that list, from every backward branch."""
+    body, index = [], {}  # label or address -> position in body
     for line in sass.splitlines():
         if label := re.match(r"\s*(\.L_x_\d+):", line):
             index[label.group(1)] = len(body)
@@ -244,6 +242,15 @@ def inner_loop(sass: str) -> dict | None:
 
     loops = [(start, i) for i, (op, rest) in enumerate(body)
              if op.startswith("BRA") and (start := target(rest)) is not None and start <= i]
+    return body, loops
+
+
+def inner_loop(sass: str) -> dict | None:
+    """The per-iteration cost of the innermost loop that holds tensor-core instructions (the key
+    loop of an attention kernel: its first copy): instructions, MUFU.EX2 (exp2) and single-byte
+    shared stores (STS.U8) a thread issues per iteration, both branches of an if inside the loop
+    counted. None without such a loop."""
+    body, loops = _instructions(sass)
     mma = [(a, b) for a, b in loops if any(body[j][0].split(".")[0] in TENSOR_CORE_OPS for j in range(a, b + 1))]
     innermost = [(a, b) for a, b in mma if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in mma)]
     if not innermost:
@@ -251,6 +258,14 @@ def inner_loop(sass: str) -> dict | None:
     a, b = min(innermost)
     ops = [body[j][0] for j in range(a, b + 1)]
     return dict(instructions=len(ops), exp2=ops.count("MUFU.EX2"), byte_stores=ops.count("STS.U8"))
+
+
+def loop_spills(sass: str) -> int:
+    """Local-memory loads and stores (STL/LDL) inside any loop: the spills that cost per iteration
+    (a few around the loops, once per program, cost next to nothing)."""
+    body, loops = _instructions(sass)
+    inside = {j for a, b in loops for j in range(a, b + 1)}
+    return sum(1 for j in inside if body[j][0].split(".")[0] in ("STL", "LDL"))
 
 
 def register_a_chains(sass: str) -> dict:
@@ -276,7 +291,7 @@ def analyse(cubin: bytes) -> dict:
     regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage.stdout).groups())
     opcodes = collections.Counter(re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)", sass, re.M))
     return dict(registers=regs, stack_bytes=stack, spill_stores=opcodes.get("STL", 0),
-                spill_loads=opcodes.get("LDL", 0), tensor_core={op: opcodes[op] for op in TENSOR_CORE_OPS if opcodes[op]},
+                spill_loads=opcodes.get("LDL", 0), loop_spills=loop_spills(sass), tensor_core={op: opcodes[op] for op in TENSOR_CORE_OPS if opcodes[op]},
                 ffma=opcodes.get("FFMA", 0), inner_loop=inner_loop(sass), register_a=register_a_chains(sass))
 
 
@@ -322,7 +337,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     reports = []
-    print(f"{'kernel':42} {'arch':7} {'regs':>4} {'stack':>5} {'STL/LDL':>9} {'smem KiB':>8} {'loop':>15}  "
+    print(f"{'kernel':42} {'arch':7} {'regs':>4} {'stack':>5} {'STL/LDL':>9} {'in loop':>7} {'smem KiB':>8} {'loop':>15}  "
           "tensor-core ops")
     for spec in stream_specs() + (candidate_specs() if args.candidates else []) + \
             (variant_specs() if args.variants else []):
@@ -338,7 +353,7 @@ def main(argv=None) -> int:
             loop = r["inner_loop"]
             loop = f"{loop['instructions']} i {loop['exp2']} ex2" if loop else "-"
             print(f"{r['kernel']:42} {r['arch']:7} {r['registers']:>4} {r['stack_bytes']:>5} "
-                  f"{r['spill_stores']:>4}/{r['spill_loads']:<4} {r['shared_bytes'] / 1024:>8.1f} {loop:>15}  {ops}",
+                  f"{r['spill_stores']:>4}/{r['spill_loads']:<4} {r['loop_spills']:>7} {r['shared_bytes'] / 1024:>8.1f} {loop:>15}  {ops}",
                   flush=True)
     if args.json:
         with open(args.json, "w") as f:
