@@ -521,6 +521,27 @@ def where_it_differs(out, ref) -> str:
             f"by channel % 8 {by_ch8}")
 
 
+def test_a_forced_hopper_path_is_refused_on_other_gpus_with_the_reason(monkeypatch):
+    """XJFAST_CUDA_ATTENTION_CORE=wgmma or ws on a GPU other than sm_90: the CUDA backend says it
+    cannot run (auto goes to Triton) before a launch that the extension would refuse."""
+    from xjfast.ops import temporal_attention as ta
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    monkeypatch.delenv("XJFAST_CUDA_ATTENTION_CORE", raising=False)
+    assert ta.forced_core_reason(gpu) is None
+    for core in ("auto", "mma"):
+        monkeypatch.setenv("XJFAST_CUDA_ATTENTION_CORE", core)
+        assert ta.forced_core_reason(gpu) is None
+    monkeypatch.setenv("XJFAST_CUDA_ATTENTION_CORE", "ws")
+    assert ta.forced_core_reason(gpu) == "XJFAST_CUDA_ATTENTION_CORE=ws runs on sm_90 only; this GPU (sm_100) runs mma"
+    assert ta.forced_core_reason(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert ta.forced_core_reason(gpu) is None
+    monkeypatch.setenv("XJFAST_CUDA_ATTENTION_CORE", "tma")
+    with pytest.raises(ValueError, match="XJFAST_CUDA_ATTENTION_CORE"):
+        ta.forced_core_reason(gpu)
+
+
 def cuda_cores():
     """The CUDA kernel's paths this GPU runs (mma.sync everywhere; on sm_90 also wgmma and the
     warp-specialized TMA kernel ws); one that XJFAST_CUDA_ATTENTION_SKIP leaves out (gpu_check.sh:

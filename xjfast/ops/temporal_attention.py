@@ -404,6 +404,8 @@ def _cuda_supports(q, k, v, plan: AttentionPlan, view) -> str | None:
         return f"the CUDA kernel implements precision='fp8' (got {plan.precision!r}; backend='triton' runs it)"
     if view is not None and view.storage != "fp8":
         return f"the CUDA kernel reads e4m3 cache pages (this cache stores {view.storage!r}; backend='triton' reads it)"
+    if reason := forced_core_reason(q.device):
+        return reason
     if q.device.type == "cuda" and skipped_cuda_paths() and cuda_core(q.device) is None:
         return (f"XJFAST_CUDA_ATTENTION_SKIP leaves out every CUDA attention path this GPU runs "
                 f"({', '.join(cuda_paths(q.device))})")
@@ -422,6 +424,21 @@ def cuda_paths(device: torch.device | str) -> list[str]:
     (the warp-specialized TMA + wgmma kernel, csrc/temporal_attention_ws.cu) and mma; elsewhere mma
     (mma.sync)."""
     return ["wgmma", "ws", "mma"] if torch.cuda.get_device_capability(device) == (9, 0) else ["mma"]
+
+
+def forced_core_reason(device: torch.device) -> str | None:
+    """Why a CUDA `device` cannot run the path XJFAST_CUDA_ATTENTION_CORE forces (wgmma and ws are
+    Hopper's), or None: so auto goes elsewhere, and backend='cuda' says why, before the launch."""
+    core = os.environ.get("XJFAST_CUDA_ATTENTION_CORE")
+    if device.type != "cuda" or core is None:
+        return None
+    check_choice("XJFAST_CUDA_ATTENTION_CORE", core, CUDA_CORES)
+    paths = cuda_paths(device)
+    if core == "auto" or core in paths:
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return (f"XJFAST_CUDA_ATTENTION_CORE={core} runs on sm_90 only; this GPU (sm_{major}{minor}) runs "
+            f"{', '.join(paths)}")
 
 
 def skipped_cuda_paths() -> set[str]:
