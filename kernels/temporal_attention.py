@@ -95,9 +95,13 @@ def _gpu_config(capability: tuple[int, int]) -> tuple[int, int, int, int]:
 def precision_config(cfg: tuple[int, int, int, int], all_fp8: bool) -> tuple[int, int, int, int]:
     """The configuration a GPU runs where some key units are 16-bit (precision "bf16", or a cache
     stored in bf16): their K/V tiles are twice FP8's bytes, and at 4 warps a 64-key tile or a
-    second stage spilled, so those launches take 32 keys and one stage there."""
-    block_m, _, warps, _ = cfg
-    return cfg if all_fp8 or warps != 4 else (block_m, 32, warps, 1)
+    second stage spilled, so those launches take 32 keys and one stage there. At 8 warps they take
+    64 keys: for sm_100's 32-key tile (64,32,8,1) ptxas (Triton 3.6) allotted 128 registers and
+    spilled inside the key loop at head_dim 64 over a bf16-stored cache."""
+    block_m, block_n, warps, stages = cfg
+    if all_fp8:
+        return cfg
+    return (block_m, 32, warps, 1) if warps == 4 else (block_m, max(block_n, 64), warps, stages)
 
 
 def hopper_paths(capability: tuple[int, int] | None) -> bool:

@@ -709,6 +709,19 @@ def test_triton_configuration_forced_or_ranked(monkeypatch):
     assert kernel.ranked_config((12, 0), {}) == kernel.CANDIDATES["sm_100"][0]
 
 
+def test_sixteen_bit_launches_take_the_tiles_that_compile_without_spills():
+    """Launches that read 16-bit keys (precision "bf16", a bf16-stored cache) hold twice FP8's
+    bytes per K/V tile: at 4 warps 32 keys and one stage, at 8 warps at least 64 keys (sm_100's
+    64,32,8,1 spilled inside the key loop there); all-FP8 launches run the candidate as it is."""
+    pytest.importorskip("triton")
+    from xjfast.kernels.temporal_attention import CANDIDATES, precision_config
+    assert precision_config((64, 64, 4, 2), False) == (64, 32, 4, 1)
+    assert precision_config((64, 32, 8, 1), False) == (64, 64, 8, 1)
+    assert precision_config((64, 64, 8, 2), False) == (64, 64, 8, 2)
+    for cfg in CANDIDATES["sm_90"] + CANDIDATES["sm_100"]:
+        assert precision_config(cfg, True) == cfg
+
+
 @pytest.mark.parametrize("backend", ["reference"] + fast_backends("temporal_attention"))
 def test_dominant_key_read_last(backend):
     """One key scores ~200 (natural-log units) above all others and is read last in the online
