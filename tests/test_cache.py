@@ -171,6 +171,9 @@ def test_bad_commits_name_the_argument():
         cache.commit(2, k, v)
     with pytest.raises(ValueError, match="frames: expected one"):
         cache.recache([(k, v)])
+    for frames in (None, 3, ((k, v) for _ in range(2))):  # no len(): named, not "object of type ... has no len()"
+        with pytest.raises(TypeError, match=r"frames: expected a list of \(k, v\) pairs, one per layer \(2\), got"):
+            cache.recache(frames)
 
 
 def _state(cache):

@@ -57,6 +57,7 @@ def test_info_runs_as_a_command():
     (["--frames", "0"], "--frames: expected an int >= 1, got 0"),
     (["--warmup", "-1"], "--warmup: expected an int >= 0, got -1"),
     (["--weights-seed", "-1"], "--weights-seed: expected an int >= 0, got -1"),
+    (["--weights-seed", str(2 ** 64)], f"--weights-seed: expected an int below 2^64, got {2 ** 64}"),
     (["--out", "stream"], "--out: expected the path of an .mp4 file"),
     (["--prompt", "a", "--prompt", "b"], "--prompt 'b': a later prompt needs a switch frame"),
     (["--speculate", "foo"], "invalid depth or 'auto' value: 'foo'"),

@@ -163,6 +163,13 @@ def test_per_sample_sigma_and_out_buffers():
     (lambda x, v: denoise_step(x, v, 0.5, patch_size=(2, 2)), ValueError, "patch_size: expected three positive ints"),
     (lambda x, v: denoise_step(x, v, 0.5, noise_seed=1.5), ValueError, "noise_seed: expected an int"),
     (lambda x, v: denoise_step(x, v, "half"), TypeError, r"sigma: expected a number or a tensor of shape \[2\]"),
+    # a bool is no noise level (True would be read as sigma 1), nor a complex one (its imaginary part dropped)
+    (lambda x, v: denoise_step(x, v, True), TypeError, r"sigma: expected a number or a tensor of shape \[2\].*True"),
+    (lambda x, v: denoise_step(x, v, torch.tensor([True, False])), TypeError, "sigma: expected a number"),
+    (lambda x, v: denoise_step(x, v, [True, False]), TypeError, "sigma: expected a number"),
+    (lambda x, v: denoise_step(x, v, torch.full((2,), 0.5 + 0.5j)), TypeError, "sigma: expected a number"),
+    (lambda x, v: denoise_step(x, v, 0.5, True, noise_seed=1), TypeError, "sigma_next: expected a number"),
+    (lambda x, v: denoise_step(x, v, 0.5, prediction="eps", timestep=True), TypeError, "timestep: expected a number"),
     (lambda x, v: denoise_step(x, v, 0.5, 0.2, noise_seed=1, out=(x.clone(),) * 2), ValueError,
      "out: expected x0 and x_next in separate memory"),
     (lambda x, v: denoise_step(x[:0], v[:0], 0.5, backend="gpu"), ValueError, "backend: expected one of"),

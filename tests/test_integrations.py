@@ -2,6 +2,7 @@
 import copy
 import inspect
 import pickle
+import re
 import threading
 import warnings
 
@@ -151,6 +152,20 @@ def test_bad_settings_are_named_where_given(call, kwargs, words):
     with pytest.raises(ValueError, match=words):
         call(**kwargs)
     assert not is_patched()
+
+
+@pytest.mark.parametrize("kwargs", [dict(is_causal=0), dict(is_causal=None), dict(enable_gqa=""), dict(dropout_p=None),
+                                    dict(dropout_p=0j), dict(scale=torch.tensor([0.125]))])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_what_torch_rejects_is_rejected_the_same_way(kwargs, backend):
+    """Arguments of a type torch's SDPA refuses (a falsy int or None for a bool, None for dropout_p,
+    a 1-d tensor scale) raise torch's own TypeError, rather than being read as False, 0 or a float."""
+    q, k, v = bhld(dtype=torch.float16)
+    with pytest.raises(TypeError) as expected:
+        F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with pytest.raises(TypeError, match=re.escape(str(expected.value))):
+        sdpa(q, k, v, backend=backend, **kwargs)
+    assert fallback_counts() == {} and accelerated_counts() == {}  # nothing ran
 
 
 def test_public_name():
@@ -398,6 +413,20 @@ def test_diffusers_enable_checks_its_settings(wan):
     from xjfast.integrations.diffusers import enable
     with pytest.raises(ValueError, match="backend: expected one of"):
         enable(wan[0], backend="gpu")
+
+
+def test_diffusers_disable_checks_what_it_restores(wan):
+    """A `replaced` that is not enable()'s dict of processors is named, before the model is touched."""
+    from xjfast.integrations.diffusers import XjfastAttnProcessor, disable, enable
+    model = wan[0]
+    replaced = enable(model, backend="reference")
+    with pytest.raises(TypeError, match="replaced: expected the dict of processors enable[(][)] returned, got list"):
+        disable(model, list(replaced.values()))
+    name = next(iter(replaced))
+    with pytest.raises(TypeError, match=f"replaced\\[{name!r}\\]: expected an attention processor .*got int"):
+        disable(model, dict(replaced, **{name: 3}))
+    assert all(isinstance(p, XjfastAttnProcessor) for p in model.attn_processors.values())
+    disable(model, replaced)
 
 
 @torch.no_grad()

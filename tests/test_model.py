@@ -156,3 +156,10 @@ def test_preview_decoder_maps_latents_linearly_and_blends_4_frames():
         assert torch.allclose(blended[i], black + w * (rgb.clamp(0, 255) - black), atol=1.5)
     tiny_video = TinyDecoder(4)(torch.randn(1, 4, 3, 16, 16), torch.randn(1, 4, 16, 16))
     assert tiny_video.shape == (12, 128, 128, 3)
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 64, True, 1.5])
+def test_bad_weight_seed_is_named(seed):
+    """Not torch.Generator's "Overflow when unpacking long long"."""
+    with pytest.raises(ValueError, match=r"seed: expected an int in \[0, 2\^64\)"):
+        build("tiny", seed=seed)

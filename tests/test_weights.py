@@ -63,6 +63,42 @@ def test_what_is_neither_path_nor_state_dict_is_named():
         CausalDiT.from_pretrained(5)
 
 
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(device="gpu"), ValueError, "device: expected a torch device, got 'gpu'"),
+    pytest.param(dict(device="cuda"), ValueError, "device: expected a usable device, got cuda",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")),
+    (dict(dtype="float16"), TypeError, "dtype: expected None or a floating-point torch.dtype, got 'float16'"),
+    (dict(dtype=torch.int8), TypeError, "dtype: expected None or a floating-point torch.dtype, got torch.int8"),
+])
+def test_bad_device_or_dtype_is_named(kwargs, error, words):
+    """Not torch's AssertionError ("Torch not compiled with CUDA enabled") or to()'s overload list."""
+    _, state = tiny_state()
+    with pytest.raises(error, match=words):
+        CausalDiT.from_pretrained(state, **kwargs)
+
+
+def test_a_state_dict_of_other_than_float_tensors_is_named():
+    _, state = tiny_state()
+    with pytest.raises(TypeError, match=r"path_or_state_dict: expected a state dict of tensors, got values of type "
+                                        r"\['ndarray'\]"):
+        CausalDiT.from_pretrained({k: v.numpy() for k, v in state.items()})
+    with pytest.raises(ValueError, match=r"path_or_state_dict: expected floating-point weights, got tensors of dtype "
+                                         r"\['torch.int32'\]"):
+        CausalDiT.from_pretrained({k: v.to(torch.int32) for k, v in state.items()}, heads=2)
+
+
+def test_bad_config_and_index_entries_are_named(tmp_path):
+    _, state = tiny_state()
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"dim": 128, "num_layers": 4, "num_heads": 2, "eps": "1e-6"}))
+    with pytest.raises(ValueError, match=r"eps \(config.json\): expected a positive finite number, got '1e-6'"):
+        CausalDiT.from_pretrained(tmp_path)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"patch_embedding.weight": 1}}))
+    with pytest.raises(ValueError, match="path_or_state_dict: .* has no weight_map of key -> file name"):
+        CausalDiT.from_pretrained(index)
+
+
 def tiny_state():
     model, *_ = build("tiny", seed=5)
     return model, {k: v.contiguous() for k, v in model.state_dict().items()}

@@ -346,6 +346,9 @@ class StreamingKVCache:
         `frames[layer] = (k, v)`, each `[B, num_frames(layer) * T, H, D]` in slot order. The
         geometry, the page table and the keep buffer are unchanged.
         """
+        if not isinstance(frames, (tuple, list)):
+            raise TypeError(f"frames: expected a list of (k, v) pairs, one per layer ({self.num_layers}), got "
+                            f"{type(frames).__name__}")
         if len(frames) != self.num_layers:
             raise ValueError(f"frames: expected one (k, v) pair per layer ({self.num_layers}), got {len(frames)}")
         writes = []  # every layer checked, and its kernel resolved, before any is rewritten

@@ -243,6 +243,8 @@ def _check_generate(args, p: argparse.ArgumentParser) -> None:
                              ("--sink", args.sink, 0), ("--keep-tokens", args.keep_tokens, 0)):
         if value < low:
             p.error(f"{name}: expected an int >= {low}, got {value}")
+    if args.weights_seed >= 2 ** 64:  # a torch.Generator's seed
+        p.error(f"--weights-seed: expected an int below 2^64, got {args.weights_seed}")
     if not 1 <= args.steps <= 4:
         p.error(f"--steps: expected 1 to 4 denoising steps, got {args.steps}")
     if args.speculate != "auto" and not 0 <= args.speculate <= MAX_DEPTH:

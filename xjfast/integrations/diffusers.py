@@ -179,6 +179,12 @@ def disable(model, replaced: dict | None = None) -> None:
     """Restore `replaced` (what enable returned), or unwrap every xjfast processor. What diffusers
     set on the running processors meanwhile (set_attention_backend, ...) is carried back onto them."""
     _check_model(model)
+    if replaced is not None and not isinstance(replaced, dict):
+        raise TypeError(f"replaced: expected the dict of processors enable() returned, got {type(replaced).__name__}")
+    for name, original in (replaced or {}).items():
+        if original is not None and not callable(original):
+            raise TypeError(f"replaced[{name!r}]: expected an attention processor (as enable() returned), got "
+                            f"{type(original).__name__}")
     restore, unwrapped = {}, {}
     for name, proc in model.attn_processors.items():
         original = (replaced or {}).get(name)

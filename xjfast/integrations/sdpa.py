@@ -46,6 +46,7 @@ that keeps something other than a prefix, or no key at all in some row.
 from __future__ import annotations
 
 import collections
+import numbers
 import os
 import sys
 import threading
@@ -155,6 +156,17 @@ def _is_key_padding(attn_mask, query, key) -> bool:
     return shape[1] == shape[2] == 1 and shape[0] in (1, query.shape[0]) and shape[3] == key.shape[2]
 
 
+def _torch_types(dropout_p, is_causal, scale, enable_gqa) -> bool:
+    """Whether the non-tensor arguments have types torch's SDPA takes: bools, and for dropout_p and
+    scale a real number or a 0-d tensor (else its parser raises a TypeError); symbolic ones while
+    torch.compile traces."""
+    def number(x):
+        return isinstance(x, (numbers.Real, torch.SymFloat, torch.SymInt)) or (isinstance(x, torch.Tensor)
+                                                                                and x.dim() == 0)
+    return isinstance(is_causal, (bool, torch.SymBool)) and isinstance(enable_gqa, (bool, torch.SymBool)) and \
+        number(dropout_p) and (scale is None or number(scale))
+
+
 def _static_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend) -> str | None:
     """Why torch's implementation takes the call, from the call alone (traceable), or None."""
     tensors = (query, key, value)
@@ -199,6 +211,9 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     "auto" (a GPU kernel, else torch), "triton"/"cuda" (that kernel, else BackendUnavailable), or
     "reference" (xjfast's PyTorch definition, on any device)."""
     check_settings(precision, backend)
+    if not _torch_types(dropout_p, is_causal, scale, enable_gqa):  # torch raises its own TypeError: nothing to count
+        return TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                          scale=scale, enable_gqa=enable_gqa)
     reason = _static_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
     if reason is not None:
         _fallback(reason)

@@ -181,7 +181,11 @@ class CausalDiT(nn.Module):
         model. Parameters come in `dtype`, by default patch_embedding's (a checkpoint that keeps
         some modules in fp32, as diffusers' bf16 pipelines do, gives one dtype throughout).
         """
+        from xjfast.errors import check_device
         from xjfast.models.weights import config_from_state, diffusers_to_wan, is_diffusers_layout, read_state
+        device = check_device("device", device)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected None or a floating-point torch.dtype, got {dtype!r}")
         state, config = read_state(path_or_state_dict)
         if is_diffusers_layout(state):
             state = diffusers_to_wan(state)
@@ -199,6 +203,9 @@ class CausalDiT(nn.Module):
         if shapes:
             raise ValueError(f"path_or_state_dict: the checkpoint does not match CausalDiT: shapes (checkpoint, "
                              f"expected) differ for {dict(list(shapes.items())[:5])}")
+        integral = sorted({str(t.dtype) for t in state.values() if not t.is_floating_point()})
+        if integral:
+            raise ValueError(f"path_or_state_dict: expected floating-point weights, got tensors of dtype {integral}")
         model.load_state_dict(state, assign=True)
         return model.to(device=device, dtype=dtype or state["patch_embedding.weight"].dtype).eval()
 

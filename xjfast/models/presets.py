@@ -49,6 +49,8 @@ def build(preset: str, *, device="cpu", dtype=torch.float32, seed: int = 0, weig
     from `weights` (a Wan2.1 / diffusers checkpoint of the preset's shape)."""
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {', '.join(map(repr, PRESETS))}, got {preset!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:  # what a torch.Generator takes
+        raise ValueError(f"seed: expected an int in [0, 2^64), got {seed!r}")
     p = PRESETS[preset]
     if weights is not None:
         model = CausalDiT.from_pretrained(weights, heads=p.dit.heads, dtype=dtype, device=device)

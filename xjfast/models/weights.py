@@ -10,6 +10,8 @@ import re
 
 import torch
 
+from xjfast.errors import check_positive
+
 # diffusers name -> Wan2.1 name, applied to the start of each key (after the block prefix)
 _DIFFUSERS_TO_WAN = [
     (r"^scale_shift_table$", "head.modulation"),
@@ -61,8 +63,9 @@ def _checkpoint_files(path: str) -> list[str]:
     if path.endswith(INDEX_SUFFIX) and os.path.isfile(path):
         index = _read_json(path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"path_or_state_dict: {path} has no weight_map (not a safetensors index)")
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise ValueError(f"path_or_state_dict: {path} has no weight_map of key -> file name (not a safetensors "
+                             f"index)")
         files = [os.path.join(os.path.dirname(path), name) for name in sorted(set(weight_map.values()))]
         missing = [f for f in files if not os.path.isfile(f)]
         if missing:
@@ -132,6 +135,9 @@ def read_state(path_or_state) -> tuple[dict, dict]:
     """(state dict, config.json contents or {}) from a dict, a .safetensors/.pt file, a
     safetensors index json, or a folder (its config.json, or the one beside a file)."""
     if isinstance(path_or_state, dict):
+        kinds = {type(v).__name__ for v in path_or_state.values() if not isinstance(v, torch.Tensor)}
+        if kinds:
+            raise TypeError(f"path_or_state_dict: expected a state dict of tensors, got values of type {sorted(kinds)}")
         return dict(path_or_state), {}
     if not isinstance(path_or_state, (str, os.PathLike)):
         raise TypeError(f"path_or_state_dict: expected a path or a state dict, got {type(path_or_state).__name__}")
@@ -165,7 +171,9 @@ def config_from_state(state: dict, config: dict, heads: int | None):
             or dim // heads not in HEAD_DIMS:
         raise ValueError(f"heads: expected a head count that splits dim {dim} into heads of {HEAD_DIMS} channels, "
                          f"got {heads!r}")
+    eps = config.get("eps", 1e-6)
+    check_positive("eps (config.json)", eps)
     return DiTConfig(in_channels=patch.shape[1], dim=dim, ffn_dim=state["blocks.0.ffn.0.weight"].shape[0],
                      heads=heads, layers=1 + max(blocks), text_dim=state["text_embedding.0.weight"].shape[1],
                      freq_dim=state["time_embedding.0.weight"].shape[1], patch_size=tuple(patch.shape[2:]),
-                     eps=config.get("eps", 1e-6))
+                     eps=eps)

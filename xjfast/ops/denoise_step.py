@@ -47,6 +47,10 @@ def _per_sample(name: str, value, B: int, device, low=0.0, high=1.0) -> torch.Te
             raise ValueError(f"{name}: expected finite values in [{low}, {high}], got {[float(value)] * B}")
         return torch.full((B,), float(value), dtype=torch.float64, device=device)
     try:
+        # True is no noise level, and a complex one would lose its imaginary part unseen
+        kind = value.dtype if isinstance(value, torch.Tensor) else torch.as_tensor(value).dtype
+        if kind == torch.bool or kind.is_complex:
+            raise TypeError(f"dtype {kind}")
         t = torch.as_tensor(value, dtype=torch.float64, device=device) if not isinstance(value, torch.Tensor) \
             else value.to(device=device, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as exc:

@@ -13,7 +13,9 @@ kernels reproduce:
 """
 from __future__ import annotations
 
+import numbers
 import os
+from collections.abc import Mapping, Set
 from typing import NamedTuple, Sequence
 
 import torch
@@ -61,8 +63,9 @@ def block_mask(num_tokens: int, block_tokens: int | None, private_blocks: Sequen
 
 def _scalars(values) -> list | None:
     """The elements of a sequence, tensor or array as Python scalars (numpy and 0-d tensor
-    elements included), or None when `values` is no such sequence."""
-    if isinstance(values, (str, bytes)):
+    elements included), or None when `values` is no such sequence (a mapping or a set iterates
+    over its keys, or in no fixed order: not one entry per block or frame)."""
+    if isinstance(values, (str, bytes, Mapping, Set)):
         return None
     try:
         items = list(values.tolist() if hasattr(values, "tolist") else values)
@@ -95,7 +98,7 @@ def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, pre
     check_backend(backend)
     if scale is None:
         scale = D ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 or scale == float("inf"):
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0 or scale == float("inf"):
         raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
     if block_tokens is not None:
         if not isinstance(block_tokens, int) or isinstance(block_tokens, bool) or block_tokens <= 0 \
@@ -178,6 +181,8 @@ def temporal_attention(q, k, v, *, block_tokens=None, private_blocks=None, scale
     """
     plan = _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, precision, backend, frame_slots,
                      frame_lags)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected True or False, got {return_lse!r}")
     if kv_cache is None:  # a registered custom op: torch.compile and graph capture see one node
         out, lse = torch.ops.xjfast.temporal_attention(q, k, v, plan.block_tokens, list(plan.private), plan.causal,
                                                        plan.scale, plan.precision, backend)
