@@ -51,6 +51,26 @@ def test_frames_and_stats(tiny):
     assert 0 < s["interval_p50_ms"] <= s["interval_p99_ms"] and s["time_to_first_frame_ms"] > 0
 
 
+def test_stats_keep_a_bounded_history_and_whole_stream_totals(tiny, monkeypatch):
+    """However long the stream, the generator keeps the newest HISTORY passes' figures (memory and
+    stats()'s cost stay flat: a list per pass grew by 11 MB and 300 ms per call over 100k passes);
+    counts, rates and the first frame still cover the whole stream."""
+    from xjfast.engine import generator as module
+    monkeypatch.setattr(module, "HISTORY", 4)
+    g = generator(tiny)
+    g.step()
+    first = g.stats()["time_to_first_frame_ms"]
+    g.set_prompt("a city street at night", transition_frames=2)
+    for _ in range(9):
+        g.step()
+    s = g.stats()
+    assert s["passes"] == 10 and s["latent_frames"] == 10 and s["video_frames"] == 40
+    assert s["time_to_first_frame_ms"] == first > 0 and s["switch_frames"] == 2
+    assert len(s["block_latency_ms"]) == len(s["block_model_ms"]) == 4 == len(g.conditioning_weights)
+    assert s["interval_p50_ms"] > 0 and s["interval_p99_ms"] >= s["interval_p50_ms"]
+    assert 0 < s["model_fps"] and 0 < s["end_to_end_fps"] <= s["model_fps"]
+
+
 def test_cache_memory_constant_once_the_window_is_full(tiny):
     g = generator(tiny, cache_config=CacheConfig(1, 2, keep_tokens=16))
     sizes = []
@@ -93,8 +113,44 @@ def test_prompt_is_required_and_checked(tiny):
     (dict(shift=0.0), "shift: expected a positive finite number, got 0.0"),
     (dict(shift=float("nan")), "shift: expected a positive finite number, got nan"),
     (dict(precision="int4"), "precision: expected one of 'fp8', 'bf16', got 'int4'"),
+    # a bool is no count (True would run as 1), nor a number a bool
+    (dict(frames_per_block=True), "frames_per_block: expected an int >= 1, got True"),
+    (dict(steps=True), r"steps: expected an int in \[1, 4\], got True"),
+    (dict(speculate=True), r"speculate: expected 'auto' or a depth in \[0, 4\], got True"),
+    (dict(cuda_graph=1), "cuda_graph: expected True, False or None"),
 ])
 def test_bad_settings_name_the_argument(tiny, kwargs, words):
     model, decoder, encoder, preset = tiny
     with pytest.raises(ValueError, match=words):
         StreamGenerator(model, decoder, **dict(dict(latent_hw=preset.latent_hw), **kwargs))
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(cache_config={"window_frames": 3}), "cache_config: expected a CacheConfig, got dict"),
+    (dict(cache_config=None), "cache_config: expected a CacheConfig, got NoneType"),
+    (dict(text_encoder="utf-8"), "text_encoder: expected None or a module turning a prompt into text embeddings, got str"),
+])
+def test_bad_components_name_the_argument(tiny, kwargs, words):
+    """Named at construction, not an AttributeError there or a "not callable" at the first set_prompt."""
+    model, decoder, encoder, preset = tiny
+    with pytest.raises(TypeError, match=words):
+        StreamGenerator(model, decoder, **dict(dict(latent_hw=preset.latent_hw), **kwargs))
+    with pytest.raises(TypeError, match="model: expected a CausalDiT"):
+        StreamGenerator(torch.nn.Linear(2, 2), decoder)
+    # what torch.compile returns wraps the model (its attributes reach through): accepted
+    StreamGenerator(torch.compile(model, backend="eager"), decoder, latent_hw=preset.latent_hw)
+
+
+@pytest.mark.parametrize("prompt, error, words", [
+    (torch.zeros(0, 64), ValueError, r"prompt: expected embeddings \[S, 64\] .*\(S >= 1\).*got shape \(0, 64\)"),
+    (torch.zeros(1, 0, 64), ValueError, r"prompt: expected embeddings .*got shape \(1, 0, 64\)"),
+    (torch.zeros(4, 64, dtype=torch.complex64), TypeError, "prompt: expected floating-point embeddings, got dtype "
+                                                           "torch.complex64"),
+    (torch.full((4, 64), float("nan")), ValueError, "prompt: expected finite values, got NaN or Inf"),
+    (torch.zeros(4, 64, device="meta"), ValueError, "prompt: expected embeddings with values"),
+])
+def test_bad_embeddings_are_named(tiny, prompt, error, words):
+    """Not a reshape error inside the model, an imaginary part dropped, or a stream of NaN frames."""
+    g = generator(tiny)
+    with pytest.raises(error, match=words):
+        g.set_prompt(prompt)

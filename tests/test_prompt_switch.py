@@ -28,7 +28,7 @@ def test_conditioning_moves_monotonically_over_exactly_n_frames(tiny):
     g.set_prompt("a city street at night", transition_frames=4)
     for _ in range(6):
         g.step()
-    assert g.conditioning_weights == [1.0] * 3 + [0.25, 0.5, 0.75, 1.0] + [1.0] * 2
+    assert list(g.conditioning_weights) == [1.0] * 3 + [0.25, 0.5, 0.75, 1.0] + [1.0] * 2
     s = g.stats()
     assert s["switch_frames"] == 4 and s["switch_latency_p50_ms"] > 0
 
@@ -100,7 +100,7 @@ def test_transition_counts_latent_frames_in_blocks_of_several(tiny):
     g.set_prompt("a city street at night", transition_frames=4)
     for _ in range(3):
         g.step()
-    assert g.conditioning_weights == [1.0, 0.5, 1.0, 1.0]  # a block takes its last frame's weight
+    assert list(g.conditioning_weights) == [1.0, 0.5, 1.0, 1.0]  # a block takes its last frame's weight
     assert g.stats()["switch_frames"] == 2
 
 
@@ -135,6 +135,8 @@ def test_reset_during_a_transition_starts_on_the_new_prompt(tiny):
     fresh = generator(tiny)
     fresh.set_prompt("a city street at night")
     assert all(torch.equal(a, b) for a, b in zip(g.prompt_kv[0], fresh.prompt_kv[0]))
+    # computed without autograd, as every other prompt K/V (no graph of the text projection kept)
+    assert not any(t.requires_grad for kv in g.prompt_kv for t in kv)
     assert torch.equal(g.step().latents, fresh.step().latents)
 
 
@@ -146,3 +148,31 @@ def test_bad_transition(tiny):
         g.set_prompt("x", transition_frames=-1)
     with pytest.raises(TypeError, match="recache: expected True or False, got 'yes'"):
         g.set_prompt("x", recache="yes")
+
+
+@pytest.mark.parametrize("frames_per_block", [1, 3])
+def test_a_cut_after_the_first_block_counts_as_a_switch(tiny, frames_per_block):
+    """The first pass commits nothing (the cache is still empty), yet its frames are out: a cut
+    after it is a switch like any later one."""
+    g = generator(tiny, frames_per_block=frames_per_block)
+    g.step()
+    g.set_prompt("a city street at night")
+    g.step()
+    assert g.stats()["switch_frames"] == 1
+    g.step()
+    assert g.stats()["switch_frames"] == 1
+
+
+def test_a_transition_blends_the_embeddings_given_not_what_their_buffer_holds_later(tiny):
+    """The caller may reuse its embeddings buffer for the next prompt: the generator keeps a copy,
+    so the transition still starts from the old prompt (no cut)."""
+    g = generator(tiny)
+    encode = g.text_encoder
+    buffer = encode("a quiet forest at dawn").clone()
+    g.set_prompt(buffer)
+    g.step()
+    buffer.copy_(encode("a city street at night"))
+    g.set_prompt(buffer, transition_frames=2)
+    g.step()
+    expected = g.model.prompt_kv(encode("a quiet forest at dawn") * 0.5 + encode("a city street at night") * 0.5)
+    assert all(torch.allclose(a[0], b[0], atol=1e-6) for a, b in zip(g.prompt_kv, expected))

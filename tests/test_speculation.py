@@ -174,3 +174,28 @@ def test_bad_arguments(tiny):
         StreamGenerator(model, decoder, latent_hw=preset.latent_hw, speculate=2, drafter="shallow:99")
     with pytest.raises(ValueError, match="accept_tol: expected a finite relative L2 tolerance >= 0, got nan"):
         StreamGenerator(model, decoder, latent_hw=preset.latent_hw, speculate=2, accept_tol=float("nan"))
+
+
+def test_a_fixed_depth_reports_its_own_speedup_even_below_one():
+    """The speedup of a fixed depth is that of the depth the stream runs, not of the best measured
+    one: a depth slower than plain passes reports a speedup below 1 (here 3 frames in 6 s against
+    1 frame in 1 s), not 1.0."""
+    c = DepthController(3)
+    c.record(1, 1.0, 0)
+    for _ in range(3):
+        c.record(3, 6.0, 2)
+    assert c.best() == 1 and c.speedup() == pytest.approx(0.5)
+    assert DepthController(None).speedup() is None  # nothing measured yet
+
+
+def test_the_plain_pass_after_a_speculative_one_weighs_one_page(tiny):
+    """With keep_tokens, a pass accumulates attention mass on the window pages its commits may
+    evict: a speculative pass on `depth` of them, the plain pass after it (one frame) on one, as in
+    the plain stream, not on as many as the speculative pass last committed (which a CUDA graph
+    captured then would weigh at every replay)."""
+    g = generator(tiny, cache_config=CacheConfig(1, 3, 48, storage="fp32"), speculate=4, drafter="hold",
+                  accept_tol=10.0)
+    for _ in range(6):  # the first block, the baseline pass, then passes of 4 frames
+        g.step()
+    assert g._frames[-1] == 4 and g.cache.keep_count(0) == 48
+    assert len(g.cache.view(0).mass_pages) == 1

@@ -19,6 +19,7 @@ for every later frame (xjfast.engine.static_step); passes that cannot be replaye
 """
 from __future__ import annotations
 
+import collections
 import math
 import statistics
 import time
@@ -30,10 +31,15 @@ from xjfast.cache import KEEP, StreamingKVCache
 from xjfast.engine.schedule import shifted_sigmas, step_seed
 from xjfast.engine.speculation import MAX_DEPTH, DepthController, extrapolate, hold, parse_drafter, relative_l2
 from xjfast.engine.static_step import StaticStep
-from xjfast.errors import check_choice
+from xjfast.errors import check_choice, check_finite
 from xjfast.models.decoder import VIDEO_FRAMES_PER_LATENT
+from xjfast.models.dit import CausalDiT
 from xjfast.ops.denoise_step import denoise_step
 from xjfast.ops.temporal_attention import PRECISIONS
+
+# Per-pass figures stats() keeps (percentiles, block_latency_ms): the newest HISTORY passes, so that
+# the generator's memory and stats()'s cost stay flat however long the stream runs.
+HISTORY = 4096
 
 
 @dataclass(frozen=True)
@@ -56,11 +62,16 @@ class StreamGenerator:
                  frames_per_block: int = 1, seed: int = 0, backend: str = "auto", *, latent_hw=(16, 16),
                  batch: int = 1, precision: str = "fp8", shift: float = 5.0, text_encoder=None,
                  speculate=0, drafter="extrapolate", accept_tol: float = 0.05, cuda_graph: bool | None = None):
-        if not isinstance(frames_per_block, int) or frames_per_block < 1:
+        if not isinstance(getattr(model, "_orig_mod", model), CausalDiT):  # torch.compile wraps it so
+            raise TypeError(f"model: expected a CausalDiT (xjfast.models), got {type(model).__name__}")
+        if not isinstance(cache_config, CacheConfig):
+            raise TypeError(f"cache_config: expected a CacheConfig, got {type(cache_config).__name__}")
+        if isinstance(frames_per_block, bool) or not isinstance(frames_per_block, int) or frames_per_block < 1:
             raise ValueError(f"frames_per_block: expected an int >= 1, got {frames_per_block!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
-        if speculate != "auto" and (not isinstance(speculate, int) or not 0 <= speculate <= MAX_DEPTH):
+        if speculate != "auto" and (isinstance(speculate, bool) or not isinstance(speculate, int)
+                                    or not 0 <= speculate <= MAX_DEPTH):
             raise ValueError(f"speculate: expected 'auto' or a depth in [0, {MAX_DEPTH}], got {speculate!r}")
         if speculate not in (0, 1) and (steps != 1 or frames_per_block != 1):
             raise ValueError(f"speculate: drafting needs steps=1 and frames_per_block=1, got steps={steps}, "
@@ -77,10 +88,13 @@ class StreamGenerator:
                 and latent_hw[0] % ph == 0 and latent_hw[1] % pw == 0):
             raise ValueError(f"latent_hw: expected (height, width) in latent pixels, positive multiples of the "
                              f"model's patch ({ph}, {pw}), got {latent_hw!r}")
-        if cuda_graph not in (None, True, False):
+        if cuda_graph is not None and not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph: expected True, False or None (True on a CUDA device), got {cuda_graph!r}")
         if not callable(decoder):
             raise TypeError(f"decoder: expected a module turning latents into video frames, got {type(decoder).__name__}")
+        if text_encoder is not None and not callable(text_encoder):
+            raise TypeError(f"text_encoder: expected None or a module turning a prompt into text embeddings, got "
+                            f"{type(text_encoder).__name__}")
         self.drafter = parse_drafter(drafter)
         if self.drafter[0] == "shallow" and self.drafter[1] > model.cfg.layers:
             raise ValueError(f"drafter: shallow:L takes L of the model's {model.cfg.layers} blocks, got {drafter!r}")
@@ -105,21 +119,24 @@ class StreamGenerator:
         self._zeros = {}  # latent shape -> zeros, the x0 of _noise
         self.reset()
 
+    @torch.no_grad()  # the newest prompt's K/V below: no autograd graph held with them
     def reset(self) -> None:
         """Start a new stream (same seed: the same frames again), conditioned on the newest prompt
         (a transition under way is completed)."""
         if getattr(self, "_transition", None) is not None:
             self.prompt_kv = self.model.prompt_kv(self._embeds)
-        self._recache_s = []             # seconds of each recache (set_prompt(..., recache=True))
+        self._recache_s = collections.deque(maxlen=HISTORY)  # seconds of each recache (set_prompt(..., recache=True))
         self._switch_pending = False     # a prompt was cut to: the next pass is a switching one
         self.cache.reset()
         self._next_frame = 0
         self._previous = None            # clean latents of the last block: committed by the next pass
         self._latents = {}               # frame index -> clean latents, for the drafters and recache
-        self._model_s, self._total_s, self._done_at, self._frames = [], [], [], []
-        self._switching = []             # per pass: was it a prompt-transition frame
+        # per pass, the newest HISTORY: model and total seconds, when it was done, frames emitted
+        self._model_s, self._total_s, self._done_at, self._frames = (collections.deque(maxlen=HISTORY) for _ in range(4))
+        self._switch_s = collections.deque(maxlen=HISTORY)  # total seconds of each prompt-switching pass
+        self._totals = dict(passes=0, latent_frames=0, model_s=0.0, total_s=0.0, first_s=float("nan"), switches=0)
         self._transition = None          # (old embeds, new embeds, frames, frames done)
-        self.conditioning_weights = []   # weight of the newest prompt, per block generated
+        self.conditioning_weights = collections.deque(maxlen=HISTORY)  # newest prompt's weight, per pass
         # a pass's later frames hide at most the whole window (frame_lags): depth - 1 <= window_frames
         deepest = min(MAX_DEPTH, self.cache.window_frames + 1)
         fixed = None if self.speculate == "auto" else min(max(1, self.speculate), deepest)
@@ -134,10 +151,16 @@ class StreamGenerator:
             embeds = self.text_encoder(prompt)
         elif isinstance(prompt, torch.Tensor):
             embeds = prompt if prompt.dim() == 3 else prompt[None]
-            if embeds.dim() != 3 or embeds.shape[-1] != self.model.cfg.text_dim or embeds.shape[0] not in (1, self.batch):
+            if embeds.dim() != 3 or embeds.shape[-1] != self.model.cfg.text_dim or embeds.shape[0] not in (1, self.batch) \
+                    or embeds.shape[1] == 0:
                 raise ValueError(f"prompt: expected embeddings [S, {self.model.cfg.text_dim}] or [B, S, "
-                                 f"{self.model.cfg.text_dim}] with B = 1 or the stream's batch {self.batch}, got shape "
-                                 f"{tuple(prompt.shape)}")
+                                 f"{self.model.cfg.text_dim}] (S >= 1) with B = 1 or the stream's batch {self.batch}, "
+                                 f"got shape {tuple(prompt.shape)}")
+            if not prompt.is_floating_point():
+                raise TypeError(f"prompt: expected floating-point embeddings, got dtype {prompt.dtype}")
+            if prompt.is_meta:
+                raise ValueError("prompt: expected embeddings with values (on any device), got a tensor on meta")
+            check_finite("prompt", prompt)  # once per prompt: NaN here would fill every frame after it
         else:
             raise TypeError(f"prompt: expected a str or a tensor of text embeddings, got {type(prompt).__name__}")
         return embeds.to(self.device).expand(self.batch, -1, -1)
@@ -157,7 +180,8 @@ class StreamGenerator:
             raise ValueError(f"transition_frames: expected an int >= 0, got {transition_frames!r}")
         if not isinstance(recache, bool):
             raise TypeError(f"recache: expected True or False, got {recache!r}")
-        embeds = self._embeddings(prompt)
+        # a copy: a transition blends it in later frames, and the caller may reuse its buffer meanwhile
+        embeds = self._embeddings(prompt).clone()
         blend = self._embeds is not None and transition_frames > 0
         if blend and embeds.shape != self._embeds.shape:
             raise ValueError(f"prompt: a transition blends embeddings of the current prompt's shape "
@@ -167,7 +191,8 @@ class StreamGenerator:
         else:
             self._transition = None
             self.prompt_kv = self.model.prompt_kv(embeds)
-        self._switch_pending = self._embeds is not None and self.cache.frames_seen > 0
+        # frames are out once a pass ran (the first one commits nothing: frames_seen is still 0)
+        self._switch_pending = self._next_frame > 0
         self._embeds = embeds
         if recache and self.cache.frames_seen:
             self._sync()
@@ -343,6 +368,7 @@ class StreamGenerator:
         if accepted:  # the confirmed drafts' keys/values, as the next passes would have committed them
             for layer, (k, v) in enumerate(stashed):
                 self.cache.commit(layer, k[:, :accepted * T], v[:, :accepted * T])
+        self.cache.expect_commits(1)  # the next pass, plain unless it says otherwise, commits one frame
         return torch.cat(outputs[:accepted + 1], dim=2), accepted
 
     @torch.no_grad()
@@ -380,7 +406,16 @@ class StreamGenerator:
         self._total_s.append(done - start)
         self._done_at.append(done)
         self._frames.append(x.shape[2])
-        self._switching.append(switching)
+        totals = self._totals
+        if not totals["passes"]:
+            totals["first_s"] = done - start
+        totals["passes"] += 1
+        totals["latent_frames"] += x.shape[2]
+        totals["model_s"] += model_done - start
+        totals["total_s"] += done - start
+        if switching:
+            totals["switches"] += 1
+            self._switch_s.append(done - start)
         return Frame(first, x, video.cpu())
 
     def __iter__(self):
@@ -388,26 +423,30 @@ class StreamGenerator:
             yield self.step()
 
     def stats(self) -> dict:
-        """Latency of the stream so far; frame rates count video frames (4 per latent frame)."""
-        latent_frames = sum(self._frames)
+        """Latency of the stream so far; frame rates count video frames (4 per latent frame). Counts,
+        rates and the first frame cover the whole stream; the intervals' percentiles, the per-pass
+        lists and the switching passes' latencies its newest HISTORY passes (or switches)."""
+        totals = self._totals
+        latent_frames = totals["latent_frames"]
         video_frames = latent_frames * VIDEO_FRAMES_PER_LATENT
         # per latent frame: a pass that emits several frames spreads its interval over them
-        intervals = [b - a for a, b in zip(self._done_at, self._done_at[1:])] or self._total_s[:1]
-        per_frame = [i / n for i, n in zip(intervals, self._frames[1:] or self._frames[:1]) for _ in range(n)]
-        switch = [t for t, s in zip(self._total_s, self._switching) if s]
+        done_at, frames, total = list(self._done_at), list(self._frames), list(self._total_s)
+        intervals = [b - a for a, b in zip(done_at, done_at[1:])] or total[:1]
+        per_frame = [i / n for i, n in zip(intervals, frames[1:] or frames[:1]) for _ in range(n)]
+        switch = list(self._switch_s)
 
         def pct(values, q):
             ordered = sorted(values)
             return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
-        model_s, total_s = sum(self._model_s), sum(self._total_s)
+        model_s, total_s = totals["model_s"], totals["total_s"]
         return {
-            "passes": len(self._total_s),
+            "passes": totals["passes"],
             "latent_frames": latent_frames,
             "video_frames": video_frames,
             "model_fps": video_frames / model_s if model_s else float("nan"),
             "end_to_end_fps": video_frames / total_s if total_s else float("nan"),
-            "time_to_first_frame_ms": 1e3 * self._total_s[0] if self._total_s else float("nan"),
+            "time_to_first_frame_ms": 1e3 * totals["first_s"],
             "interval_p50_ms": 1e3 * statistics.median(per_frame) if per_frame else float("nan"),
             "interval_p99_ms": 1e3 * pct(per_frame, 0.99),
             "block_latency_ms": [1e3 * s for s in self._total_s],
@@ -416,11 +455,11 @@ class StreamGenerator:
             "speculation": {
                 "depth": self.depth.best() if self.depth.fixed is None else self.depth.fixed,
                 "acceptance_rate": self.depth.acceptance(),
-                "frames_per_pass": latent_frames / len(self._frames) if self._frames else float("nan"),
+                "frames_per_pass": latent_frames / totals["passes"] if totals["passes"] else float("nan"),
                 "speedup_over_no_speculation": self.depth.speedup(),
             },
             "cuda_graph": self._static.stats(),
-            "switch_frames": len(switch),
+            "switch_frames": totals["switches"],
             "recache_ms": [1e3 * s for s in self._recache_s],
             "switch_latency_p50_ms": 1e3 * statistics.median(switch) if switch else None,
             "switch_latency_max_ms": 1e3 * max(switch) if switch else None,

@@ -86,8 +86,11 @@ class DepthController:
         return max(measured, key=self.frames_per_second) if measured else 1
 
     def speedup(self) -> float | None:
-        best, base = self.frames_per_second(self.best()), self.frames_per_second(1)
-        return best / base if best and base else None
+        """Frames per second of the depth the stream runs (a fixed one, even if slower than plain
+        passes; else the best measured) over those of plain passes."""
+        depth = self.best() if self.fixed is None else self.fixed
+        fps, base = self.frames_per_second(depth), self.frames_per_second(1)
+        return fps / base if fps and base else None
 
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
