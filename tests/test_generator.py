@@ -71,6 +71,20 @@ def test_stats_keep_a_bounded_history_and_whole_stream_totals(tiny, monkeypatch)
     assert 0 < s["model_fps"] and 0 < s["end_to_end_fps"] <= s["model_fps"]
 
 
+def test_what_the_caller_does_to_a_frame_does_not_reach_the_stream(tiny):
+    """Frame.latents is the caller's: writing into it leaves the next frames as they were (the
+    eager step read it as the clean block to commit; the captured step had its own copy)."""
+    plain, touched = generator(tiny, seed=5), generator(tiny, seed=5)
+    expected = [plain.step().latents for _ in range(3)]
+    touched.step().latents.zero_()
+    assert all(torch.equal(touched.step().latents, e) for e in expected[1:])
+
+
+def test_a_numpy_tolerance_is_a_tolerance(tiny):
+    import numpy as np
+    assert generator(tiny, accept_tol=np.float32(0.1)).accept_tol == pytest.approx(0.1)
+
+
 def test_cache_memory_constant_once_the_window_is_full(tiny):
     g = generator(tiny, cache_config=CacheConfig(1, 2, keep_tokens=16))
     sizes = []

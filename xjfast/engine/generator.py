@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import math
+import numbers
 import statistics
 import time
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ class StreamGenerator:
         if speculate not in (0, 1) and backend == "cuda":
             raise ValueError("speculate: a drafted pass's later frames attend with frame_lags, which the CUDA attention "
                              "does not take: use backend='auto' (the Triton kernel runs those passes) or 'triton'")
-        if isinstance(accept_tol, bool) or not isinstance(accept_tol, (int, float)) or not 0 <= accept_tol < math.inf:
+        if isinstance(accept_tol, bool) or not isinstance(accept_tol, numbers.Real) or not 0 <= accept_tol < math.inf:
             raise ValueError(f"accept_tol: expected a finite relative L2 tolerance >= 0, got {accept_tol!r}")
         check_choice("precision", precision, PRECISIONS)
         _, ph, pw = model.cfg.patch_size
@@ -416,7 +417,8 @@ class StreamGenerator:
         if switching:
             totals["switches"] += 1
             self._switch_s.append(done - start)
-        return Frame(first, x, video.cpu())
+        # a copy: the next pass reads x (the clean block it commits), whatever the caller does to its frame
+        return Frame(first, x.clone(), video.cpu())
 
     def __iter__(self):
         while True:
