@@ -299,6 +299,19 @@ def test_warnings_point_at_the_callers_line():
     assert fallback_warnings(caught) == [(__file__, line), (__file__, line + 2)]
 
 
+def test_a_fallback_warns_from_the_interactive_interpreter_and_python_c():
+    """The REPL's and `python -c`'s __main__ has a loader without source (BuiltinImporter): its
+    get_source raised ImportError through warn_explicit(module_globals=...), so a fallback crashed."""
+    import subprocess
+    import sys
+    code = ("import torch, warnings, xjfast\nwarnings.simplefilter('always')\n"
+            "q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)\nprint(tuple(xjfast.sdpa(q, q, q).shape))\n")
+    for argv, stdin in (([sys.executable, "-c", code], None), ([sys.executable, "-i", "-q"], code)):
+        run = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120)
+        assert "(1, 2, 64, 64)" in run.stdout and "Traceback" not in run.stderr, (argv, run.stdout, run.stderr)
+        assert "XjfastFallbackWarning" in run.stderr and "tensors on the CPU" in run.stderr, run.stderr
+
+
 def test_a_reason_warns_again_after_a_reset():
     q, k, v = bhld()
     with warnings.catch_warnings(record=True) as caught:

@@ -130,11 +130,14 @@ def _fallback(reason: str, message: str | None = None) -> None:
     if first:
         frame = _caller_frame()
         # a fresh registry: Python's per-location one would hide the warning after a reset
-        warnings.warn_explicit(
-            message or f"xjfast.sdpa hands this call to torch's implementation: {reason} (counted in "
-                       f"xjfast.integrations.sdpa.fallback_counts(), warned once per reason)",
-            XjfastFallbackWarning, frame.f_code.co_filename, frame.f_lineno,
-            module=frame.f_globals.get("__name__", "<unknown>"), registry={}, module_globals=frame.f_globals)
+        text = message or (f"xjfast.sdpa hands this call to torch's implementation: {reason} (counted in "
+                           f"xjfast.integrations.sdpa.fallback_counts(), warned once per reason)")
+        where = (XjfastFallbackWarning, frame.f_code.co_filename, frame.f_lineno)
+        module = frame.f_globals.get("__name__", "<unknown>")
+        try:
+            warnings.warn_explicit(text, *where, module=module, registry={}, module_globals=frame.f_globals)
+        except ImportError:  # __main__ of the REPL or `python -c`: its loader has no source to give
+            warnings.warn_explicit(text, *where, module=module, registry={})
 
 
 def _accelerated(backend: str) -> None:
