@@ -87,6 +87,20 @@ def test_bad_arguments_exit_before_any_model_is_built(capsys, monkeypatch, tmp_p
     assert exit_.value.code == 2 and message in err and "usage: xjfast generate" in err
 
 
+@needs_av
+def test_out_of_gpu_memory_is_one_line_with_what_to_shrink(tmp_path, capsys, monkeypatch):
+    from xjfast import cli
+
+    def stream(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 51.00 GiB.\nmore detail")
+
+    monkeypatch.setattr(cli, "_stream", stream)
+    assert main(["generate", "--out", str(tmp_path / "x.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert err == ("xjfast generate: out of GPU memory (CUDA out of memory. Tried to allocate 51.00 GiB.); a smaller "
+                   "--window, --keep-tokens or --preset needs less\n")
+
+
 def test_an_out_path_that_is_a_folder_is_refused(tmp_path, capsys):
     (tmp_path / "clip.mp4").mkdir()
     with pytest.raises(SystemExit):

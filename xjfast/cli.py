@@ -61,6 +61,10 @@ def _generate(args) -> int:
         # the library's checks name the argument: one line instead of a traceback
         print(f"xjfast generate: {exc}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError as exc:
+        print(f"xjfast generate: out of GPU memory ({str(exc).splitlines()[0]}); a smaller --window, "
+              f"--keep-tokens or --preset needs less", file=sys.stderr)
+        return 1
     finally:
         torch.set_num_threads(threads)
 
