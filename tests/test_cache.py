@@ -63,6 +63,8 @@ def test_memory_constant_over_a_10000_frame_stream():
         cache.commit(0, k, v)
     assert cache.frames_seen == 10_000 and cache.memory_bytes() == size
     assert cache.cached_frames(0) == [0, 9996, 9997, 9998, 9999]
+    held = [t for t in vars(cache).values() if isinstance(t, torch.Tensor)]  # the device ring's tables too
+    assert size == sum(t.numel() * t.element_size() for t in held)
 
 
 def test_keep_tokens_retains_the_highest_mass_tokens():
@@ -328,3 +330,36 @@ def test_attention_inside_read_only_accumulates_no_mass():
     assert (cache.mass == 0).all()
     temporal_attention(torch.randn(1, T, H, D), *frame(), kv_cache=cache, layer=0)
     assert (cache.mass > 0).any()
+
+
+def test_a_cache_warming_up_weighs_only_pages_a_commit_would_evict():
+    """Until the sinks and window are full a commit evicts nothing: passes then weigh no page, so
+    the first evicted page enters the keep buffer with one pass's mass, as every later one does
+    (weighed by every warm-up pass, its tokens held the keep buffer for good)."""
+    cache = StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=3, keep_tokens=T, storage="fp32")
+    for _ in range(4):
+        temporal_attention(torch.randn(1, T, H, D), *frame(), kv_cache=cache, layer=0)
+        assert cache.view(0).mass_pages == () and (cache.mass == 0).all()
+        cache.commit(0, *frame())
+    cache.expect_commits(3)  # the cache is full: 3 frames evict the 3 window pages
+    assert cache.view(0).mass_pages == tuple(cache.view(0).page_table[1:].tolist())
+    cache.reset()
+    cache.commit(0, *frame(2))
+    cache.expect_commits(3)  # 2 free pages take the first 2 frames: the third evicts the oldest window page
+    assert cache.view(0).mass_pages == tuple(cache.view(0).page_table[1:2].tolist())
+
+
+def test_recache_keeps_the_attention_mass_of_its_frames():
+    """Passes between commits (a step schedule's later steps) weigh the page the next commit
+    evicts; a recache in between re-encodes the same frames, so their weights stay."""
+    cache = StreamingKVCache(1, 1, H, D, T, sink_frames=1, window_frames=2, keep_tokens=T, storage="fp32")
+    for _ in range(3):
+        cache.commit(0, *frame())
+    temporal_attention(torch.randn(1, T, H, D), *frame(), kv_cache=cache, layer=0)
+    mass = cache.mass.clone()
+    assert mass.sum() > 0
+    cache.recache([frame(3)])
+    assert torch.equal(cache.mass, mass)
+    cache.commit(0, *frame())  # the evicted page's tokens enter the keep buffer with that mass
+    assert torch.allclose(cache.keep_mass[0].sum(), mass.sum())
+    assert (cache.mass == 0).all()

@@ -169,7 +169,7 @@ class StreamingKVCache:
         """Bytes of device memory the cache holds; constant for the life of the cache."""
         tensors = [self.k_pages, self.v_pages, self.k_scale, self.k_mean, self.v_scale, self.keep_k,
                    self.keep_v, self.keep_k_scale, self.keep_k_mean, self.keep_v_scale, self.keep_mass,
-                   self.page_table] + ([self.mass] if self.mass is not None else [])
+                   self.page_table, self.ring_head, self._ring_tables] + ([self.mass] if self.mass is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # ---- writing -----------------------------------------------------------------------------
@@ -220,6 +220,8 @@ class StreamingKVCache:
         for page in evicted if self.keep_tokens else ():
             self._compact(layer, page)
         self._write_pages(layer, pages, k, v, write)
+        if self.mass is not None:  # new frames start unweighed (recache keeps its frames' mass)
+            self.mass[layer, pages] = 0.0
         self._update_page_table(layer)
         self._ring_synced = False
 
@@ -262,9 +264,9 @@ class StreamingKVCache:
     def expect_commits(self, frames: int) -> None:
         """The next pass commits up to `frames` frames to each layer, in one commit or several (a
         speculative pass commits its block, then the drafts it accepts): the attention op then
-        accumulates attention mass (for `keep_tokens`) on the `frames` oldest window pages, the
-        ones those commits may evict. Without it, the next commit is taken to be as large as the
-        last one."""
+        accumulates attention mass (for `keep_tokens`) on the `frames` oldest window pages, less
+        the free pages those commits fill first: the ones they may evict. Without it, the next
+        commit is taken to be as large as the last one."""
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
             raise ValueError(f"frames: expected an int >= 1, got {frames!r}")
         self._lookahead = [frames] * self.num_layers
@@ -344,7 +346,8 @@ class StreamingKVCache:
         """Overwrite the cached frames in place with re-encoded K/V (e.g. under a new prompt).
 
         `frames[layer] = (k, v)`, each `[B, num_frames(layer) * T, H, D]` in slot order. The
-        geometry, the page table and the keep buffer are unchanged.
+        geometry, the page table, the keep buffer and the attention mass the frames received
+        (the next evictions keep tokens by it) are unchanged.
         """
         if not isinstance(frames, (tuple, list)):
             raise TypeError(f"frames: expected a list of (k, v) pairs, one per layer ({self.num_layers}), got "
@@ -374,8 +377,6 @@ class StreamingKVCache:
         for these arguments (checked by _check_frames; the storage is the cache's own)."""
         ids = torch.tensor(pages, dtype=torch.int32, device=self.device)
         write.fn(*self._commit_args(layer, k, v, ids))
-        if self.mass is not None:
-            self.mass[layer, ids.long()] = 0.0
 
     def _keep_buffer(self, layer: int) -> tuple:
         return (self.keep_k[layer], self.keep_v[layer], self.keep_k_scale[layer], self.keep_k_mean[layer],
@@ -419,7 +420,11 @@ class StreamingKVCache:
         units += [KeyUnit(p, len(units) + i, T) for i, p in enumerate(pages[sinks:])]
         window = pages[sinks:]
         weighed = self.mass is not None and not self._read_only
-        mass_pages = tuple(window[:self._lookahead[layer]]) if weighed else ()
+        # only pages the expected commits would evict: frames that fill free sink or window pages
+        # evict nothing, and mass weighed while warming up would let the first evicted page's
+        # tokens (weighed by every pass until the window filled) crowd the keep buffer for good
+        free = self.sink_frames + self.window_frames - len(pages)
+        mass_pages = tuple(window[:max(0, self._lookahead[layer] - free)]) if weighed else ()
         first = len(units) - len(window)  # the slot of the oldest window page
         mass_units = tuple((sinks + i, first + i) for i in range(len(mass_pages)))
         return CacheLayerView(
