@@ -33,7 +33,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from xjfast.backends import check_backend, resolve
-from xjfast.errors import check_choice, check_device, check_positive, check_tensor
+from xjfast.errors import check_choice, check_device, check_positive, check_tensor, is_int
 from xjfast.ops.fp8 import E4M3
 from xjfast.ops.kv_cache_commit import kv_cache_commit
 from xjfast.ops.kv_cache_compact import kv_cache_compact
@@ -85,12 +85,11 @@ class StreamingKVCache:
                                  ("head_dim", head_dim, 1), ("frame_tokens", frame_tokens, 1),
                                  ("sink_frames", sink_frames, 0), ("window_frames", window_frames, 1),
                                  ("keep_tokens", keep_tokens, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            if not is_int(value) or value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
         check_choice("storage", storage, tuple(STORAGE_DTYPES))
         rope_dims = temporal_rope_dims(head_dim) if rope_dims is None else rope_dims
-        if isinstance(rope_dims, bool) or not isinstance(rope_dims, int) or not 0 <= rope_dims <= head_dim \
-                or rope_dims % 2:
+        if not is_int(rope_dims) or not 0 <= rope_dims <= head_dim or rope_dims % 2:
             raise ValueError(f"rope_dims: expected an even int in [0, {head_dim}], got {rope_dims!r}")
         check_positive("rope_theta", rope_theta)
         check_backend(backend)
@@ -174,7 +173,7 @@ class StreamingKVCache:
 
     # ---- writing -----------------------------------------------------------------------------
     def _check_layer(self, layer) -> None:
-        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
+        if not is_int(layer) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
 
     def _check_frames(self, name: str, t, frames: int | None = None, dtype: torch.dtype | None = None) -> int:
@@ -267,7 +266,7 @@ class StreamingKVCache:
         accumulates attention mass (for `keep_tokens`) on the `frames` oldest window pages, less
         the free pages those commits fill first: the ones they may evict. Without it, the next
         commit is taken to be as large as the last one."""
-        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        if not is_int(frames) or frames < 1:
             raise ValueError(f"frames: expected an int >= 1, got {frames!r}")
         self._lookahead = [frames] * self.num_layers
 

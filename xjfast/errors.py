@@ -41,6 +41,11 @@ def check_same_shape(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
                          f"got {tuple(t.shape)}")
 
 
+def is_int(value) -> bool:
+    """A Python int that is not a bool (True is an int to Python, never a count or an index here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: expected finite values, got NaN or Inf")

@@ -32,7 +32,7 @@ from xjfast.cache import KEEP, StreamingKVCache
 from xjfast.engine.schedule import shifted_sigmas, step_seed
 from xjfast.engine.speculation import MAX_DEPTH, DepthController, extrapolate, hold, parse_drafter, relative_l2
 from xjfast.engine.static_step import StaticStep
-from xjfast.errors import check_choice, check_finite
+from xjfast.errors import check_choice, check_finite, is_int
 from xjfast.models.decoder import VIDEO_FRAMES_PER_LATENT
 from xjfast.models.dit import CausalDiT
 from xjfast.ops.denoise_step import denoise_step
@@ -67,12 +67,11 @@ class StreamGenerator:
             raise TypeError(f"model: expected a CausalDiT (xjfast.models), got {type(model).__name__}")
         if not isinstance(cache_config, CacheConfig):
             raise TypeError(f"cache_config: expected a CacheConfig, got {type(cache_config).__name__}")
-        if isinstance(frames_per_block, bool) or not isinstance(frames_per_block, int) or frames_per_block < 1:
+        if not is_int(frames_per_block) or frames_per_block < 1:
             raise ValueError(f"frames_per_block: expected an int >= 1, got {frames_per_block!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        if not is_int(seed) or seed < 0:
             raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
-        if speculate != "auto" and (isinstance(speculate, bool) or not isinstance(speculate, int)
-                                    or not 0 <= speculate <= MAX_DEPTH):
+        if speculate != "auto" and (not is_int(speculate) or not 0 <= speculate <= MAX_DEPTH):
             raise ValueError(f"speculate: expected 'auto' or a depth in [0, {MAX_DEPTH}], got {speculate!r}")
         if speculate not in (0, 1) and (steps != 1 or frames_per_block != 1):
             raise ValueError(f"speculate: drafting needs steps=1 and frames_per_block=1, got steps={steps}, "
@@ -85,7 +84,7 @@ class StreamGenerator:
         check_choice("precision", precision, PRECISIONS)
         _, ph, pw = model.cfg.patch_size
         if not (isinstance(latent_hw, (tuple, list)) and len(latent_hw) == 2
-                and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in latent_hw)
+                and all(is_int(n) and n > 0 for n in latent_hw)
                 and latent_hw[0] % ph == 0 and latent_hw[1] % pw == 0):
             raise ValueError(f"latent_hw: expected (height, width) in latent pixels, positive multiples of the "
                              f"model's patch ({ph}, {pw}), got {latent_hw!r}")
@@ -177,7 +176,7 @@ class StreamGenerator:
         the new prompt in one pass. The passes of a transition, or the first pass after a cut, count
         as switching frames in stats().
         """
-        if isinstance(transition_frames, bool) or not isinstance(transition_frames, int) or transition_frames < 0:
+        if not is_int(transition_frames) or transition_frames < 0:
             raise ValueError(f"transition_frames: expected an int >= 0, got {transition_frames!r}")
         if not isinstance(recache, bool):
             raise TypeError(f"recache: expected True or False, got {recache!r}")
@@ -378,8 +377,7 @@ class StreamGenerator:
 
         `max_frames` caps the latent frames a speculative pass may emit (e.g. to stop at a prompt
         switch or the stream's end); a block of frames_per_block frames is never split."""
-        if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
-                                       or max_frames < 1):
+        if max_frames is not None and (not is_int(max_frames) or max_frames < 1):
             raise ValueError(f"max_frames: expected an int >= 1 or None, got {max_frames!r}")
         if self.prompt_kv is None:
             raise RuntimeError("set_prompt(...) must be called before generating frames")
@@ -403,20 +401,20 @@ class StreamGenerator:
         self._previous = x[:, :, -self.frames_per_block:] if depth == 1 else x[:, :, -1:]
         self._next_frame += x.shape[2]
         self._remember(first, x)
-        self._model_s.append(model_done - start)
-        self._total_s.append(done - start)
+        model_s, total_s, totals = model_done - start, done - start, self._totals
+        self._model_s.append(model_s)
+        self._total_s.append(total_s)
         self._done_at.append(done)
         self._frames.append(x.shape[2])
-        totals = self._totals
         if not totals["passes"]:
-            totals["first_s"] = done - start
+            totals["first_s"] = total_s
         totals["passes"] += 1
         totals["latent_frames"] += x.shape[2]
-        totals["model_s"] += model_done - start
-        totals["total_s"] += done - start
+        totals["model_s"] += model_s
+        totals["total_s"] += total_s
         if switching:
             totals["switches"] += 1
-            self._switch_s.append(done - start)
+            self._switch_s.append(total_s)
         # a copy: the next pass reads x (the clean block it commits), whatever the caller does to its frame
         return Frame(first, x.clone(), video.cpu())
 

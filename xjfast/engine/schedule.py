@@ -1,14 +1,14 @@
 """Sigma schedules of the step loop (rectified flow with Wan's shift)."""
 from __future__ import annotations
 
-from xjfast.errors import check_positive
+from xjfast.errors import check_positive, is_int
 
 MASK64 = 2 ** 64 - 1
 
 
 def shifted_sigmas(steps: int, shift: float = 5.0) -> list[float]:
     """steps + 1 sigmas from 1 to 0: t = 1 - k/steps warped by shift*t / (1 + (shift-1)*t)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 4:
+    if not is_int(steps) or not 1 <= steps <= 4:
         raise ValueError(f"steps: expected an int in [1, 4], got {steps!r}")
     check_positive("shift", shift)
     ts = [1 - k / steps for k in range(steps)]

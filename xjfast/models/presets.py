@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from xjfast.errors import is_int
 from xjfast.models.decoder import PreviewDecoder, TinyDecoder
 from xjfast.models.dit import CausalDiT, DiTConfig
 from xjfast.models.text_encoder import ByteTextEncoder
@@ -49,7 +50,7 @@ def build(preset: str, *, device="cpu", dtype=torch.float32, seed: int = 0, weig
     from `weights` (a Wan2.1 / diffusers checkpoint of the preset's shape)."""
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {', '.join(map(repr, PRESETS))}, got {preset!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:  # what a torch.Generator takes
+    if not is_int(seed) or not 0 <= seed < 2 ** 64:  # what a torch.Generator takes
         raise ValueError(f"seed: expected an int in [0, 2^64), got {seed!r}")
     p = PRESETS[preset]
     if weights is not None:

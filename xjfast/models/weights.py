@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from xjfast.errors import check_positive
+from xjfast.errors import check_positive, is_int
 
 # diffusers name -> Wan2.1 name, applied to the start of each key (after the block prefix)
 _DIFFUSERS_TO_WAN = [
@@ -167,8 +167,7 @@ def config_from_state(state: dict, config: dict, heads: int | None):
     dim = patch.shape[0]
     if heads is None:
         heads = config.get("num_heads") or config.get("num_attention_heads") or dim // 128
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or dim % heads \
-            or dim // heads not in HEAD_DIMS:
+    if not is_int(heads) or heads < 1 or dim % heads or dim // heads not in HEAD_DIMS:
         raise ValueError(f"heads: expected a head count that splits dim {dim} into heads of {HEAD_DIMS} channels, "
                          f"got {heads!r}")
     eps = config.get("eps", 1e-6)

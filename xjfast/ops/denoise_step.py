@@ -24,7 +24,7 @@ import math
 import torch
 
 from xjfast.backends import check_backend, grid_reason, register, resolve
-from xjfast.errors import check_choice, check_tensor
+from xjfast.errors import check_choice, check_tensor, is_int
 from xjfast.ops.philox import _check_seed, check_frame_index, latent_noise
 
 PREDICTIONS = ("flow", "eps", "x0")
@@ -68,7 +68,7 @@ def _per_sample(name: str, value, B: int, device, low=0.0, high=1.0) -> torch.Te
 
 def _check_patch_size(patch_size) -> tuple[int, int, int]:
     if not (isinstance(patch_size, (tuple, list)) and len(patch_size) == 3
-            and all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in patch_size)):
+            and all(is_int(p) and p > 0 for p in patch_size)):
         raise ValueError(f"patch_size: expected three positive ints (pt, ph, pw), got {patch_size!r}")
     return tuple(patch_size)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from xjfast.backends import check_backend, register, resolve, triton_interpreted
-from xjfast.errors import check_tensor
+from xjfast.errors import check_tensor, is_int
 from xjfast.ops.kv_cache_commit import STORAGE, quantize_unit, triton_head_dim_reason
 
 
@@ -55,7 +55,7 @@ def kv_cache_compact(keep, keep_mass, keep_count: int, page, page_mass, *, backe
     if keep_mass.shape != (B, K) or page_mass.shape != page[0].shape[:2]:
         raise ValueError(f"keep_mass/page_mass: expected shapes {(B, K)} and {tuple(page[0].shape[:2])}, "
                          f"got {tuple(keep_mass.shape)} and {tuple(page_mass.shape)}")
-    if isinstance(keep_count, bool) or not isinstance(keep_count, int) or not 0 <= keep_count <= K:
+    if not is_int(keep_count) or not 0 <= keep_count <= K:
         raise ValueError(f"keep_count: expected an int in [0, {K}], got {keep_count}")
     top, mass = select_keep(keep_mass, keep_count, page_mass)
     if top.shape[1] == 0:  # nothing to keep (no slots, or no candidates): the buffer stays as it is

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from xjfast.errors import canonical_device
+from xjfast.errors import canonical_device, is_int
 
 M0, M1 = 0xD2511F53, 0xCD9E8D57
 W0, W1 = 0x9E3779B9, 0xBB67AE85
@@ -60,7 +60,7 @@ def _rounds(c0, c1, c2, c3, k0, k1):
 
 
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
+    if not is_int(seed) or not 0 <= seed < 2 ** 64:
         raise ValueError(f"noise_seed: expected an int in [0, 2^64), got {seed!r}")
     return seed
 
@@ -80,7 +80,7 @@ def check_frame_index(frame_index, device=None, limit: int = 2 ** 64):
         if device is not None and frame_index.device != canonical_device(device):
             raise ValueError(f"frame_index: expected a tensor on {canonical_device(device)}, got one on "
                              f"{frame_index.device}")
-    elif isinstance(frame_index, bool) or not isinstance(frame_index, int) or not 0 <= frame_index < limit:
+    elif not is_int(frame_index) or not 0 <= frame_index < limit:
         exponent = limit.bit_length() - 1
         raise ValueError(f"frame_index: expected an int in [0, 2^{exponent}) or a 0-d int64 tensor, "
                          f"got {frame_index!r}")
@@ -94,7 +94,7 @@ def philox_normal(seed: int, frame_index, numel: int, device=None) -> torch.Tens
     giving bit-identical noise."""
     seed = _check_seed(seed)
     check_frame_index(frame_index, device)
-    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+    if not is_int(numel) or numel < 0:
         raise ValueError(f"numel: expected an int >= 0, got {numel!r}")
     g = torch.arange(math.ceil(numel / 4), dtype=torch.int64, device=device)
     # the counter's words as the kernels read the index: unsigned (a negative index in a tensor,

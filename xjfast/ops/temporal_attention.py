@@ -21,7 +21,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from xjfast.backends import check_backend, heads_grid_reason, register, resolve, triton_interpreted
-from xjfast.errors import check_choice, check_tensor
+from xjfast.errors import check_choice, check_tensor, is_int
 from xjfast.ops.fp8 import E4M3, P_SCALE, fake_quant, round_e4m3, scale_from_amax
 from xjfast.ops.kv_cache_commit import quantize_unit
 from xjfast.ops.constants import device_tuple
@@ -77,7 +77,7 @@ def _scalars(values) -> list | None:
 def _ints(values, low: int, high: int) -> tuple | None:
     """The integers (bools excluded) of `values`, each in [low, high], or None."""
     items = _scalars(values)
-    if items is None or not all(isinstance(x, int) and not isinstance(x, bool) and low <= x <= high for x in items):
+    if items is None or not all(is_int(x) and low <= x <= high for x in items):
         return None
     return tuple(items)
 
@@ -101,8 +101,7 @@ def _validate(q, k, v, block_tokens, private_blocks, scale, kv_cache, layer, pre
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0 or scale == float("inf"):
         raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
     if block_tokens is not None:
-        if not isinstance(block_tokens, int) or isinstance(block_tokens, bool) or block_tokens <= 0 \
-                or L % block_tokens:
+        if not is_int(block_tokens) or block_tokens <= 0 or L % block_tokens:
             raise ValueError(f"block_tokens: expected a positive int dividing Lq={L}, got {block_tokens!r}")
     blocks = L // block_tokens if block_tokens else 1
     if private_blocks is None:
@@ -431,13 +430,20 @@ def cuda_paths(device: torch.device | str) -> list[str]:
     return ["wgmma", "ws", "mma"] if torch.cuda.get_device_capability(device) == (9, 0) else ["mma"]
 
 
+def forced_core() -> str | None:
+    """The path XJFAST_CUDA_ATTENTION_CORE forces (checked), or None."""
+    core = os.environ.get("XJFAST_CUDA_ATTENTION_CORE")
+    if core is not None:
+        check_choice("XJFAST_CUDA_ATTENTION_CORE", core, CUDA_CORES)
+    return core
+
+
 def forced_core_reason(device: torch.device) -> str | None:
     """Why a CUDA `device` cannot run the path XJFAST_CUDA_ATTENTION_CORE forces (wgmma and ws are
     Hopper's), or None: so auto goes elsewhere, and backend='cuda' says why, before the launch."""
-    core = os.environ.get("XJFAST_CUDA_ATTENTION_CORE")
+    core = forced_core()
     if device.type != "cuda" or core is None:
         return None
-    check_choice("XJFAST_CUDA_ATTENTION_CORE", core, CUDA_CORES)
     paths = cuda_paths(device)
     if core == "auto" or core in paths:
         return None
@@ -461,9 +467,8 @@ def cuda_core(device: torch.device | str | None = None) -> str | None:
     benchmark results rank for its compute capability (backend_ranking.json), else the first, less
     skipped_cuda_paths() (None: none left); "auto" (the extension's own choice) without a device."""
     from xjfast.backends import ranking
-    core = os.environ.get("XJFAST_CUDA_ATTENTION_CORE")
+    core = forced_core()
     if core is not None:
-        check_choice("XJFAST_CUDA_ATTENTION_CORE", core, CUDA_CORES)
         return core
     if device is None or torch.device(device).type != "cuda":
         return "auto"
