@@ -88,17 +88,36 @@ def test_bad_arguments_exit_before_any_model_is_built(capsys, monkeypatch, tmp_p
 
 
 @needs_av
-def test_out_of_gpu_memory_is_one_line_with_what_to_shrink(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("error, memory", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 51.00 GiB.\nmore detail"),
+     "GPU memory (CUDA out of memory. Tried to allocate 51.00 GiB.)"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)"),
+     "CPU memory (you tried to allocate 40000000000 bytes)"),
+    (MemoryError(), "CPU memory"),
+])
+def test_running_out_of_memory_is_one_line_with_what_to_shrink(tmp_path, capsys, monkeypatch, error, memory):
     from xjfast import cli
 
     def stream(*_):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 51.00 GiB.\nmore detail")
+        raise error
 
     monkeypatch.setattr(cli, "_stream", stream)
     assert main(["generate", "--out", str(tmp_path / "x.mp4")]) == 1
     err = capsys.readouterr().err
-    assert err == ("xjfast generate: out of GPU memory (CUDA out of memory. Tried to allocate 51.00 GiB.); a smaller "
-                   "--window, --keep-tokens or --preset needs less\n")
+    assert err == f"xjfast generate: out of {memory}; a smaller --window, --keep-tokens or --preset needs less\n"
+
+
+@needs_av
+def test_a_runtime_error_that_is_no_allocation_keeps_its_traceback(tmp_path, monkeypatch):
+    from xjfast import cli
+
+    def stream(*_):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "_stream", stream)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["generate", "--out", str(tmp_path / "x.mp4")])
 
 
 def test_an_out_path_that_is_a_folder_is_refused(tmp_path, capsys):

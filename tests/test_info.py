@@ -65,6 +65,27 @@ def test_triton_without_the_installed_kernels_says_how_to_install_them(monkeypat
     assert reason.startswith("xjfast.kernels is not installed") and "pip install" in reason
 
 
+def test_triton_interpreter_beside_a_numpy_it_cannot_run_with_says_which_versions_would(monkeypatch):
+    """Triton 3.6's interpreter (torch 2.11's Triton) calls int() on one-element arrays, an error
+    since NumPy 2.4: the Triton backend on the CPU is refused with the versions, not an
+    InterpreterError from inside a kernel."""
+    from xjfast.backends import interpreter_numpy_reason
+    reason = interpreter_numpy_reason("3.6.0", "2.4.6")
+    assert reason and "Triton 3.6.0" in reason and "NumPy 2.4.6" in reason and "Triton >= 3.7 or NumPy < 2.4" in reason
+    assert interpreter_numpy_reason("3.5.1", "2.5.0rc1")
+    for triton_version, numpy_version in (("3.6.0", "2.3.5"), ("3.7.0", "2.4.6"), ("3.10.0", "2.5.2"), ("dev", "2.4.0")):
+        assert interpreter_numpy_reason(triton_version, numpy_version) is None
+    pytest.importorskip("triton")
+    import numpy
+    import triton
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    assert backend_unavailable_reason("triton", "cpu") == interpreter_numpy_reason()
+    if torch.cuda.is_available():  # compiled for the GPU: no interpreter
+        assert backend_unavailable_reason("triton", "cuda") is None
+
+
 def test_arch_matching():
     # "a": exactly that compute capability; plain and "f": same major, equal or higher minor.
     assert _ext.arch_runs_on("90a", (9, 0)) and not _ext.arch_runs_on("90a", (10, 0))

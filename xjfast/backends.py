@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -86,6 +87,29 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    """ "3.6.0" -> (3, 6), "2.4.0rc1" -> (2, 4); (0, 0) for what does not start with two numbers."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+def interpreter_numpy_reason(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
+    """Why Triton's CPU interpreter cannot run the kernels beside this NumPy, or None. Triton 3.6 and
+    older hand a loop a bound held as a one-element array and call int() on it, which NumPy 2.4
+    turned from a deprecation into an error: every kernel with a loop over a runtime bound fails
+    inside Triton (torch 2.11 pins Triton 3.6)."""
+    if triton_version is None:
+        import triton
+        triton_version = triton.__version__
+    if numpy_version is None:
+        import numpy
+        numpy_version = numpy.__version__
+    if (0, 0) < _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter (TRITON_INTERPRET=1) cannot run the kernels with "
+                f"NumPy {numpy_version}: it needs Triton >= 3.7 or NumPy < 2.4")
+    return None
+
+
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second and third dimensions (the interpreter has none)
 
 
@@ -123,6 +147,10 @@ def backend_unavailable_reason(backend: str, device: torch.device | str | None =
                     "--no-build-isolation -e . in the checkout)")
         if device is not None and device.type != "cuda" and not triton_interpreted():
             return f"Triton kernels need a CUDA device (got {device}); TRITON_INTERPRET=1 runs them on the CPU"
+        if triton_interpreted() and (device is None or device.type != "cuda"):
+            reason = interpreter_numpy_reason()
+            if reason is not None:
+                return reason
         # a CUDA device needs a GPU; no device at all, a GPU or the interpreter
         if not torch.cuda.is_available() and (device.type == "cuda" if device is not None else not triton_interpreted()):
             return "no CUDA GPU is visible to torch"

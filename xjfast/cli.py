@@ -61,12 +61,28 @@ def _generate(args) -> int:
         # the library's checks name the argument: one line instead of a traceback
         print(f"xjfast generate: {exc}", file=sys.stderr)
         return 2
-    except torch.OutOfMemoryError as exc:
-        print(f"xjfast generate: out of GPU memory ({str(exc).splitlines()[0]}); a smaller --window, "
-              f"--keep-tokens or --preset needs less", file=sys.stderr)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        memory = _memory_run_out(exc)
+        if memory is None:
+            raise
+        print(f"xjfast generate: out of {memory}; a smaller --window, --keep-tokens or --preset needs less",
+              file=sys.stderr)
         return 1
     finally:
         torch.set_num_threads(threads)
+
+
+def _memory_run_out(exc: BaseException) -> str | None:
+    """ "GPU memory (what torch said)" or "CPU memory (...)" when `exc` is an allocation that failed,
+    else None. torch's CPU allocator raises a plain RuntimeError, its message the only sign."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return f"GPU memory ({str(exc).splitlines()[0]})"
+    if isinstance(exc, MemoryError):
+        return "CPU memory"
+    match = re.search(r"DefaultCPUAllocator: can't allocate memory: (you tried to allocate \d+ bytes)", str(exc))
+    return f"CPU memory ({match[1]})" if match else None
 
 
 def _stream(args, device, dtype) -> int:
