@@ -1,4 +1,4 @@
-# make test [TESTS=tests/test_x.py] [PYTEST_ARGS=-x] | make lint | make test-sass-gpu-triton | make demo | make wheel ARCHS="90a" | make sass
+# make test [TESTS=tests/test_x.py] [PYTEST_ARGS=-x] | make lint | make test-sass-gpu-triton | make test-gpu-env | make demo | make wheel ARCHS="90a" | make sass
 # make gpu-check [OUT=dir] | make profile OP=temporal_attention [BACKEND=triton] [OUT=dir]
 #
 # Each target sets itself up from a fresh clone (`make setup` does only that): a .venv in the
@@ -19,7 +19,7 @@ ARCHS ?= 90a;100a
 TRITON_VERSION ?= 3.9.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: setup venv test lint test-sass-gpu-triton demo wheel sass gpu-check profile clean
+.PHONY: setup venv test lint test-sass-gpu-triton test-gpu-env demo wheel sass gpu-check profile clean
 
 setup venv: $(STAMP)
 
@@ -60,6 +60,19 @@ test-sass-gpu-triton: $(STAMP)
 	test -d $(GPU_TRITON) || $(PY) -m pip install -q --no-deps --target $(GPU_TRITON) "triton==$(GPU_TRITON_VERSION)"
 	PYTHONPATH=$(GPU_TRITON) $(PY) -c "import triton; assert triton.__version__ == '$(GPU_TRITON_VERSION)', triton.__version__"
 	PYTHONPATH=$(GPU_TRITON) $(PY) -m pytest -q tests/test_sass.py
+
+# The suite on this CPU under what our GPU machines run (Python 3.12, torch 2.11, its Triton 3.6, no
+# PyAV), in .venv-gpu-env: a check before spending GPU time, not part of CI (torch 2.11's wheel
+# and the CUDA libraries it pulls are several GB). NumPy < 2.4: Triton 3.6's interpreter fails
+# beside newer ones (xjfast refuses that pair with the reason).
+GPU_ENV_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+GPU_ENV := .venv-gpu-env
+test-gpu-env:
+	test -x $(GPU_ENV)/bin/python || $(GPU_ENV_PYTHON) -m venv $(GPU_ENV)
+	$(GPU_ENV)/bin/pip install -q torch==2.11.0 "numpy<2.4" "setuptools>=68,<82" wheel pybind11 cmake ninja \
+		pytest matplotlib "diffusers>=0.32"
+	$(GPU_ENV)/bin/pip install -q --no-build-isolation -e .
+	$(GPU_ENV)/bin/python -m pytest -q $(TESTS) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/xjfast generate --preset tiny --frames 48 --out out/demo.mp4
