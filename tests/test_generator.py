@@ -71,6 +71,29 @@ def test_stats_keep_a_bounded_history_and_whole_stream_totals(tiny, monkeypatch)
     assert 0 < s["model_fps"] and 0 < s["end_to_end_fps"] <= s["model_fps"]
 
 
+def test_a_frame_that_comes_out_non_finite_is_counted_and_warned_once(tiny):
+    """A NaN frame poisons every later one through the cache: the stream says which frame was the
+    first, counts them and warns once; reset() starts a healthy stream again. A healthy stream says
+    nothing."""
+    import warnings
+    model = build("tiny")[0]
+    g = generator((model,) + tiny[1:], frames_per_block=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        stream(g, 2)
+        assert g.stats()["nonfinite_frames"] == 0 and g.stats()["first_nonfinite_frame"] is None
+        poison = model.register_forward_hook(lambda module, args, out: out * float("nan"))
+        with pytest.warns(RuntimeWarning, match="latent frame 4 came out non-finite") as caught:
+            g.step()
+        assert caught[0].filename == __file__  # points at the caller's step()
+        poison.remove()
+        assert g.step().latents.isnan().all()  # the cache holds frames 4 and 5: no second warning
+        assert g.stats()["first_nonfinite_frame"] == 4 and g.stats()["nonfinite_frames"] == 4
+        g.reset()
+        assert all(f.latents.isfinite().all() for f in stream(g, 3))
+        assert g.stats()["nonfinite_frames"] == 0 and g.stats()["first_nonfinite_frame"] is None
+
+
 def test_what_the_caller_does_to_a_frame_does_not_reach_the_stream(tiny):
     """Frame.latents is the caller's: writing into it leaves the next frames as they were (the
     eager step read it as the clean block to commit; the captured step had its own copy)."""

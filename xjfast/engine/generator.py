@@ -24,6 +24,7 @@ import math
 import numbers
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -134,7 +135,8 @@ class StreamGenerator:
         # per pass, the newest HISTORY: model and total seconds, when it was done, frames emitted
         self._model_s, self._total_s, self._done_at, self._frames = (collections.deque(maxlen=HISTORY) for _ in range(4))
         self._switch_s = collections.deque(maxlen=HISTORY)  # total seconds of each prompt-switching pass
-        self._totals = dict(passes=0, latent_frames=0, model_s=0.0, total_s=0.0, first_s=float("nan"), switches=0)
+        self._totals = dict(passes=0, latent_frames=0, model_s=0.0, total_s=0.0, first_s=float("nan"), switches=0,
+                            nonfinite_frames=0, first_nonfinite_frame=None)
         self._transition = None          # (old embeds, new embeds, frames, frames done)
         self.conditioning_weights = collections.deque(maxlen=HISTORY)  # newest prompt's weight, per pass
         # a pass's later frames hide at most the whole window (frame_lags): depth - 1 <= window_frames
@@ -396,6 +398,7 @@ class StreamGenerator:
         if self._previous is not None and not switching:
             self.depth.record(depth, model_done - start, accepted)
         video = self.decoder(x, None if self._previous is None else self._previous[:, :, -1])
+        self._check_finite(first, x)  # reads one flag: the step synchronizes here anyway
         self._sync()
         done = time.perf_counter()
         self._previous = x[:, :, -self.frames_per_block:] if depth == 1 else x[:, :, -1:]
@@ -417,6 +420,20 @@ class StreamGenerator:
             self._switch_s.append(total_s)
         # a copy: the next pass reads x (the clean block it commits), whatever the caller does to its frame
         return Frame(first, x.clone(), video.cpu())
+
+    def _check_finite(self, first: int, x: torch.Tensor) -> None:
+        """Count the latent frames that came out NaN or inf, and warn at the stream's first: the next
+        pass commits them to the cache, so every later frame attends to them (for good, in a sink)."""
+        if bool(torch.isfinite(x).all()):
+            return
+        bad = (~torch.isfinite(x)).transpose(0, 2).flatten(1).any(1).nonzero().flatten().tolist()
+        totals = self._totals
+        totals["nonfinite_frames"] += len(bad)
+        if totals["first_nonfinite_frame"] is None:
+            totals["first_nonfinite_frame"] = first + bad[0]
+            warnings.warn(f"StreamGenerator: latent frame {first + bad[0]} came out non-finite (NaN or inf); the cache "
+                          f"will hold it, so the frames after it will be too: reset() starts the stream again. Often "
+                          f"the sign of weights or a dtype that overflows", RuntimeWarning, stacklevel=4)  # step()'s caller, past no_grad
 
     def __iter__(self):
         while True:
@@ -459,6 +476,8 @@ class StreamGenerator:
                 "speedup_over_no_speculation": self.depth.speedup(),
             },
             "cuda_graph": self._static.stats(),
+            "nonfinite_frames": totals["nonfinite_frames"],
+            "first_nonfinite_frame": totals["first_nonfinite_frame"],
             "switch_frames": totals["switches"],
             "recache_ms": [1e3 * s for s in self._recache_s],
             "switch_latency_p50_ms": 1e3 * statistics.median(switch) if switch else None,
