@@ -159,8 +159,7 @@ def tables(results_dir: str) -> str:
                                             for r in wan.get("rows", [])]
         rows += [(f"diffusers Wan, {r['latent_frames']} latent frame(s), enable(precision=\"{p}\")", fig)
                  for r in wan.get("rows", []) for p, fig in r.get("xjfast", {}).items()]
-        rows += [(f"stream {r['engine']}, {r['steps']} step(s), {r['frames_per_block']} frame(s)/block, sink+window "
-                  f"{r['sink']}+{r['window']}", r) for r in data.get("stream", {}).get("rows", [])]
+        rows += [(_stream_row_name(r), r) for r in data.get("stream", {}).get("rows", [])]
         skipped = sorted({f"{name} ({r.get('skipped') or r['error']})" for name, r in rows
                           if r.get("skipped") or r.get("error")})
         if skipped:
@@ -173,6 +172,11 @@ def tables(results_dir: str) -> str:
                            f"{r['steady_model_fps']:.1f} | {r['steady_end_to_end_fps']:.1f} | "
                            f"{r['time_to_first_frame_ms']:.0f} | {r['steady_interval_p50_ms']:.1f} | "
                            f"{r['steady_interval_p99_ms']:.1f} | {r.get('peak_memory_gib', float('nan')):.2f} |")
+        nonfinite = [f"{_stream_row_name(r)} ({r['nonfinite_frames']} of {r['latent_frames']} latent frames, the first "
+                     f"{r['first_nonfinite_frame']})" for r in data.get("stream", {}).get("rows", [])
+                     if r.get("nonfinite_frames")]
+        if nonfinite:
+            out.append("\nNaN or inf frames (those rows time a broken stream): " + "; ".join(nonfinite) + ".")
         memory = data.get("stream", {}).get("memory", {})
         if "flat" in memory:
             out.append(f"\nMemory allocated after 100 and 1,000 latent frames (xjfast-fp8): "
@@ -193,6 +197,11 @@ def tables(results_dir: str) -> str:
 
 
 CEILINGS = {"gemm_fp8": "FP8 GEMM", "gemm_bf16": "bf16 GEMM"}
+
+
+def _stream_row_name(row: dict) -> str:
+    return (f"stream {row['engine']}, {row['steps']} step(s), {row['frames_per_block']} frame(s)/block, sink+window "
+            f"{row['sink']}+{row['window']}")
 
 
 def _of_ceiling(row: dict) -> str:

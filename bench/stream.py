@@ -135,7 +135,8 @@ def measure(device: torch.device, log, budget=None, checkpoint=None) -> dict:
             if "steady_model_fps" in row:
                 log(f"  stream {engine_name} {cfg}: steady model {row['steady_model_fps']:.1f} fps, "
                     f"end-to-end {row['steady_end_to_end_fps']:.1f} fps, cuda graph "
-                    f"{'in use' if row['cuda_graph']['in_use'] else 'not in use: ' + str(row['cuda_graph']['fallback'])}")
+                    f"{'in use' if row['cuda_graph']['in_use'] else 'not in use: ' + str(row['cuda_graph']['fallback'])}"
+                    f"{', NaN or inf frames: ' + str(row['nonfinite_frames']) if row['nonfinite_frames'] else ''}")
             save()
     if gpu:
         out["memory"] = {"skipped": skipped} if (skipped := short_of("memory")) is not None else \
@@ -188,4 +189,5 @@ def _speculation_row(model, decoder, device, prompt, hw, depth, drafter) -> dict
     while gen.stats()["latent_frames"] < (24 if gpu else 8):
         gen.step()
     s = gen.stats()
-    return dict(model_fps=s["model_fps"], end_to_end_fps=s["end_to_end_fps"], **s["speculation"])
+    return dict(model_fps=s["model_fps"], end_to_end_fps=s["end_to_end_fps"], nonfinite_frames=s["nonfinite_frames"],
+                **s["speculation"])

@@ -532,8 +532,9 @@ def test_attention_fractions_are_of_the_ceiling_of_the_precision_run(monkeypatch
 
 def test_readme_tables_show_fractions_memory_and_what_was_not_measured(tmp_path):
     """The README's tables carry each attention figure's fraction of its ceiling, the stream's peak
-    memory and memory after 100 and 1,000 frames, and every implementation not measured with the
-    reason: peers that are not installed and runs that failed included."""
+    memory and memory after 100 and 1,000 frames, every implementation not measured with the
+    reason (peers that are not installed and runs that failed included), and the stream rows whose
+    frames came out NaN or inf."""
     sys.path.insert(0, ROOT)
     from bench.readme_tables import tables
     case = {"H": 12, "D": 128, "T": 1560, "query_frames": 2, "cached": 12}
@@ -547,7 +548,12 @@ def test_readme_tables_show_fractions_memory_and_what_was_not_measured(tmp_path)
     data["stream"] = {"preset": "wan2.1-1.3b", "rows": [dict(
         engine="xjfast-fp8", steps=1, frames_per_block=1, sink=1, window=8, steady_model_fps=100.0,
         steady_end_to_end_fps=90.0, time_to_first_frame_ms=120.0, steady_interval_p50_ms=40.0,
-        steady_interval_p99_ms=50.0, peak_memory_gib=6.25)],
+        steady_interval_p99_ms=50.0, peak_memory_gib=6.25, latent_frames=40, nonfinite_frames=0,
+        first_nonfinite_frame=None), dict(
+        engine="xjfast-fp8", steps=4, frames_per_block=3, sink=1, window=8, steady_model_fps=100.0,
+        steady_end_to_end_fps=90.0, time_to_first_frame_ms=120.0, steady_interval_p50_ms=40.0,
+        steady_interval_p99_ms=50.0, peak_memory_gib=6.25, latent_frames=42, nonfinite_frames=30,
+        first_nonfinite_frame=12)],
         "memory": {"allocated_after_100_frames": 3 * 2 ** 30, "allocated_after_1000_frames": 3 * 2 ** 30,
                    "flat": True}}
     (tmp_path / "h100.json").write_text(json.dumps(data))
@@ -555,6 +561,8 @@ def test_readme_tables_show_fractions_memory_and_what_was_not_measured(tmp_path)
     assert "| xjfast-triton-fp8 | 128 | 2 | 12 | 500.0 | 40% of FP8 GEMM | 2.000 | 1.00e-02 |" in text
     assert "sageattention (not installed)" in text and "xjfast-cuda[ws]-fp8 (RuntimeError: boom)" in text
     assert "| 6.25 |" in text and "3.000 and 3.000 GiB (flat)" in text
+    assert ("NaN or inf frames (those rows time a broken stream): stream xjfast-fp8, 4 step(s), 3 frame(s)/block, "
+            "sink+window 1+8 (30 of 42 latent frames, the first 12).") in text
 
 
 def test_readme_tables_list_the_stream_and_drop_in_rows_not_measured(tmp_path):
