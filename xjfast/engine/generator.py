@@ -431,9 +431,10 @@ class StreamGenerator:
         totals["nonfinite_frames"] += len(bad)
         if totals["first_nonfinite_frame"] is None:
             totals["first_nonfinite_frame"] = first + bad[0]
-            warnings.warn(f"StreamGenerator: latent frame {first + bad[0]} came out non-finite (NaN or inf); the cache "
-                          f"will hold it, so the frames after it will be too: reset() starts the stream again. Often "
-                          f"the sign of weights or a dtype that overflows", RuntimeWarning, stacklevel=4)  # step()'s caller, past no_grad
+            # stacklevel: step()'s caller, past step() and its no_grad wrapper
+            warnings.warn(f"StreamGenerator: latent frame {first + bad[0]} came out non-finite (NaN or inf), usually "
+                          f"from weights or a dtype that overflow; the cache will hold it, so the frames after it "
+                          f"will be too: reset() starts the stream again", RuntimeWarning, stacklevel=4)
 
     def __iter__(self):
         while True:
