@@ -24,6 +24,25 @@ def test_generate_writes_a_playable_mp4(tmp_path, capsys):
 
 
 @needs_av
+def test_generate_says_when_the_frames_came_out_nan(tmp_path, capsys, monkeypatch):
+    """Weights that overflow make NaN frames: the video is still written, and stderr says from which
+    frame it is broken."""
+    from xjfast.models import presets
+    build = presets.build
+
+    def nan_model(*args, **kwargs):
+        model, *rest = build(*args, **kwargs)
+        model.register_forward_hook(lambda module, inputs, out: out * float("nan"))
+        return (model, *rest)
+
+    monkeypatch.setattr(presets, "build", nan_model)
+    assert main(["generate", "--frames", "8", "--out", str(tmp_path / "x.mp4"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert ("xjfast generate: 2 latent frames came out NaN or inf, the first at latent frame 0 (video frame 0): "
+            "the video is broken from there") in err
+
+
+@needs_av
 def test_generate_blocks_of_three_frames(tmp_path):
     out = tmp_path / "b.mp4"
     assert main(["generate", "--frames", "12", "--frames-per-block", "3", "--steps", "2", "--out", str(out),

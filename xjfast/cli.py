@@ -154,6 +154,10 @@ def _stream(args, device, dtype) -> int:
         rate = "-" if spec["acceptance_rate"] is None else f"{spec['acceptance_rate']:.0%}"
         print(f"speculation: depth {spec['depth']}, acceptance {rate}, "
               f"{spec['frames_per_pass']:.2f} latent frames per pass")
+    if s["nonfinite_frames"]:
+        print(f"xjfast generate: {s['nonfinite_frames']} latent frames came out NaN or inf, the first at latent frame "
+              f"{s['first_nonfinite_frame']} (video frame {VIDEO_FRAMES_PER_LATENT * s['first_nonfinite_frame']}): "
+              f"the video is broken from there", file=sys.stderr)
     if s["switch_frames"]:
         print(f"prompt switches: {len(schedule) - 1}, {s['switch_frames']} switching passes, latency p50 "
               f"{s['switch_latency_p50_ms']:.1f} ms, max {s['switch_latency_max_ms']:.1f} ms (separate from the above)"
