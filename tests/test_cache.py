@@ -90,14 +90,33 @@ def test_keep_tokens_retains_the_highest_mass_tokens():
 
 
 def test_keep_tokens_merge_keeps_the_top_over_evictions():
-    cache = StreamingKVCache(1, 1, H, D, T, sink_frames=0, window_frames=1, keep_tokens=4, storage="fp32")
-    cache.commit(0, *frame())
-    for _ in range(5):
-        temporal_attention(torch.randn(1, T, H, D), *frame(), kv_cache=cache, layer=0)
-        cache.commit(0, *frame())
+    """Over 5 evictions the keep buffer holds the 4 tokens of highest attention mass among every
+    evicted frame's tokens (each weighed by the pass before its eviction), oldest first, with their
+    K and V: the 2 keys of the first frame that its pass aims at outlast the later evictions."""
+    cache = StreamingKVCache(1, 1, H, D, T, sink_frames=0, window_frames=1, keep_tokens=4, storage="fp32", rope_dims=0)
+    target = torch.nn.functional.normalize(torch.randn(H, D), dim=-1)
+    held = frame()
+    held[0][:, [3, 9]] = 6.0 * target
+    cache.commit(0, *held)
+    masses, keys, values = [], [], []
+    for i in range(5):
+        q = torch.randn(1, T, H, D) + (3.0 * target if i == 0 else 0.0)
+        temporal_attention(q, *frame(), kv_cache=cache, layer=0)
+        page = cache.view(0).page_table[0].item()  # the window's one frame: the next commit evicts it
+        masses.append(cache.mass[0, page, 0].clone())
+        keys.append(held[0][0])
+        values.append(held[1][0])
+        held = frame()
+        cache.commit(0, *held)
     assert cache.keep_count(0) == 4
-    mass = cache.keep_mass[0, 0]
-    assert (mass > 0).all()
+    mass = torch.cat(masses)
+    top = mass.topk(4).indices.sort().values
+    assert {3, 9} <= set(top.tolist())
+    assert torch.equal(cache.keep_mass[0, 0], mass[top])
+    view = cache.view(0)
+    kept = view.keep_k[0].float() * view.keep_k_scale[0][None, :, None] + view.keep_k_mean[0][None]
+    assert torch.allclose(kept, torch.cat(keys)[top], atol=1e-4)
+    assert torch.allclose(view.keep_v[0].float(), torch.cat(values)[top], atol=1e-5)
 
 
 def test_recache_rewrites_frames_in_place():

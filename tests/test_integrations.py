@@ -137,6 +137,7 @@ def test_patch_as_context_manager_and_plain_call():
         assert is_patched()
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert torch.nn.functional.scaled_dot_product_attention is original and not is_patched()
+    assert accelerated_counts() == {"reference": 1} and fallback_counts() == {}  # the call ran on xjfast
     assert (out - original(q, k, v)).abs().max() < 1e-5
     patch()
     assert is_patched()

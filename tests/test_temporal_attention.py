@@ -196,11 +196,19 @@ def test_fp8_cache_within_design_bounds():
 
 
 def test_bf16_tensors_on_bf16_cache():
+    """bf16 q/k/v over a bf16-stored cache: a bf16 answer, exact attention over the cached frames
+    and the pass (temporal rotary at their slots) up to bf16 rounding (worst of 30 draws: 2.3e-3)."""
     cache = StreamingKVCache(1, 1, H, D, T, storage="bf16")
-    stream(cache, *zip(*[qkv(L=T, H=H, D=D, dtype=torch.bfloat16)[1:] for _ in range(3)]))
+    ks, vs = zip(*[qkv(L=T, H=H, D=D, dtype=torch.bfloat16)[1:] for _ in range(3)])
+    stream(cache, ks, vs)
     q, k, v = qkv(L=T, H=H, D=D, dtype=torch.bfloat16)
     out = temporal_attention(q, k, v, kv_cache=cache, layer=0, precision="bf16")
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    dims = cache.rope_dims
+    pos = torch.arange(4).repeat_interleave(T)
+    keys, values = torch.cat(ks + (k,), 1), torch.cat(vs + (v,), 1)
+    ref, _ = exact_attention(rotate_complex(q, pos[-T:], dims), rotate_complex(keys, pos, dims), values)
+    assert rel_l2(out, ref) <= 1e-2
 
 
 # ---- bad input --------------------------------------------------------------------------------
