@@ -385,6 +385,23 @@ def case_inputs(spec):
     return q, k, v, caches
 
 
+@pytest.mark.parametrize("case", [name for name, spec in CASES.items() if spec["L"] > 64])  # over one Q tile
+def test_reference_attends_in_row_chunks_as_in_one(case, monkeypatch):
+    """The reference bounds its memory by attending whole Q tiles of rows at a time (the stream
+    shape's scores alone are 5.4 GB): chunks of one Q tile give what one chunk does, masks, frame
+    lags, rotary and the attention mass included."""
+    from xjfast.ops import temporal_attention as ta
+    spec = CASES[case]
+    q, k, v, caches = case_inputs(spec)
+    whole, whole_lse = run_backend("reference", q, k, v, caches[0], **spec["kwargs"])
+    monkeypatch.setattr(ta, "REFERENCE_SCORE_BYTES", 1)  # one Q tile per chunk
+    chunked, chunked_lse = run_backend("reference", q, k, v, caches[1], **spec["kwargs"])
+    assert q.shape[1] > ta.Q_TILE == 64  # more than one chunk
+    assert rel_l2(chunked, whole.double()) <= 1e-3 and (chunked_lse - whole_lse).abs().max() <= 1e-5
+    if caches[0] is not None and caches[0].mass is not None:
+        assert torch.allclose(caches[0].mass, caches[1].mass, rtol=1e-5, atol=1e-7)
+
+
 def check_against_simulating_reference(backend, q, k, v, caches, kwargs):
     """`backend` (poisoned outputs) against the reference simulating its P rounding, on caches[0]
     and caches[1] respectively: output, LSE and the attention mass."""

@@ -309,12 +309,18 @@ def _quantize_q(qr: torch.Tensor) -> torch.Tensor:
     return fake_quant(tiles, scale).view(B, L + pad, H, D)[:, :L]
 
 
+# Scores the reference holds at once (a row chunk's [B, H, rows, keys] fp32; its softmax holds a few
+# such): at the stream shape the whole pass's scores are 5.4 GB, 22 GB at the peak
+REFERENCE_SCORE_BYTES = 256 * 2 ** 20
+
+
 @register("temporal_attention", "reference")
 def temporal_attention_reference(q, k, v, plan: AttentionPlan, view, kv_tile: int = KV_TILE, kv_splits: int = 1):
     """The definition; `kv_tile` is the online softmax's step whose P rounding is simulated (a
     backend's BLOCK_N, when holding that backend to the reference that simulates it), and
     `kv_splits` the number of ways a backend splits the key units (slot order, ceil(units /
-    kv_splits) each), every split running its own online softmax."""
+    kv_splits) each), every split running its own online softmax. Rows are independent: they are
+    attended in chunks of whole Q tiles, so that memory stays bounded at any shape."""
     B, L, H, D = q.shape
     first_slot = view.num_slots if view is not None else 0
     units = (_cached_units(view, plan.precision == "fp8") if view is not None else []) + \
@@ -325,9 +331,24 @@ def temporal_attention_reference(q, k, v, plan: AttentionPlan, view, kv_tile: in
         frame_of = torch.arange(L, device=q.device) // plan.frame_tokens
         q_pos = first_slot + torch.tensor(plan.frame_slots, device=q.device)[frame_of]
         q_lag = torch.tensor(plan.frame_lags or (0,) * len(plan.frame_slots), device=q.device)[frame_of]
-    rope_dims, theta = (view.rope_dims, view.rope_theta) if view is not None else (0, 0.0)
     visible = block_mask(L, plan.block_tokens, plan.private, q.device) if plan.causal else None
+    keys = sum(u.k.shape[1] for u in units)
+    rows = max(1, REFERENCE_SCORE_BYTES // (4 * B * H * keys * Q_TILE)) * Q_TILE
+    out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+    for r0 in range(0, L, rows):
+        r = slice(r0, r0 + rows)
+        out[:, r], lse[:, :, r] = _attend_rows(
+            qf[:, r], units, plan, view, None if q_pos is None else q_pos[r], None if q_lag is None else q_lag[r],
+            None if visible is None else visible[r], kv_tile, kv_splits)
+    return out, lse
 
+
+def _attend_rows(qf, units, plan: AttentionPlan, view, q_pos, q_lag, visible, kv_tile: int, kv_splits: int):
+    """temporal_attention_reference for a chunk of query rows (whole Q tiles): their output, LSE,
+    and their attention mass added to the view's."""
+    B, L, H, D = qf.shape
+    rope_dims, theta = (view.rope_dims, view.rope_theta) if view is not None else (0, 0.0)
     scores = []
     for unit in units:
         anchored = unit.keys is None and unit.window is None  # a sink or the keep buffer: nearer by the lag
@@ -343,8 +364,9 @@ def temporal_attention_reference(q, k, v, plan: AttentionPlan, view, kv_tile: in
     s = torch.cat(scores, dim=-1)
     row_max = s.amax(dim=-1, keepdim=True)
     p = torch.exp(s - row_max)
+    del s
     row_sum = p.sum(dim=-1, keepdim=True)
-    out = torch.zeros(B, H, L, D, device=q.device)
+    out = torch.zeros(B, H, L, D, device=qf.device)
     sizes = [u.k.shape[1] for u in units]
     running = _running_max(scores, row_max, kv_tile, -(-len(units) // kv_splits))
     for unit, s_unit, p_unit, m_run in zip(units, scores, p.split(sizes, dim=-1), running.split(sizes, dim=-1)):
@@ -352,11 +374,11 @@ def temporal_attention_reference(q, k, v, plan: AttentionPlan, view, kv_tile: in
             # (from the scores: p / exp(m_run - row_max) would be 0 / 0 where that factor underflows)
             p_unit = round_e4m3(torch.exp(s_unit - m_run) * P_SCALE) / P_SCALE * torch.exp(m_run - row_max)
         out += torch.einsum("bhln,bnhd->bhld", p_unit, unit.v)
-    out = (out / row_sum).transpose(1, 2).contiguous()
+    out = (out / row_sum).transpose(1, 2)
     lse = (row_max + row_sum.log()).squeeze(-1)
     if view is not None and view.mass is not None:
         _accumulate_mass(view, units, p / row_sum)
-    return out.to(q.dtype), lse
+    return out, lse
 
 
 def _running_max(scores: list, row_max: torch.Tensor, kv_tile: int, split_units: int) -> torch.Tensor:
