@@ -153,31 +153,31 @@ def tables(results_dir: str) -> str:
                                    f"{fig['median_ms']:.1f} | {fig['speedup']:.2f}x | {fig['rel_l2']:.2e} |")
         # xjfast's backends and the peers alike, the drop-in's and the stream's rows, and what failed:
         # a row absent from the tables says why
-        wan = data.get("diffusers_wan", {})
+        wan, stream = data.get("diffusers_wan", {}), data.get("stream", {})
         rows = [(_not_measured(r), r) for r in data.get("attention", []) + data.get("memory_bound", [])]
         rows += [("diffusers Wan", wan)] + [(f"diffusers Wan, {r['latent_frames']} latent frame(s)", r)
                                             for r in wan.get("rows", [])]
         rows += [(f"diffusers Wan, {r['latent_frames']} latent frame(s), enable(precision=\"{p}\")", fig)
                  for r in wan.get("rows", []) for p, fig in r.get("xjfast", {}).items()]
-        rows += [(_stream_row_name(r), r) for r in data.get("stream", {}).get("rows", [])]
+        rows += [(_stream_row_name(r), r) for r in stream.get("rows", [])]
         skipped = sorted({f"{name} ({r.get('skipped') or r['error']})" for name, r in rows
                           if r.get("skipped") or r.get("error")})
         if skipped:
             out.append("\nNot measured: " + "; ".join(skipped) + ".")
         out.append("\n| stream engine | steps | frames/block | sink+window | model fps | end-to-end fps | "
                    "first frame ms | p50 ms | p99 ms | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|")
-        for r in data.get("stream", {}).get("rows", []):
+        for r in stream.get("rows", []):
             if "steady_model_fps" in r:
                 out.append(f"| {r['engine']} | {r['steps']} | {r['frames_per_block']} | {r['sink']}+{r['window']} | "
                            f"{r['steady_model_fps']:.1f} | {r['steady_end_to_end_fps']:.1f} | "
                            f"{r['time_to_first_frame_ms']:.0f} | {r['steady_interval_p50_ms']:.1f} | "
                            f"{r['steady_interval_p99_ms']:.1f} | {r.get('peak_memory_gib', float('nan')):.2f} |")
         nonfinite = [f"{_stream_row_name(r)} ({r['nonfinite_frames']} of {r['latent_frames']} latent frames, the first "
-                     f"{r['first_nonfinite_frame']})" for r in data.get("stream", {}).get("rows", [])
+                     f"{r['first_nonfinite_frame']})" for r in stream.get("rows", [])
                      if r.get("nonfinite_frames")]
         if nonfinite:
             out.append("\nNaN or inf frames (those rows time a broken stream): " + "; ".join(nonfinite) + ".")
-        memory = data.get("stream", {}).get("memory", {})
+        memory = stream.get("memory", {})
         if "flat" in memory:
             out.append(f"\nMemory allocated after 100 and 1,000 latent frames (xjfast-fp8): "
                        f"{memory['allocated_after_100_frames'] / 2 ** 30:.3f} and "
@@ -185,7 +185,7 @@ def tables(results_dir: str) -> str:
                        f"({'flat' if memory['flat'] else 'NOT flat'}).")
         elif memory:
             out.append(f"\nMemory over 1,000 latent frames: not measured ({memory.get('skipped') or memory.get('error')}).")
-        if data.get("stream", {}).get("rows"):
+        if stream.get("rows"):
             out.append("\nFrame rates in video frames (4 per latent frame) and intervals per latent frame, over the "
                        "steady state: the blocks after the cache filled and the CUDA graph was captured. First frame: "
                        "a fresh stream's first block, the process warm; peak: the most memory allocated, weights "

@@ -61,7 +61,7 @@ def _generate(args) -> int:
         # the library's checks name the argument: one line instead of a traceback
         print(f"xjfast generate: {exc}", file=sys.stderr)
         return 2
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         memory = _memory_run_out(exc)
         if memory is None:
             raise
