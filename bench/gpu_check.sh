@@ -23,7 +23,7 @@
 #   wheels (.whl/)       5        60     5     only when .whl/ exists (bench/fetch_wheels.sh)
 #   first launches      20-40    120    30     bench/first_launch.py: in parallel, 90 s each at most
 #                                               (10 at least, + 15 for the parent to report)
-#   tests (2-6 workers) 90-150   200    60     pytest-timeout: 150 s per test
+#   tests (2-8 workers) 90-150   200    60     pytest-timeout: 150 s per test
 #   memcheck            20-40     75    30     PYTORCH_NO_CUDA_MEMORY_CACHING=1
 #   racecheck           20-40     75    30
 #   benchmarks         200-260   rest  120     roofline 5, attention 70-130 (FlexAttention compiles
@@ -118,14 +118,18 @@ done
 # The whole suite once on the GPU (the gpu-marked tests and every backend test with the GPU
 # visible), the gpu-marked ones first (tests/conftest.py), a line per test in the log (a stage cut
 # off by its limit still says what passed);
-# with pytest-xdist, one worker per 25 GB of GPU memory, 2 to 6 (the stream-shape reference
-# needs ~20 GB each; the workers also compile the Triton variants in parallel).
+# with pytest-xdist, 2 to 8 workers: one per 10 GiB of GPU memory (a test's peak is a few GiB: the
+# reference attends in 256 MiB chunks of scores, the Wan-shaped graph test holds 2 blocks of
+# weights) and per 2 CPU cores, since the stage is mostly Triton compiling: the suite launches
+# ~130 kernel specializations (counted under the interpreter), an attention one ~6 s of one core.
 pytest_args=(-v -p no:cacheprovider -rfE)
 # the thread method ends a worker blocked in a hung kernel (a signal would wait for Python to run)
 "$PY" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout=150 --timeout-method=thread)
 gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1 | tr -dc 0-9)
-workers=$(( ${gpu_mib:-0} / 25600 ))
-workers=$(( workers < 2 ? 2 : workers > 6 ? 6 : workers ))
+cores=$(nproc 2>/dev/null || echo 4)
+workers=$(( ${gpu_mib:-0} / 10240 ))
+workers=$(( workers > cores / 2 ? cores / 2 : workers ))
+workers=$(( workers < 2 ? 2 : workers > 8 ? 8 : workers ))
 "$PY" -c "import xdist" 2>/dev/null && pytest_args+=(-n "$workers")
 stage tests 200 180 "$PY" -m pytest "${pytest_args[@]}" tests
 
