@@ -2,9 +2,12 @@
 
 XJFAST_CUDA_ARCHS (default "90a;100a") selects the SASS embedded in _C; an empty value, or no
 nvcc, gives the pure-Python package (reference + Triton backends). XJFAST_PTXAS_VERBOSE=1 makes
-ptxas print each kernel's registers and spills. Metadata lives in pyproject.toml.
+ptxas print each kernel's registers and spills. Metadata lives in pyproject.toml, but for the
+version: xjfast.__version__ plus, with _C, a PEP 440 local label naming its archs (as torch's
+"+cu130"), so that wheels built for different GPUs have different names: 0.1.0+sm90a.sm100a.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,7 +56,7 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", str(build_dir), "--parallel", str(os.cpu_count() or 2)], check=True)
 
 
-def extensions() -> list[Extension]:
+def extensions() -> list[CMakeExtension]:
     archs = os.environ.get("XJFAST_CUDA_ARCHS", DEFAULT_ARCHS).strip()
     nvcc = find_nvcc()
     if not archs or nvcc is None:
@@ -64,11 +67,31 @@ def extensions() -> list[Extension]:
     return [CMakeExtension("xjfast._C", nvcc, archs)]
 
 
+def version(built: list[CMakeExtension]) -> str:
+    """xjfast.__version__, labelled with the archs of the _C being built: "90a;100a" -> +sm90a.sm100a."""
+    base = re.search(r'^__version__ = "([^"]+)"', (ROOT / "xjfast" / "__init__.py").read_text(), re.M).group(1)
+    if not built:
+        return base
+    labels = []
+    for arch in filter(None, (a.strip() for a in built[0].archs.split(";"))):
+        # CMake's forms: 90a (SASS + PTX), 90a-real (SASS), 90a-virtual (PTX)
+        match = re.fullmatch(r"([0-9]+[a-z]?)(-real|-virtual)?", arch)
+        if match is None:
+            raise SystemExit(f"XJFAST_CUDA_ARCHS: expected compute capabilities like \"90a;100a\" (CMake's "
+                             f"CUDA_ARCHITECTURES: 90a, 90a-real, 90a-virtual), got {built[0].archs!r}")
+        labels.append(("compute" if match.group(2) == "-virtual" else "sm") + match.group(1))
+    return base + "+" + ".".join(labels)
+
+
+EXTENSIONS = extensions()
+
+
 setup(
+    version=version(EXTENSIONS),
     # xjfast and its subpackages, plus the top-level kernels/ and bench/ directories as
     # xjfast.kernels and xjfast.bench (what `xjfast bench` runs from an installed wheel).
     packages=find_packages(include=["xjfast", "xjfast.*"]) + ["xjfast.kernels", "xjfast.bench"],
     package_dir={"xjfast.kernels": "kernels", "xjfast.bench": "bench"},
-    ext_modules=extensions(),
+    ext_modules=EXTENSIONS,
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -3,6 +3,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,15 +62,18 @@ def cuobjdump() -> str | None:
     return None
 
 
-def test_sass_of_every_arch_is_embedded():
+def embedded_archs(library: str) -> set:
+    """The archs of the cubins in `library`, from their headers: an older cuobjdump (CUDA 12.8, in
+    Triton 3.6's wheel) names a sm_90a cubin "...sm_90.cubin" in --list-elf and "code for sm_90" in -sass."""
     tool = cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump: neither the CUDA toolkit's (/usr/local/cuda/bin) nor Triton's")
-    usage = subprocess.run([tool, "-res-usage", C.__file__], capture_output=True, text=True, check=True).stdout
-    # the archs from the headers: an older cuobjdump (CUDA 12.8, in Triton 3.6's wheel) names a
-    # sm_90a cubin "...sm_90.cubin" in --list-elf and "code for sm_90" in -sass
-    assert set(re.findall(r"Fatbin elf code:\s*=+\s*arch = (sm_\w+)", usage)) == {
-        f"sm_{arch}" for arch in EXPECTED_ARCHS}, usage[:2000]
+    usage = subprocess.run([tool, "-res-usage", library], capture_output=True, text=True, check=True).stdout
+    return set(re.findall(r"Fatbin elf code:\s*=+\s*arch = (sm_\w+)", usage))
+
+
+def test_sass_of_every_arch_is_embedded():
+    assert embedded_archs(C.__file__) == {f"sm_{arch}" for arch in EXPECTED_ARCHS}
 
 
 def resource_usage() -> dict:
@@ -222,3 +226,35 @@ def test_cache_kernels_move_16_byte_vectors():
             assert re.search(r"\bSTG\.E\.64\b" if commit else r"\bSTG\.E\.128\b", sass), (arch, name)
         else:
             assert re.search(r"\bSTG\.E\.128\b", sass), (arch, name)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CI builds the wheel; a GPU run spends its time on the GPU")
+def test_a_wheel_for_one_arch_carries_its_sass_only_and_says_so_in_its_name(tmp_path):
+    """`make wheel ARCHS="90a"`'s build (pip wheel with XJFAST_CUDA_ARCHS), from a copy of the sources:
+    the wheel's version carries the arch as a local label, so wheels for different GPUs differ
+    by name, and it holds _C with that arch's SASS alone, the kernels and the benchmarks."""
+    import zipfile
+
+    import xjfast
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "_C*.so", "*.egg-info")
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "CMakeLists.txt", "MANIFEST.in", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    for name in ("xjfast", "kernels", "bench", "csrc"):
+        shutil.copytree(os.path.join(ROOT, name), src / name, ignore=ignore)
+    env = dict(os.environ, XJFAST_CUDA_ARCHS="90a")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
+                    "-w", str(tmp_path / "dist"), str(src)], env=env, check=True, capture_output=True, timeout=600)
+    wheels = os.listdir(tmp_path / "dist")
+    assert len(wheels) == 1 and wheels[0].startswith(f"xjfast-{xjfast.__version__}+sm90a-"), wheels
+    with zipfile.ZipFile(tmp_path / "dist" / wheels[0]) as wheel:
+        names = wheel.namelist()
+        for needed in ("xjfast/kernels/temporal_attention.py", "xjfast/bench/run.py", "xjfast/backend_ranking.json"):
+            assert needed in names
+        [library] = [n for n in names if re.fullmatch(r"xjfast/_C\..*\.so", n)]
+        wheel.extract(library, tmp_path)
+    assert embedded_archs(str(tmp_path / library)) == {"sm_90a"}
