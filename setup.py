@@ -72,15 +72,12 @@ def version(built: list[CMakeExtension]) -> str:
     base = re.search(r'^__version__ = "([^"]+)"', (ROOT / "xjfast" / "__init__.py").read_text(), re.M).group(1)
     if not built:
         return base
-    labels = []
-    for arch in filter(None, (a.strip() for a in built[0].archs.split(";"))):
-        # CMake's forms: 90a (SASS + PTX), 90a-real (SASS), 90a-virtual (PTX)
-        match = re.fullmatch(r"([0-9]+[a-z]?)(-real|-virtual)?", arch)
-        if match is None:
-            raise SystemExit(f"XJFAST_CUDA_ARCHS: expected compute capabilities like \"90a;100a\" (CMake's "
-                             f"CUDA_ARCHITECTURES: 90a, 90a-real, 90a-virtual), got {built[0].archs!r}")
-        labels.append(("compute" if match.group(2) == "-virtual" else "sm") + match.group(1))
-    return base + "+" + ".".join(labels)
+    archs = [a.strip() for a in built[0].archs.split(";") if a.strip()]
+    # SASS per arch, as xjfast._ext.arch_runs_on reads them: 90a (that GPU only), 100f (its family), 89
+    if not archs or not all(re.fullmatch(r"[0-9]+[af]?", a) for a in archs):
+        raise SystemExit(f"XJFAST_CUDA_ARCHS: expected compute capabilities separated by ';', each digits with "
+                         f"an optional 'a' or 'f' suffix (like \"90a;100a\"), got {built[0].archs!r}")
+    return base + "+" + ".".join(f"sm{a}" for a in archs)
 
 
 EXTENSIONS = extensions()
