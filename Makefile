@@ -1,5 +1,5 @@
 # make test [TESTS=tests/test_x.py] [PYTEST_ARGS=-x] | make lint | make test-sass-gpu-triton | make test-gpu-env | make demo | make wheel ARCHS="90a" | make sass
-# make gpu-check [OUT=dir] | make profile OP=temporal_attention [BACKEND=triton] [OUT=dir]
+# make gpu-check [OUT=dir] [STAGES=tests,sanitize,benchmarks] | make profile OP=temporal_attention [BACKEND=triton] [OUT=dir]
 #
 # Each target sets itself up from a fresh clone (`make setup` does only that): a .venv in the
 # repo; torch 2.13.0 (a CPU build, from local disk) where there is no GPU, while a GPU machine

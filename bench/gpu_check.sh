@@ -6,10 +6,14 @@
 # of every kernel of every GPU backend, every benchmark. Output: the results JSON (rewritten after
 # each benchmark section), its PNG plots (2) and gpu-check.log: 4 files, at most 8.
 #   bash bench/gpu_check.sh [OUT_DIR]      (default: $OUT, else bench/results)
+#   STAGES=tests,sanitize bash bench/gpu_check.sh ...   (make gpu-check STAGES=...)
+# STAGES picks among the stages that take long, tests, sanitize and benchmarks (default: all
+# three), so that a short lease can run them in two calls, or run again what failed; the build,
+# xjfast info and the first launches, which protect the rest, always run.
 #
 # Time: the whole run ends within TOTAL_S (default 520 s, under the 9 minutes asked for) even if a
 # stage hangs: each stage runs under `timeout`, capped at its own limit and at what the stages
-# after it still need (their minimum). A failed or timed-out stage does not stop the others; the
+# after it still need (the minimums below, of the stages that will run). A failed or timed-out stage does not stop the others; the
 # log says per stage: ok, FAILED (exit status) or TIMED OUT. The benchmarks get the time left, and
 # XJFAST_BENCH_BUDGET_S tells them so the attention cases stop early rather than be cut off.
 #
@@ -49,6 +53,31 @@ if [ -z "${XJFAST_CUDA_ARCHS:-}" ]; then
   esac
 fi
 
+STAGES="${STAGES:-tests,sanitize,benchmarks}"
+for name in ${STAGES//,/ }; do
+  case $name in
+    tests|sanitize|benchmarks) ;;
+    *) echo "STAGES: expected a comma-separated list of tests, sanitize, benchmarks; got '$STAGES'" >&2; exit 2 ;;
+  esac
+done
+selected() { [[ ",$STAGES," == *",$1,"* ]]; }
+
+# minimum kept for each stage by the ones before it (the table above)
+declare -A MINIMUM=([info]=5 [wheels]=5 [launches]=30 [tests]=60 [memcheck]=30 [racecheck]=30 [benchmarks]=120)
+# after NAME...: the seconds the named later stages need, those of them that will run
+after() {
+  local sum=0 name
+  for name in "$@"; do
+    case $name in
+      tests|benchmarks) selected "$name" || continue ;;
+      memcheck|racecheck) selected sanitize || continue ;;
+      build-without-c) sum=$((sum + 10)); continue ;;
+    esac
+    sum=$((sum + MINIMUM[$name]))
+  done
+  echo $sum
+}
+
 log() { echo "$*" | tee -a "$LOG"; }
 elapsed() { echo $(($(date +%s) - START)); }
 SUMMARY=()
@@ -84,21 +113,21 @@ stage() {
   SUMMARY+=("$name: $verdict ($took s)")
 }
 
-log "gpu-check at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), XJFAST_CUDA_ARCHS=$XJFAST_CUDA_ARCHS, $(date -u +%FT%TZ)"
+log "gpu-check at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), XJFAST_CUDA_ARCHS=$XJFAST_CUDA_ARCHS, STAGES=$STAGES, $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total,clocks.sm,power.draw,temperature.gpu \
   --format=csv 2>&1 | tee -a "$LOG"
 
-stage build 180 290 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+stage build 180 "$(after build-without-c info wheels launches tests memcheck racecheck benchmarks)" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 # A failed build (nvcc, CMake or pybind11 missing or failing) also leaves kernels/ uninstalled as
 # xjfast.kernels: without _C, the Triton kernels and the rest still run.
 if ! "$PY" -c "import xjfast.kernels" >>"$LOG" 2>&1; then
-  stage "build without _C" 60 280 env XJFAST_CUDA_ARCHS= "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+  stage "build without _C" 60 "$(after info wheels launches tests memcheck racecheck benchmarks)" env XJFAST_CUDA_ARCHS= "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 fi
-stage info 30 275 "$PY" -m xjfast info
+stage info 30 "$(after wheels launches tests memcheck racecheck benchmarks)" "$PY" -m xjfast info
 if compgen -G ".whl/*.whl" >/dev/null; then
   # wheels carried from a machine with internet (bench/fetch_wheels.sh): diffusers for the drop-in
   # benchmark and the tests that use it
-  stage wheels 60 270 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  stage wheels 60 "$(after launches tests memcheck racecheck benchmarks)" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -108,7 +137,7 @@ fi
 # Every GPU implementation's first launch, each in a process of its own under a time limit, all at
 # once: one that hangs or crashes is left out of the stages below (XJFAST_DISABLE op:backend,
 # XJFAST_CUDA_ATTENTION_SKIP for a CUDA attention path), which then run whole.
-stage "first launches" 120 240 "$PY" -m bench.first_launch
+stage "first launches" 120 "$(after tests memcheck racecheck benchmarks)" "$PY" -m bench.first_launch
 for var in XJFAST_DISABLE XJFAST_CUDA_ATTENTION_SKIP; do
   value=$(grep -a "^$var=" "$LOG" | tail -n 1 | cut -d= -f2)
   export "$var=$value"
@@ -131,19 +160,23 @@ workers=$(( ${gpu_mib:-0} / 10240 ))
 workers=$(( workers > cores / 2 ? cores / 2 : workers ))
 workers=$(( workers < 2 ? 2 : workers > 8 ? 8 : workers ))
 "$PY" -c "import xdist" 2>/dev/null && pytest_args+=(-n "$workers")
-stage tests 200 180 "$PY" -m pytest "${pytest_args[@]}" tests
+if selected tests; then
+  stage tests 200 "$(after memcheck racecheck benchmarks)" "$PY" -m pytest "${pytest_args[@]}" tests
+fi
 
-for tool in memcheck racecheck; do
-  reserve=$([ $tool = memcheck ] && echo 150 || echo 120)
-  stage "compute-sanitizer $tool" 75 $reserve env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    compute-sanitizer --tool $tool --error-exitcode 9 "$PY" -m bench.sanitize
-done
+if selected sanitize; then
+  stage "compute-sanitizer memcheck" 75 "$(after racecheck benchmarks)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m bench.sanitize
+  stage "compute-sanitizer racecheck" 75 "$(after benchmarks)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -m bench.sanitize
+fi
 
-bench_left=$((TOTAL_S - $(elapsed) - 5))
-export XJFAST_BENCH_BUDGET_S=$((bench_left > 40 ? bench_left - 30 : 10))  # room to write the results
-stage benchmarks "$bench_left" 0 "$PY" -m bench.run "$OUT_DIR"
-
-tail -n 40 "$LOG"  # the benchmarks' summary table
+if selected benchmarks; then
+  bench_left=$((TOTAL_S - $(elapsed) - 5))
+  export XJFAST_BENCH_BUDGET_S=$((bench_left > 40 ? bench_left - 30 : 10))  # room to write the results
+  stage benchmarks "$bench_left" 0 "$PY" -m bench.run "$OUT_DIR"
+  tail -n 40 "$LOG"  # the benchmarks' summary table
+fi
 rm -f "$OUT_DIR"/*.tmp  # a results file cut off while being rewritten (its previous version stays)
 log "=== summary ($(elapsed) s of $TOTAL_S s)"
 for line in "${SUMMARY[@]}"; do log "  $line"; done

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -624,3 +625,75 @@ def test_on_a_gpu_the_gpu_tests_run_first():
             return "marker" if name == "gpu" and self.gpu else None
     items = [Item("a", False), Item("b", True), Item("c", False), Item("d", True)]
     assert [i.name for i in gpu_tests_first(items)] == ["b", "d", "a", "c"]
+
+
+def run_gpu_check(tmp_path, **env) -> tuple:
+    """bench/gpu_check.sh against stand-ins for a 16-core H100 machine's tools (nvidia-smi, nproc,
+    compute-sanitizer, python3), which record how they were called and succeed: what runs is the
+    script's own logic (stage order and selection, time limits, pytest workers). Returns
+    (exit status, stderr, gpu-check.log, the stand-ins' calls)."""
+    bin_dir, calls, out = tmp_path / "bin", tmp_path / "calls", tmp_path / "out"
+    bin_dir.mkdir(parents=True)
+    stubs = {
+        "nvidia-smi": 'case "$*" in *compute_cap,*) echo "NVIDIA H100 80GB HBM3, 580.65, 9.0";; '
+                      '*compute_cap*) echo 9.0;; *memory.total*) echo 81559;; esac',
+        "nproc": "echo 16",
+        "compute-sanitizer": f'echo "compute-sanitizer $*" >> {calls}',
+        # HANG: a substring of the calls that hang
+        "python": f'echo "python $*" >> {calls}; [ -n "$HANG" ] && case "$*" in *"$HANG"*) sleep 60;; esac; exit 0',
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    run = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), str(out)], capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}",
+                                                          PYTHON=str(bin_dir / "python"), **env))
+    log = (out / "gpu-check.log").read_text() if (out / "gpu-check.log").exists() else ""
+    return run.returncode, run.stderr, log, calls.read_text().splitlines() if calls.exists() else []
+
+
+def stage_lines(log: str) -> list:
+    """[(stage, limit in s)] in the order the stages started."""
+    return [(m.group(1), int(m.group(2))) for m in re.finditer(r"^=== (.+?) \(at \d+ s, limit (\d+) s\)", log, re.M)]
+
+
+def test_gpu_check_runs_every_stage_in_order_within_its_limits(tmp_path):
+    rc, stderr, log, calls = run_gpu_check(tmp_path, TOTAL_S="520")
+    assert rc == 0, stderr + log
+    stages = [name for name, _ in stage_lines(log) if name != "wheels"]  # wheels: only where .whl/ was fetched
+    assert stages == ["build", "info", "first launches", "tests", "compute-sanitizer memcheck",
+                      "compute-sanitizer racecheck", "benchmarks"], log
+    assert log.count(": ok in ") == len(stage_lines(log)), log
+    assert dict(stage_lines(log))["build"] == 180 and dict(stage_lines(log))["tests"] == 200
+    # one worker per 10 GiB of the H100's 80 GB (7), within half of the 16 cores
+    assert any(c.startswith("python -m pytest ") and " -n 7 " in c and c.endswith(" tests") for c in calls), calls
+    assert sum(c.startswith("compute-sanitizer --tool ") and c.endswith("-m bench.sanitize") for c in calls) == 2
+    assert f"python -m bench.run {tmp_path / 'out'}" in calls
+
+
+def test_gpu_check_runs_the_stages_asked_for_and_gives_the_others_time_to_them(tmp_path):
+    """STAGES=tests: no sanitizer or benchmark, and the build is no longer held short for them."""
+    _, _, full_log, _ = run_gpu_check(tmp_path / "all", TOTAL_S="300")
+    assert dict(stage_lines(full_log))["build"] <= 10  # 300 s less the 290 the later stages need
+    rc, stderr, log, calls = run_gpu_check(tmp_path / "tests", TOTAL_S="300", STAGES="tests")
+    assert rc == 0, stderr + log
+    assert [n for n, _ in stage_lines(log) if n != "wheels"] == ["build", "info", "first launches", "tests"]
+    assert dict(stage_lines(log))["build"] == 180
+    assert not any(c.startswith("compute-sanitizer") or "bench.run" in c for c in calls), calls
+
+
+def test_a_hung_stage_is_cut_off_at_its_limit_and_the_others_still_run(tmp_path):
+    # 300 s leave the build 10 s (the later stages' minimums take 290)
+    rc, stderr, log, calls = run_gpu_check(tmp_path, TOTAL_S="300", HANG="pip install -q --no-build-isolation")
+    assert rc == 1, stderr + log
+    [(name, limit)] = stage_lines(log)[:1]
+    assert name == "build" and re.search(rf"=== build: TIMED OUT after {limit} s", log), log
+    assert [n for n, _ in stage_lines(log)[1:] if n != "wheels"] == ["info", "first launches", "tests",
+                                                                     "compute-sanitizer memcheck",
+                                                                     "compute-sanitizer racecheck", "benchmarks"]
+    assert log.count(": ok in ") == len(stage_lines(log)) - 1, log
+
+
+def test_gpu_check_refuses_a_stage_it_does_not_have(tmp_path):
+    rc, stderr, log, calls = run_gpu_check(tmp_path, STAGES="tests,bench")
+    assert rc == 2 and "STAGES" in stderr and "'tests,bench'" in stderr and calls == []
