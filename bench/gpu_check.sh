@@ -13,9 +13,10 @@
 #
 # Time: the whole run ends within TOTAL_S (default 520 s, under the 9 minutes asked for) even if a
 # stage hangs: each stage runs under `timeout`, capped at its own limit and at what the stages
-# after it still need (the minimums below, of the stages that will run). A failed or timed-out stage does not stop the others; the
-# log says per stage: ok, FAILED (exit status) or TIMED OUT. The benchmarks get the time left, and
-# XJFAST_BENCH_BUDGET_S tells them so the attention cases stop early rather than be cut off.
+# after it still need (the minimums below, of the stages that will run). A failed or timed-out
+# stage does not stop the others; the log says per stage: ok, FAILED (exit status) or TIMED OUT.
+# The benchmarks get the time left, and XJFAST_BENCH_BUDGET_S tells them so the attention cases
+# stop early rather than be cut off.
 #
 # Budget per stage on an H100 (cap = the stage's timeout; expected from measurements on the 2-core
 # CPU machine, where the build takes 65 s for two archs, the test suite 41 s and the CPU mode of the
@@ -71,6 +72,7 @@ after() {
     case $name in
       tests|benchmarks) selected "$name" || continue ;;
       memcheck|racecheck) selected sanitize || continue ;;
+      wheels) compgen -G ".whl/*.whl" >/dev/null || continue ;;
       build-without-c) sum=$((sum + 10)); continue ;;
     esac
     sum=$((sum + MINIMUM[$name]))

@@ -674,7 +674,8 @@ def test_gpu_check_runs_every_stage_in_order_within_its_limits(tmp_path):
 def test_gpu_check_runs_the_stages_asked_for_and_gives_the_others_time_to_them(tmp_path):
     """STAGES=tests: no sanitizer or benchmark, and the build is no longer held short for them."""
     _, _, full_log, _ = run_gpu_check(tmp_path / "all", TOTAL_S="300")
-    assert dict(stage_lines(full_log))["build"] <= 10  # 300 s less the 290 the later stages need
+    # 300 s less the 285 the later stages need (290 where .whl/ holds wheels to install)
+    assert dict(stage_lines(full_log))["build"] <= 15
     rc, stderr, log, calls = run_gpu_check(tmp_path / "tests", TOTAL_S="300", STAGES="tests")
     assert rc == 0, stderr + log
     assert [n for n, _ in stage_lines(log) if n != "wheels"] == ["build", "info", "first launches", "tests"]
@@ -683,7 +684,7 @@ def test_gpu_check_runs_the_stages_asked_for_and_gives_the_others_time_to_them(t
 
 
 def test_a_hung_stage_is_cut_off_at_its_limit_and_the_others_still_run(tmp_path):
-    # 300 s leave the build 10 s (the later stages' minimums take 290)
+    # 300 s leave the build 10 or 15 s (the later stages' minimums take the rest)
     rc, stderr, log, calls = run_gpu_check(tmp_path, TOTAL_S="300", HANG="pip install -q --no-build-isolation")
     assert rc == 1, stderr + log
     [(name, limit)] = stage_lines(log)[:1]
