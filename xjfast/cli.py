@@ -199,7 +199,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, GPU, compiled archs, usable backends and why not").set_defaults(run=_info)
     g = sub.add_parser("generate", help="generate a video stream and write it as MP4")
-    g.add_argument("--preset", default="tiny", choices=("tiny", "wan2.1-1.3b"))
+    g.add_argument("--preset", default="tiny", choices=("tiny", "wan2.1-1.3b"),
+                   help="model shapes: tiny (runs on a CPU) or Wan2.1-1.3B's (480x832 video; a GPU)")
     g.add_argument("--prompt", action="append",
                    help="the prompt; repeat with 'text@N' to switch to text at video frame N "
                         "(default: 'a paper boat drifting down a rainy street')")
@@ -212,7 +213,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--accept-tol", type=float, default=0.05, help="relative L2 within which a draft is accepted")
     g.add_argument("--frames", type=int, default=48,
                    help="video frames to write (4 per latent frame; rounded up to whole blocks)")
-    g.add_argument("--out", default="stream.mp4")
+    g.add_argument("--out", default="stream.mp4", help="the H.264 MP4 to write (needs PyAV: pip install 'xjfast[video]')")
     g.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same stream")
     g.add_argument("--weights", help="a Wan2.1 or diffusers WanTransformer3DModel checkpoint (.safetensors file or "
                                     "folder) matching the preset's shape; default: the preset's random weights")
@@ -224,7 +225,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-tokens", type=int, default=0, help="highest-attention tokens kept from evicted frames")
     g.add_argument("--storage", default="fp8", choices=("fp8", "bf16", "fp32"), help="KV cache storage")
     g.add_argument("--precision", default="fp8", choices=("fp8", "bf16"), help="attention precision")
-    g.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "cuda"))
+    g.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "cuda"),
+                   help="the ops' implementation (auto: the fastest this machine runs; `xjfast info` says which)")
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the tiny preset, torch's otherwise)")
     g.add_argument("--warmup", type=int, default=2, help="blocks generated and discarded before the stream is timed")
