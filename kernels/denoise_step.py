@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .options import COMPILE_OPTIONS
+
 PHILOX_M0 = tl.constexpr(0xD2511F53)
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
 PHILOX_W0 = tl.constexpr(0x9E3779B9)
@@ -161,5 +163,5 @@ def denoise_step(x_t, model_out, coef, seed, frame_index, patch_size, x0, x_next
         total, C, H, W, F, 0 if in_memory else frame_index, frame_index if in_memory else coef,
         seed & 0xFFFFFFFF, seed >> 32,
         TOKENS=tokens, PT=patch_size[0], PH=patch_size[1], PW=patch_size[2], HAS_NEXT=x_next is not None,
-        FRAME_IN_MEMORY=in_memory, ROWS=rows, BLOCK=BLOCK, num_warps=4,
+        FRAME_IN_MEMORY=in_memory, ROWS=rows, BLOCK=BLOCK, num_warps=4, **COMPILE_OPTIONS,
     )

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import combine_stats, store_stats, store_unit_tile, unit_scales, unit_stats
+from .options import COMPILE_OPTIONS
 
 BLOCK_T = 64            # tokens per tile
 WARPS = 8               # a [64, 128] tile of K and of V in fp32: 64 values a thread at 8 warps
@@ -131,8 +132,10 @@ def kv_cache_commit(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids, 
     stats = torch.empty(n * B * H * chunks * 4 * D, device=k.device, dtype=torch.float32)
     grid = (n, B * H, chunks)
     strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
-    kv_cache_commit_stats_kernel[grid](k, v, stats, *strides, H, T, chunk, D=D, BLOCK_T=block_t, num_warps=WARPS)
+    kv_cache_commit_stats_kernel[grid](k, v, stats, *strides, H, T, chunk, D=D, BLOCK_T=block_t, num_warps=WARPS,
+                                       **COMPILE_OPTIONS)
     kv_cache_commit_kernel[grid](
         k, v, stats, page_ids, k_pages, v_pages, k_scale, k_mean, v_scale, *strides, P, B, H, T, chunk,
         D=D, BLOCK_T=block_t, FP8=k_pages.dtype == torch.float8_e4m3fn, INTERPRET=interpret, num_warps=WARPS,
+        **COMPILE_OPTIONS,
     )

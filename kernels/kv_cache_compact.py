@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import combine_stats, store_stats, store_unit_tile, unit_scales, unit_stats
+from .options import COMPILE_OPTIONS
 from .kv_cache_commit import INTERPRET_BLOCK_T, INTERPRET_SMS, PROGRAMS_PER_SM, WARPS, chunking, sm_count
 
 BLOCK_T = 16  # slots per tile: at 8 warps ~120 registers (32 or 64 took 240-255: four gathered tiles in flight)
@@ -151,6 +152,6 @@ def kv_cache_compact(keep, keep_count, page, top, *, interpret=False):
     old = torch.empty(B * H * (2 * D + 1), device=keep[0].device, dtype=torch.float32)
     args = (*keep, *page, top, scratch[0], scratch[1], stats, old, keep_count, count, K, T, H, chunk)
     grid = (B * H, chunks)
-    kv_cache_compact_stats_kernel[grid](*args, D=D, BLOCK_T=block_t, num_warps=WARPS)
+    kv_cache_compact_stats_kernel[grid](*args, D=D, BLOCK_T=block_t, num_warps=WARPS, **COMPILE_OPTIONS)
     kv_cache_compact_kernel[grid](*args, D=D, BLOCK_T=block_t, FP8=keep[0].dtype == torch.float8_e4m3fn,
-                                  INTERPRET=interpret, num_warps=WARPS)
+                                  INTERPRET=interpret, num_warps=WARPS, **COMPILE_OPTIONS)

@@ -27,6 +27,7 @@ from xjfast.ops.temporal_attention import CONFIG_ENV, CONFIG_RANKING, SPLITS_ENV
 
 from .fp8 import LOG2_P_SCALE, P_SCALE, scale_from_amax, to_e4m3
 from .kv_cache_commit import kv_cache_commit
+from .options import COMPILE_OPTIONS
 
 Q_TILE = 64  # = xjfast.ops.temporal_attention.Q_TILE: Q is quantized per 64-row group
 _Q_TILE = tl.constexpr(Q_TILE)  # for jitted code
@@ -616,12 +617,12 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
         D=D, ROPE_DIMS=rope_dims, BLOCK_M=block_m, BLOCK_N=block_n, CACHE_FP8=cache_fp8, PASS_FP8=fp8,
         CAUSAL=plan.causal, DT=_DTYPES[q.dtype], INTERPRET=interpret, LAGGED=bool(plan.frame_lags),
         HOPPER=hopper_paths(None if interpret else torch.cuda.get_device_capability(q.device)),
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, **COMPILE_OPTIONS,
     )
     if splits > 1:
         attention_combine_kernel[(triton.cdiv(L, COMBINE_ROWS), B * H)](
             part, part_lse, out, lse, splits, part.stride(0), part_lse.stride(0), out.stride(0), out.stride(1),
-            out.stride(2), H, L, D=D, BLOCK_M=COMBINE_ROWS, num_warps=4)
+            out.stride(2), H, L, D=D, BLOCK_M=COMBINE_ROWS, num_warps=4, **COMPILE_OPTIONS)
     if view is not None and view.mass is not None:
         for table_index, slot in view.mass_units:
             attention_mass_kernel[(triton.cdiv(view.k_pages.shape[2], block_n), B * H)](
@@ -629,5 +630,5 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
                 view.page_table, table_index, slot, B, H, L, view.k_pages.shape[2], first_slot, unit_T, slots,
                 tables.lags, table_index - view.num_sinks, sm_scale_log2, rope, rope_center, D=D, ROPE_DIMS=rope_dims,
                 BLOCK_M=Q_TILE, BLOCK_N=block_n, CACHE_FP8=cache_fp8, DT=_DTYPES[q.dtype], INTERPRET=interpret,
-                LAGGED=bool(plan.frame_lags), num_warps=warps, num_stages=stages)
+                LAGGED=bool(plan.frame_lags), num_warps=warps, num_stages=stages, **COMPILE_OPTIONS)
     return out, lse

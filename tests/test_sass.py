@@ -17,9 +17,11 @@ BF16_MMA = {90: "HGMMA", 100: "UTCHMMA"}
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     """The tool's own report, run as users run it: in a process where Triton compiles (the test
-    session may run Triton's interpreter, whose kernels cannot be compiled)."""
+    session may run Triton's interpreter, whose kernels cannot be compiled); FP fusion off by
+    default, as Triton 3.10 will have it, which the kernels' own compile options override."""
     out = tmp_path_factory.mktemp("sass") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "0"
     subprocess.run([sys.executable, "-m", "xjfast.tools.sass", "--candidates", "--json", str(out)], env=env,
                    check=True, capture_output=True, text=True)
     return {(r["kernel"], int(r["arch"][3:-1])): r for r in json.loads(out.read_text())}
@@ -155,6 +157,48 @@ def test_every_launched_kernel_is_checked():
                 for name in dir(importlib.import_module(f"xjfast.kernels.{info.name}")) if name.endswith("_kernel")}
     checked = {(spec.module, spec.function) for spec in sass.stream_specs()}
     assert launched and launched <= checked, sorted(launched - checked)
+
+
+def test_every_kernel_is_compiled_with_fma_contraction_whatever_tritons_default(reports):
+    """The softmax's exponents are one FMA each: compiled without contraction (Triton 3.10's
+    default), the kernels would run other code than the SASS checks above saw."""
+    assert all(r["fp_fusion"] is True for r in reports.values()), [k for k, r in reports.items() if not r["fp_fusion"]]
+
+
+def test_every_launch_passes_the_compile_options(monkeypatch):
+    """What runs is what the SASS checks compiled: each kernel launch of a stream (attention split in
+    two and merged, attention mass, commit, compaction into the keep buffer, denoise) passes
+    kernels/options.py's options, whatever Triton's defaults (which 3.9 warns about, once)."""
+    import torch
+
+    from xjfast.backends import backend_unavailable_reason
+    from xjfast.engine import CacheConfig, StreamGenerator
+    from xjfast.kernels import temporal_attention as kernels
+    from xjfast.kernels.options import COMPILE_OPTIONS
+    from xjfast.models import build
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if (reason := backend_unavailable_reason("triton", device)) is not None:
+        pytest.skip(reason)
+    launches = []
+    kernel_class = type(kernels.temporal_attention_kernel)  # Triton's JITFunction, or its interpreter's
+
+    def run(self, *args, grid, warmup, _run=kernel_class.run, **kwargs):
+        launches.append((self.fn.__name__, {k: kwargs.get(k) for k in COMPILE_OPTIONS}))
+        return _run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(kernel_class, "run", run)
+    monkeypatch.setenv("XJFAST_TRITON_ATTENTION_SPLITS", "2")
+    model, decoder, encoder, preset = build("tiny", device=device)
+    gen = StreamGenerator(model, decoder, CacheConfig(0, 1, keep_tokens=8), latent_hw=preset.latent_hw,
+                          text_encoder=encoder, backend="triton", cuda_graph=False)
+    gen.set_prompt("a kite over the dunes")
+    for _ in range(4):  # the keep buffer fills from the second eviction on
+        gen.step()
+    assert {name for name, _ in launches} == {
+        "temporal_attention_kernel", "attention_combine_kernel", "attention_mass_kernel", "kv_cache_commit_stats_kernel",
+        "kv_cache_commit_kernel", "kv_cache_compact_stats_kernel", "kv_cache_compact_kernel", "denoise_step_kernel"}
+    assert all(options == COMPILE_OPTIONS for _, options in launches), launches
 
 
 def test_every_kernel_compiles_with_its_integer_arguments_equal_to_one(tmp_path):

@@ -302,6 +302,8 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from xjfast.kernels.options import COMPILE_OPTIONS
+
     fn = getattr(importlib.import_module(f"xjfast.kernels.{spec.module}"), spec.function)
     if spec.configs:  # the launcher's per-architecture configuration
         block_m, block_n, warps, stages = spec.configs[arch]  # a kernel's own BLOCK_M stands
@@ -314,9 +316,10 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
     signature, attrs, constexprs = _signature(fn, spec)
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+                              options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages, **COMPILE_OPTIONS))
     report = analyse(compiled.asm["cubin"])
     report.update(kernel=spec.name, arch=f"sm_{arch}a", shared_bytes=compiled.metadata.shared,
+                  fp_fusion=compiled.metadata.enable_fp_fusion,
                   shared_limit=SHARED_LIMIT[arch], num_warps=spec.num_warps, num_stages=spec.num_stages,
                   block=[spec.constexprs.get("BLOCK_M"), spec.constexprs.get("BLOCK_N")], **spec.tags)
     return report
@@ -335,7 +338,6 @@ def main(argv=None) -> int:
                         help="the kernels with every integer argument 1, which the launcher compiles as the "
                              "constant 1 (except do_not_specialize), instead of the stream-shape values")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     reports = []
     print(f"{'kernel':42} {'arch':7} {'regs':>4} {'stack':>5} {'STL/LDL':>9} {'in loop':>7} {'smem KiB':>8} {'loop':>15}  "
           "tensor-core ops")
