@@ -64,12 +64,14 @@ test-sass-gpu-triton: $(STAMP)
 # The suite on this CPU under what our GPU machines run (Python 3.12, torch 2.11, its Triton 3.6, no
 # PyAV), in .venv-gpu-env: a check before spending GPU time, not part of CI (torch 2.11's wheel
 # and the CUDA libraries it pulls are several GB). NumPy < 2.4: Triton 3.6's interpreter fails
-# beside newer ones (xjfast refuses that pair with the reason).
+# beside newer ones (xjfast refuses that pair with the reason). GPU_ENV_TORCH=2.10.0 checks the
+# oldest torch pyproject.toml allows.
 GPU_ENV_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 GPU_ENV := .venv-gpu-env
+GPU_ENV_TORCH ?= 2.11.0
 test-gpu-env:
 	test -x $(GPU_ENV)/bin/python || $(GPU_ENV_PYTHON) -m venv $(GPU_ENV)
-	$(GPU_ENV)/bin/pip install -q torch==2.11.0 "numpy<2.4" "setuptools>=68,<82" wheel pybind11 cmake ninja \
+	$(GPU_ENV)/bin/pip install -q torch==$(GPU_ENV_TORCH) "numpy<2.4" "setuptools>=68,<82" wheel pybind11 cmake ninja \
 		pytest matplotlib "diffusers>=0.32"
 	$(GPU_ENV)/bin/pip install -q --no-build-isolation -e .
 	$(GPU_ENV)/bin/python -m pytest -q $(TESTS) $(PYTEST_ARGS)

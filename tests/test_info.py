@@ -86,6 +86,23 @@ def test_triton_interpreter_beside_a_numpy_it_cannot_run_with_says_which_version
         assert backend_unavailable_reason("triton", "cuda") is None
 
 
+def test_a_triton_older_than_the_kernels_need_is_refused_with_the_versions(monkeypatch):
+    """torch before 2.10 pins a Triton before 3.6, whose language the kernels outgrew: the backend
+    says so (auto passes over it) instead of failing inside Triton at the first launch."""
+    from xjfast.backends import triton_version_reason
+    reason = triton_version_reason("3.1.0")
+    assert reason and "Triton 3.1.0 is older than 3.6" in reason and "triton>=3.6" in reason
+    for version in ("3.6.0", "3.9.0", "4.0.0", "3.10.0+git1234", "dev"):
+        assert triton_version_reason(version) is None
+    pytest.importorskip("triton")
+    import triton
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    for device in ("cpu", "cuda"):
+        assert backend_unavailable_reason("triton", device) == triton_version_reason()
+    with pytest.raises(BackendUnavailable, match="Triton 3.2.0 is older than 3.6"):
+        resolve("temporal_attention", "triton", torch.device("cpu"))
+
+
 def test_arch_matching():
     # "a": exactly that compute capability; plain and "f": same major, equal or higher minor.
     assert _ext.arch_runs_on("90a", (9, 0)) and not _ext.arch_runs_on("90a", (10, 0))

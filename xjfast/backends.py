@@ -93,6 +93,22 @@ def _major_minor(version: str) -> tuple[int, int]:
     return (int(match[1]), int(match[2])) if match else (0, 0)
 
 
+OLDEST_TRITON = (3, 6)  # the oldest Triton the kernels are tested with (torch 2.10 and 2.11 pin 3.6.0)
+
+
+def triton_version_reason(triton_version: str | None = None) -> str | None:
+    """Why this Triton cannot run xjfast's kernels, or None: one older than OLDEST_TRITON (the
+    Triton of a torch older than 2.10) lacks language features they use."""
+    if triton_version is None:
+        import triton
+        triton_version = triton.__version__
+    if (0, 0) < _major_minor(triton_version) < OLDEST_TRITON:
+        oldest = ".".join(map(str, OLDEST_TRITON))
+        return (f"Triton {triton_version} is older than {oldest}, the oldest xjfast's kernels run on "
+                f"(torch >= 2.10 brings it; pip install 'triton>={oldest}')")
+    return None
+
+
 def interpreter_numpy_reason(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
     """Why Triton's CPU interpreter cannot run the kernels beside this NumPy, or None. Triton 3.6 and
     older hand a loop a bound held as a one-element array and call int() on it, which NumPy 2.4
@@ -142,6 +158,8 @@ def backend_unavailable_reason(backend: str, device: torch.device | str | None =
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
             return "Triton is not installed (pip install triton)"
+        if (reason := triton_version_reason()) is not None:
+            return reason
         if not _triton_kernels_installed():
             return ("xjfast.kernels is not installed (kernels/ installs as xjfast.kernels: pip install "
                     "--no-build-isolation -e . in the checkout)")

@@ -267,7 +267,8 @@ def _kept_prefixes(key_mask: torch.Tensor, batch: int) -> tuple:
     return runs, None
 
 
-@torch.library.custom_op("xjfast::sdpa", mutates_args=())
+@torch.library.custom_op("xjfast::sdpa", mutates_args=(), schema=(  # see xjfast::temporal_attention
+    "(Tensor query, Tensor key, Tensor value, Tensor? key_mask, float? scale, str precision, str backend) -> Tensor"))
 def _sdpa_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: Optional[torch.Tensor],
              scale: Optional[float], precision: str, backend: str) -> torch.Tensor:
     """The runtime half of xjfast.sdpa on inputs its static checks accepted (key_mask: None or a

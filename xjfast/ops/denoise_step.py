@@ -143,7 +143,9 @@ def denoise_step(x_t, model_out, sigma, sigma_next=None, *, prediction="flow", n
     return outs if sigma_next is not None else outs[0]
 
 
-@torch.library.custom_op("xjfast::denoise_step", mutates_args=("x0", "x_next"))
+@torch.library.custom_op("xjfast::denoise_step", mutates_args=("x0", "x_next"), schema=(  # see xjfast::temporal_attention
+    "(Tensor x_t, Tensor model_out, Tensor coef, SymInt seed_lo, SymInt seed_hi, SymInt frame_index, "
+    "SymInt[] patch_size, str backend, Tensor(a8!) x0, Tensor(a9!)? x_next, Tensor? frame_tensor=None) -> ()"))
 def _denoise_step_op(x_t: torch.Tensor, model_out: torch.Tensor, coef: torch.Tensor, seed_lo: int, seed_hi: int,
                      frame_index: int, patch_size: list[int], backend: str, x0: torch.Tensor,
                      x_next: torch.Tensor | None, frame_tensor: torch.Tensor | None = None) -> None:

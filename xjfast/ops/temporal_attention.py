@@ -191,7 +191,10 @@ def temporal_attention(q, k, v, *, block_tokens=None, private_blocks=None, scale
     return (out, lse) if return_lse else out
 
 
-@torch.library.custom_op("xjfast::temporal_attention", mutates_args=())
+# The schemas are written out: torch < 2.5 cannot infer one from this module's (postponed) annotations.
+@torch.library.custom_op("xjfast::temporal_attention", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, SymInt block_tokens, bool[] private, bool causal, float scale, str precision, "
+    "str backend) -> (Tensor, Tensor)"))
 def _temporal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tokens: int,
                            private: list[bool], causal: bool, scale: float, precision: str,
                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
