@@ -191,7 +191,8 @@ def temporal_attention(q, k, v, *, block_tokens=None, private_blocks=None, scale
     return (out, lse) if return_lse else out
 
 
-# The schemas are written out: torch < 2.5 cannot infer one from this module's (postponed) annotations.
+# The ops' schemas are written out, the contract torch.compile and graph capture see (not inferred from
+# this module's postponed annotations, which torch before 2.5 could not read).
 @torch.library.custom_op("xjfast::temporal_attention", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, SymInt block_tokens, bool[] private, bool causal, float scale, str precision, "
     "str backend) -> (Tensor, Tensor)"))
