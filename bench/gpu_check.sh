@@ -64,7 +64,8 @@ done
 selected() { [[ ",$STAGES," == *",$1,"* ]]; }
 
 # minimum kept for each stage by the ones before it (the table above)
-declare -A MINIMUM=([info]=5 [wheels]=5 [launches]=30 [tests]=60 [memcheck]=30 [racecheck]=30 [benchmarks]=120)
+declare -A MINIMUM=([build-without-c]=10 [info]=5 [wheels]=5 [launches]=30 [tests]=60 [memcheck]=30 [racecheck]=30
+                   [benchmarks]=120)
 # after NAME...: the seconds the named later stages need, those of them that will run
 after() {
   local sum=0 name
@@ -73,7 +74,6 @@ after() {
       tests|benchmarks) selected "$name" || continue ;;
       memcheck|racecheck) selected sanitize || continue ;;
       wheels) compgen -G ".whl/*.whl" >/dev/null || continue ;;
-      build-without-c) sum=$((sum + 10)); continue ;;
     esac
     sum=$((sum + MINIMUM[$name]))
   done

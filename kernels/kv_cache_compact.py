@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from .fp8 import combine_stats, store_stats, store_unit_tile, unit_scales, unit_stats
-from .options import COMPILE_OPTIONS
 from .kv_cache_commit import INTERPRET_BLOCK_T, INTERPRET_SMS, PROGRAMS_PER_SM, WARPS, chunking, sm_count
+from .options import COMPILE_OPTIONS
 
 BLOCK_T = 16  # slots per tile: at 8 warps ~120 registers (32 or 64 took 240-255: four gathered tiles in flight)
 

@@ -96,12 +96,15 @@ def _major_minor(version: str) -> tuple[int, int]:
 OLDEST_TRITON = (3, 6)  # the oldest Triton the kernels are tested with (torch 2.10 and 2.11 pin 3.6.0)
 
 
+def _installed_triton() -> str:
+    import triton
+    return triton.__version__
+
+
 def triton_version_reason(triton_version: str | None = None) -> str | None:
     """Why this Triton cannot run xjfast's kernels, or None: one older than OLDEST_TRITON (the
     Triton of a torch older than 2.10) lacks language features they use."""
-    if triton_version is None:
-        import triton
-        triton_version = triton.__version__
+    triton_version = triton_version or _installed_triton()
     if (0, 0) < _major_minor(triton_version) < OLDEST_TRITON:
         oldest = ".".join(map(str, OLDEST_TRITON))
         return (f"Triton {triton_version} is older than {oldest}, the oldest xjfast's kernels run on "
@@ -114,9 +117,7 @@ def interpreter_numpy_reason(triton_version: str | None = None, numpy_version: s
     older hand a loop a bound held as a one-element array and call int() on it, which NumPy 2.4
     turned from a deprecation into an error: every kernel with a loop over a runtime bound fails
     inside Triton (torch 2.11 pins Triton 3.6)."""
-    if triton_version is None:
-        import triton
-        triton_version = triton.__version__
+    triton_version = triton_version or _installed_triton()
     if numpy_version is None:
         import numpy
         numpy_version = numpy.__version__
