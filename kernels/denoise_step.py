@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .options import COMPILE_OPTIONS
+from .launch import launch
 
 PHILOX_M0 = tl.constexpr(0xD2511F53)
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
@@ -158,10 +158,11 @@ def denoise_step(x_t, model_out, coef, seed, frame_index, patch_size, x0, x_next
     total = B * C * H * W
     grid = (triton.cdiv(total, BLOCK), F)
     in_memory = isinstance(frame_index, torch.Tensor)  # an int64 0-d tensor on x_t's device
-    denoise_step_kernel[grid](
+    launch(
+        denoise_step_kernel, grid,
         x_t, model_out, coef, x0, x_next if x_next is not None else x0, *s_x, *s_m,
         total, C, H, W, F, 0 if in_memory else frame_index, frame_index if in_memory else coef,
         seed & 0xFFFFFFFF, seed >> 32,
         TOKENS=tokens, PT=patch_size[0], PH=patch_size[1], PW=patch_size[2], HAS_NEXT=x_next is not None,
-        FRAME_IN_MEMORY=in_memory, ROWS=rows, BLOCK=BLOCK, num_warps=4, **COMPILE_OPTIONS,
+        FRAME_IN_MEMORY=in_memory, ROWS=rows, BLOCK=BLOCK, num_warps=4,
     )

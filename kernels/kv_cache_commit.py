@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import combine_stats, store_stats, store_unit_tile, unit_scales, unit_stats
-from .options import COMPILE_OPTIONS
+from .launch import launch
 
 BLOCK_T = 64            # tokens per tile
 WARPS = 8               # a [64, 128] tile of K and of V in fp32: 64 values a thread at 8 warps
@@ -69,7 +69,10 @@ def kv_cache_commit_stats_kernel(
     store_stats(out, offs_d, D, k_sum, k_max, k_min, v_amax)
 
 
-@triton.jit
+# P (pages in the storage, as many as a pass has frames when the attention quantizes its own keys)
+# is only a bound, and page ids and K scales are read and written as scalars: specializing them
+# would compile the kernel again for each class of value, for no better code
+@triton.jit(do_not_specialize=["P"], do_not_specialize_on_alignment=["page_ids_ptr", "ks_ptr"])
 def kv_cache_commit_kernel(
     k_ptr, v_ptr, stats_ptr, page_ids_ptr, kp_ptr, vp_ptr, ks_ptr, km_ptr, vs_ptr,
     stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
@@ -132,10 +135,9 @@ def kv_cache_commit(k, v, k_pages, v_pages, k_scale, k_mean, v_scale, page_ids, 
     stats = torch.empty(n * B * H * chunks * 4 * D, device=k.device, dtype=torch.float32)
     grid = (n, B * H, chunks)
     strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
-    kv_cache_commit_stats_kernel[grid](k, v, stats, *strides, H, T, chunk, D=D, BLOCK_T=block_t, num_warps=WARPS,
-                                       **COMPILE_OPTIONS)
-    kv_cache_commit_kernel[grid](
+    launch(kv_cache_commit_stats_kernel, grid, k, v, stats, *strides, H, T, chunk, D=D, BLOCK_T=block_t, num_warps=WARPS)
+    launch(
+        kv_cache_commit_kernel, grid,
         k, v, stats, page_ids, k_pages, v_pages, k_scale, k_mean, v_scale, *strides, P, B, H, T, chunk,
         D=D, BLOCK_T=block_t, FP8=k_pages.dtype == torch.float8_e4m3fn, INTERPRET=interpret, num_warps=WARPS,
-        **COMPILE_OPTIONS,
     )

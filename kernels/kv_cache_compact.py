@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .fp8 import combine_stats, store_stats, store_unit_tile, unit_scales, unit_stats
 from .kv_cache_commit import INTERPRET_BLOCK_T, INTERPRET_SMS, PROGRAMS_PER_SM, WARPS, chunking, sm_count
-from .options import COMPILE_OPTIONS
+from .launch import launch
 
 BLOCK_T = 16  # slots per tile: at 8 warps ~120 registers (32 or 64 took 240-255: four gathered tiles in flight)
 
@@ -61,8 +61,9 @@ def _dequantize(k_keep, v_keep, k_page, v_page, from_keep, old_ks, old_km, old_v
     return k, v
 
 
-# keep_count and count grow as the keep buffer fills: not specialized, so no compile mid-stream
-@triton.jit(do_not_specialize=["keep_count", "count"])
+# keep_count and count grow as the keep buffer fills, and the scale rows read as scalars start
+# 16-byte aligned or not with the layer and page: not specialized, so no compile mid-stream
+@triton.jit(do_not_specialize=["keep_count", "count"], do_not_specialize_on_alignment=["keep_ks", "page_ks"])
 def kv_cache_compact_stats_kernel(
     keep_k, keep_v, keep_ks, keep_km, keep_vs, page_k, page_v, page_ks, page_km, page_vs, top_ptr,
     scratch_k, scratch_v, stats_ptr, old_ptr,
@@ -103,7 +104,7 @@ def kv_cache_compact_stats_kernel(
     store_stats(stats_ptr + (unit * tl.num_programs(1) + c) * 4 * D, offs_d, D, k_sum, k_max, k_min, v_amax)
 
 
-@triton.jit(do_not_specialize=["keep_count", "count"])
+@triton.jit(do_not_specialize=["keep_count", "count"], do_not_specialize_on_alignment=["keep_ks", "page_ks"])
 def kv_cache_compact_kernel(
     keep_k, keep_v, keep_ks, keep_km, keep_vs, page_k, page_v, page_ks, page_km, page_vs, top_ptr,
     scratch_k, scratch_v, stats_ptr, old_ptr,
@@ -152,6 +153,6 @@ def kv_cache_compact(keep, keep_count, page, top, *, interpret=False):
     old = torch.empty(B * H * (2 * D + 1), device=keep[0].device, dtype=torch.float32)
     args = (*keep, *page, top, scratch[0], scratch[1], stats, old, keep_count, count, K, T, H, chunk)
     grid = (B * H, chunks)
-    kv_cache_compact_stats_kernel[grid](*args, D=D, BLOCK_T=block_t, num_warps=WARPS, **COMPILE_OPTIONS)
-    kv_cache_compact_kernel[grid](*args, D=D, BLOCK_T=block_t, FP8=keep[0].dtype == torch.float8_e4m3fn,
-                                  INTERPRET=interpret, num_warps=WARPS, **COMPILE_OPTIONS)
+    launch(kv_cache_compact_stats_kernel, grid, *args, D=D, BLOCK_T=block_t, num_warps=WARPS)
+    launch(kv_cache_compact_kernel, grid, *args, D=D, BLOCK_T=block_t, FP8=keep[0].dtype == torch.float8_e4m3fn,
+           INTERPRET=interpret, num_warps=WARPS)

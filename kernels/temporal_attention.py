@@ -27,7 +27,7 @@ from xjfast.ops.temporal_attention import CONFIG_ENV, CONFIG_RANKING, SPLITS_ENV
 
 from .fp8 import LOG2_P_SCALE, P_SCALE, scale_from_amax, to_e4m3
 from .kv_cache_commit import kv_cache_commit
-from .options import COMPILE_OPTIONS
+from .launch import launch
 
 Q_TILE = 64  # = xjfast.ops.temporal_attention.Q_TILE: Q is quantized per 64-row group
 _Q_TILE = tl.constexpr(Q_TILE)  # for jitted code
@@ -391,9 +391,13 @@ def _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, slot, page_ptr, visible, o
                         cvs_ptr + row * D, sm_scale_log2, rope_ptr, rope_center, CACHE_FP8, True, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
 
 
-# Counts that change as the cache fills are not specialized (as 1, or as divisible by 16): each
-# new value class would compile the kernel anew in the middle of a stream.
-@triton.jit(do_not_specialize=["split_units", "n_pages", "n_sinks", "keep_count", "first_slot"])
+# Counts that change as the cache fills are not specialized (as 1, or as divisible by 16), nor is
+# the alignment of pointers read one scalar at a time (a layer's or a page's row of scales starts
+# 16-byte aligned or not with the layer or page): each new class would compile the kernel anew in
+# the middle of a stream, for no better code.
+@triton.jit(do_not_specialize=["split_units", "n_pages", "n_sinks", "keep_count", "first_slot"],
+            do_not_specialize_on_alignment=["cks_ptr", "kks_ptr", "pks_ptr", "page_table_ptr", "private_ptr",
+                                            "slots_ptr", "lags_ptr"])
 def temporal_attention_kernel(
     q_ptr, out_ptr, lse_ptr, stride_qb, stride_ql, stride_qh, stride_os, stride_ob, stride_ol, stride_oh,
     stride_ls, split_units,
@@ -523,7 +527,8 @@ def attention_combine_kernel(part_ptr, part_lse_ptr, out_ptr, lse_ptr, splits, s
     tl.store(lse_ptr + (b * H + h).to(tl.int64) * Lq + offs_m, m_safe + tl.log(total), mask=rows)
 
 
-@triton.jit(do_not_specialize=["table_index", "slot", "first_slot", "window_index"])  # see temporal_attention_kernel
+@triton.jit(do_not_specialize=["table_index", "slot", "first_slot", "window_index"],  # see temporal_attention_kernel
+            do_not_specialize_on_alignment=["cks_ptr", "page_table_ptr", "slots_ptr", "lags_ptr"])
 def attention_mass_kernel(
     q_ptr, lse_ptr, stride_qb, stride_ql, stride_qh, ck_ptr, cks_ptr, ckm_ptr, mass_ptr,
     page_table_ptr, table_index, slot, B, H, Lq, cache_T, first_slot, unit_T, slots_ptr, lags_ptr, window_index,
@@ -608,7 +613,8 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
     else:
         part, part_lse, o_strides = out, lse, (0, *out.stride()[:3])
     grid = (triton.cdiv(L, block_m), B * H, splits)
-    temporal_attention_kernel[grid](
+    launch(
+        temporal_attention_kernel, grid,
         q, part, part_lse, q.stride(0), q.stride(1), q.stride(2), *o_strides, B * H * L, split_units,
         *cache, *keep,
         pass_k, pass_v, pass_ks, pass_km, pass_vs, k.stride(0), k.stride(1), k.stride(2),
@@ -617,18 +623,18 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
         D=D, ROPE_DIMS=rope_dims, BLOCK_M=block_m, BLOCK_N=block_n, CACHE_FP8=cache_fp8, PASS_FP8=fp8,
         CAUSAL=plan.causal, DT=_DTYPES[q.dtype], INTERPRET=interpret, LAGGED=bool(plan.frame_lags),
         HOPPER=hopper_paths(None if interpret else torch.cuda.get_device_capability(q.device)),
-        num_warps=warps, num_stages=stages, **COMPILE_OPTIONS,
+        num_warps=warps, num_stages=stages,
     )
     if splits > 1:
-        attention_combine_kernel[(triton.cdiv(L, COMBINE_ROWS), B * H)](
-            part, part_lse, out, lse, splits, part.stride(0), part_lse.stride(0), out.stride(0), out.stride(1),
-            out.stride(2), H, L, D=D, BLOCK_M=COMBINE_ROWS, num_warps=4, **COMPILE_OPTIONS)
+        launch(
+            attention_combine_kernel, (triton.cdiv(L, COMBINE_ROWS), B * H), part, part_lse, out, lse, splits, part.stride(0), part_lse.stride(0), out.stride(0), out.stride(1),
+            out.stride(2), H, L, D=D, BLOCK_M=COMBINE_ROWS, num_warps=4)
     if view is not None and view.mass is not None:
         for table_index, slot in view.mass_units:
-            attention_mass_kernel[(triton.cdiv(view.k_pages.shape[2], block_n), B * H)](
-                q, lse, q.stride(0), q.stride(1), q.stride(2), view.k_pages, view.k_scale, view.k_mean, view.mass,
+            launch(
+                attention_mass_kernel, (triton.cdiv(view.k_pages.shape[2], block_n), B * H), q, lse, q.stride(0), q.stride(1), q.stride(2), view.k_pages, view.k_scale, view.k_mean, view.mass,
                 view.page_table, table_index, slot, B, H, L, view.k_pages.shape[2], first_slot, unit_T, slots,
                 tables.lags, table_index - view.num_sinks, sm_scale_log2, rope, rope_center, D=D, ROPE_DIMS=rope_dims,
                 BLOCK_M=Q_TILE, BLOCK_N=block_n, CACHE_FP8=cache_fp8, DT=_DTYPES[q.dtype], INTERPRET=interpret,
-                LAGGED=bool(plan.frame_lags), num_warps=warps, num_stages=stages, **COMPILE_OPTIONS)
+                LAGGED=bool(plan.frame_lags), num_warps=warps, num_stages=stages)
     return out, lse

@@ -168,13 +168,13 @@ def test_every_kernel_is_compiled_with_fma_contraction_whatever_tritons_default(
 def test_every_launch_passes_the_compile_options(monkeypatch):
     """What runs is what the SASS checks compiled: each kernel launch of a stream (attention split in
     two and merged, attention mass, commit, compaction into the keep buffer, denoise) passes
-    kernels/options.py's options, whatever Triton's defaults (which 3.9 warns about, once)."""
+    kernels/launch.py's options, whatever Triton's defaults (which 3.9 warns about, once)."""
     import torch
 
     from xjfast.backends import backend_unavailable_reason
     from xjfast.engine import CacheConfig, StreamGenerator
     from xjfast.kernels import temporal_attention as kernels
-    from xjfast.kernels.options import COMPILE_OPTIONS
+    from xjfast.kernels.launch import COMPILE_OPTIONS
     from xjfast.models import build
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -20,6 +20,7 @@ for every later frame (xjfast.engine.static_step); passes that cannot be replaye
 from __future__ import annotations
 
 import collections
+import copy
 import math
 import numbers
 import statistics
@@ -32,7 +33,8 @@ import torch
 from xjfast.cache import KEEP, StreamingKVCache
 from xjfast.engine.schedule import shifted_sigmas, step_seed
 from xjfast.engine.speculation import MAX_DEPTH, DepthController, extrapolate, hold, parse_drafter, relative_l2
-from xjfast.engine.static_step import StaticStep
+from xjfast.backends import backend_unavailable_reason
+from xjfast.engine.static_step import WARMUP_PASSES, StaticStep
 from xjfast.errors import check_choice, check_finite, is_int
 from xjfast.models.decoder import VIDEO_FRAMES_PER_LATENT
 from xjfast.models.dit import CausalDiT
@@ -144,6 +146,63 @@ class StreamGenerator:
         fixed = None if self.speculate == "auto" else min(max(1, self.speculate), deepest)
         self.depth = DepthController(fixed, max_depth=deepest)
         self._static.reset()
+
+    # ---- compiles ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def precompile(self, threads: int | None = None) -> dict:
+        """Compile every Triton kernel this stream will launch, in parallel (`threads`, default one
+        per core), before its first frame: else each compiles when first launched, which on a
+        fresh machine stalls the first frame for seconds, and later ones mid-stream (the first
+        evictions into the keep buffer, the first prompt recache, each speculation depth).
+
+        A dry run of the stream's passes (the first block, each speculation depth before and after
+        the cache fills, the fill, two evictions, the CUDA-graph step's eager warm-up, a recache)
+        in which Triton launches compile and run nothing; the stream is then as fresh as before.
+        Compiles persist in Triton's cache (~/.triton/cache), so a later process loads them.
+        Returns {"compiled": kernels compiled or loaded from that cache, "seconds": wall time};
+        nothing to do (0 compiled) where no op runs on Triton."""
+        if self.prompt_kv is None:
+            raise RuntimeError("set_prompt(...) must be called before precompile(): the dry run needs the conditioning")
+        if self._next_frame:
+            raise RuntimeError(f"precompile: call it before the stream's first frame (or after reset()), got a "
+                               f"stream at frame {self._next_frame}")
+        if threads is not None and (not is_int(threads) or threads < 1):
+            raise ValueError(f"threads: expected an int >= 1 or None, got {threads!r}")
+        start = time.perf_counter()
+        if self.backend not in ("auto", "triton") or (self.backend == "auto" and self.device.type != "cuda") \
+                or backend_unavailable_reason("triton", self.device) is not None:
+            return {"compiled": 0, "seconds": time.perf_counter() - start}
+        from xjfast.kernels.launch import compile_only
+        with compile_only(threads) as compiles:
+            self._dry_run()
+        self.cache.reset()  # the dry run's pages hold what no kernel wrote
+        self._sync()
+        return {"compiled": len(compiles), "seconds": time.perf_counter() - start}
+
+    def _dry_run(self) -> None:
+        """The passes precompile() compiles for, on a copy of this generator that shares its model,
+        cache and buffers (its passes' frames are garbage: no Triton kernel runs)."""
+        dry = copy.copy(self)
+        dry._static = StaticStep(dry, self._static.use_graph, capture=False)
+        dry._check_finite = lambda first, x: None  # unwritten outputs: nothing to report
+        dry.reset()
+        top = self.depth.fixed or self.depth.max_depth
+        depths = range(2, top + 1)
+        plain = -(-(self.cache.sink_frames + self.cache.window_frames) // self.frames_per_block) + 2 + WARMUP_PASSES
+
+        def passes(depth: int, count: int = 1) -> None:
+            dry.depth = _ForcedDepth(depth)
+            for _ in range(count):
+                dry.step()
+
+        passes(1)
+        for depth in depths:
+            passes(depth)
+        passes(1, plain)
+        for depth in depths:
+            passes(depth)
+        dry.set_prompt(self._embeds, recache=True)
+        passes(1)
 
     # ---- prompts ---------------------------------------------------------------------------
     def _embeddings(self, prompt) -> torch.Tensor:
@@ -484,3 +543,16 @@ class StreamGenerator:
             "switch_latency_p50_ms": 1e3 * statistics.median(switch) if switch else None,
             "switch_latency_max_ms": 1e3 * max(switch) if switch else None,
         }
+
+
+class _ForcedDepth:
+    """The speculation depth of every pass of a dry run (precompile)."""
+
+    def __init__(self, depth: int):
+        self.depth = depth
+
+    def choose(self) -> int:
+        return self.depth
+
+    def record(self, depth: int, seconds: float, accepted: int) -> None:
+        pass

@@ -27,9 +27,10 @@ WARMUP_PASSES = 2  # eager static steps before the capture
 
 
 class StaticStep:
-    def __init__(self, gen, use_graph: bool):
+    def __init__(self, gen, use_graph: bool, capture: bool = True):
         self.gen = gen
         self.use_graph = use_graph
+        self.capture = capture                 # False: eager static steps only (a dry run's)
         self.graph = self.out = self.stream = None
         self.prev = self.frame = None          # static inputs: previous clean block, its next frame index
         self.prompt, self._prompt_source = None, None
@@ -118,7 +119,7 @@ class StaticStep:
             self.blocker = self._graph_blocker()
         if self.blocker is not None:
             x = self._eager(self.blocker)
-        elif self.graph is None and self.warm < WARMUP_PASSES:
+        elif self.graph is None and (self.warm < WARMUP_PASSES or not self.capture):
             self.warm += 1
             x = self._eager("warm-up: eager static steps before the capture", side_stream=True)
         else:

@@ -302,7 +302,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from xjfast.kernels.options import COMPILE_OPTIONS
+    from xjfast.kernels.launch import COMPILE_OPTIONS
 
     fn = getattr(importlib.import_module(f"xjfast.kernels.{spec.module}"), spec.function)
     if spec.configs:  # the launcher's per-architecture configuration
