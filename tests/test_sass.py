@@ -224,3 +224,18 @@ def test_fp8_pv_is_summed_per_tile_on_sm_90(reports, name):
     r = reports[(name, 90)]
     pv = r["register_a"][f"QGMMA.64x{128 * 4 // r['num_warps']}x32"]
     assert pv["fresh"] * r["block"][1] // 32 >= pv["total"] > 0, (name, pv)
+
+
+def test_compile_only_compiles_every_launch_for_real_on_threads_and_once(tmp_path):
+    """What StreamGenerator.precompile relies on, under the Triton that runs (CI runs this file under
+    3.9 and 3.6): launches inside kernels.launch.compile_only() compile their kernels on a thread
+    pool (Triton's AsyncCompileMode) and leave them in the JIT's cache, where a later launch finds
+    them; under the interpreter nothing compiles, so a child process drives the real JIT."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compiles, not loads from an earlier run's cache
+    child = os.path.join(os.path.dirname(__file__), "compile_only_child.py")
+    run = subprocess.run([sys.executable, child, "2"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    counts = json.loads(run.stdout.strip().splitlines()[-1])
+    # denoise with and without re-noising, the commit's statistics and its write
+    assert counts == {"first": 4, "second": 0, "cubins": 4}, counts
