@@ -172,6 +172,11 @@ def tables(results_dir: str) -> str:
                            f"{r['steady_model_fps']:.1f} | {r['steady_end_to_end_fps']:.1f} | "
                            f"{r['time_to_first_frame_ms']:.0f} | {r['steady_interval_p50_ms']:.1f} | "
                            f"{r['steady_interval_p99_ms']:.1f} | {r.get('peak_memory_gib', float('nan')):.2f} |")
+        compiled = [r for r in stream.get("rows", []) if r.get("precompiled_kernels")]
+        if compiled:
+            out.append(f"\nBefore its first frame, `precompile()` readied the stream's {compiled[0]['precompiled_kernels']} "
+                       f"Triton kernels in {compiled[0]['precompile_s']:.1f} s ({_stream_row_name(compiled[0])}: the run's "
+                       f"first, compiled or loaded from Triton's cache; later rows reuse them).")
         nonfinite = [f"{_stream_row_name(r)} ({r['nonfinite_frames']} of {r['latent_frames']} latent frames, the first "
                      f"{r['first_nonfinite_frame']})" for r in stream.get("rows", [])
                      if r.get("nonfinite_frames")]

@@ -496,6 +496,7 @@ def test_stream_rows_own_their_first_frame_and_peak_memory(monkeypatch):
     assert all("error" not in r for r in rows), rows
     assert engines_alive == [1, 1]
     assert rows[0]["cold_time_to_first_frame_ms"] >= 2000 > rows[0]["time_to_first_frame_ms"]
+    assert all(r["precompiled_kernels"] == 0 and r["precompile_s"] >= 0 for r in rows)  # the CPU: no Triton
 
 
 def test_memory_bound_bytes_count_every_tensor_the_op_moves():
@@ -550,7 +551,7 @@ def test_readme_tables_show_fractions_memory_and_what_was_not_measured(tmp_path)
         engine="xjfast-fp8", steps=1, frames_per_block=1, sink=1, window=8, steady_model_fps=100.0,
         steady_end_to_end_fps=90.0, time_to_first_frame_ms=120.0, steady_interval_p50_ms=40.0,
         steady_interval_p99_ms=50.0, peak_memory_gib=6.25, latent_frames=40, nonfinite_frames=0,
-        first_nonfinite_frame=None), dict(
+        first_nonfinite_frame=None, precompiled_kernels=7, precompile_s=4.25), dict(
         engine="xjfast-fp8", steps=4, frames_per_block=3, sink=1, window=8, steady_model_fps=100.0,
         steady_end_to_end_fps=90.0, time_to_first_frame_ms=120.0, steady_interval_p50_ms=40.0,
         steady_interval_p99_ms=50.0, peak_memory_gib=6.25, latent_frames=42, nonfinite_frames=30,
@@ -564,6 +565,8 @@ def test_readme_tables_show_fractions_memory_and_what_was_not_measured(tmp_path)
     assert "| 6.25 |" in text and "3.000 and 3.000 GiB (flat)" in text
     assert ("NaN or inf frames (those rows time a broken stream): stream xjfast-fp8, 4 step(s), 3 frame(s)/block, "
             "sink+window 1+8 (30 of 42 latent frames, the first 12).") in text
+    assert ("Before its first frame, `precompile()` readied the stream's 7 Triton kernels in 4.2 s (stream "
+            "xjfast-fp8, 1 step(s), 1 frame(s)/block, sink+window 1+8: the run's first") in text
 
 
 def test_readme_tables_list_the_stream_and_drop_in_rows_not_measured(tmp_path):
