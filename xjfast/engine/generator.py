@@ -16,6 +16,8 @@ blended from the old prompt to the new over N frames; `recache` re-encodes the c
 under the new prompt in one pass (as LongLive does), so the scene morphs instead of cutting.
 CUDA graphs (`cuda_graph`): once the cache is full, the plain step is captured once and replayed
 for every later frame (xjfast.engine.static_step); passes that cannot be replayed run eagerly.
+Compiles (`precompile()`): a dry run of those passes compiles every Triton kernel the stream will
+launch, in parallel, before its first frame, so that none compiles in the middle of the stream.
 """
 from __future__ import annotations
 
@@ -30,10 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
+from xjfast.backends import backend_unavailable_reason
 from xjfast.cache import KEEP, StreamingKVCache
 from xjfast.engine.schedule import shifted_sigmas, step_seed
 from xjfast.engine.speculation import MAX_DEPTH, DepthController, extrapolate, hold, parse_drafter, relative_l2
-from xjfast.backends import backend_unavailable_reason
 from xjfast.engine.static_step import WARMUP_PASSES, StaticStep
 from xjfast.errors import check_choice, check_finite, is_int
 from xjfast.models.decoder import VIDEO_FRAMES_PER_LATENT
