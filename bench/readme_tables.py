@@ -177,6 +177,11 @@ def tables(results_dir: str) -> str:
             out.append(f"\nBefore its first frame, `precompile()` readied the stream's {compiled[0]['precompiled_kernels']} "
                        f"Triton kernels in {compiled[0]['precompile_s']:.1f} s ({_stream_row_name(compiled[0])}: the run's "
                        f"first, compiled or loaded from Triton's cache; later rows reuse them).")
+        failed = [f"{_stream_row_name(r)} ({r['precompile_error']})" for r in stream.get("rows", [])
+                  if r.get("precompile_error")]
+        if failed:
+            out.append("\n`precompile()` failed, and the stream compiled its kernels as it launched them: "
+                       + "; ".join(failed) + ".")
         nonfinite = [f"{_stream_row_name(r)} ({r['nonfinite_frames']} of {r['latent_frames']} latent frames, the first "
                      f"{r['first_nonfinite_frame']})" for r in stream.get("rows", [])
                      if r.get("nonfinite_frames")]

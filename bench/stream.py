@@ -50,8 +50,12 @@ def _run(model, decoder, preset, device, engine: dict, cfg: dict, prompt) -> dic
                           cuda_graph=engine["cuda_graph"])
     gen.set_prompt(prompt)
     # what xjfast generate does before a stream: its Triton kernels compiled at once (the first
-    # engine's row of a process compiles them, or loads them from Triton's cache; later rows reuse them)
-    precompiled = gen.precompile()
+    # engine's row of a process compiles them, or loads them from Triton's cache; later rows reuse
+    # them). Should that fail, the row says why and its stream compiles each kernel at its launch
+    try:
+        precompiled = gen.precompile()
+    except Exception as exc:  # noqa: BLE001 -- recorded in the row, which goes on without it
+        precompiled = {"compiled": None, "seconds": None, "error": f"{type(exc).__name__}: {exc}"[:300]}
     if on_gpu(device):
         torch.cuda.reset_peak_memory_stats(device)
     warm_up = warm_up_blocks(cfg)
@@ -66,7 +70,7 @@ def _run(model, decoder, preset, device, engine: dict, cfg: dict, prompt) -> dic
     video_frames = 4 * cfg["frames_per_block"]
     per_frame = sorted(1e3 * (b - a) / cfg["frames_per_block"] for a, b in zip(done[warm_up - 1:], done[warm_up:]))
     s.update(blocks=len(done), steady_blocks=len(total), precompiled_kernels=precompiled["compiled"],
-             precompile_s=precompiled["seconds"],
+             precompile_s=precompiled["seconds"], precompile_error=precompiled.get("error"),
              steady_model_fps=video_frames * len(model_ms) / (sum(model_ms) / 1e3),
              steady_end_to_end_fps=video_frames * len(total) / (sum(total) / 1e3),
              steady_interval_p50_ms=per_frame[len(per_frame) // 2],

@@ -28,15 +28,16 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
 @contextlib.contextmanager
 def compile_only(threads: int | None = None):
-    """Inside: launches compile their kernel (on `threads` threads, default one per core; Triton's
-    compiler and ptxas release the GIL) and run nothing, so their outputs are left as allocated.
-    On leaving, every compile has finished and later launches find their kernels compiled. Yields
-    a list that then holds one entry per kernel compiled (a launch of a compiled kernel adds none;
-    under the interpreter nothing compiles)."""
+    """Inside: launches compile their kernel (on `threads` threads, default one per core this
+    process may run on; Triton's compiler and ptxas release the GIL) and run nothing, so their
+    outputs are left as allocated. On leaving, every compile has finished and later launches find
+    their kernels compiled. Yields a list that then holds one entry per kernel compiled (a launch
+    of a compiled kernel adds none; under the interpreter nothing compiles)."""
     compiled = []
     token = _compile_only.set(True)
     try:
-        with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool, triton.AsyncCompileMode(pool) as mode:
+        with ThreadPoolExecutor(threads or len(os.sched_getaffinity(0))) as pool, \
+                triton.AsyncCompileMode(pool) as mode:
             yield compiled
             compiled.extend(mode.future_kernels)
     finally:

@@ -496,7 +496,8 @@ def test_stream_rows_own_their_first_frame_and_peak_memory(monkeypatch):
     assert all("error" not in r for r in rows), rows
     assert engines_alive == [1, 1]
     assert rows[0]["cold_time_to_first_frame_ms"] >= 2000 > rows[0]["time_to_first_frame_ms"]
-    assert all(r["precompiled_kernels"] == 0 and r["precompile_s"] >= 0 for r in rows)  # the CPU: no Triton
+    assert all(r["precompiled_kernels"] == 0 and r["precompile_s"] >= 0 and r["precompile_error"] is None
+               for r in rows)  # the CPU: no Triton
 
 
 def test_memory_bound_bytes_count_every_tensor_the_op_moves():
@@ -555,7 +556,7 @@ def test_readme_tables_show_fractions_memory_and_what_was_not_measured(tmp_path)
         engine="xjfast-fp8", steps=4, frames_per_block=3, sink=1, window=8, steady_model_fps=100.0,
         steady_end_to_end_fps=90.0, time_to_first_frame_ms=120.0, steady_interval_p50_ms=40.0,
         steady_interval_p99_ms=50.0, peak_memory_gib=6.25, latent_frames=42, nonfinite_frames=30,
-        first_nonfinite_frame=12)],
+        first_nonfinite_frame=12, precompile_error="RuntimeError: boom")],
         "memory": {"allocated_after_100_frames": 3 * 2 ** 30, "allocated_after_1000_frames": 3 * 2 ** 30,
                    "flat": True}}
     (tmp_path / "h100.json").write_text(json.dumps(data))
@@ -567,6 +568,8 @@ def test_readme_tables_show_fractions_memory_and_what_was_not_measured(tmp_path)
             "sink+window 1+8 (30 of 42 latent frames, the first 12).") in text
     assert ("Before its first frame, `precompile()` readied the stream's 7 Triton kernels in 4.2 s (stream "
             "xjfast-fp8, 1 step(s), 1 frame(s)/block, sink+window 1+8: the run's first") in text
+    assert ("`precompile()` failed, and the stream compiled its kernels as it launched them: stream xjfast-fp8, "
+            "4 step(s), 3 frame(s)/block, sink+window 1+8 (RuntimeError: boom).") in text
 
 
 def test_readme_tables_list_the_stream_and_drop_in_rows_not_measured(tmp_path):

@@ -109,6 +109,25 @@ def test_precompile_needs_a_prompt_and_a_fresh_stream(tiny):
     assert g.precompile()["seconds"] >= 0
 
 
+def test_a_precompile_that_fails_leaves_the_stream_fresh(tiny, monkeypatch):
+    """A compile error surfaces from precompile(), and the cache its dry run filled is emptied."""
+    from xjfast.engine import generator as module
+    calls = []
+
+    def choose(self):
+        calls.append(self.depth)
+        if len(calls) == 4:
+            raise RuntimeError("a compile failed")
+        return self.depth
+
+    monkeypatch.setattr(module._ForcedDepth, "choose", choose)
+    g = generator(tiny, "blocks-bf16")
+    with pytest.raises(RuntimeError, match="a compile failed"):
+        g.precompile()
+    assert g.cache.frames_seen == 0 and g.cache.num_frames(0) == 0
+    assert torch.equal(g.step().latents, generator(tiny, "blocks-bf16").step().latents)
+
+
 def test_precompile_has_nothing_to_do_off_triton(tiny):
     model, decoder, encoder, preset = tiny
     g = StreamGenerator(model, decoder, CacheConfig(1, 2), latent_hw=preset.latent_hw, text_encoder=encoder,

@@ -175,9 +175,11 @@ class StreamGenerator:
                 or backend_unavailable_reason("triton", self.device) is not None:
             return {"compiled": 0, "seconds": time.perf_counter() - start}
         from xjfast.kernels.launch import compile_only
-        with compile_only(threads) as compiles:
-            self._dry_run()
-        self.cache.reset()  # the dry run's pages hold what no kernel wrote
+        try:
+            with compile_only(threads) as compiles:
+                self._dry_run()
+        finally:  # also after a failed compile: the stream starts from an empty cache
+            self.cache.reset()  # the dry run's pages hold what no kernel wrote
         self._sync()
         return {"compiled": len(compiles), "seconds": time.perf_counter() - start}
 
