@@ -152,7 +152,8 @@ done
 # with pytest-xdist, 2 to 8 workers: one per 10 GiB of GPU memory (a test's peak is a few GiB: the
 # reference attends in 256 MiB chunks of scores, the Wan-shaped graph test holds 2 blocks of
 # weights) and per 2 CPU cores, since the stage is mostly Triton compiling: the suite launches
-# ~130 kernel specializations (counted under the interpreter), an attention one ~6 s of one core.
+# ~140 kernel specializations (Triton's own keys, recorded under the interpreter with the binder of
+# tests/triton_launches.py), an attention one ~6 s of one core.
 pytest_args=(-v -p no:cacheprovider -rfE)
 # the thread method ends a worker blocked in a hung kernel (a signal would wait for Python to run)
 "$PY" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout=150 --timeout-method=thread)
