@@ -168,10 +168,11 @@ if selected tests; then
 fi
 
 if selected sanitize; then
-  stage "compute-sanitizer memcheck" 75 "$(after racecheck benchmarks)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m bench.sanitize
-  stage "compute-sanitizer racecheck" 75 "$(after benchmarks)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -m bench.sanitize
+  for tool in memcheck racecheck; do
+    later=$([ $tool = memcheck ] && after racecheck benchmarks || after benchmarks)
+    stage "compute-sanitizer $tool" 75 "$later" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      compute-sanitizer --tool $tool --error-exitcode 9 "$PY" -m bench.sanitize
+  done
 fi
 
 if selected benchmarks; then

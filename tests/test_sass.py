@@ -170,6 +170,7 @@ def test_every_launch_passes_the_compile_options(monkeypatch):
     two and merged, attention mass, commit, compaction into the keep buffer, denoise) passes
     kernels/launch.py's options, whatever Triton's defaults (which 3.9 warns about, once)."""
     import torch
+    from triton_launches import Launches
 
     from xjfast.backends import backend_unavailable_reason
     from xjfast.engine import CacheConfig, StreamGenerator
@@ -180,14 +181,7 @@ def test_every_launch_passes_the_compile_options(monkeypatch):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if (reason := backend_unavailable_reason("triton", device)) is not None:
         pytest.skip(reason)
-    launches = []
-    kernel_class = type(kernels.temporal_attention_kernel)  # Triton's JITFunction, or its interpreter's
-
-    def run(self, *args, grid, warmup, _run=kernel_class.run, **kwargs):
-        launches.append((self.fn.__name__, {k: kwargs.get(k) for k in COMPILE_OPTIONS}))
-        return _run(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-    monkeypatch.setattr(kernel_class, "run", run)
+    recorded = Launches(monkeypatch, type(kernels.temporal_attention_kernel))
     monkeypatch.setenv("XJFAST_TRITON_ATTENTION_SPLITS", "2")
     model, decoder, encoder, preset = build("tiny", device=device)
     gen = StreamGenerator(model, decoder, CacheConfig(0, 1, keep_tokens=8), latent_hw=preset.latent_hw,
@@ -195,6 +189,7 @@ def test_every_launch_passes_the_compile_options(monkeypatch):
     gen.set_prompt("a kite over the dunes")
     for _ in range(4):  # the keep buffer fills from the second eviction on
         gen.step()
+    launches = [(r.kernel, {k: r.options.get(k) for k in COMPILE_OPTIONS}) for r in recorded.records]
     assert {name for name, _ in launches} == {
         "temporal_attention_kernel", "attention_combine_kernel", "attention_mass_kernel", "kv_cache_commit_stats_kernel",
         "kv_cache_commit_kernel", "kv_cache_compact_stats_kernel", "kv_cache_compact_kernel", "denoise_step_kernel"}

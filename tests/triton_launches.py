@@ -25,7 +25,7 @@ class Launches:
     """monkeypatches the kernels' class (Triton's JITFunction, or its interpreter's) to record every
     launch as a Launch, under the `phase` set at the time."""
 
-    Launch = collections.namedtuple("Launch", "phase kernel key constexprs compile_only")
+    Launch = collections.namedtuple("Launch", "phase kernel key constexprs options compile_only")
 
     def __init__(self, monkeypatch, kernel_class):
         self.records, self.phase = [], None
@@ -35,7 +35,7 @@ class Launches:
             _, specialization, options = _binder(kernel)(*args, **kwargs)
             constexprs = tuple(value for kind, value in specialization if kind == "constexpr")
             self.records.append(self.Launch(self.phase, kernel.fn.__name__, (str(specialization), str(options)),
-                                            (constexprs, str(options)), warmup))
+                                            (constexprs, str(options)), options, warmup))
             return run(kernel, *args, grid=grid, warmup=warmup, **kwargs)
 
         monkeypatch.setattr(kernel_class, "run", recording_run)
