@@ -167,7 +167,7 @@ static void attention_mass(uintptr_t q, std::vector<int64_t> q_strides, uintptr_
   a.cache = paged_units(cache, cache_tokens, 0, "cache");  // (the mass kernel uses no tensor map)
   a.page_table = reinterpret_cast<const int32_t*>(page_table);
   a.table_index = table_index, a.slot = slot;
-  a.mass = reinterpret_cast<float*>(mass);
+  a.mass = reinterpret_cast<int64_t*>(mass);
   a.core = core;
   xjfast::attention_mass(a, reinterpret_cast<cudaStream_t>(stream));
 }

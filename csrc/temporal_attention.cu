@@ -164,7 +164,8 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
 }
 
 // One CTA per (64 keys of the page, b, head): every query tile, quantized as the attention did,
-// p = exp2(s - lse) summed over the queries, added to mass with atomics (summing the heads too).
+// p = exp2(s - lse) summed over the queries, added to mass in fixed point with integer atomics
+// (summing the heads too, in an order that does not change the total).
 template <typename In, int D, template <int> class CoreT>
 __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const AttentionMassArgs a) {
   using Core = CoreT<D>;
@@ -221,7 +222,10 @@ __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const Attentio
     float total = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) total += s_colsum[w * kBlockN + threadIdx.x];
-    atomicAdd(a.mass + (static_cast<int64_t>(page) * qt.B + b) * unit.tokens + n0 + threadIdx.x, total);
+    const auto fixed = static_cast<unsigned long long>(total * kMassScale + 0.5f);  // total >= 0: nearest
+    atomicAdd(reinterpret_cast<unsigned long long*>(a.mass) + (static_cast<int64_t>(page) * qt.B + b) * unit.tokens +
+                  n0 + threadIdx.x,
+              fixed);
   }
 }
 

@@ -56,14 +56,17 @@ struct AttentionArgs {
 };
 
 // mass[page, b, t] += sum over heads and queries of softmax(q . k_t) for the keys of one page,
-// page = page_table[table_index]: read on the device, so a captured graph follows the ring.
+// page = page_table[table_index]: read on the device, so a captured graph follows the ring. Each
+// head's sum is added in int64 fixed point (times kMassScale, rounded): integer atomics sum the
+// heads to the same total in any order, so the tokens keep_tokens keeps do not vary run to run.
+constexpr float kMassScale = 4294967296.0f;  // 2^32 = xjfast.ops.temporal_attention.MASS_SCALE
 struct AttentionMassArgs {
   QueryTiles qt;
   const float* lse;            // [B, H, Lq] from the attention launch
   PagedUnits cache;
   const int32_t* page_table;
   int table_index, slot;
-  float* mass;                 // [P, B, T]
+  int64_t* mass;               // [P, B, T] fixed point
   int core;                    // AttentionCore
 };
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from xjfast.ops.temporal_attention import CONFIG_ENV, CONFIG_RANKING, SPLITS_ENV
+from xjfast.ops.temporal_attention import CONFIG_ENV, CONFIG_RANKING, MASS_SCALE, SPLITS_ENV
 
 from .fp8 import LOG2_P_SCALE, P_SCALE, scale_from_amax, to_e4m3
 from .kv_cache_commit import kv_cache_commit
@@ -31,6 +31,7 @@ from .launch import launch
 
 Q_TILE = 64  # = xjfast.ops.temporal_attention.Q_TILE: Q is quantized per 64-row group
 _Q_TILE = tl.constexpr(Q_TILE)  # for jitted code
+_MASS_SCALE = tl.constexpr(MASS_SCALE)
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
 
@@ -539,7 +540,8 @@ def attention_mass_kernel(
     """mass[page, b, t] += sum over queries (and, by atomics, heads) of softmax(q.k_t) for one page,
     page = page_table[table_index]: read on the device, so a captured graph follows the ring. The
     scores are the attention's own (16-bit pages are multiplied in q's dtype DT, as there), so
-    they match the LSE it wrote."""
+    they match the LSE it wrote. Each head's sum is added in int64 fixed point (MASS_SCALE), so the
+    total does not depend on the order of the heads' atomics."""
     pid_n = tl.program_id(0)
     page = tl.load(page_table_ptr + table_index).to(tl.int64)
     b = tl.program_id(1) // H
@@ -566,7 +568,8 @@ def attention_mass_kernel(
         if LAGGED:  # rows that lag past this window page do not see it
             rows = rows & (tl.load(lags_ptr + offs_m // unit_T, mask=rows, other=0) <= window_index)
         mass += tl.sum(tl.where(rows[:, None], p, 0.0), axis=0)
-    tl.atomic_add(mass_ptr + (page * B + b).to(tl.int64) * cache_T + offs_n, mass, mask=live)
+    fixed = (mass * _MASS_SCALE + 0.5).to(tl.int64)  # mass >= 0: rounded to nearest
+    tl.atomic_add(mass_ptr + (page * B + b).to(tl.int64) * cache_T + offs_n, fixed, mask=live)
 
 
 _DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}

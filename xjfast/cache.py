@@ -8,8 +8,9 @@ attention op adds q.mean back). A page table lists the pages in slot order: sink
 the window oldest first. Eviction reuses the oldest window page in place (a table update).
 
 With `keep_tokens > 0`, the tokens of an evicted page that received the most attention (mass
-accumulated by the attention op) are merged into a side buffer of `keep_tokens` slots, stored
-like one more page and placed at its own temporal slot between the sinks and the window.
+accumulated by the attention op, in int64 fixed point so that it does not depend on the order of
+a GPU's atomics) are merged into a side buffer of `keep_tokens` slots, stored like one more page
+and placed at its own temporal slot between the sinks and the window.
 
 Keys are committed with their spatial rotary but without the temporal one: the attention op
 assigns temporal positions by slot (StreamingLLM's rule), so positions never grow with the
@@ -38,6 +39,7 @@ from xjfast.ops.fp8 import E4M3
 from xjfast.ops.kv_cache_commit import kv_cache_commit
 from xjfast.ops.kv_cache_compact import kv_cache_compact
 from xjfast.ops.rotary import temporal_rope_dims
+from xjfast.ops.temporal_attention import mass_values
 
 STORAGE_DTYPES = {"fp8": E4M3, "bf16": torch.bfloat16, "fp32": torch.float32}
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -68,7 +70,7 @@ class CacheLayerView(NamedTuple):
     num_slots: int              # temporal slots in use (the pass's frames come after)
     num_sinks: int              # sink pages in use (the first entries of page_table)
     keep_count: int             # tokens in the keep buffer (its slot follows the sinks when > 0)
-    mass: torch.Tensor | None   # [P, B, T] fp32 accumulator, None when keep_tokens == 0
+    mass: torch.Tensor | None   # [P, B, T] int64 fixed point (MASS_SCALE), None when keep_tokens == 0
     mass_pages: tuple           # pages whose tokens' attention mass the op accumulates
     mass_units: tuple           # the same as (page-table index, temporal slot): fast kernels read the
                                 # page from the device table, so a captured graph follows the ring
@@ -116,7 +118,8 @@ class StreamingKVCache:
         self.keep_k_mean = torch.zeros(num_layers, batch, heads, head_dim, device=dev)
         self.keep_v_scale = torch.ones(num_layers, batch, heads, head_dim, device=dev)
         self.keep_mass = torch.zeros(num_layers, batch, keep_tokens, device=dev)
-        self.mass = torch.zeros(num_layers, pages, batch, frame_tokens, device=dev) if keep_tokens else None
+        self.mass = (torch.zeros(num_layers, pages, batch, frame_tokens, dtype=torch.int64, device=dev)
+                     if keep_tokens else None)
         self.page_table = torch.zeros(num_layers, pages, dtype=torch.int32, device=dev)
         # the device ring: ring_head[layer] is the ring position of the oldest window page, and
         # row h of _ring_tables is the full page table at ring position h (sinks, then the window)
@@ -220,7 +223,7 @@ class StreamingKVCache:
             self._compact(layer, page)
         self._write_pages(layer, pages, k, v, write)
         if self.mass is not None:  # new frames start unweighed (recache keeps its frames' mass)
-            self.mass[layer, pages] = 0.0
+            self.mass[layer, pages] = 0
         self._update_page_table(layer)
         self._ring_synced = False
 
@@ -319,7 +322,7 @@ class StreamingKVCache:
         kv_cache_commit(k, v, self.k_pages[layer], self.v_pages[layer], self.k_scale[layer], self.k_mean[layer],
                         self.v_scale[layer], evicted, backend=self.backend)
         if self.mass is not None:
-            self.mass[layer].index_fill_(0, evicted.long(), 0.0)
+            self.mass[layer].index_fill_(0, evicted.long(), 0)
         head.add_(n).remainder_(self.window_frames)
         torch.index_select(self._ring_tables, 0, head, out=self.page_table[layer:layer + 1])
 
@@ -386,7 +389,7 @@ class StreamingKVCache:
         evicted = (self.k_pages[layer, page], self.v_pages[layer, page], self.k_scale[layer, page],
                    self.k_mean[layer, page], self.v_scale[layer, page])
         self._keep_count[layer] = kv_cache_compact(keep, self.keep_mass[layer], self._keep_count[layer], evicted,
-                                                   self.mass[layer, page], backend=self.backend)
+                                                   mass_values(self.mass[layer, page]), backend=self.backend)
 
     def _compact_ring(self, layer: int, page: torch.Tensor) -> None:
         """_compact with the evicted page given as a device index: its storage is gathered by
@@ -396,7 +399,7 @@ class StreamingKVCache:
         evicted = tuple(t[layer].index_select(0, index)[0] for t in
                         (self.k_pages, self.v_pages, self.k_scale, self.k_mean, self.v_scale))
         kv_cache_compact(keep, self.keep_mass[layer], self.keep_tokens, evicted,
-                         self.mass[layer].index_select(0, index)[0], backend=self.backend)
+                         mass_values(self.mass[layer].index_select(0, index)[0]), backend=self.backend)
 
     def _update_page_table(self, layer: int) -> None:
         pages = self._slot_pages(layer)

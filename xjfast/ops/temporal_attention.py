@@ -34,6 +34,20 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 Q_TILE = 64  # query tokens per Q quantization block (the kernels' BLOCK_M)
 KV_TILE = 64  # keys per step of the online softmax (the kernels' BLOCK_N): P is rounded per step
 CUDA_KV_TILE = 64  # the CUDA kernel's step (csrc/temporal_attention.h: kAttentionBlockN)
+# The attention mass (for keep_tokens) is summed in int64 fixed point with 32 fractional bits:
+# each head's sum over the queries is rounded once, and integer sums do not depend on the order in
+# which a GPU's atomics add the heads, so every run keeps the same tokens (fp32 atomics would not).
+MASS_SCALE = 2.0 ** 32  # = csrc/temporal_attention.h: kMassScale
+
+
+def mass_fixed(mass: torch.Tensor) -> torch.Tensor:
+    """Attention mass (>= 0) -> the int64 fixed point the cache accumulates."""
+    return (mass.double() * MASS_SCALE).round().long()
+
+
+def mass_values(mass: torch.Tensor) -> torch.Tensor:
+    """The cache's int64 fixed-point attention mass -> fp32 (what kv_cache_compact ranks)."""
+    return (mass.double() / MASS_SCALE).float()
 
 
 class AttentionPlan(NamedTuple):
@@ -403,12 +417,13 @@ def _running_max(scores: list, row_max: torch.Tensor, kv_tile: int, split_units:
 
 
 def _accumulate_mass(view, units, probs) -> None:
-    """Add the attention mass (summed over heads and queries) of the next pages to evict."""
+    """Add the attention mass (per head summed over queries, rounded to fixed point, then summed
+    over heads) of the next pages to evict."""
     start = 0
     for unit in units:
         n = unit.k.shape[1]
         if unit.page is not None and unit.page in view.mass_pages:
-            view.mass[unit.page] += probs[..., start:start + n].sum(dim=(1, 2))
+            view.mass[unit.page] += mass_fixed(probs[..., start:start + n].sum(dim=2)).sum(dim=1)
         start += n
 
 

@@ -88,7 +88,7 @@ def stream_specs() -> list[KernelSpec]:
     specs.append(KernelSpec(
         "attention_mass[fp8,D=128]", "temporal_attention", "attention_mass_kernel",
         dict(q_ptr="*bf16", lse_ptr="*fp32", stride_qb=L * H * 128, stride_ql=H * 128, stride_qh=128,
-             ck_ptr="*fp8e4nv", cks_ptr="*fp32", ckm_ptr="*fp32", mass_ptr="*fp32", page_table_ptr="*i32",
+             ck_ptr="*fp8e4nv", cks_ptr="*fp32", ckm_ptr="*fp32", mass_ptr="*i64", page_table_ptr="*i32",
              table_index=1, slot=1, B=B, H=H,
              Lq=L, cache_T=T, first_slot=21, unit_T=T, slots_ptr="*i32", lags_ptr="*i32", window_index=0,
              sm_scale_log2=0.127, rope_ptr="*fp32", rope_center=27),
