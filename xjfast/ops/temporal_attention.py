@@ -38,6 +38,8 @@ CUDA_KV_TILE = 64  # the CUDA kernel's step (csrc/temporal_attention.h: kAttenti
 # each head's sum over the queries is rounded once, and integer sums do not depend on the order in
 # which a GPU's atomics add the heads, so every run keeps the same tokens (fp32 atomics would not).
 MASS_SCALE = 2.0 ** 32  # = csrc/temporal_attention.h: kMassScale
+# (a head adds at most Lq per token, each query's weights summing to 1: int64 holds 2^31 query
+# rows x heads x passes, where a page is weighed by a few passes before its eviction)
 
 
 def mass_fixed(mass: torch.Tensor) -> torch.Tensor:
