@@ -3,7 +3,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -14,10 +13,6 @@
 #include "kv_cache_commit.h"
 #include "kv_cache_compact.h"
 #include "temporal_attention.h"
-
-#ifndef XJFAST_BUILT_ARCHS
-#error "XJFAST_BUILT_ARCHS (the comma-separated archs of CMAKE_CUDA_ARCHITECTURES) is set by CMakeLists.txt"
-#endif
 
 namespace py = pybind11;
 
@@ -172,13 +167,6 @@ static void attention_mass(uintptr_t q, std::vector<int64_t> q_strides, uintptr_
   xjfast::attention_mass(a, reinterpret_cast<cudaStream_t>(stream));
 }
 
-static std::vector<std::string> built_archs() {
-  std::vector<std::string> archs;
-  std::stringstream list(XJFAST_BUILT_ARCHS);
-  for (std::string arch; std::getline(list, arch, ',');) archs.push_back(arch);
-  return archs;
-}
-
 PYBIND11_MODULE(_C, m) {
   m.doc() = "xjfast CUDA kernels and device queries";
   py::register_exception<xjfast::CudaError>(m, "CudaError", PyExc_RuntimeError);
@@ -187,7 +175,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("device_name", &xjfast::device_name, py::arg("device"), "the device's name, e.g. 'NVIDIA H100 80GB HBM3'");
   m.def("driver_version", &xjfast::driver_version, "CUDA driver version (e.g. 13000), 0 without a driver");
   m.def("runtime_version", &xjfast::runtime_version, "CUDA runtime version _C was built with");
-  m.def("built_archs", &built_archs, "GPU architectures whose SASS _C embeds, e.g. ['90a', '100a']");
+  m.def("built_archs", &xjfast::built_archs, "GPU architectures whose SASS _C embeds, e.g. ['90a', '100a']");
   m.def("denoise_step", &denoise_step, "the fused sampler step (see xjfast.ops.denoise_step)", py::arg("x_t"),
         py::arg("model_out"), py::arg("coef"), py::arg("x0"), py::arg("x_next"), py::arg("dtype"), py::arg("shape"),
         py::arg("x_strides"), py::arg("model_out_strides"), py::arg("tokens"), py::arg("patch"),

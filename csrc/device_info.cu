@@ -1,9 +1,16 @@
 // Device and driver queries through the CUDA runtime (linked statically into _C).
+#include <algorithm>
+#include <sstream>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "cuda_check.h"
 #include "device_info.h"
+
+#ifndef XJFAST_BUILT_ARCHS
+#error "XJFAST_BUILT_ARCHS (the comma-separated archs of CMAKE_CUDA_ARCHITECTURES) is set by CMakeLists.txt"
+#endif
 
 namespace xjfast {
 
@@ -42,6 +49,18 @@ int runtime_version() {
   int version = 0;
   XJ_CUDA_CHECK(cudaRuntimeGetVersion(&version));
   return version;
+}
+
+std::vector<std::string> built_archs() {
+  std::vector<std::string> archs;
+  std::stringstream list(XJFAST_BUILT_ARCHS);
+  for (std::string arch; std::getline(list, arch, ',');) archs.push_back(arch);
+  return archs;
+}
+
+bool built_for(const std::string& arch) {
+  const auto archs = built_archs();
+  return std::find(archs.begin(), archs.end(), arch) != archs.end();
 }
 
 }  // namespace xjfast

@@ -4,6 +4,7 @@
 
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace xjfast {
 int device_count();
@@ -11,4 +12,7 @@ std::pair<int, int> compute_capability(int device);
 std::string device_name(int device);
 int driver_version();
 int runtime_version();
+// The archs whose SASS _C embeds (["90a", "100a"]): CMakeLists.txt's XJFAST_BUILT_ARCHS.
+std::vector<std::string> built_archs();
+bool built_for(const std::string& arch);
 }  // namespace xjfast

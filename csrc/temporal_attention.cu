@@ -222,7 +222,8 @@ __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const Attentio
     float total = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) total += s_colsum[w * kBlockN + threadIdx.x];
-    const auto fixed = static_cast<unsigned long long>(total * kMassScale + 0.5f);  // total >= 0: nearest
+    const float x = total * kMassScale;  // >= 0; from 2^23 on an integer, where x + 0.5f would round to even
+    const auto fixed = static_cast<unsigned long long>(x < 8388608.f ? x + 0.5f : x);  // to nearest, ties up
     atomicAdd(reinterpret_cast<unsigned long long*>(a.mass) + (static_cast<int64_t>(page) * qt.B + b) * unit.tokens +
                   n0 + threadIdx.x,
               fixed);
@@ -258,16 +259,18 @@ void check_units(const PagedUnits& u, const char* name, bool used) {
           std::string(name) + ": e4m3 storage must be 16-byte aligned (and V scales 8-byte)");
 }
 
-// The core for this launch: wgmma where the GPU is sm_90 (the sm_90a SASS of _C), else mma.sync;
-// the warp-specialized kernel (kCoreWs) counts as wgmma here and needs sm_90 too.
+// The core for this launch: wgmma where the GPU is sm_90 and _C holds sm_90a SASS (a plain sm_90
+// build has no wgmma: its kernels would trap), else mma.sync; the warp-specialized kernel
+// (kCoreWs) counts as wgmma here and needs both too.
 bool use_wgmma(int core) {
   require(core == kCoreAuto || core == kCoreMmaSync || core == kCoreWgmma || core == kCoreWs, "unknown core");
   if (core == kCoreMmaSync) return false;
   const auto [major, minor] = compute_capability(current_device());
-  const bool hopper = major == 9 && minor == 0;
-  require(core == kCoreAuto || hopper, std::string(core == kCoreWs ? "the warp-specialized kernel" : "the wgmma core") +
-                                           " needs an sm_90 GPU, this one is sm_" + std::to_string(major * 10 + minor));
-  return hopper;
+  const bool hopper = major == 9 && minor == 0, sm90a = built_for("90a");
+  const std::string what = core == kCoreWs ? "the warp-specialized kernel" : "the wgmma core";
+  require(core == kCoreAuto || hopper, what + " needs an sm_90 GPU, this one is sm_" + std::to_string(major * 10 + minor));
+  require(core == kCoreAuto || sm90a, what + " needs xjfast._C built for sm_90a (XJFAST_CUDA_ARCHS holds 90a)");
+  return hopper && sm90a;
 }
 
 // One launch, with the opt-in for the kernel's shared memory (once per device and kernel).
@@ -322,8 +325,9 @@ void temporal_attention(const AttentionArgs& a, cudaStream_t stream) {
   check_units(a.pass, "pass units", true);
   require(a.n_units > 0 && static_cast<int64_t>(a.n_units) * a.pass.T == qt.Lq,
           "the pass units must cover Lq exactly");
-  require(!a.causal || (a.private_blocks != nullptr && a.block_tokens > 0 && qt.Lq % a.block_tokens == 0),
-          "a block-causal mask needs block_tokens dividing Lq and the private flags");
+  require(!a.causal || (a.private_blocks != nullptr && a.block_tokens > 0 && qt.Lq % a.block_tokens == 0 &&
+                        a.block_tokens % a.pass.T == 0),
+          "a block-causal mask needs block_tokens dividing Lq, whole pass units per block and the private flags");
   const bool wgmma = use_wgmma(a.core);
   if (a.core == kCoreWs) return temporal_attention_ws(a, stream);
   dispatch(qt.dtype, qt.D, [&](auto t, auto d) {

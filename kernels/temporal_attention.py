@@ -568,7 +568,8 @@ def attention_mass_kernel(
         if LAGGED:  # rows that lag past this window page do not see it
             rows = rows & (tl.load(lags_ptr + offs_m // unit_T, mask=rows, other=0) <= window_index)
         mass += tl.sum(tl.where(rows[:, None], p, 0.0), axis=0)
-    fixed = (mass * _MASS_SCALE + 0.5).to(tl.int64)  # mass >= 0: rounded to nearest
+    x = mass * _MASS_SCALE  # >= 0; from 2^23 on an integer, where x + 0.5 would round to even
+    fixed = tl.where(x < 8388608.0, x + 0.5, x).to(tl.int64)  # to nearest, ties up (as the reference)
     tl.atomic_add(mass_ptr + (page * B + b).to(tl.int64) * cache_T + offs_n, fixed, mask=live)
 
 

@@ -143,7 +143,7 @@ def test_the_fastest_cuda_attention_path_ranks_the_backend_and_becomes_autos(tmp
     GPU of that capability (the environment variable still wins)."""
     sys.path.insert(0, ROOT)
     from bench.readme_tables import rank_backends, rank_cuda_attention_paths, ranking_file
-    from xjfast import backends
+    from xjfast import _ext, backends
     from xjfast.ops import temporal_attention as ta
 
     def row(case, backend, ms, core=None):
@@ -160,6 +160,7 @@ def test_the_fastest_cuda_attention_path_ranks_the_backend_and_becomes_autos(tmp
     assert ranking[ta.CUDA_CORE_RANKING]["9.0"]["order"] == ["ws", "wgmma", "mma"]
 
     monkeypatch.setattr(backends, "ranking", lambda: ranking)
+    monkeypatch.setattr(_ext, "built_archs", lambda: ["90a", "100a"])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.delenv("XJFAST_CUDA_ATTENTION_CORE", raising=False)
     monkeypatch.delenv("XJFAST_CUDA_ATTENTION_SKIP", raising=False)

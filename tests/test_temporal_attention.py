@@ -584,10 +584,13 @@ def where_it_differs(out, ref) -> str:
 
 
 def test_a_forced_hopper_path_is_refused_on_other_gpus_with_the_reason(monkeypatch):
-    """XJFAST_CUDA_ATTENTION_CORE=wgmma or ws on a GPU other than sm_90: the CUDA backend says it
-    cannot run (auto goes to Triton) before a launch that the extension would refuse."""
+    """XJFAST_CUDA_ATTENTION_CORE=wgmma or ws on a GPU other than sm_90, or with an xjfast._C that
+    holds no sm_90a SASS: the CUDA backend says it cannot run (auto goes to Triton) before a launch
+    that the extension would refuse."""
+    from xjfast import _ext
     from xjfast.ops import temporal_attention as ta
     gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(_ext, "built_archs", lambda: ["90a", "100a"])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
     monkeypatch.delenv("XJFAST_CUDA_ATTENTION_CORE", raising=False)
     assert ta.forced_core_reason(gpu) is None
@@ -595,10 +598,15 @@ def test_a_forced_hopper_path_is_refused_on_other_gpus_with_the_reason(monkeypat
         monkeypatch.setenv("XJFAST_CUDA_ATTENTION_CORE", core)
         assert ta.forced_core_reason(gpu) is None
     monkeypatch.setenv("XJFAST_CUDA_ATTENTION_CORE", "ws")
-    assert ta.forced_core_reason(gpu) == "XJFAST_CUDA_ATTENTION_CORE=ws runs on sm_90 only; this GPU (sm_100) runs mma"
+    assert ta.forced_core_reason(gpu) == ("XJFAST_CUDA_ATTENTION_CORE=ws runs on sm_90 only, with xjfast._C built for "
+                                          "sm_90a; this GPU (sm_100) runs mma")
     assert ta.forced_core_reason(torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert ta.forced_core_reason(gpu) is None
+    assert ta.forced_core_reason(gpu) is None and ta.cuda_paths(gpu) == ["wgmma", "ws", "mma"]
+    # a plain sm_90 build runs on an H100, but its wgmma kernels would trap: mma.sync only
+    monkeypatch.setattr(_ext, "built_archs", lambda: ["90"])
+    assert ta.cuda_paths(gpu) == ["mma"] and "sm_90 only, with xjfast._C built for sm_90a" in ta.forced_core_reason(gpu)
+    monkeypatch.setattr(_ext, "built_archs", lambda: ["90a", "100a"])
     monkeypatch.setenv("XJFAST_CUDA_ATTENTION_CORE", "tma")
     with pytest.raises(ValueError, match="XJFAST_CUDA_ATTENTION_CORE"):
         ta.forced_core_reason(gpu)

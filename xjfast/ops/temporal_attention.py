@@ -43,8 +43,9 @@ MASS_SCALE = 2.0 ** 32  # = csrc/temporal_attention.h: kMassScale
 
 
 def mass_fixed(mass: torch.Tensor) -> torch.Tensor:
-    """Attention mass (>= 0) -> the int64 fixed point the cache accumulates."""
-    return (mass.double() * MASS_SCALE).round().long()
+    """Attention mass (>= 0) -> the int64 fixed point the cache accumulates: x * 2^32 rounded to
+    nearest, ties up, as the kernels round their fp32 sums."""
+    return (mass.double() * MASS_SCALE + 0.5).floor().long()
 
 
 def mass_values(mass: torch.Tensor) -> torch.Tensor:
@@ -467,10 +468,13 @@ CONFIG_ENV = "XJFAST_TRITON_ATTENTION_CONFIG"  # "BLOCK_M,BLOCK_N,warps,stages":
 
 
 def cuda_paths(device: torch.device | str) -> list[str]:
-    """The CUDA attention's paths a GPU runs, in auto's order without a ranking: on sm_90 wgmma, ws
-    (the warp-specialized TMA + wgmma kernel, csrc/temporal_attention_ws.cu) and mma; elsewhere mma
-    (mma.sync)."""
-    return ["wgmma", "ws", "mma"] if torch.cuda.get_device_capability(device) == (9, 0) else ["mma"]
+    """The CUDA attention's paths a GPU runs, in auto's order without a ranking: on sm_90, with
+    xjfast._C built for sm_90a, wgmma, ws (the warp-specialized TMA + wgmma kernel,
+    csrc/temporal_attention_ws.cu) and mma; elsewhere mma (mma.sync: a plain sm_90 build has no
+    wgmma)."""
+    from xjfast import _ext
+    hopper = torch.cuda.get_device_capability(device) == (9, 0) and "90a" in _ext.built_archs()
+    return ["wgmma", "ws", "mma"] if hopper else ["mma"]
 
 
 def forced_core() -> str | None:
@@ -491,8 +495,8 @@ def forced_core_reason(device: torch.device) -> str | None:
     if core == "auto" or core in paths:
         return None
     major, minor = torch.cuda.get_device_capability(device)
-    return (f"XJFAST_CUDA_ATTENTION_CORE={core} runs on sm_90 only; this GPU (sm_{major}{minor}) runs "
-            f"{', '.join(paths)}")
+    return (f"XJFAST_CUDA_ATTENTION_CORE={core} runs on sm_90 only, with xjfast._C built for sm_90a; "
+            f"this GPU (sm_{major}{minor}) runs {', '.join(paths)}")
 
 
 def skipped_cuda_paths() -> set[str]:
