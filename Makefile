@@ -26,6 +26,10 @@ setup venv: $(STAMP)
 $(PY):
 ifeq ($(HAS_GPU),yes)
 	$(PYTHON) -m venv --system-site-packages $(VENV)
+	@# a venv made from inside another venv (as a GPU image's python3 with torch may be) would see the
+	@# base interpreter's packages, not that venv's: a .pth puts $(PYTHON)'s own on the path
+	$(PYTHON) -c "import site; print(*site.getsitepackages(), sep='\n')" > \
+		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/xjfast-outer-site-packages.pth"
 else
 	$(PYTHON) -m venv $(VENV)
 endif

@@ -159,11 +159,35 @@ def main(argv=None, prog: str | None = None, default_out: str | None = None) -> 
             torch.cuda.empty_cache()  # what one section cached must not crowd the next
         save(name, time.perf_counter() - t)
     log(f"wrote {path}")
-    _print_summary(results)
-    return 1 if results.get("errors") else 0
+    failed = failed_figures(results)
+    _print_summary(results, failed)
+    return 1 if results.get("errors") or failed else 0
 
 
-def _print_summary(results: dict) -> None:
+def failed_figures(results: dict) -> list[str]:
+    """Every figure a section recorded as failed rather than measured (an "error" or "..._error"
+    entry; a peer that cannot run says "skipped"), as "where: error": the run then exits 1, so that
+    gpu_check.sh's log does not call the benchmarks ok."""
+    failed = []
+
+    def walk(node, where):
+        if isinstance(node, list):
+            for item in node:
+                walk(item, where)
+        elif isinstance(node, dict):
+            label = " ".join(str(node[k]) for k in ("op", "impl", "engine", "case") if node.get(k) is not None)
+            for key, value in node.items():
+                if key.endswith("error") and isinstance(value, str):
+                    failed.append(f"{where}{' ' + label if label else ''}: {key}: {value}")
+                elif key != "environment":
+                    walk(value, f"{where}.{key}" if isinstance(value, dict) else where)
+
+    for name in SECTIONS:
+        walk(results.get(name), name)
+    return failed
+
+
+def _print_summary(results: dict, failed: list[str]) -> None:
     for row in results.get("attention", []):
         if "TFLOP/s" in row:
             print(f"  attention D={row['D']} q={row['query_frames']} cached={row['cached']:2d} {row['impl']:22s} "
@@ -179,6 +203,8 @@ def _print_summary(results: dict) -> None:
                       f"{fig['speedup']:.2f}x over the default attention, rel_l2 {fig['rel_l2']:.2e}")
     for name, error in results.get("errors", {}).items():
         print(f"  {name}: {error}")
+    for line in failed:
+        print(f"  FAILED {line}")
 
 
 if __name__ == "__main__":
