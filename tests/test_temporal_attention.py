@@ -299,11 +299,11 @@ from xjfast.ops.temporal_attention import _validate  # noqa: E402
 SIM_REL_L2 = 1e-2  # DESIGN.md: against the reference that simulates the same quantization
 
 
-def filled_cache(frames, H, D, T, device=DEVICE, **kwargs):
+def filled_cache(frames, H, D, T, device=DEVICE, batch=1, **kwargs):
     torch.manual_seed(11)  # two caches filled alike: one per backend
-    cache = StreamingKVCache(1, 1, H, D, T, device=device, **kwargs)
+    cache = StreamingKVCache(1, batch, H, D, T, device=device, **kwargs)
     for _ in range(frames):
-        k, v = torch.randn(1, T, H, D, device=device) + 2, torch.randn(1, T, H, D, device=device)
+        k, v = torch.randn(batch, T, H, D, device=device) + 2, torch.randn(batch, T, H, D, device=device)
         cache.commit(0, k.bfloat16(), v.bfloat16())
     return cache
 
@@ -374,14 +374,20 @@ CASES = {
     "speculative-pass-lagged": dict(L=128, D=64, cache=dict(frames=5, sink_frames=1, window_frames=2, keep_tokens=8),
                                     kwargs=dict(block_tokens=32, private_blocks=(False, True, False, True),
                                                 frame_slots=(0, 1, 1, 2), frame_lags=(0, 0, 1, 1))),
+    # two streams in a batch, fp32 queries, D=128, no sinks (the keep buffer first), no rotary, and
+    # 96 query rows: a partial query tile (half of the CUDA ws kernel's second warpgroup idle)
+    "cache-batch-fp32-ragged": dict(B=2, L=96, D=128, dtype=torch.float32,
+                                    cache=dict(frames=4, sink_frames=0, window_frames=3, keep_tokens=8, rope_dims=0),
+                                    kwargs=dict(block_tokens=32)),
 }
 
 
 def case_inputs(spec):
     """q, k, v of a CASES entry and two caches filled alike (None without one): one per run."""
-    H, T = 2, 32
-    q, k, v = (t.to(DEVICE) for t in qkv(L=spec["L"], H=H, D=spec["D"], dtype=spec.get("dtype", torch.bfloat16)))
-    caches = [filled_cache(H=H, D=spec["D"], T=T, **spec["cache"]) if "cache" in spec else None for _ in range(2)]
+    H, T, B = 2, 32, spec.get("B", 1)
+    q, k, v = (t.to(DEVICE) for t in qkv(B=B, L=spec["L"], H=H, D=spec["D"], dtype=spec.get("dtype", torch.bfloat16)))
+    caches = [filled_cache(H=H, D=spec["D"], T=T, batch=B, **spec["cache"]) if "cache" in spec else None
+              for _ in range(2)]
     return q, k, v, caches
 
 
