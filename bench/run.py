@@ -179,7 +179,7 @@ def failed_figures(results: dict) -> list[str]:
             for key, value in node.items():
                 if key.endswith("error") and isinstance(value, str):
                     failed.append(f"{where}{' ' + label if label else ''}: {key}: {value}")
-                elif key != "environment":
+                else:
                     walk(value, f"{where}.{key}" if isinstance(value, dict) else where)
 
     for name in SECTIONS:
