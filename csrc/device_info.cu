@@ -59,7 +59,7 @@ std::vector<std::string> built_archs() {
 }
 
 bool built_for(const std::string& arch) {
-  const auto archs = built_archs();
+  static const auto archs = built_archs();  // asked at every attention launch: parsed once
   return std::find(archs.begin(), archs.end(), arch) != archs.end();
 }
 

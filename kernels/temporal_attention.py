@@ -631,12 +631,14 @@ def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=No
     )
     if splits > 1:
         launch(
-            attention_combine_kernel, (triton.cdiv(L, COMBINE_ROWS), B * H), part, part_lse, out, lse, splits, part.stride(0), part_lse.stride(0), out.stride(0), out.stride(1),
+            attention_combine_kernel, (triton.cdiv(L, COMBINE_ROWS), B * H),
+            part, part_lse, out, lse, splits, part.stride(0), part_lse.stride(0), out.stride(0), out.stride(1),
             out.stride(2), H, L, D=D, BLOCK_M=COMBINE_ROWS, num_warps=4)
     if view is not None and view.mass is not None:
         for table_index, slot in view.mass_units:
             launch(
-                attention_mass_kernel, (triton.cdiv(view.k_pages.shape[2], block_n), B * H), q, lse, q.stride(0), q.stride(1), q.stride(2), view.k_pages, view.k_scale, view.k_mean, view.mass,
+                attention_mass_kernel, (triton.cdiv(view.k_pages.shape[2], block_n), B * H),
+                q, lse, q.stride(0), q.stride(1), q.stride(2), view.k_pages, view.k_scale, view.k_mean, view.mass,
                 view.page_table, table_index, slot, B, H, L, view.k_pages.shape[2], first_slot, unit_T, slots,
                 tables.lags, table_index - view.num_sinks, sm_scale_log2, rope, rope_center, D=D, ROPE_DIMS=rope_dims,
                 BLOCK_M=Q_TILE, BLOCK_N=block_n, CACHE_FP8=cache_fp8, DT=_DTYPES[q.dtype], INTERPRET=interpret,

@@ -49,8 +49,9 @@ def mass_fixed(mass: torch.Tensor) -> torch.Tensor:
 
 
 def mass_values(mass: torch.Tensor) -> torch.Tensor:
-    """The cache's int64 fixed-point attention mass -> fp32 (what kv_cache_compact ranks)."""
-    return (mass.double() / MASS_SCALE).float()
+    """The cache's int64 fixed-point attention mass -> fp32 (what kv_cache_compact ranks): the
+    conversion rounds once, and the power-of-two scale is exact."""
+    return mass.float() / MASS_SCALE
 
 
 class AttentionPlan(NamedTuple):
