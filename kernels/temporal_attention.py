@@ -579,13 +579,12 @@ _DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32
 def temporal_attention(q, k, v, plan, view, *, interpret=False, out=None, lse=None):
     """Launch on validated inputs (see xjfast.ops.temporal_attention). Returns (out, lse), written
     into `out` [B, L, H, D] and `lse` [B, H, L] when given (the tests pass poisoned buffers)."""
-    from xjfast.ops.temporal_attention import kernel_tables, pass_pages
+    from xjfast.ops.temporal_attention import kernel_tables, output_buffers, pass_pages
 
     B, L, H, D = q.shape
     fp8 = plan.precision == "fp8"
     block_m, block_n, warps, stages = launch_config(q, plan, view, interpret)
-    out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype) if out is None else out
-    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32) if lse is None else lse
+    out, lse = output_buffers(q, out, lse)
     tables = kernel_tables(plan, view, q)
     unit_T = tables.unit_tokens
     n_units = L // unit_T

@@ -8,7 +8,7 @@ import torch
 
 import xjfast
 from xjfast import BackendUnavailable, StreamingKVCache, temporal_attention
-from xjfast.ops.temporal_attention import block_mask, mass_values
+from xjfast.ops.temporal_attention import block_mask, mass_values, output_buffers
 
 from attention_oracle import cosine, exact_attention, explicit_block_mask, rel_l2, rotate_complex
 
@@ -256,6 +256,23 @@ def test_return_lse_takes_a_bool_only(flag):
     """return_lse="no" is truthy: it would return a tuple where the caller expects a tensor."""
     with pytest.raises(TypeError, match=f"return_lse: expected True or False, got {flag!r}"):
         temporal_attention(*qkv(L=64), return_lse=flag)
+
+
+@pytest.mark.parametrize("name, make, words", [
+    ("out", lambda q: torch.empty(1, 64, 2, 32, dtype=q.dtype), r"out: expected .*shape \[1, 64, 2, 64\]"),
+    ("out", lambda q: torch.empty(q.shape, dtype=torch.float32), "out: expected a torch.bfloat16 tensor"),
+    ("out", lambda q: torch.empty(1, 64, 64, 2, dtype=q.dtype).transpose(2, 3), "unit last stride"),
+    ("lse", lambda q: torch.empty(1, 2, 64, dtype=torch.float16), "lse: expected a contiguous torch.float32"),
+    ("lse", lambda q: torch.empty(1, 64, 2).transpose(1, 2), "lse: expected a contiguous"),
+])
+def test_fast_launchers_check_the_buffers_they_write(name, make, words):
+    """The Triton and CUDA launchers write a caller's out/lse through raw pointers: a buffer of the
+    wrong shape, dtype or layout is refused before any kernel writes past it."""
+    q = torch.randn(1, 64, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=words):
+        output_buffers(q, **{name: make(q)})
+    out, lse = output_buffers(q, None, None)
+    assert (out.shape, out.dtype, lse.shape, lse.dtype) == (q.shape, q.dtype, (1, 2, 64), torch.float32)
 
 
 def test_a_numpy_scale_is_a_scale():

@@ -256,6 +256,24 @@ def kernel_tables(plan: AttentionPlan, view, q: torch.Tensor) -> KernelTables:
     return KernelTables(slots, lags, private, rope, span, view.rope_dims, view.num_slots, unit_tokens)
 
 
+def output_buffers(q: torch.Tensor, out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
+    """The launchers' out [B, L, H, D] (q's dtype, unit last stride) and lse [B, H, L] (fp32,
+    contiguous): new, or the caller's checked (the kernels write through their pointers)."""
+    B, L, H, D = q.shape
+    wanted = {"out": ((B, L, H, D), q.dtype), "lse": ((B, H, L), torch.float32)}
+    given = {"out": out, "lse": lse}
+    for name, (shape, dtype) in wanted.items():
+        t = given[name]
+        if t is None:
+            given[name] = torch.empty(shape, device=q.device, dtype=dtype)
+        elif (tuple(t.shape), t.dtype, t.device) != (shape, dtype, q.device) or t.stride(-1) != 1 or (
+                name == "lse" and not t.is_contiguous()):
+            raise ValueError(f"{name}: expected a {'contiguous ' if name == 'lse' else ''}{dtype} tensor of shape "
+                             f"{list(shape)} on {q.device} with unit last stride, got {t.dtype} {list(t.shape)} on "
+                             f"{t.device} with strides {t.stride()}")
+    return given["out"], given["lse"]
+
+
 def pass_pages(k: torch.Tensor, v: torch.Tensor, unit_tokens: int, commit) -> tuple:
     """The pass's K/V [B, L, H, D] quantized once into the page format — (k, v) [U, B, unit_tokens,
     H, D] e4m3, k_scale [U, B, H], k_mean and v_scale [U, B, H, D] — by `commit`, a backend's
@@ -539,8 +557,7 @@ def temporal_attention_cuda(q, k, v, plan: AttentionPlan, view, *, out=None, lse
     B, L, H, D = q.shape
     # rows are read 16 bytes at a time (q here, k and v by the commit kernel)
     q, k, v = (t if aligned_16(t) else t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
-    out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype) if out is None else out
-    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32) if lse is None else lse
+    out, lse = output_buffers(q, out, lse)
     tables = kernel_tables(plan, view, q)
     units = pass_pages(k, v, tables.unit_tokens, kv_cache_commit_cuda)
     ptrs = lambda *ts: [t.data_ptr() for t in ts]  # noqa: E731
