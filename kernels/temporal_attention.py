@@ -211,13 +211,16 @@ def _query(q_rows, rows, delta, k_mean, sm_scale_log2, rope_ptr, rope_center,
            D: tl.constexpr, ROPE_DIMS: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr, INTERPRET: tl.constexpr):
     """The query tile as the dots take it, for one key unit: rotated by `delta` (temporal rotary),
     in e4m3 with one scale per Q_TILE rows (FP8), else in DT; each row's scale ([M], 1 without
-    FP8) and its mean term q.k_mean * sm_scale_log2 [M]. At head_dim 128 the tile comes as two
-    halves (lo, hi) of 64 channels, which keeps the fp32 tile and the rotation's tables at half
-    the registers (what lets a 4-warp tile run without spills): the temporal channels come first
-    (Wan: 44 of 128), so only lo turns unless ROPE_DIMS > 64. At head_dim 64, lo is the whole tile
-    and hi repeats it. The tile is re-read per unit (a cache hit) rather than held in registers
-    across the key loop, where the accumulator needs them: the loads are volatile, or the
-    compiler hoists them out of the loops over units and keeps the tile live (it spilled so)."""
+    FP8) and its mean term q.k_mean * sm_scale_log2 [M] (FP8: of the fp32 rotated q, which the
+    smoothing adds back exactly; 16-bit: of the DT operand, so that the unit's scores are those of
+    q in DT with the whole K, however K is split into its mean and the rest). At head_dim 128 the
+    tile comes as two halves (lo, hi) of 64 channels, which keeps the fp32 tile and the rotation's
+    tables at half the registers (what lets a 4-warp tile run without spills): the temporal
+    channels come first (Wan: 44 of 128), so only lo turns unless ROPE_DIMS > 64. At head_dim 64,
+    lo is the whole tile and hi repeats it. The tile is re-read per unit (a cache hit) rather than
+    held in registers across the key loop, where the accumulator needs them: the loads are
+    volatile, or the compiler hoists them out of the loops over units and keeps the tile live (it
+    spilled so)."""
     if D > 64:
         HALF: tl.constexpr = D // 2
         offs_h = tl.arange(0, HALF)
@@ -227,15 +230,13 @@ def _query(q_rows, rows, delta, k_mean, sm_scale_log2, rope_ptr, rope_center,
             lo = _rotate(lo, delta, rope_ptr, rope_center, 0, D)
         if ROPE_DIMS > HALF:
             hi = _rotate(hi, delta, rope_ptr, rope_center, HALF // 2, D)
-        mean_lo, mean_hi = _halves(k_mean)
-        q_mean = (tl.sum(lo * mean_lo[None, :], axis=1) + tl.sum(hi * mean_hi[None, :], axis=1)) * sm_scale_log2
     else:
         lo = tl.load(q_rows + tl.arange(0, D)[None, :], mask=rows[:, None], other=0.0, volatile=True).to(tl.float32)
         if ROPE_DIMS > 0:
             lo = _rotate(lo, delta, rope_ptr, rope_center, 0, D)
         hi = lo
-        q_mean = tl.sum(lo * k_mean[None, :], axis=1) * sm_scale_log2
     if FP8:
+        q_mean = _mean_term(lo, hi, k_mean, sm_scale_log2, D)
         M: tl.constexpr = lo.shape[0]
         row_amax = tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1))
         if M == _Q_TILE:
@@ -245,10 +246,36 @@ def _query(q_rows, rows, delta, k_mean, sm_scale_log2, rope_ptr, rope_center,
             amax = tl.reshape(tl.broadcast_to(group_amax[:, None], [M // _Q_TILE, _Q_TILE]), [M])
         scale = scale_from_amax(amax)
         return (to_e4m3(lo / scale[:, None], INTERPRET), to_e4m3(hi / scale[:, None], INTERPRET), scale, q_mean)
-    elif INTERPRET:  # fp32 operands: the interpreter's bf16 dot is broken
+    else:  # a constexpr else: only one return compiles (their tiles' types differ)
+        lo, hi = _operand(lo, DT, INTERPRET), _operand(hi, DT, INTERPRET)
+        q_mean = _mean_term(lo.to(tl.float32), hi.to(tl.float32), k_mean, sm_scale_log2, D)
         return lo, hi, tl.zeros_like(q_mean) + 1.0, q_mean
+
+
+@triton.jit
+def _mean_term(lo, hi, k_mean, sm_scale_log2, D: tl.constexpr):
+    """q.k_mean * sm_scale_log2 per row, from the query tile's halves (at head_dim 64, lo alone)."""
+    if D > 64:
+        mean_lo, mean_hi = _halves(k_mean)
+        return (tl.sum(lo * mean_lo[None, :], axis=1) + tl.sum(hi * mean_hi[None, :], axis=1)) * sm_scale_log2
     else:
-        return lo.to(DT), hi.to(DT), tl.zeros_like(q_mean) + 1.0, q_mean
+        return tl.sum(lo * k_mean[None, :], axis=1) * sm_scale_log2
+
+
+@triton.jit
+def _operand(x, DT: tl.constexpr, INTERPRET: tl.constexpr):
+    """An fp32 tile as a 16-bit dot operand: in DT on a GPU. The interpreter's bf16 dot is broken
+    and its fp32 -> bf16 cast truncates: there, the tile is rounded to DT's grid (to nearest even,
+    as the GPU's cast) and kept in fp32."""
+    if INTERPRET:  # constexpr branches: only the taken one compiles, so each may return its type
+        if DT == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            y = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:
+            y = x.to(DT).to(tl.float32)
+    else:
+        y = x.to(DT)
+    return y
 
 
 @triton.jit

@@ -675,8 +675,11 @@ def run_gpu_check(tmp_path, **env) -> tuple:
     for name, body in stubs.items():
         (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_dir / name).chmod(0o755)
+    # not the knobs of a gpu-check this suite may itself run under (make gpu-check STAGES=...)
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("STAGES", "TOTAL_S", "XJFAST_CUDA_ARCHS", "XJFAST_STAGE_LIMIT_S")}
     run = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), str(out)], capture_output=True,
-                         text=True, timeout=120, env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}",
+                         text=True, timeout=120, env=dict(inherited, PATH=f"{bin_dir}:{os.environ['PATH']}",
                                                           PYTHON=str(bin_dir / "python"), **env))
     log = (out / "gpu-check.log").read_text() if (out / "gpu-check.log").exists() else ""
     return run.returncode, run.stderr, log, calls.read_text().splitlines() if calls.exists() else []

@@ -97,7 +97,7 @@ def test_nothing_to_keep_leaves_the_buffer_as_it_is():
     keep = page(1, 4, 2, 64, E4M3)
     before = [t.clone() for t in keep]
     empty = page(1, 0, 2, 64, E4M3)
-    assert kv_cache_compact(keep, torch.zeros(1, 4), 0, empty, torch.zeros(1, 0)) == 0
+    assert kv_cache_compact(keep, torch.zeros(1, 4, device=DEVICE), 0, empty, torch.zeros(1, 0, device=DEVICE)) == 0
     assert all(torch.equal(a.float(), b.float()) for a, b in zip(keep, before))
 
 

@@ -501,13 +501,18 @@ def test_triton_split_key_units_merge_to_the_reference(monkeypatch, backend, cas
 def test_triton_paths_and_tiles_of_each_target(monkeypatch, backend, case, hopper, block_n):
     """The interpreter runs the kernel's Hopper paths (hopper_paths(None)) with 64-key tiles; the
     paths sm_100 compiles (V loaded as plain rows, its scales held across the key loop) and the
-    32-key tiles of 16-bit launches and of some candidates run here too."""
+    32-key tiles of 16-bit launches and of some candidates run here too (on a GPU, a 16-bit launch
+    at 4 warps takes 32-key tiles whatever the configuration: precision_config)."""
+    from xjfast.backends import triton_interpreted
     import xjfast.kernels.temporal_attention as kernel
     monkeypatch.setattr(kernel, "hopper_paths", lambda capability: hopper)
     monkeypatch.setenv(kernel.CONFIG_ENV, f"64,{block_n},4,1")
     spec = CASES[case]
     q, k, v, caches = case_inputs(spec)
-    assert kv_tile(backend, q, *plan_of(q, k, v, caches[0], backend, **spec["kwargs"])) == block_n
+    plan, view = plan_of(q, k, v, caches[0], backend, **spec["kwargs"])
+    all_fp8 = plan.precision == "fp8" and (view is None or view.storage == "fp8")
+    expected = block_n if triton_interpreted() else kernel.precision_config((64, block_n, 4, 1), all_fp8)[1]
+    assert kv_tile(backend, q, plan, view) == expected
     check_against_simulating_reference(backend, q, k, v, caches, spec["kwargs"])
 
 

@@ -379,12 +379,13 @@ def temporal_attention_reference(q, k, v, plan: AttentionPlan, view, kv_tile: in
     for r0 in range(0, L, rows):
         r = slice(r0, r0 + rows)
         out[:, r], lse[:, :, r] = _attend_rows(
-            qf[:, r], units, plan, view, None if q_pos is None else q_pos[r], None if q_lag is None else q_lag[r],
+            qf[:, r], q.dtype, units, plan, view, None if q_pos is None else q_pos[r], None if q_lag is None else q_lag[r],
             None if visible is None else visible[r], kv_tile, kv_splits)
     return out, lse
 
 
-def _attend_rows(qf, units, plan: AttentionPlan, view, q_pos, q_lag, visible, kv_tile: int, kv_splits: int):
+def _attend_rows(qf, q_dtype, units, plan: AttentionPlan, view, q_pos, q_lag, visible, kv_tile: int,
+                 kv_splits: int):
     """temporal_attention_reference for a chunk of query rows (whole Q tiles): their output, LSE,
     and their attention mass added to the view's."""
     B, L, H, D = qf.shape
@@ -394,6 +395,8 @@ def _attend_rows(qf, units, plan: AttentionPlan, view, q_pos, q_lag, visible, kv
         anchored = unit.keys is None and unit.window is None  # a sink or the keep buffer: nearer by the lag
         delta = None if unit.position is None else q_pos - unit.position - (q_lag if anchored else 0)
         qr = qf if delta is None else rotate_leading(qf, delta, rope_dims, theta)
+        if not unit.fp8:  # a 16-bit unit's scores are those of the rotated query in q's dtype (as a 16-bit
+            qr = qr.to(q_dtype).float()  # kernel's dot takes it) with the whole K: mean term included
         s = torch.einsum("blhd,bnhd->bhln", _quantize_q(qr) if unit.fp8 else qr, unit.k)
         s = (s + torch.einsum("blhd,bhd->bhl", qr, unit.mean)[..., None]) * plan.scale
         if unit.keys is not None and visible is not None:
