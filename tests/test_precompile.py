@@ -134,3 +134,28 @@ def test_precompile_has_nothing_to_do_off_triton(tiny):
                         backend="reference")
     g.set_prompt("rain")
     assert g.precompile()["compiled"] == 0 and g.step().index == 0
+
+
+def test_every_launch_passes_the_compile_options(monkeypatch):
+    """What runs is what the SASS checks (tests/test_sass.py, which a GPU run leaves out) compiled:
+    each kernel launch of a stream (attention split in two and merged, attention mass, commit,
+    compaction into the keep buffer, denoise) passes kernels/launch.py's options, whatever
+    Triton's defaults (which 3.9 warns about, once)."""
+    from xjfast.kernels import temporal_attention as kernels
+    from xjfast.kernels.launch import COMPILE_OPTIONS
+
+    if (reason := backend_unavailable_reason("triton", DEVICE)) is not None:
+        pytest.skip(reason)
+    recorded = Launches(monkeypatch, type(kernels.temporal_attention_kernel))
+    monkeypatch.setenv("XJFAST_TRITON_ATTENTION_SPLITS", "2")
+    model, decoder, encoder, preset = build("tiny", device=DEVICE)
+    gen = StreamGenerator(model, decoder, CacheConfig(0, 1, keep_tokens=8), latent_hw=preset.latent_hw,
+                          text_encoder=encoder, backend="triton", cuda_graph=False)
+    gen.set_prompt("a kite over the dunes")
+    for _ in range(4):  # the keep buffer fills from the second eviction on
+        gen.step()
+    launches = [(r.kernel, {k: r.options.get(k) for k in COMPILE_OPTIONS}) for r in recorded.records]
+    assert {name for name, _ in launches} == {
+        "temporal_attention_kernel", "attention_combine_kernel", "attention_mass_kernel", "kv_cache_commit_stats_kernel",
+        "kv_cache_commit_kernel", "kv_cache_compact_stats_kernel", "kv_cache_compact_kernel", "denoise_step_kernel"}
+    assert all(options == COMPILE_OPTIONS for _, options in launches), launches

@@ -165,37 +165,6 @@ def test_every_kernel_is_compiled_with_fma_contraction_whatever_tritons_default(
     assert all(r["fp_fusion"] is True for r in reports.values()), [k for k, r in reports.items() if not r["fp_fusion"]]
 
 
-def test_every_launch_passes_the_compile_options(monkeypatch):
-    """What runs is what the SASS checks compiled: each kernel launch of a stream (attention split in
-    two and merged, attention mass, commit, compaction into the keep buffer, denoise) passes
-    kernels/launch.py's options, whatever Triton's defaults (which 3.9 warns about, once)."""
-    import torch
-    from triton_launches import Launches
-
-    from xjfast.backends import backend_unavailable_reason
-    from xjfast.engine import CacheConfig, StreamGenerator
-    from xjfast.kernels import temporal_attention as kernels
-    from xjfast.kernels.launch import COMPILE_OPTIONS
-    from xjfast.models import build
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if (reason := backend_unavailable_reason("triton", device)) is not None:
-        pytest.skip(reason)
-    recorded = Launches(monkeypatch, type(kernels.temporal_attention_kernel))
-    monkeypatch.setenv("XJFAST_TRITON_ATTENTION_SPLITS", "2")
-    model, decoder, encoder, preset = build("tiny", device=device)
-    gen = StreamGenerator(model, decoder, CacheConfig(0, 1, keep_tokens=8), latent_hw=preset.latent_hw,
-                          text_encoder=encoder, backend="triton", cuda_graph=False)
-    gen.set_prompt("a kite over the dunes")
-    for _ in range(4):  # the keep buffer fills from the second eviction on
-        gen.step()
-    launches = [(r.kernel, {k: r.options.get(k) for k in COMPILE_OPTIONS}) for r in recorded.records]
-    assert {name for name, _ in launches} == {
-        "temporal_attention_kernel", "attention_combine_kernel", "attention_mass_kernel", "kv_cache_commit_stats_kernel",
-        "kv_cache_commit_kernel", "kv_cache_compact_stats_kernel", "kv_cache_compact_kernel", "denoise_step_kernel"}
-    assert all(options == COMPILE_OPTIONS for _, options in launches), launches
-
-
 def test_every_kernel_compiles_with_its_integer_arguments_equal_to_one(tmp_path):
     """Triton's launcher compiles an integer argument equal to 1 as the constant 1 (unless the kernel
     says do_not_specialize); the interpreter never does, so only a compile shows code that breaks on
