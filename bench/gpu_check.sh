@@ -130,13 +130,19 @@ fi
 stage info 30 "$(after wheels launches tests memcheck racecheck benchmarks)" "$PY" -m xjfast info
 if compgen -G ".whl/*.whl" >/dev/null; then
   # wheels carried from a machine with internet (bench/fetch_wheels.sh): diffusers for the drop-in
-  # benchmark and the tests that use it
-  stage wheels 60 "$(after launches tests memcheck racecheck benchmarks)" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
+  # benchmark and the tests that use it, PyAV for `xjfast generate`'s tests; one at a time, so that
+  # one this machine refuses (a platform tag) leaves the others installed
+  stage wheels 60 "$(after launches tests memcheck racecheck benchmarks)" bash -c 'rc=0
+    for w in .whl/*.whl; do
+      "$0" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$w" || rc=1
+    done
+    exit $rc' "$PY"
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$PY" -c "import diffusers; print('diffusers', diffusers.__version__)" >>"$LOG" 2>&1 ||
   log "diffusers is not importable: the drop-in benchmark and the diffusers tests skip"
+"$PY" -c "import av; print('PyAV', av.__version__)" >>"$LOG" 2>&1 ||
+  log "PyAV is not importable: the tests of xjfast generate that write MP4 skip"
 
 # Every GPU implementation's first launch, each in a process of its own under a time limit, all at
 # once: one that hangs or crashes is left out of the stages below (XJFAST_DISABLE op:backend,
