@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from xjfast.backends import unusable_reason
+from xjfast.backends import resolve, unusable_reason
 from xjfast.integrations import sdpa as sdpa_module
 from xjfast.integrations.sdpa import accelerated_counts, fallback_counts, patch, reset_fallback_counts, sdpa, unpatch
 from xjfast.models import build
@@ -150,6 +150,7 @@ def test_tiny_preset_compiles_and_captures_in_a_cuda_graph_on_the_gpu():
     def forward(x, t):
         return model(x, t, kv, block_frames=1, precision="fp8")  # auto: the GPU kernels
 
+    assert resolve("temporal_attention", "auto", x.device).backend in ("triton", "cuda")
     eager = forward(x, t).float()
     compiled = torch.compile(forward, fullgraph=True)(x, t).float()
     # the same FP8 kernels; inductor fuses the bf16 ops around them, skipping eager's per-op bf16

@@ -185,11 +185,23 @@ def assert_graph_stream_equals_eager(model, decoder, latent_hw, encoder=None, fr
     assert graph.cache.cached_frames(0) == eager.cache.cached_frames(0) and graph.cache.frames_seen == frames - 1
 
 
+def skip_unless_every_op_runs_on(backend):
+    """A whole stream on `backend`: skipped where one of its ops cannot run here (e.g. left out by
+    gpu_check.sh's first launches, XJFAST_DISABLE), which an explicit request would raise for."""
+    from xjfast.backends import registered_ops, unusable_reason
+    reasons = [reason for op in registered_ops() if (reason := unusable_reason(op, backend, DEVICE))]
+    if reasons:
+        pytest.skip(reasons[0])
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("keep_tokens", [0, 48])
-def test_graph_stream_equals_eager_stream_tiny(keep_tokens):
+def test_graph_stream_equals_eager_stream_tiny(keep_tokens, backend):
+    skip_unless_every_op_runs_on(backend)
     model, decoder, encoder, preset = build("tiny", device=DEVICE, dtype=torch.bfloat16)
-    assert_graph_stream_equals_eager(model, decoder, preset.latent_hw, encoder, frames=3 * 4, keep_tokens=keep_tokens)
+    assert_graph_stream_equals_eager(model, decoder, preset.latent_hw, encoder, frames=3 * 4, keep_tokens=keep_tokens,
+                                     backend=backend)
 
 
 @pytest.mark.gpu
@@ -208,14 +220,17 @@ def test_graph_replays_through_a_prompt_transition():
 
 
 @pytest.mark.gpu
-def test_graph_stream_equals_eager_stream_wan_shaped():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_graph_stream_equals_eager_stream_wan_shaped(backend):
     """Wan2.1-1.3B's block (dim 1536, 12 heads x 128, FFN 8960) and frame (1560 tokens), 2 blocks."""
+    skip_unless_every_op_runs_on(backend)
     cfg = dataclasses.replace(PRESETS["wan2.1-1.3b"].dit, layers=2)
     with torch.device("meta"):
         model = CausalDiT(cfg)
     model = model.to_empty(device=DEVICE).to(torch.bfloat16)
     init_weights(model, 0)
-    assert_graph_stream_equals_eager(model.eval(), PreviewDecoder(cfg.in_channels).to(DEVICE), (60, 104))
+    assert_graph_stream_equals_eager(model.eval(), PreviewDecoder(cfg.in_channels).to(DEVICE), (60, 104),
+                                     backend=backend)
 
 
 @pytest.mark.gpu
@@ -247,10 +262,7 @@ def test_a_stream_compiles_nothing_once_its_cache_and_keep_buffer_are_full():
     of its own: counters that move in a stream (frame index, cache and keep fill) must not, or a
     frame mid-stream waits seconds for a compile; and seed 0's re-noise after step 1 is keyed 1
     (step_seed(0, 1)), which as a constant broke the denoise kernel's compile."""
-    from xjfast.backends import registered_ops, unusable_reason
-    reasons = [reason for op in registered_ops() if (reason := unusable_reason(op, "triton", DEVICE))]
-    if reasons:  # e.g. left out by gpu_check.sh's first launches (XJFAST_DISABLE)
-        pytest.skip(reasons[0])
+    skip_unless_every_op_runs_on("triton")
     model, decoder, encoder, preset = build("tiny", device=DEVICE, dtype=torch.bfloat16)
     g = StreamGenerator(model, decoder, CacheConfig(1, 3, 48), latent_hw=preset.latent_hw, text_encoder=encoder,
                         cuda_graph=False, seed=0, steps=2, backend="triton")

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from xjfast.backends import resolve
 from xjfast.errors import BackendUnavailable
 from xjfast.ops.kv_cache_commit import kv_cache_commit
 
@@ -95,6 +96,7 @@ def test_cuda_commit_passes_misaligned_input_to_triton(backend):
     with pytest.raises(BackendUnavailable, match=r"k: the CUDA kernel reads 16-byte vectors"):
         kv_cache_commit(k, k, *storage(2, B, T, H, D, E4M3), ids, backend=backend)
     auto, ref = storage(2, B, T, H, D, E4M3), storage(2, B, T, H, D, E4M3)
+    assert resolve("kv_cache_commit", "auto", DEVICE, (k, k, *auto, ids)).backend == "triton"
     kv_cache_commit(k, k, *auto, ids)
     kv_cache_commit(k, k, *ref, ids, backend="reference")
     assert_pages_match(ids.long(), ref, auto, E4M3)
