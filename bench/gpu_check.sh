@@ -12,7 +12,7 @@
 # xjfast info and the first launches, which protect the rest, always run.
 #
 # Time: the whole run ends within TOTAL_S (env or make variable; default 520 s, under the 9 minutes
-# asked for; a 15-minute lease runs STAGES=benchmarks TOTAL_S=400, then the rest) even if a
+# asked for; a 15-minute lease runs STAGES=benchmarks TOTAL_S=450, then the rest) even if a
 # stage hangs: each stage runs under `timeout`, capped at its own limit and at what the stages
 # after it still need (the minimums below, of the stages that will run). A failed or timed-out
 # stage does not stop the others; the log says per stage: ok, FAILED (exit status) or TIMED OUT.
@@ -117,7 +117,7 @@ stage() {
   SUMMARY+=("$name: $verdict ($took s)")
 }
 
-log "gpu-check at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), XJFAST_CUDA_ARCHS=$XJFAST_CUDA_ARCHS, STAGES=$STAGES, $(date -u +%FT%TZ)"
+log "gpu-check at commit ${XJFAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}, XJFAST_CUDA_ARCHS=$XJFAST_CUDA_ARCHS, STAGES=$STAGES, $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total,clocks.sm,power.draw,temperature.gpu \
   --format=csv 2>&1 | tee -a "$LOG"
 
@@ -198,6 +198,10 @@ if selected benchmarks; then
   export XJFAST_BENCH_BUDGET_S=$((bench_left > 40 ? bench_left - 30 : 10))  # room to write the results
   stage benchmarks "$bench_left" 0 "$PY" -m bench.run "$OUT_DIR"
   tail -n 40 "$LOG"  # the benchmarks' summary table
+  # the plots of the results as written last (a run cut off by its limit drew none after that)
+  for results in "$OUT_DIR"/*.json; do
+    [ -e "$results" ] && timeout 60 "$PY" -m bench.plots "$results" >>"$LOG" 2>&1
+  done
 fi
 rm -f "$OUT_DIR"/*.tmp  # a results file cut off while being rewritten (its previous version stays)
 log "=== summary ($(elapsed) s of $TOTAL_S s)"

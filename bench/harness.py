@@ -184,8 +184,12 @@ def _device_info(device: torch.device) -> dict:
 
 
 def _commit(root: str = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) -> str:
-    """The checkout's commit, "-dirty" when tracked files differ from it (the figures are not that
-    commit's); for an installed package (no checkout of ours around it), its version."""
+    """XJFAST_COMMIT when set (a copy of a checkout without its .git, as a GPU machine gets, says so
+    through it); else the checkout's commit, "-dirty" when tracked files differ from it (the
+    figures are not that commit's); for an installed package (no checkout of ours around it), its
+    version."""
+    if os.environ.get("XJFAST_COMMIT"):
+        return os.environ["XJFAST_COMMIT"]
     if os.path.isfile(os.path.join(root, "setup.py")):
         try:
             def git(*args):

@@ -1,8 +1,12 @@
 """PNG plots of a results file: attention TFLOP/s by cached frames per implementation, and stream
-fps (steady state) per configuration. matplotlib is optional: without it the run says so and writes no PNG."""
+fps (steady state) per configuration. matplotlib is optional: without it the run says so and writes no PNG.
+`python -m bench.plots RESULTS.json ...` draws a results file's plots next to it (gpu_check.sh does,
+after a run cut off before it drew them)."""
 from __future__ import annotations
 
+import json
 import os
+import sys
 
 
 def write(results: dict, out_dir: str, stem: str) -> list[str]:
@@ -57,3 +61,17 @@ def write(results: dict, out_dir: str, stem: str) -> list[str]:
         fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
         plt.close(fig)
     return paths
+
+
+def main(paths: list[str]) -> int:
+    for path in paths:
+        with open(path) as f:
+            results = json.load(f)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        for written in write(results, os.path.dirname(path) or ".", stem):
+            print(f"wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -52,14 +52,19 @@ def newest_per_gpu(results_dir: str) -> dict:
 
 def _geomean_order(times: dict) -> list[str]:
     """case -> name -> median ms  ->  names fastest first: each scores the geometric mean, over the
-    cases it ran, of its time over the best time in that case."""
+    cases it ran beside another, of its time over the best time in that case (a case one name ran
+    alone, as the bf16 attention only Triton runs, would score it best for nothing); names that
+    never ran beside another come last."""
     ratios: dict = {}
     for by_name in times.values():
+        if len(by_name) < 2:
+            continue
         best = min(by_name.values())
         for name, ms in by_name.items():
             ratios.setdefault(name, []).append(ms / best)
     score = {n: math.exp(sum(map(math.log, r)) / len(r)) for n, r in ratios.items()}
-    return sorted(score, key=lambda n: (score[n], n))
+    alone = sorted({n for by_name in times.values() for n in by_name} - set(score))
+    return sorted(score, key=lambda n: (score[n], n)) + alone
 
 
 def _rank_variants(results: dict, backend: str, key: str) -> list[str]:

@@ -18,6 +18,7 @@ from .harness import on_gpu
 from xjfast.engine import CacheConfig, StreamGenerator
 from xjfast.engine.static_step import WARMUP_PASSES
 from xjfast.models import build
+from xjfast.models.decoder import VIDEO_FRAMES_PER_LATENT
 
 ENGINES = {
     "xjfast-fp8": dict(backend="auto", precision="fp8", storage="fp8", cuda_graph=True),
@@ -36,11 +37,17 @@ def configs(gpu: bool):
             dict(steps=1, frames_per_block=1, sink=2, window=6, steady=19)]
 
 
-def warm_up_blocks(cfg: dict) -> int:
+def warm_up_blocks(cfg: dict, graph: bool = True) -> int:
     """Blocks before the steady state: the first block, those that fill the cache (until then each
-    pass differs, and a graph step cannot run), the static step's eager warm-up, and the block
-    that captures the graph (and replays it once: its time carries the capture)."""
-    return 1 + -(-(cfg["sink"] + cfg["window"]) // cfg["frames_per_block"]) + WARMUP_PASSES + 1
+    pass differs, and a graph step cannot run), and with a CUDA graph the static step's eager
+    warm-up and the block that captures the graph (and replays it once: its time carries the
+    capture)."""
+    return 1 + -(-(cfg["sink"] + cfg["window"]) // cfg["frames_per_block"]) + (WARMUP_PASSES + 1 if graph else 0)
+
+
+# Steady blocks an eager engine (the baseline) is measured over at most: its passes take the same
+# path every time, and at several times xjfast's latency it would spend the run's budget.
+EAGER_STEADY = 8
 
 
 def _run(model, decoder, preset, device, engine: dict, cfg: dict, prompt) -> dict:
@@ -58,9 +65,10 @@ def _run(model, decoder, preset, device, engine: dict, cfg: dict, prompt) -> dic
         precompiled = {"compiled": None, "seconds": None, "error": f"{type(exc).__name__}: {exc}"[:300]}
     if on_gpu(device):
         torch.cuda.reset_peak_memory_stats(device)
-    warm_up = warm_up_blocks(cfg)
+    warm_up = warm_up_blocks(cfg, engine["cuda_graph"])
+    steady = cfg["steady"] if engine["cuda_graph"] else min(cfg["steady"], EAGER_STEADY)
     done = []  # a step returns once its frames are on the host: the time each block was delivered
-    for _ in range(warm_up + cfg["steady"]):
+    for _ in range(warm_up + steady):
         gen.step()
         done.append(time.perf_counter())
     s = gen.stats()
@@ -105,7 +113,20 @@ def _memory_flat(model, decoder, preset, device, engine, prompt, frames=(100, 10
 
 # Seconds a part of the section is expected to need at most on an H100; one is not started with
 # less of the budget left (and the results say so): a stage cut off from outside would lose them.
-NEEDS_S = {"row": 15, "memory": 45, "speculation_row": 8}
+# The first row compiles the kernels (precompile) and captures a graph; the memory check's need is
+# worked out from the measured steady state where there is one (_memory_need).
+NEEDS_S = {"first_row": 60, "row": 20, "memory": 75, "speculation_row": 10}
+
+
+def _memory_need(rows: list[dict]) -> float:
+    """Seconds _memory_flat's 1,000 latent frames take: from the measured xjfast row of its
+    configuration (1 step, 1 frame per block, 1 sink + 8 window frames), a quarter more for its
+    warm-up and capture; NEEDS_S's without one."""
+    for r in rows:
+        if (r["engine"], r["steps"], r["frames_per_block"], r["sink"], r["window"]) == ("xjfast-fp8", 1, 1, 1, 8) \
+                and r.get("steady_end_to_end_fps"):
+            return 1.25 * 1000 * VIDEO_FRAMES_PER_LATENT / r["steady_end_to_end_fps"] + 10
+    return NEEDS_S["memory"]
 
 
 def measure(device: torch.device, log, budget=None, checkpoint=None) -> dict:
@@ -125,17 +146,19 @@ def measure(device: torch.device, log, budget=None, checkpoint=None) -> dict:
         if checkpoint is not None:
             checkpoint(out)
 
-    def short_of(need: str) -> str | None:
+    def short_of(need_s: float) -> str | None:
         left = budget() if budget is not None else None
-        return None if left is None or left >= NEEDS_S[need] else f"not run: {left:.0f} s of the time budget left"
+        return None if left is None or left >= need_s else \
+            f"not run: {left:.0f} s of the time budget left, {need_s:.0f} s needed"
 
     for cfg in configs(gpu):
         for engine_name, engine in ENGINES.items():
+            first = not out["rows"]
             row = dict(cfg, engine=engine_name, preset=name)
             out["rows"].append(row)
             patch = mock.patch("xjfast.models.dit.temporal_attention", sdpa_temporal_attention) \
                 if engine_name.startswith("baseline") else mock.patch.dict({})
-            if (skipped := short_of("row")) is not None:
+            if (skipped := short_of(NEEDS_S["first_row" if first else "row"])) is not None:
                 row["skipped"] = skipped
             else:
                 with patch:  # an exception (e.g. out of memory) is recorded, the other figures stand
@@ -147,7 +170,7 @@ def measure(device: torch.device, log, budget=None, checkpoint=None) -> dict:
                     f"{', NaN or inf frames: ' + str(row['nonfinite_frames']) if row['nonfinite_frames'] else ''}")
             save()
     if gpu:
-        out["memory"] = {"skipped": skipped} if (skipped := short_of("memory")) is not None else \
+        out["memory"] = {"skipped": skipped} if (skipped := short_of(_memory_need(out["rows"]))) is not None else \
             _recorded(_memory_flat, model, decoder, preset, device, ENGINES["xjfast-fp8"], prompt)
         save()
     _speculation(model, decoder, preset, device, prompt, log, out["speculation"], short_of, save)
@@ -174,7 +197,7 @@ def _speculation(model, decoder, preset, device, prompt, log, rows, short_of, sa
             for drafter in (("extrapolate", "shallow:4") if depth else ("extrapolate",)):
                 row = dict(video=f"{8 * hw[0]}x{8 * hw[1]}", speculate=depth, drafter=drafter)
                 rows.append(row)
-                if (skipped := short_of("speculation_row")) is not None:
+                if (skipped := short_of(NEEDS_S["speculation_row"])) is not None:
                     row["skipped"] = skipped
                 else:
                     row.update(_recorded(_speculation_row, model, decoder, device, prompt, hw, depth, drafter))
@@ -186,16 +209,24 @@ def _speculation(model, decoder, preset, device, prompt, log, rows, short_of, sa
 
 
 def _speculation_row(model, decoder, device, prompt, hw, depth, drafter) -> dict:
+    """The steady state of one stream: its passes after the cache has filled and (depth 0) the
+    step's graph is captured, so that no row's figures carry compiles, the warm-up or a capture
+    (which speculative passes, run eagerly, never make)."""
     gpu = on_gpu(device)
-    gen = StreamGenerator(model, decoder, CacheConfig(1, 8), latent_hw=hw, speculate=depth,
+    cache = dict(sink=1, window=8, frames_per_block=1)
+    gen = StreamGenerator(model, decoder, CacheConfig(cache["sink"], cache["window"]), latent_hw=hw, speculate=depth,
                           drafter=drafter, backend="auto" if gpu else "reference")
     gen.set_prompt(prompt)
-    for _ in range(4):  # warm-up, then a fresh stream
+    if gpu:
+        gen.precompile()  # every depth's kernels, before the stream
+    for _ in range(warm_up_blocks(cache) if gpu else 2):
         gen.step()
-    gen.reset()
-    gen.set_prompt(prompt)
-    while gen.stats()["latent_frames"] < (24 if gpu else 8):
+    before = gen.stats()
+    while gen.stats()["latent_frames"] < before["latent_frames"] + (24 if gpu else 8):
         gen.step()
     s = gen.stats()
-    return dict(model_fps=s["model_fps"], end_to_end_fps=s["end_to_end_fps"], nonfinite_frames=s["nonfinite_frames"],
-                **s["speculation"])
+    passes = s["passes"] - before["passes"]
+    video_frames = VIDEO_FRAMES_PER_LATENT * (s["latent_frames"] - before["latent_frames"])
+    return dict(model_fps=video_frames / (sum(s["block_model_ms"][-passes:]) / 1e3),
+                end_to_end_fps=video_frames / (sum(s["block_latency_ms"][-passes:]) / 1e3),
+                steady_passes=passes, nonfinite_frames=s["nonfinite_frames"], **s["speculation"])

@@ -55,6 +55,13 @@ def test_cpu_mode_writes_a_complete_results_file(tmp_path):
         [row] = drop_in["rows"]
         assert row["diffusers_default"]["median_ms"] > 0 and row["xjfast"]["bf16"]["rel_l2"] < 1e-5
     assert set(results["sections_s"]) == {"roofline", "attention", "memory_bound", "diffusers_wan", "stream"}
+    if importlib.util.find_spec("matplotlib") is not None:  # the plots, and drawn again from the file alone
+        pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+        assert pngs == sorted(results["plots"]) and len(pngs) == 2
+        for p in tmp_path.glob("*.png"):
+            p.unlink()
+        subprocess.run([sys.executable, "-m", "bench.plots", str(path)], cwd=ROOT, env=env, check=True)
+        assert sorted(p.name for p in tmp_path.glob("*.png")) == pngs
 
 
 def test_first_launch_reports_what_to_leave_out():
@@ -156,6 +163,21 @@ def test_ranking_comes_from_the_newest_results_per_capability(tmp_path):
                                               "source": "bench/results/h100-new.json", "gpu": "H100"}
     assert ranking["denoise_step"]["10.0"]["order"] == ["cuda", "triton"]
     assert "10.0" not in ranking["temporal_attention"]
+
+
+def test_a_case_one_backend_ran_alone_does_not_rank_it(tmp_path):
+    """The bf16 attention only Triton runs: scored 1.0 in each of those cases, it would overtake a
+    CUDA kernel that is faster where both ran; it is ranked by the cases it shares."""
+    sys.path.insert(0, ROOT)
+    from bench.readme_tables import rank_backends
+
+    def row(case, backend, ms):
+        return {"op": "temporal_attention", "case": case, "backend": backend, "median_ms": ms}
+    rows = [row("a-fp8", "triton", 1.0), row("a-fp8", "cuda", 1.05), row("b-fp8", "triton", 1.2),
+            row("b-fp8", "cuda", 1.0)] + [row(f"{c}-bf16", "triton", 2.0) for c in "abcdef"]
+    rows.append({"op": "denoise_step", "case": "s", "backend": "reference", "median_ms": 4.0})
+    assert rank_backends(_gpu_results("H100", "2026-11-01", "9.0", rows)) == {
+        "temporal_attention": ["cuda", "triton"], "denoise_step": ["reference"]}
 
 
 def test_the_fastest_cuda_attention_path_ranks_the_backend_and_becomes_autos(tmp_path, monkeypatch):
@@ -292,6 +314,19 @@ def test_sanitize_launches_every_op_with_valid_arguments(capsys):
     assert "FAILED" not in printed
     for op in registered_ops():
         assert f"sanitize {op}/reference (" in printed
+
+
+def test_a_section_the_budget_left_no_time_for_is_skipped_not_failed(tmp_path, monkeypatch, capsys):
+    """gpu_check.sh calls the benchmarks failed when bench.run exits 1: a section that found the
+    budget spent is listed apart from errors, and the run still exits 0."""
+    sys.path.insert(0, ROOT)
+    from bench import run
+    monkeypatch.setenv("XJFAST_BENCH_DEVICE", "cpu")
+    assert run.main([str(tmp_path), "--only", "roofline,memory_bound", "--budget", "0"]) == 0
+    [path] = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    results = json.loads(path.read_text())
+    assert "errors" not in results and set(results["skipped_sections"]) == {"roofline", "memory_bound"}
+    assert "time budget was spent" in capsys.readouterr().out
 
 
 def test_attention_stops_taking_cases_when_the_budget_is_spent():
