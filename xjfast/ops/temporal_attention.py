@@ -395,8 +395,9 @@ def _attend_rows(qf, q_dtype, units, plan: AttentionPlan, view, q_pos, q_lag, vi
         anchored = unit.keys is None and unit.window is None  # a sink or the keep buffer: nearer by the lag
         delta = None if unit.position is None else q_pos - unit.position - (q_lag if anchored else 0)
         qr = qf if delta is None else rotate_leading(qf, delta, rope_dims, theta)
-        if not unit.fp8:  # a 16-bit unit's scores are those of the rotated query in q's dtype (as a 16-bit
-            qr = qr.to(q_dtype).float()  # kernel's dot takes it) with the whole K: mean term included
+        # a 16-bit unit's scores: the rotated query in q's dtype (as a 16-bit dot takes it) with the whole K
+        if not unit.fp8:
+            qr = qr.to(q_dtype).float()
         s = torch.einsum("blhd,bnhd->bhln", _quantize_q(qr) if unit.fp8 else qr, unit.k)
         s = (s + torch.einsum("blhd,bhd->bhl", qr, unit.mean)[..., None]) * plan.scale
         if unit.keys is not None and visible is not None:
