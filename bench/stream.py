@@ -221,12 +221,12 @@ def _speculation_row(model, decoder, device, prompt, hw, depth, drafter) -> dict
         gen.precompile()  # every depth's kernels, before the stream
     for _ in range(warm_up_blocks(cache) if gpu else 2):
         gen.step()
-    before = gen.stats()
-    while gen.stats()["latent_frames"] < before["latent_frames"] + (24 if gpu else 8):
-        gen.step()
+    passes = latent_frames = 0
+    while latent_frames < (24 if gpu else 8):  # the steady passes: counted from what each emits
+        latent_frames += gen.step().latents.shape[2]
+        passes += 1
     s = gen.stats()
-    passes = s["passes"] - before["passes"]
-    video_frames = VIDEO_FRAMES_PER_LATENT * (s["latent_frames"] - before["latent_frames"])
+    video_frames = VIDEO_FRAMES_PER_LATENT * latent_frames
     return dict(model_fps=video_frames / (sum(s["block_model_ms"][-passes:]) / 1e3),
                 end_to_end_fps=video_frames / (sum(s["block_latency_ms"][-passes:]) / 1e3),
                 steady_passes=passes, nonfinite_frames=s["nonfinite_frames"], **s["speculation"])

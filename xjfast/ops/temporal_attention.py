@@ -260,18 +260,19 @@ def output_buffers(q: torch.Tensor, out: torch.Tensor | None = None, lse: torch.
     """The launchers' out [B, L, H, D] (q's dtype, unit last stride) and lse [B, H, L] (fp32,
     contiguous): new, or the caller's checked (the kernels write through their pointers)."""
     B, L, H, D = q.shape
-    wanted = {"out": ((B, L, H, D), q.dtype), "lse": ((B, H, L), torch.float32)}
-    given = {"out": out, "lse": lse}
-    for name, (shape, dtype) in wanted.items():
-        t = given[name]
-        if t is None:
-            given[name] = torch.empty(shape, device=q.device, dtype=dtype)
-        elif (tuple(t.shape), t.dtype, t.device) != (shape, dtype, q.device) or t.stride(-1) != 1 or (
-                name == "lse" and not t.is_contiguous()):
-            raise ValueError(f"{name}: expected a {'contiguous ' if name == 'lse' else ''}{dtype} tensor of shape "
-                             f"{list(shape)} on {q.device} with unit last stride, got {t.dtype} {list(t.shape)} on "
-                             f"{t.device} with strides {t.stride()}")
-    return given["out"], given["lse"]
+    return (_output_buffer("out", out, (B, L, H, D), q.dtype, q.device, contiguous=False),
+            _output_buffer("lse", lse, (B, H, L), torch.float32, q.device, contiguous=True))
+
+
+def _output_buffer(name: str, t, shape: tuple, dtype: torch.dtype, device: torch.device, contiguous: bool):
+    if t is None:
+        return torch.empty(shape, device=device, dtype=dtype)
+    if (tuple(t.shape), t.dtype, t.device) != (shape, dtype, device) or t.stride(-1) != 1 or (
+            contiguous and not t.is_contiguous()):
+        raise ValueError(f"{name}: expected a {'contiguous ' if contiguous else ''}{dtype} tensor of shape "
+                         f"{list(shape)} on {device} with unit last stride, got {t.dtype} {list(t.shape)} on "
+                         f"{t.device} with strides {t.stride()}")
+    return t
 
 
 def pass_pages(k: torch.Tensor, v: torch.Tensor, unit_tokens: int, commit) -> tuple:
