@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .harness import accuracy, on_gpu, time_ms
+from .harness import accuracy, error_text, fail_if_context_lost, on_gpu, time_ms
 
 # Wan2.1-T2V-1.3B's transformer config (diffusers layout).
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
@@ -42,7 +42,10 @@ def _cast_like_from_pretrained(model, dtype) -> None:
     model.eval()
 
 
-def measure(device: torch.device, log, budget=None) -> dict:
+def measure(device: torch.device, log, budget=None, keep=None) -> dict:
+    """The forward of a Wan-shaped diffusers transformer with its default attention and with
+    xjfast's (`enable()`), per clip length. `keep(out)` is given the section's results first (a
+    section ended by an exception keeps what it measured)."""
     if importlib.util.find_spec("diffusers") is None:
         return {"skipped": "diffusers is not installed (pip install 'xjfast[diffusers]'; for a GPU machine "
                            "without internet, a checkout's bench/fetch_wheels.sh saves the wheels and "
@@ -63,6 +66,8 @@ def measure(device: torch.device, log, budget=None) -> dict:
     precisions = ("fp8", "bf16") if gpu else ("bf16",)
     out = {"diffusers": diffusers.__version__, "model": "WanTransformer3DModel, Wan2.1-1.3B config" if gpu else
            "WanTransformer3DModel, tiny config", "dtype": str(dtype).removeprefix("torch."), "rows": []}
+    if keep is not None:
+        keep(out)
     last = None  # (seconds, latent frames) of the last case run
     for case in cases(gpu):
         left = budget() if budget else None
@@ -86,6 +91,7 @@ def measure(device: torch.device, log, budget=None) -> dict:
         expected = forward(*inputs[0]).double()
         tokens = case["latent_frames"] * case["latent_hw"][0] * case["latent_hw"][1] // 4
         row = dict(case, tokens=tokens, diffusers_default=base, xjfast={})
+        out["rows"].append(row)
         for precision in precisions:
             replaced = xjd.enable(model, precision=precision, backend=backend)
             reset_fallback_counts()
@@ -95,13 +101,13 @@ def measure(device: torch.device, log, budget=None) -> dict:
                 row["xjfast"][precision] = dict(timing, speedup=base["median_ms"] / timing["median_ms"],
                                                 fallbacks=fallback_counts(), **accuracy(got, expected))
             except Exception as exc:  # recorded; the default's figures stand
-                row["xjfast"][precision] = {"error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"}
+                row["xjfast"][precision] = {"error": error_text(exc)}
+                fail_if_context_lost(device, f"diffusers Wan {case['latent_frames']} latent frames, xjfast {precision}")
             finally:
                 xjd.disable(model, replaced)
             fig = row["xjfast"][precision]
             if "speedup" in fig:
                 log(f"  diffusers Wan {case['latent_frames']} latent frame(s): default {base['median_ms']:.1f} ms, "
                     f"xjfast {precision} {fig['median_ms']:.1f} ms ({fig['speedup']:.2f}x, rel_l2 {fig['rel_l2']:.2e})")
-        out["rows"].append(row)
         last = (time.perf_counter() - started, case["latent_frames"])
     return out

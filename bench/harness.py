@@ -233,6 +233,50 @@ def write_json(path: str, results: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
+def error_text(exc: BaseException) -> str:
+    """The exception's type and first line, short enough for a results row."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+
+
+class ContextLost(RuntimeError):
+    """A sticky CUDA error (an illegal address, a kernel that trapped) broke this process's CUDA
+    context: nothing more runs on the GPU in it. `leave_out`: what was running, for the process the
+    run goes on in (XJFAST_DISABLE's "op:backend", or "path:NAME" for XJFAST_CUDA_ATTENTION_SKIP);
+    None when it was not one of xjfast's implementations."""
+
+    def __init__(self, where: str, error: str, leave_out: str | None = None):
+        super().__init__(f"the CUDA context was lost at {where}: {error}")
+        self.leave_out = leave_out
+
+
+def leave_out_name(op: str, backend: str, path: str | None = None) -> str | None:
+    """ContextLost's `leave_out` for `op` on `backend` (on CUDA attention path `path`); None for the
+    reference, which defines the op and cannot be left out."""
+    if path:
+        return f"path:{path}"
+    return None if backend == "reference" else f"{op}:{backend}"
+
+
+def context_error(device: torch.device | None = None) -> str | None:
+    """None while the CUDA context of `device` (default: the current one) works, or when CUDA was
+    never started; else the sticky error it now reports. An out-of-memory error or a bad argument
+    leaves the context working: only a fault that ends every later launch counts."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized() or (device is not None and not on_gpu(device)):
+        return None
+    try:  # a sticky error is returned by every CUDA call after it
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001 -- whatever it says, nothing launched here can be trusted
+        return error_text(exc)
+    return None
+
+
+def fail_if_context_lost(device: torch.device, where: str, leave_out: str | None = None) -> None:
+    """Called after a figure failed: raises ContextLost when the failure broke the CUDA context, so
+    that the section ends there instead of recording the same error for every figure after it."""
+    if (error := context_error(device)) is not None:
+        raise ContextLost(where, error, leave_out)
+
+
 @contextmanager
 def section(results: dict, name: str, log):
     """Run one benchmark section; an exception is recorded (and logged), not fatal to the run."""

@@ -18,7 +18,8 @@ import time
 import torch
 
 import xjfast
-from .harness import accuracy, cuda_attention_core, environ, on_gpu, rate, time_ms
+from .harness import (accuracy, cuda_attention_core, environ, error_text, fail_if_context_lost, leave_out_name, on_gpu,
+                      rate, time_ms)
 from xjfast.backends import implementations, unusable_reason
 from xjfast.errors import BackendUnavailable
 from xjfast.ops.rotary import rotate_leading
@@ -58,10 +59,6 @@ def attention_cases(gpu: bool, shape: dict | None = None):
     if gpu and not custom:
         cases.append(dict(H=H, D=64, T=T, query_frames=2, cached=12))
     return cases
-
-
-def _skip_reason(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
 
 
 def _case_data(case, device, backend, seed):
@@ -161,7 +158,7 @@ def _peers(case, cache, frames, q, k, v, block_tokens, gpu):
         flex = torch.compile(flex_attention, dynamic=False)  # one static kernel per case, as users compile it
         peers["flex-attention"] = lambda: flex(qr, kk, vv, block_mask=bm).transpose(1, 2)
     except Exception as exc:
-        peers["flex-attention"] = f"unavailable: {_skip_reason(exc)}"
+        peers["flex-attention"] = f"unavailable: {error_text(exc)}"
     peers.update(_libraries(*(t.transpose(1, 2).contiguous() for t in (qr, kk, vv)), mask if masked else None))
     return peers
 
@@ -213,15 +210,18 @@ def _case_name(case: dict, precision: str | None = None) -> str:
     return f"{name}-{precision}" if precision else name
 
 
-def attention(device: torch.device, roof: dict, budget=None, shape: dict | None = None) -> list[dict]:
+def attention(device: torch.device, roof: dict, budget=None, shape: dict | None = None, keep=None) -> list[dict]:
     """One row per (case, implementation): timing, TFLOP/s and accuracy, or `skipped` with the reason.
     `budget()` (seconds left, or None) stops before a case that would not fit; `shape`: see
-    attention_cases."""
+    attention_cases; `keep(rows)` is given the list the rows go into, first, then after each case
+    (a section ended by an exception, or stopped from outside, keeps what it measured)."""
     gpu = on_gpu(device)
     ceilings = {name: roof.get(name, {}).get("TFLOP/s") for name in ("gemm_fp8", "gemm_bf16")}
     candidates = backends("temporal_attention", device)
     cache_backend = "auto" if gpu else "reference"
     rows, case_s = [], 0.0
+    keep = keep or (lambda rows: None)
+    keep(rows)
     for index, case in enumerate(attention_cases(gpu, shape)):
         left = budget() if budget else None
         if left is not None and case_s and left < 1.25 * case_s:  # the first (most telling) case always runs
@@ -230,17 +230,17 @@ def attention(device: torch.device, roof: dict, budget=None, shape: dict | None 
         started = time.perf_counter()
         # the first case also times the Triton kernel in each candidate configuration (ranked by
         # bench/readme_tables.py: a GPU of that capability then runs the fastest)
-        case_rows, tuning_s = _attention_case(case, device, candidates, cache_backend, ceilings, tune=index == 0)
-        rows += case_rows
+        tuning_s = _attention_case(rows, case, device, candidates, cache_backend, ceilings, tune=index == 0)
+        keep(rows)
         # the next case's estimate: this one's time less its tuning (the first case's compiles of
         # each configuration would otherwise leave every later case out of a short budget)
         case_s = time.perf_counter() - started - tuning_s
     return rows
 
 
-def _attention_case(case, device, candidates, cache_backend, ceilings: dict, tune=False) -> tuple[list[dict], float]:
-    """(rows, seconds spent on the tuning variants); `ceilings`: roofline name (gemm_fp8,
-    gemm_bf16) -> TFLOP/s or None."""
+def _attention_case(rows: list, case, device, candidates, cache_backend, ceilings: dict, tune=False) -> float:
+    """Appends the case's rows to `rows`; returns the seconds spent on the tuning variants.
+    `ceilings`: roofline name (gemm_fp8, gemm_bf16) -> TFLOP/s or None."""
     gpu = on_gpu(device)
     reps = 20 if gpu else 3
     sets = [_case_data(case, device, cache_backend, seed) for seed in (1, 2)]
@@ -250,7 +250,7 @@ def _attention_case(case, device, candidates, cache_backend, ceilings: dict, tun
     n_cached = case["cached"] * T
     tflop = 4 * case["H"] * case["D"] * _visible_pairs(L, n_cached, block_tokens) / 1e12
     exact = _exact(frames, q, k, v, cache, block_tokens or L)
-    rows, tuning_s = [], 0.0
+    tuning_s = 0.0
     for backend, reason, core, config, unsplit in _variants(candidates, device, tune):
         started = time.perf_counter()
         for precision in ("fp8",) if config or unsplit else ("fp8", "bf16"):
@@ -282,7 +282,9 @@ def _attention_case(case, device, candidates, cache_backend, ceilings: dict, tun
             except BackendUnavailable as exc:
                 rows.append(dict(row, skipped=str(exc)))
             except Exception as exc:  # recorded; the other implementations' figures stand
-                rows.append(dict(row, error=_skip_reason(exc)))
+                rows.append(dict(row, error=error_text(exc)))
+                fail_if_context_lost(device, f"{row['impl']} {row['case']}",
+                                     leave_out_name("temporal_attention", backend, core))
         if config or unsplit:
             tuning_s += time.perf_counter() - started
     for name, fn in _peers(case, cache, frames, q, k, v, block_tokens, gpu).items():
@@ -296,8 +298,9 @@ def _attention_case(case, device, candidates, cache_backend, ceilings: dict, tun
             rows.append(dict(row, **rate(timing, tflop, "TFLOP/s", ceilings[ceiling]), ceiling=ceiling,
                              **accuracy(fn(), exact)))
         except Exception as exc:  # a peer that cannot run this case says why
-            rows.append(dict(row, skipped=_skip_reason(exc)))
-    return rows, tuning_s
+            rows.append(dict(row, skipped=error_text(exc)))
+            fail_if_context_lost(device, f"{name} {row['case']}")
+    return tuning_s
 
 
 def _triton_splits(q, k, v, cache, block_tokens, precision) -> int:
@@ -333,9 +336,9 @@ def _variants(candidates, device, tune: bool):
                             if core in skipped else None), core, None, False
 
 
-def _time_backends(op: str, device, run, inputs, amount_gb: float, copy_bw: float, **row) -> list[dict]:
-    """One row per registered implementation of `op`: GB/s of `run(backend, *inputs[i])`, or why not."""
-    rows = []
+def _time_backends(rows: list, op: str, device, run, inputs, amount_gb: float, copy_bw: float, **row) -> None:
+    """Appends to `rows` one row per registered implementation of `op`: GB/s of
+    `run(backend, *inputs[i])`, or why not."""
     for backend, reason in backends(op, device):
         base = dict(op=op, backend=backend, impl=f"xjfast-{backend}", case=row.get("shape"), **row)
         if reason is not None:
@@ -347,14 +350,14 @@ def _time_backends(op: str, device, run, inputs, amount_gb: float, copy_bw: floa
         except BackendUnavailable as exc:  # an implementation covering part of the op
             rows.append(dict(base, skipped=str(exc)))
         except Exception as exc:  # recorded; the other implementations' figures stand
-            rows.append(dict(base, error=_skip_reason(exc)))
-    return rows
+            rows.append(dict(base, error=error_text(exc)))
+            fail_if_context_lost(device, f"{op} {backend}", leave_out_name(op, backend))
 
 
-def memory_bound(device: torch.device, roof: dict, shape: dict | None = None) -> list[dict]:
+def memory_bound(device: torch.device, roof: dict, shape: dict | None = None, keep=None) -> list[dict]:
     """kv_cache_commit, kv_cache_compact and denoise_step: GB/s and fraction of copy bandwidth, at
     the stream shape (a 480x832 frame: 1560 tokens of 12 heads x 128; 16 x 60 x 104 latents), or
-    the cache ops at `shape`'s heads, frame tokens and (first) head_dim."""
+    the cache ops at `shape`'s heads, frame tokens and (first) head_dim. `keep`: as attention's."""
     from xjfast.ops.denoise_step import denoise_step
     from xjfast.ops.kv_cache_commit import kv_cache_commit
     from xjfast.ops.kv_cache_compact import kv_cache_compact
@@ -370,6 +373,8 @@ def memory_bound(device: torch.device, roof: dict, shape: dict | None = None) ->
         return torch.randn(*size, device=device).to(e4m3)
 
     rows = []
+    keep = keep or (lambda rows: None)
+    keep(rows)
     pages = [fp8_random(frames, 1, T, H, D) for _ in range(2)]
     scales = [torch.rand(frames, 1, H, device=device) + 0.5, torch.randn(frames, 1, H, D, device=device),
               torch.rand(frames, 1, H, D, device=device) + 0.5]
@@ -378,12 +383,12 @@ def memory_bound(device: torch.device, roof: dict, shape: dict | None = None) ->
                torch.randn(1, frames * T, H, D, device=device, dtype=torch.bfloat16)) for _ in range(3)]
     # bf16 K, V in; e4m3 pages and their scales (k_scale, k_mean, v_scale) out: counted from the tensors
     gb = sum(t.nbytes for t in (*inputs[0], *pages, *scales)) / 1e9
-    rows += _time_backends("kv_cache_commit", device,
-                           lambda b, k, v: kv_cache_commit(k, v, pages[0], pages[1], *scales, ids, backend=b),
-                           inputs, gb, copy_bw, shape=f"{frames}x[{T},{H},{D}]")
+    _time_backends(rows, "kv_cache_commit", device,
+                   lambda b, k, v: kv_cache_commit(k, v, pages[0], pages[1], *scales, ids, backend=b),
+                   inputs, gb, copy_bw, shape=f"{frames}x[{T},{H},{D}]")
 
     K = 512 if gpu else 16
-    keep = [fp8_random(1, K, H, D), fp8_random(1, K, H, D), torch.rand(1, H, device=device) + 0.5,
+    buffer = [fp8_random(1, K, H, D), fp8_random(1, K, H, D), torch.rand(1, H, device=device) + 0.5,
             torch.randn(1, H, D, device=device), torch.rand(1, H, D, device=device) + 0.5]
     page = [pages[0][0], pages[1][0], scales[0][0], scales[1][0], scales[2][0]]
     keep_mass = torch.rand(1, K, device=device)
@@ -391,9 +396,9 @@ def memory_bound(device: torch.device, roof: dict, shape: dict | None = None) ->
     # the K selected candidates' K and V read once, the keep buffer's K and V written once (the
     # other T candidates are never read: counting them would flatter the figure ~3x)
     gb = (2 * K * H * D + 2 * K * H * D) / 1e9
-    rows += _time_backends("kv_cache_compact", device,
-                           lambda b: kv_cache_compact(keep, keep_mass, K, page, mass, backend=b),
-                           [()], gb, copy_bw, shape=f"keep {K} + page [{T},{H},{D}]")
+    _time_backends(rows, "kv_cache_compact", device,
+                   lambda b: kv_cache_compact(buffer, keep_mass, K, page, mass, backend=b),
+                   [()], gb, copy_bw, shape=f"keep {K} + page [{T},{H},{D}]")
 
     # the stream's step (3 latent frames: launch-bound, a few microseconds), and 4 x 21 frames,
     # where the kernel's bandwidth shows
@@ -402,7 +407,7 @@ def memory_bound(device: torch.device, roof: dict, shape: dict | None = None) ->
         tokens = [torch.randn(shape[0], shape[2] * shape[3] * shape[4] // 4, 4 * shape[1], device=device,
                               dtype=torch.bfloat16) for _ in range(3)]
         gb = 4 * lat[0].numel() * 2 / 1e9  # x_t and model_out in, x0 and x_next out, bf16
-        rows += _time_backends("denoise_step", device,
-                               lambda b, x, m: denoise_step(x, m, 0.8, 0.4, noise_seed=3, frame_index=100, backend=b),
-                               list(zip(lat, tokens)), gb, copy_bw, shape=str(shape))
+        _time_backends(rows, "denoise_step", device,
+                       lambda b, x, m: denoise_step(x, m, 0.8, 0.4, noise_seed=3, frame_index=100, backend=b),
+                       list(zip(lat, tokens)), gb, copy_bw, shape=str(shape))
     return rows

@@ -11,11 +11,17 @@ many cases stop taking new ones when the next would not fit, and say so in the r
 options replace the attention cases (and the memory-bound ops' frame) with the product of the
 values given; such a run, or one of some sections only, is marked in the results (`run`), and
 bench/readme_tables.py keeps it out of the README and of the ranking `auto` follows.
+
+A fault that breaks the process's CUDA context (an illegal address, a trap) ends its section with
+what it measured; the sections after it run in a new process that adds to the same file
+(`--resume`), with the implementation that faulted left out (XJFAST_DISABLE), and the file lists
+the restart under `restarts` (the run still exits 1: the fault is an error).
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 import time
@@ -23,7 +29,8 @@ import time
 import torch
 
 from . import diffusers_wan, kernels, plots, roofline, stream
-from .harness import bench_device, environment, nvml_readings, on_gpu, results_name, section, write_json
+from .harness import (ContextLost, bench_device, context_error, environment, nvml_readings, on_gpu, results_name,
+                      section, write_json)
 
 SECTIONS = ("roofline", "attention", "memory_bound", "diffusers_wan", "stream")
 PLOTTED = ("attention", "stream")  # the sections plots.write draws
@@ -61,6 +68,9 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
                    help="time budget of the run (default: $XJFAST_BENCH_BUDGET_S, else none)")
     p.add_argument("--device", help="torch device (default: $XJFAST_BENCH_DEVICE, else cuda if available, "
                                     "else cpu: tiny shapes, reference backend)")
+    p.add_argument("--resume", metavar="RESULTS.json",
+                   help="add the sections run to this results file instead of starting one (what a run does "
+                        "by itself, in a new process, after a fault broke its CUDA context)")
     shape = p.add_argument_group("attention shape (replaces the stream shapes: every combination is a case)")
     shape.add_argument("--heads", type=_positive_ints, metavar="H", help="attention heads (one value)")
     shape.add_argument("--head-dim", type=_positive_ints, metavar="D,...", help="head_dim: 64 and/or 128")
@@ -96,10 +106,23 @@ def _shape(p: argparse.ArgumentParser, args, gpu: bool) -> dict | None:
     return shape
 
 
+def _resumed(p: argparse.ArgumentParser, path: str) -> dict:
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as exc:
+        p.error(f"--resume: expected a results file a run wrote, got {path!r} ({type(exc).__name__}: {exc})")
+    if not isinstance(results, dict) or "environment" not in results:
+        p.error(f"--resume: {path!r} is not a results file of bench.run (it has no environment)")
+    return results
+
+
 def main(argv=None, prog: str | None = None, default_out: str | None = None) -> int:
     p = _parser(prog)
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    out_dir = args.out_dir or default_out or os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+    out_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else \
+        args.out_dir or default_out or os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     device = _device(p, args.device)
     shape = _shape(p, args, on_gpu(device))
     os.makedirs(out_dir, exist_ok=True)
@@ -117,10 +140,15 @@ def main(argv=None, prog: str | None = None, default_out: str | None = None) -> 
         later = any(n in args.only for n in SECTIONS[SECTIONS.index(name) + 1:])
         return lambda: budget(RESERVE_AFTER[name] if later else 0.0)
 
-    results = {"environment": environment(device), "run": {"sections": args.only, "shape": shape},
-               "sections_s": {}, "nvml_after": {}}
-    stem = results_name(results["environment"])
-    path = os.path.join(out_dir, f"{stem}.json")
+    if args.resume:
+        results = _resumed(p, args.resume)
+        path = os.path.abspath(args.resume)
+        stem = os.path.splitext(os.path.basename(path))[0]
+    else:
+        results = {"environment": environment(device), "run": {"sections": args.only, "shape": shape},
+                   "sections_s": {}, "nvml_after": {}}
+        stem = results_name(results["environment"])
+        path = os.path.join(out_dir, f"{stem}.json")
     log(f"benchmarking on {results['environment']['device']['name']} ({device}); results in {path}")
 
     def save(name, elapsed):
@@ -141,10 +169,12 @@ def main(argv=None, prog: str | None = None, default_out: str | None = None) -> 
 
     sections = (
         ("roofline", lambda: roofline.measure(device)),
-        ("attention", lambda: kernels.attention(device, results.get("roofline", {}),
-                                                left_before("attention"), shape)),
-        ("memory_bound", lambda: kernels.memory_bound(device, results.get("roofline", {}), shape)),
-        ("diffusers_wan", lambda: diffusers_wan.measure(device, log, left_before("diffusers_wan"))),
+        ("attention", lambda: kernels.attention(device, results.get("roofline", {}), left_before("attention"), shape,
+                                                checkpoint("attention"))),
+        ("memory_bound", lambda: kernels.memory_bound(device, results.get("roofline", {}), shape,
+                                                      checkpoint("memory_bound"))),
+        ("diffusers_wan", lambda: diffusers_wan.measure(device, log, left_before("diffusers_wan"),
+                                                        checkpoint("diffusers_wan"))),
         ("stream", lambda: stream.measure(device, log, budget, checkpoint("stream"))),  # last: the longest
     )
     for name, measure in sections:
@@ -156,16 +186,51 @@ def main(argv=None, prog: str | None = None, default_out: str | None = None) -> 
             results.setdefault("skipped_sections", {})[name] = "not run: the run's time budget was spent"
             log(f"[{name}] not run: the time budget is spent")
         else:
+            lost = None
             with section(results, name, log):
-                results[name] = measure()
+                try:
+                    results[name] = measure()
+                except ContextLost as exc:
+                    lost = exc
+                    raise
         gc.collect()
-        if on_gpu(device):
+        broken = context_error(device)
+        if on_gpu(device) and broken is None:
             torch.cuda.empty_cache()  # what one section cached must not crowd the next
         save(name, time.perf_counter() - t)
+        if broken is not None:
+            results.setdefault("errors", {}).setdefault(name, f"the CUDA context was lost: {broken}")
+            _go_on_in_a_new_process(argv, name, args.only[args.only.index(name) + 1:], path, results, budget(),
+                                    lost.leave_out if lost else None, log)
     log(f"wrote {path}")
     failed = failed_figures(results)
     _print_summary(results, failed)
     return 1 if results.get("errors") or failed else 0
+
+
+def _go_on_in_a_new_process(argv: list[str], after: str, rest: list[str], path: str, results: dict,
+                            left: float | None, leave_out: str | None, log) -> None:
+    """A fault in section `after` broke this process's CUDA context: nothing more runs on the GPU
+    here. The sections left (`rest`) run in a fresh process (this one's pid, so gpu_check.sh's time
+    limit still holds it), adding to the same results file, with what was running when the context
+    broke left out (XJFAST_DISABLE or XJFAST_CUDA_ATTENTION_SKIP)."""
+    if not rest:
+        return
+    env = dict(os.environ)
+    if leave_out:
+        var, value = ("XJFAST_CUDA_ATTENTION_SKIP", leave_out.removeprefix("path:")) if leave_out.startswith("path:") \
+            else ("XJFAST_DISABLE", leave_out)
+        env[var] = ",".join(filter(None, (env.get(var), value)))
+    results.setdefault("restarts", []).append({"after": after, "sections": rest, "left_out": leave_out})
+    write_json(path, results)
+    log(f"the CUDA context is lost: {', '.join(rest)} go on in a new process"
+        f"{f', leaving out {leave_out}' if leave_out else ''}")
+    args = [*argv, "--only", ",".join(rest), "--resume", path]
+    if left is not None:
+        args += ["--budget", str(max(int(left), 0))]  # whole seconds, rounded down
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *args], env)
 
 
 def failed_figures(results: dict) -> list[str]:

@@ -14,7 +14,7 @@ from unittest import mock
 import torch
 
 from .baseline import sdpa_temporal_attention
-from .harness import on_gpu
+from .harness import fail_if_context_lost, on_gpu
 from xjfast.engine import CacheConfig, StreamGenerator
 from xjfast.engine.static_step import WARMUP_PASSES
 from xjfast.models import build
@@ -133,7 +133,8 @@ def measure(device: torch.device, log, budget=None, checkpoint=None) -> dict:
     """The engines per configuration, the memory after 100 and 1,000 frames, speculation on/off.
     `budget()`: seconds left (None: unbounded); `checkpoint(partial)` is given the section's
     results after each row, so a run stopped from outside keeps what was measured. An exception in
-    one part is recorded in that part; the others stand."""
+    one part is recorded in that part; the others stand, unless it broke the CUDA context (then
+    ContextLost ends the section: every later part would fail alike)."""
     gpu = on_gpu(device)
     name = "wan2.1-1.3b" if gpu else "tiny"
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -169,12 +170,19 @@ def measure(device: torch.device, log, budget=None, checkpoint=None) -> dict:
                     f"{'in use' if row['cuda_graph']['in_use'] else 'not in use: ' + str(row['cuda_graph']['fallback'])}"
                     f"{', NaN or inf frames: ' + str(row['nonfinite_frames']) if row['nonfinite_frames'] else ''}")
             save()
+            _fail_if_lost(device, row, f"stream {engine_name} {cfg}")
     if gpu:
         out["memory"] = {"skipped": skipped} if (skipped := short_of(_memory_need(out["rows"]))) is not None else \
             _recorded(_memory_flat, model, decoder, preset, device, ENGINES["xjfast-fp8"], prompt)
         save()
+        _fail_if_lost(device, out["memory"], "stream memory after 100 and 1,000 frames")
     _speculation(model, decoder, preset, device, prompt, log, out["speculation"], short_of, save)
     return out
+
+
+def _fail_if_lost(device, part: dict, where: str) -> None:
+    if "error" in part:
+        fail_if_context_lost(device, where)
 
 
 def _recorded(part, *args) -> dict:
@@ -206,6 +214,7 @@ def _speculation(model, decoder, preset, device, prompt, log, rows, short_of, sa
                     log(f"  speculation {row['video']} depth={depth} {drafter}: {row['model_fps']:.1f} fps, "
                         f"acceptance {'-' if rate is None else f'{rate:.0%}'}")
                 save()
+                _fail_if_lost(device, row, f"speculation {row['video']} depth={depth} {drafter}")
 
 
 def _speculation_row(model, decoder, device, prompt, hw, depth, drafter) -> dict:

@@ -40,6 +40,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+WORKER_ENDED_BY_A_LOST_CONTEXT = 87  # the exit status of a worker ended by pytest_runtest_logreport
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own hook has sent the report to the controller
+def pytest_runtest_logreport(report):
+    """Under pytest-xdist: a test whose failure broke the CUDA context (a fault in a kernel) ends
+    its worker, so that xdist runs the tests after it in a fresh worker, each with a working
+    context, instead of failing every one of them with the same sticky error. Without xdist the
+    session goes on (there is no other process to go on in)."""
+    if not report.failed or not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench.harness import context_error
+    if (error := context_error()) is not None:
+        sys.stderr.write(f"{report.nodeid} broke the CUDA context ({error}): worker "
+                         f"{os.environ['PYTEST_XDIST_WORKER']} ends, a fresh one runs the tests after it\n")
+        sys.stderr.flush()
+        os._exit(WORKER_ENDED_BY_A_LOST_CONTEXT)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """The test shapes are too small to split across threads; on a busy 2-core machine two torch

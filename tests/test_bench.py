@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -329,6 +330,126 @@ def test_a_section_the_budget_left_no_time_for_is_skipped_not_failed(tmp_path, m
     assert "time budget was spent" in capsys.readouterr().out
 
 
+ILLEGAL_ADDRESS = "CUDA error: an illegal memory access was encountered"
+
+
+def test_only_a_sticky_cuda_error_counts_as_a_lost_context(monkeypatch):
+    """A fault that ends every later launch (the synchronize after it fails) is a lost context;
+    a working context, or CUDA never started, is not."""
+    sys.path.insert(0, ROOT)
+    from bench import harness
+    cuda = torch.device("cuda")
+    assert harness.context_error(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    assert harness.context_error(cuda) is None
+    harness.fail_if_context_lost(cuda, "anywhere")  # a figure that failed without breaking it: no raise
+
+    def sticky(device=None):
+        raise RuntimeError(f"{ILLEGAL_ADDRESS}\nCUDA kernel errors might be asynchronously reported")
+    monkeypatch.setattr(torch.cuda, "synchronize", sticky)
+    assert harness.context_error(cuda) == f"RuntimeError: {ILLEGAL_ADDRESS}"
+    with pytest.raises(harness.ContextLost, match="lost at xjfast-cuda-fp8 D=128: RuntimeError: CUDA error") as lost:
+        harness.fail_if_context_lost(cuda, "xjfast-cuda-fp8 D=128", harness.leave_out_name("temporal_attention", "cuda"))
+    assert lost.value.leave_out == "temporal_attention:cuda"
+    assert harness.leave_out_name("temporal_attention", "cuda", "wgmma") == "path:wgmma"
+    assert harness.leave_out_name("denoise_step", "reference") is None  # the definition is never left out
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert harness.context_error(cuda) is None  # CUDA never started here: nothing to lose
+
+
+def test_a_lost_cuda_context_ends_its_section_and_the_rest_go_on_in_a_new_process(tmp_path, monkeypatch):
+    """A fault that breaks the CUDA context in one implementation: its section keeps the figures
+    before it and ends; the later sections run in a new process (exec, the same pid) that adds to
+    the same results file without the implementation that faulted; the run exits 1."""
+    sys.path.insert(0, ROOT)
+    import xjfast.ops.kv_cache_commit as commit_op
+    from bench import harness, kernels, run
+    monkeypatch.setenv("XJFAST_BENCH_DEVICE", "cpu")
+    monkeypatch.delenv("XJFAST_DISABLE", raising=False)
+    faulted = []
+
+    def faulting_commit(*args, backend, **kwargs):  # the CUDA commit traps on this GPU
+        faulted.append(backend)
+        raise RuntimeError(ILLEGAL_ADDRESS)
+    real_backends = kernels.backends
+    monkeypatch.setattr(kernels, "backends", lambda op, device: [("cuda", None)] if op == "kv_cache_commit" else
+                        real_backends(op, device))
+    monkeypatch.setattr(commit_op, "kv_cache_commit", faulting_commit)
+    monkeypatch.setattr(harness, "context_error", lambda device=None: f"RuntimeError: {ILLEGAL_ADDRESS}" if faulted
+                        else None)
+    monkeypatch.setattr(run, "context_error", harness.context_error)
+
+    class Exec(Exception):
+        pass
+
+    def execve(executable, argv, env):
+        raise Exec(executable, argv, env)
+    monkeypatch.setattr(os, "execve", execve)
+    argv = [str(tmp_path), "--only", "roofline,memory_bound,diffusers_wan", "--budget", "600"]
+    with pytest.raises(Exec) as restart:
+        run.main(argv)
+    executable, new_argv, env = restart.value.args
+    [path] = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    results = json.loads(path.read_text())
+    assert faulted == ["cuda"]  # the section ended at the fault: the ops after the commit never ran
+    [row] = results["memory_bound"]
+    assert row["backend"] == "cuda" and ILLEGAL_ADDRESS in row["error"]
+    assert "ContextLost" in results["errors"]["memory_bound"] and "kv_cache_commit cuda" in results["errors"]["memory_bound"]
+    assert results["roofline"]["copy"]["GB/s"] > 0 and "diffusers_wan" not in results
+    assert results["restarts"] == [{"after": "memory_bound", "sections": ["diffusers_wan"],
+                                    "left_out": "kv_cache_commit:cuda"}]
+    assert executable == sys.executable and new_argv[:3] == [sys.executable, "-m", "bench.run"]
+    assert new_argv[3:3 + len(argv)] == argv and env["XJFAST_DISABLE"] == "kv_cache_commit:cuda"
+    extra = new_argv[3 + len(argv):]
+    assert extra[:4] == ["--only", "diffusers_wan", "--resume", str(path)] and extra[4] == "--budget"
+    assert 0 < float(extra[5]) < 600
+
+    monkeypatch.undo()  # the new process: a working context, the faulting implementation left out
+    monkeypatch.setenv("XJFAST_BENCH_DEVICE", "cpu")
+    monkeypatch.setenv("XJFAST_DISABLE", env["XJFAST_DISABLE"])
+    assert run.main(new_argv[3:]) == 1  # the fault stays an error of the run
+    resumed = json.loads(path.read_text())
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".json"] == [path.name]
+    assert resumed["environment"] == results["environment"] and resumed["restarts"] == results["restarts"]
+    assert resumed["memory_bound"] == results["memory_bound"] and "diffusers_wan" in resumed
+    assert set(resumed["sections_s"]) == {"roofline", "memory_bound", "diffusers_wan"}
+
+
+def test_a_test_that_broke_the_cuda_context_ends_its_xdist_worker(monkeypatch):
+    """The tests stage on a GPU runs under pytest-xdist: a failure that left the CUDA context broken
+    ends that worker (xdist starts another for the tests after it); any other failure, a working
+    context, or a session without xdist goes on."""
+    import conftest
+    sys.path.insert(0, ROOT)
+    from bench import harness
+    exits, lost = [], []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setattr(harness, "context_error", lambda device=None: lost[0] if lost else None)
+    report = types.SimpleNamespace(failed=True, nodeid="tests/test_x.py::test_y")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    conftest.pytest_runtest_logreport(report)  # an ordinary failure: the context works
+    lost.append(f"RuntimeError: {ILLEGAL_ADDRESS}")
+    conftest.pytest_runtest_logreport(types.SimpleNamespace(failed=False, nodeid="tests/test_x.py::test_z"))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    conftest.pytest_runtest_logreport(report)  # no xdist: no other process to go on in
+    assert exits == []
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    conftest.pytest_runtest_logreport(report)
+    assert exits == [conftest.WORKER_ENDED_BY_A_LOST_CONTEXT]
+
+
+def test_resume_refuses_a_file_that_is_not_a_results_file(tmp_path, capsys):
+    sys.path.insert(0, ROOT)
+    from bench import run
+    (tmp_path / "other.json").write_text("[1, 2]")
+    for name in ("other.json", "missing.json"):
+        with pytest.raises(SystemExit):
+            run.main(["--device", "cpu", "--resume", str(tmp_path / name)])
+        assert "--resume: " in capsys.readouterr().err
+
+
 def test_attention_stops_taking_cases_when_the_budget_is_spent():
     """The most telling case always runs; the next is skipped, saying why, when no time is left."""
     sys.path.insert(0, ROOT)
@@ -474,7 +595,6 @@ def test_gpu_timing_keeps_no_memory_and_times_the_device_asked_for(monkeypatch):
     issued on the device timed (torch issues them on the current one: cuda:0 for a cuda:1 run)."""
     import contextlib
     import time
-    import types
     import weakref
     sys.path.insert(0, ROOT)
     from bench import harness
