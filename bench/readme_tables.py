@@ -165,6 +165,8 @@ def tables(results_dir: str) -> str:
         rows += [(f"diffusers Wan, {r['latent_frames']} latent frame(s), enable(precision=\"{p}\")", fig)
                  for r in wan.get("rows", []) for p, fig in r.get("xjfast", {}).items()]
         rows += [(_stream_row_name(r), r) for r in stream.get("rows", [])]
+        rows += [(_speculation_row_name(r), r) for r in stream.get("speculation", [])]
+        rows += [("stream profile", stream["profile"])] if "profile" in stream else []
         skipped = sorted({f"{name} ({r.get('skipped') or r['error']})" for name, r in rows
                           if r.get("skipped") or r.get("error")})
         if skipped:
@@ -207,6 +209,7 @@ def tables(results_dir: str) -> str:
                        "included. The baseline engine is xjfast's PyTorch reference ops in bf16 with torch SDPA, "
                        "eager: it also reads each commit's page ids on the host (a sync per layer), draws the Philox "
                        "noise with torch ops, and rotates its cached keys by slot on every pass.")
+        out += _speculation_table(stream.get("speculation", [])) + _profile_table(stream.get("profile", {}))
         out.append("")
     return "\n".join(out)
 
@@ -217,6 +220,43 @@ CEILINGS = {"gemm_fp8": "FP8 GEMM", "gemm_bf16": "bf16 GEMM"}
 def _stream_row_name(row: dict) -> str:
     return (f"stream {row['engine']}, {row['steps']} step(s), {row['frames_per_block']} frame(s)/block, sink+window "
             f"{row['sink']}+{row['window']}")
+
+
+def _speculation_row_name(row: dict) -> str:
+    return f"speculation {row['video']}, depth {row['speculate']}" + (f", {row['drafter']}" if row["speculate"] else "")
+
+
+def _speculation_table(rows: list[dict]) -> list[str]:
+    """Speculation off and on (bench/stream.py's _speculation: xjfast engine, 1 step, 1 frame per
+    block, 1 sink + 8 window frames), per video size, depth asked and drafter."""
+    rows = [r for r in rows if "model_fps" in r]
+    if not rows:
+        return []
+    out = ["\n| speculation (xjfast-fp8, 1 step) | depth asked | drafter | depth run | model fps | end-to-end fps | "
+           "acceptance | latent frames per pass |\n|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rate = r.get("acceptance_rate")
+        out.append(f"| {r['video']} | {r['speculate']} | {r['drafter'] if r['speculate'] else '-'} | {r['depth']} | "
+                   f"{r['model_fps']:.1f} | {r['end_to_end_fps']:.1f} | {'-' if rate is None else f'{100 * rate:.0f}%'} | "
+                   f"{r['frames_per_pass']:.2f} |")
+    return out
+
+
+def _profile_table(profile: dict) -> list[str]:
+    """Where the xjfast engine's steady pass spends the GPU's time, by kernel family."""
+    if "families" not in profile:
+        return []
+    out = [f"\nWhere a steady pass of {profile['engine']} ({profile['steps']} step(s), {profile['frames_per_block']} "
+           f"frame(s)/block, sink+window {profile['sink']}+{profile['window']}, CUDA graph "
+           f"{'replayed' if profile.get('cuda_graph_in_use') else 'not in use'}) spends the GPU's time: "
+           f"{profile['ms_per_pass']:.2f} ms of kernels in {profile['launches_per_pass']:.0f} launches per pass "
+           f"(torch.profiler over {profile['passes']} passes; families by kernel name, bench/step_profile.py).\n",
+           "| kernel family | ms per pass | share | the kernel that takes most |\n|---|---|---|---|"]
+    for family, fig in profile["families"].items():
+        top = next((k for k in profile.get("top", []) if k["family"] == family), None)
+        named = f"`{top['name'][:60].replace('|', '/')}` ({top['ms_per_pass']:.3f} ms)" if top else "-"
+        out.append(f"| {family} | {fig['ms_per_pass']:.3f} | {100 * fig['share']:.0f}% | {named} |")
+    return out
 
 
 def _of_ceiling(row: dict) -> str:

@@ -4,6 +4,8 @@ replayed from a CUDA graph) and the baseline a Self-Forcing-style engine runs (b
 SDPA, PyTorch reference ops, eager). Frame rates count video frames (4 per latent frame): "model"
 without decoding, "end-to-end" with the preview decoder. Each row records the generator's
 `cuda_graph` stats: whether the graph was in use, frames replayed, and why passes ran eagerly.
+Last, `profile`: where the xjfast engine's steady step spends the device's time, by kernel family
+(bench/step_profile.py).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from unittest import mock
 
 import torch
 
+from . import step_profile
 from .baseline import sdpa_temporal_attention
 from .harness import fail_if_context_lost, on_gpu
 from xjfast.engine import CacheConfig, StreamGenerator
@@ -50,12 +53,17 @@ def warm_up_blocks(cfg: dict, graph: bool = True) -> int:
 EAGER_STEADY = 8
 
 
-def _run(model, decoder, preset, device, engine: dict, cfg: dict, prompt) -> dict:
+def _generator(model, decoder, preset, engine: dict, cfg: dict, prompt) -> StreamGenerator:
     gen = StreamGenerator(model, decoder, CacheConfig(cfg["sink"], cfg["window"], 0, engine["storage"]),
                           steps=cfg["steps"], frames_per_block=cfg["frames_per_block"], seed=0,
                           backend=engine["backend"], latent_hw=preset.latent_hw, precision=engine["precision"],
                           cuda_graph=engine["cuda_graph"])
     gen.set_prompt(prompt)
+    return gen
+
+
+def _run(model, decoder, preset, device, engine: dict, cfg: dict, prompt) -> dict:
+    gen = _generator(model, decoder, preset, engine, cfg, prompt)
     # what xjfast generate does before a stream: its Triton kernels compiled at once (the first
     # engine's row of a process compiles them, or loads them from Triton's cache; later rows reuse
     # them). Should that fail, the row says why and its stream compiles each kernel at its launch
@@ -115,7 +123,7 @@ def _memory_flat(model, decoder, preset, device, engine, prompt, frames=(100, 10
 # less of the budget left (and the results say so): a stage cut off from outside would lose them.
 # The first row compiles the kernels (precompile) and captures a graph; the memory check's need is
 # worked out from the measured steady state where there is one (_memory_need).
-NEEDS_S = {"first_row": 60, "row": 20, "memory": 75, "speculation_row": 10}
+NEEDS_S = {"first_row": 60, "row": 20, "memory": 75, "speculation_row": 10, "profile": 15}
 
 
 def _memory_need(rows: list[dict]) -> float:
@@ -130,7 +138,8 @@ def _memory_need(rows: list[dict]) -> float:
 
 
 def measure(device: torch.device, log, budget=None, checkpoint=None) -> dict:
-    """The engines per configuration, the memory after 100 and 1,000 frames, speculation on/off.
+    """The engines per configuration, the memory after 100 and 1,000 frames, speculation on/off,
+    the steady step's profile.
     `budget()`: seconds left (None: unbounded); `checkpoint(partial)` is given the section's
     results after each row, so a run stopped from outside keeps what was measured. An exception in
     one part is recorded in that part; the others stand, unless it broke the CUDA context (then
@@ -176,7 +185,27 @@ def measure(device: torch.device, log, budget=None, checkpoint=None) -> dict:
             _recorded(_memory_flat, model, decoder, preset, device, ENGINES["xjfast-fp8"], prompt)
         save()
         _fail_if_lost(device, out["memory"], "stream memory after 100 and 1,000 frames")
-    _speculation(model, decoder, preset, device, prompt, log, out["speculation"], short_of, save)
+    _speculation(model, decoder, preset, device, prompt, log, out["speculation"],
+                 lambda need: short_of(need + NEEDS_S["profile"]), save)
+    # last, so that no figure is timed in a process the profiler has run in
+    out["profile"] = {"skipped": skipped} if (skipped := short_of(NEEDS_S["profile"])) is not None else \
+        _recorded(_profile, model, decoder, preset, device, prompt)
+    save()
+    _fail_if_lost(device, out["profile"], "stream profile")
+    return out
+
+
+def _profile(model, decoder, preset, device, prompt) -> dict:
+    """Where the xjfast engine's steady step of the first configuration spends the device's time
+    (bench/step_profile.py): its passes once the cache has filled and the graph is captured."""
+    cfg = configs(on_gpu(device))[0]
+    engine = ENGINES["xjfast-fp8"]
+    gen = _generator(model, decoder, preset, engine, cfg, prompt)
+    for _ in range(warm_up_blocks(cfg, engine["cuda_graph"])):
+        gen.step()
+    out = dict(engine="xjfast-fp8", **{k: cfg[k] for k in ("steps", "frames_per_block", "sink", "window")})
+    out.update(step_profile.measure(gen.step, device))
+    out["cuda_graph_in_use"] = gen.stats()["cuda_graph"]["in_use"]
     return out
 
 

@@ -44,6 +44,9 @@ def test_cpu_mode_writes_a_complete_results_file(tmp_path):
         assert all("GB/s" in r or "TFLOP/s" in r or r["skipped"] for r in seen.values())
         assert "median_ms" in seen["reference"] and "CUDA device" in seen["triton"]["skipped"]
     assert {r["op"] for r in results["memory_bound"]} == {"kv_cache_commit", "kv_cache_compact", "denoise_step"}
+    profile = results["stream"]["profile"]  # where the step's time goes (on the CPU: by op)
+    assert profile["ms_per_pass"] > 0 and abs(sum(f["share"] for f in profile["families"].values()) - 1) < 1e-6
+    assert "gemm" in profile["families"] and profile["top"][0]["ms_per_pass"] > 0
     engines = {r["engine"] for r in results["stream"]["rows"] if "steady_model_fps" in r}
     assert engines == {"xjfast-fp8", "baseline-sdpa-bf16"}
     for r in results["stream"]["rows"]:  # the steady state: every block past the warm-up, none of it
@@ -463,6 +466,32 @@ def test_attention_stops_taking_cases_when_the_budget_is_spent():
     assert "time budget" in skipped["skipped"]
 
 
+def test_step_profile_sorts_kernels_into_families_and_sums_them_per_pass():
+    """GPU kernel names as the profiler reports them (Triton's, CUDA C++'s, cuBLAS', torch's) land
+    in the family that says what is in the way; the families add up to the whole."""
+    sys.path.insert(0, ROOT)
+    from bench.step_profile import breakdown, kernel_family
+    families = {
+        "temporal_attention_kernel": "temporal_attention", "attention_combine_kernel": "temporal_attention",
+        "void (anonymous namespace)::temporal_attention_ws_kernel<128>(WsArgs)": "temporal_attention",
+        "attention_mass_kernel": "temporal_attention", "kv_cache_commit_kernel": "kv_cache",
+        "void kv_cache_compact_kernel(CompactArgs)": "kv_cache", "denoise_step_kernel": "denoise_step",
+        "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN": "gemm", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n": "gemm",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>(Flash_fwd_params)": "torch_attention",
+        "Memcpy DtoD (Device -> Device)": "copy", "Memset (Device)": "copy",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "other"}
+    for name, family in families.items():
+        assert kernel_family(name) == family, name
+    out = breakdown([("temporal_attention_kernel", 3.0), ("nvjet_tst_192x192", 1.0), ("nvjet_tst_192x192", 1.0),
+                     ("temporal_attention_kernel", 3.0), ("Memset (Device)", 0.5), ("triton_poi_fused_add", 1.5)],
+                    passes=2)
+    assert out["ms_per_pass"] == 5.0 and out["launches_per_pass"] == 3.0
+    assert list(out["families"]) == ["temporal_attention", "gemm", "other", "copy"]  # largest first
+    assert out["families"]["gemm"] == {"ms_per_pass": 1.0, "share": 0.2}
+    assert out["top"][0] == {"name": "temporal_attention_kernel", "family": "temporal_attention", "ms_per_pass": 3.0,
+                             "launches_per_pass": 1.0}
+
+
 def test_stream_keeps_what_it_measured_and_skips_what_no_longer_fits():
     """Each row is handed to the checkpoint as it is measured (a stage cut off from outside keeps
     them); once the budget cannot hold another, every later row says so instead of running."""
@@ -735,9 +764,27 @@ def test_readme_tables_show_fractions_memory_and_what_was_not_measured(tmp_path)
         steady_interval_p99_ms=50.0, peak_memory_gib=6.25, latent_frames=42, nonfinite_frames=30,
         first_nonfinite_frame=12, precompile_error="RuntimeError: boom")],
         "memory": {"allocated_after_100_frames": 3 * 2 ** 30, "allocated_after_1000_frames": 3 * 2 ** 30,
-                   "flat": True}}
+                   "flat": True},
+        "speculation": [dict(video="256x256", speculate=0, drafter="extrapolate", model_fps=300.0, end_to_end_fps=250.0,
+                             depth=0, acceptance_rate=None, frames_per_pass=1.0),
+                        dict(video="256x256", speculate="auto", drafter="shallow:4", model_fps=420.5,
+                             end_to_end_fps=333.0, depth=3, acceptance_rate=0.875, frames_per_pass=2.6),
+                        dict(video="480x832", speculate=4, drafter="shallow:4", skipped="not run: 3 s left")],
+        "profile": dict(engine="xjfast-fp8", steps=1, frames_per_block=1, sink=1, window=8, passes=3,
+                        ms_per_pass=9.5, launches_per_pass=1201, cuda_graph_in_use=True,
+                        families={"gemm": {"ms_per_pass": 6.0, "share": 0.63},
+                                  "temporal_attention": {"ms_per_pass": 3.5, "share": 0.37}},
+                        top=[{"name": "nvjet_tst_192x192", "family": "gemm", "ms_per_pass": 2.25},
+                             {"name": "temporal_attention_kernel", "family": "temporal_attention",
+                              "ms_per_pass": 3.5}])}
     (tmp_path / "h100.json").write_text(json.dumps(data))
     text = tables(str(tmp_path))
+    assert "| 256x256 | 0 | - | 0 | 300.0 | 250.0 | - | 1.00 |" in text
+    assert "| 256x256 | auto | shallow:4 | 3 | 420.5 | 333.0 | 88% | 2.60 |" in text
+    assert "speculation 480x832, depth 4, shallow:4 (not run: 3 s left)" in text
+    assert "9.50 ms of kernels in 1201 launches per pass" in text and "CUDA graph replayed" in text
+    assert "| gemm | 6.000 | 63% | `nvjet_tst_192x192` (2.250 ms) |" in text
+    assert "| temporal_attention | 3.500 | 37% | `temporal_attention_kernel` (3.500 ms) |" in text
     assert "| xjfast-triton-fp8 | 128 | 2 | 12 | 500.0 | 40% of FP8 GEMM | 2.000 | 1.00e-02 |" in text
     assert "sageattention (not installed)" in text and "xjfast-cuda[ws]-fp8 (RuntimeError: boom)" in text
     assert "| 6.25 |" in text and "3.000 and 3.000 GiB (flat)" in text
