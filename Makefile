@@ -2,7 +2,8 @@
 # make gpu-check [OUT=dir] [STAGES=tests,sanitize,benchmarks] | make profile OP=temporal_attention [BACKEND=triton] [OUT=dir]
 #
 # Each target sets itself up from a fresh clone (`make setup` does only that): a .venv in the
-# repo; torch 2.13.0 (a CPU build, from local disk) where there is no GPU, while a GPU machine
+# repo; torch 2.13.0 where there is no GPU (the CPU build on our machines, which hold it on local disk;
+# pip's default index gives the CUDA build), while a GPU machine
 # uses the torch it has (the venv sees its site-packages); the build tools; then xjfast installed
 # in place with its dev extras, which builds xjfast._C with nvcc when nvcc is found (for
 # XJFAST_CUDA_ARCHS, default "90a;100a"). A stamp makes the install happen again only when
