@@ -17,7 +17,10 @@
 # after it still need (the minimums below, of the stages that will run). A failed or timed-out
 # stage does not stop the others; the log says per stage: ok, FAILED (exit status) or TIMED OUT.
 # The benchmarks get the time left, and XJFAST_BENCH_BUDGET_S tells them so the attention cases
-# stop early rather than be cut off.
+# stop early rather than be cut off. A kernel fault that breaks a process's CUDA context costs
+# what that process had left to do, not the stage: the tests' xdist worker ends and is replaced
+# (tests/conftest.py), the benchmarks go on in a new process without the implementation that
+# faulted (bench/run.py).
 #
 # Budget per stage on an H100 (cap = the stage's timeout; expected from measurements on the 2-core
 # CPU machine, where the build takes 65 s for two archs, the test suite 41 s and the CPU mode of the
