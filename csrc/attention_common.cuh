@@ -296,10 +296,12 @@ struct SoftmaxState {
 // S (raw Q.K^T of keys n0..n0+63) -> P * 448 rounded to e4m3 as the P.V product's A operand, with
 // the running max and sum of rows g, g+8 updated (exp2 domain) and the factor `alpha` by which
 // their O is to be rescaled (by the core's accumulate_pv, which may fuse it with its sum). Rows
-// that do not see the unit (`visible`) get a -inf bias, so with kWholeTiles only a partial tile
-// (keys past `tokens`) masks element by element (the mma.sync core masks every tile: one version
-// of its key loop). P's 448 is folded into the exponent, 2^(s - m + log2 448), and l takes P's
-// sum / 448.
+// that do not see the unit (`visible`) get a -inf bias, and their scores are masked too (a NaN
+// score of a key they may not see, from a NaN in K, would otherwise make a NaN weight: -inf + NaN
+// is NaN), so with kWholeTiles only a partial tile (keys past `tokens`) or one that some of this
+// thread's rows may not see masks element by element (the mma.sync core masks every tile: one
+// version of its key loop). P's 448 is folded into the exponent, 2^(s - m + log2 448), and l
+// takes P's sum / 448.
 template <int D, bool kWholeTiles>
 __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], int n0, int tokens, const bool (&visible)[2],
                                              float score_scale, const float (&q_mean)[2], SoftmaxState<D>& st,
@@ -309,7 +311,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], int n0,
   // A row's scores are s * score_scale + bias, score_scale > 0: the max is taken on the raw
   // scores, and each exponent is one FMA (scale, bias and max folded per row).
   float tile_max[2] = {-INFINITY, -INFINITY};
-  if (kWholeTiles && n0 + kBlockN <= tokens) {  // a whole tile (the same for every thread): no key mask
+  if (kWholeTiles && n0 + kBlockN <= tokens && visible[0] && visible[1]) {  // a whole tile both rows see: no mask
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
@@ -320,7 +322,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], int n0,
     for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const bool live = n0 + j * 8 + 2 * t + (e & 1) < tokens;
+        const bool live = visible[e / 2] && n0 + j * 8 + 2 * t + (e & 1) < tokens;
         s[j][e] = live ? s[j][e] : -INFINITY;
         tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
       }

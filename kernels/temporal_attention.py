@@ -325,9 +325,11 @@ def _scores(q_lo, q_hi, k_rows, live, D: tl.constexpr, FP8: tl.constexpr, DT: tl
 def _attend_tile(acc, m_i, l_i, n0, n_tokens, q_lo, q_hi, score_scale, q_bias, offs_d, k_base, v_base,
                  stride_k, stride_v, UNIT_FP8: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
                  INTERPRET: tl.constexpr, HOPPER: tl.constexpr, MASKED: tl.constexpr):
-    """One step of the online softmax over keys n0 .. n0 + BLOCK_N of a unit (MASKED: the unit's
-    last, partial tile, whose keys past n_tokens get no weight). q_bias = the rows' mean term, or
-    -inf for rows that may not see the unit, so no per-element mask is needed for them."""
+    """One step of the online softmax over keys n0 .. n0 + BLOCK_N of a unit. q_bias = the rows'
+    mean term, or -inf for rows that may not see the unit. MASKED: keys past n_tokens (the unit's
+    last, partial tile) and every key for rows that may not see the unit get no score at all; a
+    tile every row sees whole needs no mask (a NaN score of a hidden key, from a NaN in K, would
+    make a NaN weight there: -inf + NaN is NaN)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     live = offs_n < n_tokens
     s = _scores(q_lo, q_hi, k_base + offs_n * stride_k, live, offs_d.shape[0], UNIT_FP8, DT, INTERPRET, MASKED)
@@ -338,7 +340,7 @@ def _attend_tile(acc, m_i, l_i, n0, n_tokens, q_lo, q_hi, score_scale, q_bias, o
     # A row's scores are s * score_scale + q_bias, score_scale > 0: their max is taken on the raw
     # scores, and each exponent below is one FMA (the scale, bias and max folded per row).
     if MASKED:
-        s = tl.where(live[None, :], s, float("-inf"))
+        s = tl.where(live[None, :] & (q_bias > float("-inf"))[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * score_scale + q_bias)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
@@ -384,7 +386,8 @@ def _to_unit(v_scale_row, offs_d, UNIT_FP8: tl.constexpr, V_SCALED: tl.constexpr
 def _attend_unit(acc, m_i, l_i, q_rows, rows, q_delta, visible, offs_d,
                  k_base, v_base, stride_k, stride_v, n_tokens, k_scale, k_mean, v_scale_row, sm_scale_log2,
                  rope_ptr, rope_center, UNIT_FP8: tl.constexpr, V_SCALED: tl.constexpr, ROPE_DIMS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, DT: tl.constexpr, INTERPRET: tl.constexpr, HOPPER: tl.constexpr):
+                 BLOCK_N: tl.constexpr, DT: tl.constexpr, INTERPRET: tl.constexpr, HOPPER: tl.constexpr,
+                 ROWS_DIFFER: tl.constexpr = False):
     to_unit = _to_unit(v_scale_row, offs_d, UNIT_FP8, V_SCALED, False)
     # 1.-3. the query tile rotated for this unit, quantized, and its mean term
     q_lo, q_hi, q_scale, q_mean = _query(q_rows, rows, q_delta, k_mean, sm_scale_log2, rope_ptr, rope_center,
@@ -392,12 +395,15 @@ def _attend_unit(acc, m_i, l_i, q_rows, rows, q_delta, visible, offs_d,
     score_scale = q_scale * (k_scale * sm_scale_log2)
     acc = acc * to_unit[None, :]
     q_bias = tl.where(visible, q_mean, float("-inf"))
-    n_full = n_tokens - n_tokens % BLOCK_N
-    for n0 in range(0, n_full, BLOCK_N):  # whole tiles: no key mask
+    # whole tiles without a mask where every row of the tile sees the unit, the rest masked
+    n_plain = n_tokens - n_tokens % BLOCK_N
+    if ROWS_DIFFER:
+        n_plain = n_plain * (tl.min(visible.to(tl.int32), axis=0) > 0).to(tl.int32)
+    for n0 in range(0, n_plain, BLOCK_N):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, n0, n_tokens, q_lo, q_hi, score_scale, q_bias, offs_d, k_base,
                                      v_base, stride_k, stride_v, UNIT_FP8, BLOCK_N, DT, INTERPRET, HOPPER, False)
-    if n_full < n_tokens:
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, n_full, n_tokens, q_lo, q_hi, score_scale, q_bias, offs_d,
+    for n0 in tl.range(n_plain, n_tokens, BLOCK_N, num_stages=1):  # a tile or two: not worth a pipeline's registers
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, n0, n_tokens, q_lo, q_hi, score_scale, q_bias, offs_d,
                                      k_base, v_base, stride_k, stride_v, UNIT_FP8, BLOCK_N, DT, INTERPRET, HOPPER, True)
     if HOPPER:  # accumulators in registers: a thread's 32 columns of to_unit, held across the key
         # loop, cost 32 registers (64-key tiles spilled so); read again instead (volatile: not merged)
@@ -410,13 +416,14 @@ def _attend_unit(acc, m_i, l_i, q_rows, rows, q_delta, visible, offs_d,
 def _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, slot, page_ptr, visible, offs_d, b, h, B, H,
                  ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, rope_ptr, rope_center,
                  D: tl.constexpr, CACHE_FP8: tl.constexpr, ROPE_DIMS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DT: tl.constexpr, INTERPRET: tl.constexpr, HOPPER: tl.constexpr):
+                 DT: tl.constexpr, INTERPRET: tl.constexpr, HOPPER: tl.constexpr, ROWS_DIFFER: tl.constexpr = False):
     page = tl.load(page_ptr).to(tl.int64)
     row = (page * B + b) * H + h
     base = (page * B + b) * cache_T * H * D + h * D
     return _attend_unit(acc, m_i, l_i, q_rows, rows, q_slot - slot, visible, offs_d, ck_ptr + base, cv_ptr + base,
                         H * D, H * D, cache_T, tl.load(cks_ptr + row), tl.load(ckm_ptr + row * D + offs_d),
-                        cvs_ptr + row * D, sm_scale_log2, rope_ptr, rope_center, CACHE_FP8, True, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
+                        cvs_ptr + row * D, sm_scale_log2, rope_ptr, rope_center, CACHE_FP8, True, ROPE_DIMS, BLOCK_N, DT,
+                        INTERPRET, HOPPER, ROWS_DIFFER)
 
 
 # Counts that change as the cache fills are not specialized (as 1, or as divisible by 16), nor is
@@ -488,7 +495,7 @@ def temporal_attention_kernel(
         acc, m_i, l_i = _attend_page(acc, m_i, l_i, q_rows, rows, q_slot, i + has_keep,
                                      page_table_ptr + i, seen, offs_d, b, h, B, H,
                                      ck_ptr, cv_ptr, cks_ptr, ckm_ptr, cvs_ptr, cache_T, sm_scale_log2, rope_ptr,
-                                     rope_center, D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
+                                     rope_center, D, CACHE_FP8, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER, LAGGED)
 
     # the pass's own units (frames with a cache, mask blocks without)
     row_block = row_unit // block_units
@@ -508,7 +515,7 @@ def temporal_attention_kernel(
                     acc, m_i, l_i, q_rows, rows, q_slot - (first_slot + tl.load(slots_ptr + u)), visible, offs_d, k_base, v_base,
                     page_stride_t, page_stride_t, unit_T, tl.load(pks_ptr + row),
                     tl.load(pkm_ptr + row * D + offs_d), pvs_ptr + row * D,
-                    sm_scale_log2, rope_ptr, rope_center, True, True, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
+                    sm_scale_log2, rope_ptr, rope_center, True, True, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER, CAUSAL)
             else:  # the input K/V themselves, unquantized; unmasked, one unit is the whole pass, whose
                 # rows a token stride apart may span 2^31 elements: int64 strides (tl.cast: 1 is a constexpr)
                 start = (u * unit_T).to(tl.int64)
@@ -517,7 +524,7 @@ def temporal_attention_kernel(
                 acc, m_i, l_i = _attend_unit(
                     acc, m_i, l_i, q_rows, rows, q_slot - (first_slot + tl.load(slots_ptr + u)), visible, offs_d, k_base, v_base,
                     tl.cast(stride_pkl, tl.int64), tl.cast(stride_pvl, tl.int64), unit_T, 1.0, zeros_d, pvs_ptr,
-                    sm_scale_log2, rope_ptr, rope_center, False, False, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER)
+                    sm_scale_log2, rope_ptr, rope_center, False, False, ROPE_DIMS, BLOCK_N, DT, INTERPRET, HOPPER, CAUSAL)
 
     seen = l_i > 0  # l >= 1 for a row that saw a key (its max counts 1); acc = 0 where none
     out = acc * (1.0 / tl.where(seen, l_i, 1.0))[:, None]

@@ -671,6 +671,48 @@ def test_a_nan_input_comes_out_as_nan_not_as_a_finite_answer(backend, where):
     assert out[0, :, 1].isfinite().all()
 
 
+@pytest.mark.parametrize("backend, precision", [
+    pytest.param(b.values[0], p, id=f"{b.values[0]}-{p}",
+                 marks=[*b.marks, *([pytest.mark.gpu] if p == "fp8" else [])])
+    for b in fast_backends("temporal_attention") for p in ("bf16", "fp8") if (b.values[0], p) != ("cuda", "bf16")])
+def test_a_nan_key_reaches_only_the_rows_that_may_see_it(backend, precision):
+    """Block-causal masking hides a later block's keys from the rows before it, NaN ones included:
+    a query tile that straddles two blocks (100-token blocks, 64- or 128-row tiles) must not give
+    its earlier block's rows a NaN from the later block's keys (a mask that only adds -inf lets a
+    NaN score through: -inf + NaN is NaN). fp8 on a GPU only: the interpreter decodes e4m3's NaN
+    (0x7F) as 480."""
+    q, k, v = (t.to(DEVICE) for t in qkv(L=300, H=2, D=64, dtype=torch.bfloat16))
+    k[0, 150, 0, 3] = float("nan")  # block 1
+    out = temporal_attention(q, k, v, block_tokens=100, precision=precision, backend=backend)
+    ref = temporal_attention(q, k, v, block_tokens=100, precision=precision, backend="reference")
+    nan_rows, ref_rows = out[0, :, 0].isnan().any(-1), ref[0, :, 0].isnan().any(-1)
+    assert not ref_rows[:100].any() and ref_rows[100:].all()
+    assert nan_rows.any() and not (nan_rows & ~ref_rows).any(), nan_rows.nonzero().flatten().tolist()
+    assert out[0, :, 1].isfinite().all()
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's max over the NaN rows
+@pytest.mark.parametrize("backend", [b for b in fast_backends("temporal_attention") if b.values[0] == "triton"])
+def test_a_nan_key_in_a_page_hidden_by_a_lag_stays_hidden(backend):
+    """frame_lags hide the oldest window page from a speculative pass's later frame, NaN keys
+    included: with 100-token frames a query tile holds rows of both frames, and the lagged frame's
+    rows stay finite, as the reference's. (The CUDA attention takes no frame_lags.)"""
+    T, dims = 100, 64
+    cache = StreamingKVCache(1, 1, 2, dims, T, sink_frames=1, window_frames=3, storage="bf16", device=DEVICE)
+    for f in range(5):  # the window holds frames 2, 3, 4: frame 2 is hidden from a lag of 1
+        k, v = (t.to(DEVICE) for t in qkv(L=T, H=2, D=dims, dtype=torch.bfloat16)[1:])
+        if f == 2:
+            k[0, 7, 0, 3] = float("nan")
+        cache.commit(0, k, v)
+    q, k, v = (t.to(DEVICE) for t in qkv(L=2 * T, H=2, D=dims, dtype=torch.bfloat16))
+    kwargs = dict(block_tokens=T, kv_cache=cache, layer=0, precision="bf16", frame_lags=(0, 1))
+    out = temporal_attention(q, k, v, backend=backend, **kwargs)
+    ref = temporal_attention(q, k, v, backend="reference", **kwargs)
+    nan_rows, ref_rows = out[0, :, 0].isnan().any(-1), ref[0, :, 0].isnan().any(-1)
+    assert ref_rows[:T].all() and not ref_rows[T:].any()
+    assert torch.equal(nan_rows, ref_rows) and out[0, :, 1].isfinite().all()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [b for b in fast_backends("temporal_attention") if b.values[0] == "cuda"])
 @pytest.mark.parametrize("core", cuda_cores())
