@@ -388,6 +388,9 @@ def _attend_unit(acc, m_i, l_i, q_rows, rows, q_delta, visible, offs_d,
                  rope_ptr, rope_center, UNIT_FP8: tl.constexpr, V_SCALED: tl.constexpr, ROPE_DIMS: tl.constexpr,
                  BLOCK_N: tl.constexpr, DT: tl.constexpr, INTERPRET: tl.constexpr, HOPPER: tl.constexpr,
                  ROWS_DIFFER: tl.constexpr = False):
+    """The online softmax over one key unit. ROWS_DIFFER: rows of the tile may differ in whether they
+    see it (`visible`: a block mask, a private block, a lag), so a tile some rows may not see is
+    masked for them element by element."""
     to_unit = _to_unit(v_scale_row, offs_d, UNIT_FP8, V_SCALED, False)
     # 1.-3. the query tile rotated for this unit, quantized, and its mean term
     q_lo, q_hi, q_scale, q_mean = _query(q_rows, rows, q_delta, k_mean, sm_scale_log2, rope_ptr, rope_center,
@@ -395,15 +398,20 @@ def _attend_unit(acc, m_i, l_i, q_rows, rows, q_delta, visible, offs_d,
     score_scale = q_scale * (k_scale * sm_scale_log2)
     acc = acc * to_unit[None, :]
     q_bias = tl.where(visible, q_mean, float("-inf"))
-    # whole tiles without a mask where every row of the tile sees the unit, the rest masked
     n_plain = n_tokens - n_tokens % BLOCK_N
-    if ROWS_DIFFER:
+    if ROWS_DIFFER:  # whole tiles go unmasked only where every row of the tile sees the unit
         n_plain = n_plain * (tl.min(visible.to(tl.int32), axis=0) > 0).to(tl.int32)
     for n0 in range(0, n_plain, BLOCK_N):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, n0, n_tokens, q_lo, q_hi, score_scale, q_bias, offs_d, k_base,
                                      v_base, stride_k, stride_v, UNIT_FP8, BLOCK_N, DT, INTERPRET, HOPPER, False)
-    for n0 in tl.range(n_plain, n_tokens, BLOCK_N, num_stages=1):  # a tile or two: not worth a pipeline's registers
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, n0, n_tokens, q_lo, q_hi, score_scale, q_bias, offs_d,
+    if ROWS_DIFFER:  # the rest masked, unpipelined (every tile only in a query tile that straddles two
+        # blocks, one or two per frame: not worth a pipeline's registers)
+        for n0 in tl.range(n_plain, n_tokens, BLOCK_N, num_stages=1):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, n0, n_tokens, q_lo, q_hi, score_scale, q_bias, offs_d,
+                                         k_base, v_base, stride_k, stride_v, UNIT_FP8, BLOCK_N, DT, INTERPRET, HOPPER,
+                                         True)
+    elif n_plain < n_tokens:  # the last, partial tile
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, n_plain, n_tokens, q_lo, q_hi, score_scale, q_bias, offs_d,
                                      k_base, v_base, stride_k, stride_v, UNIT_FP8, BLOCK_N, DT, INTERPRET, HOPPER, True)
     if HOPPER:  # accumulators in registers: a thread's 32 columns of to_unit, held across the key
         # loop, cost 32 registers (64-key tiles spilled so); read again instead (volatile: not merged)
