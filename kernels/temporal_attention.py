@@ -324,12 +324,11 @@ def _scores(q_lo, q_hi, k_rows, live, D: tl.constexpr, FP8: tl.constexpr, DT: tl
 @triton.jit
 def _attend_tile(acc, m_i, l_i, n0, n_tokens, q_lo, q_hi, score_scale, q_bias, offs_d, k_base, v_base,
                  stride_k, stride_v, UNIT_FP8: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
-                 INTERPRET: tl.constexpr, HOPPER: tl.constexpr, MASKED: tl.constexpr):
+                 INTERPRET: tl.constexpr, HOPPER: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr = False):
     """One step of the online softmax over keys n0 .. n0 + BLOCK_N of a unit. q_bias = the rows'
     mean term, or -inf for rows that may not see the unit. MASKED: keys past n_tokens (the unit's
-    last, partial tile) and every key for rows that may not see the unit get no score at all; a
-    tile every row sees whole needs no mask (a NaN score of a hidden key, from a NaN in K, would
-    make a NaN weight there: -inf + NaN is NaN)."""
+    last, partial tile) get no score, and with ROWS no key gets one in a row that may not see the
+    unit (its -inf bias alone would turn a NaN score, from a NaN in K, into a NaN weight)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     live = offs_n < n_tokens
     s = _scores(q_lo, q_hi, k_base + offs_n * stride_k, live, offs_d.shape[0], UNIT_FP8, DT, INTERPRET, MASKED)
@@ -340,7 +339,10 @@ def _attend_tile(acc, m_i, l_i, n0, n_tokens, q_lo, q_hi, score_scale, q_bias, o
     # A row's scores are s * score_scale + q_bias, score_scale > 0: their max is taken on the raw
     # scores, and each exponent below is one FMA (the scale, bias and max folded per row).
     if MASKED:
-        s = tl.where(live[None, :] & (q_bias > float("-inf"))[:, None], s, float("-inf"))
+        if ROWS:
+            s = tl.where(live[None, :] & (q_bias > float("-inf"))[:, None], s, float("-inf"))
+        else:
+            s = tl.where(live[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * score_scale + q_bias)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
@@ -409,7 +411,7 @@ def _attend_unit(acc, m_i, l_i, q_rows, rows, q_delta, visible, offs_d,
         for n0 in tl.range(n_plain, n_tokens, BLOCK_N, num_stages=1):
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, n0, n_tokens, q_lo, q_hi, score_scale, q_bias, offs_d,
                                          k_base, v_base, stride_k, stride_v, UNIT_FP8, BLOCK_N, DT, INTERPRET, HOPPER,
-                                         True)
+                                         True, True)
     elif n_plain < n_tokens:  # the last, partial tile
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, n_plain, n_tokens, q_lo, q_hi, score_scale, q_bias, offs_d,
                                      k_base, v_base, stride_k, stride_v, UNIT_FP8, BLOCK_N, DT, INTERPRET, HOPPER, True)
