@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .harness import on_gpu, rate, time_ms
+from .harness import error_text, on_gpu, rate, time_ms
 
 
 def _copy(device, gpu: bool) -> dict:
@@ -54,7 +54,7 @@ def measure(device: torch.device) -> dict:
         try:
             out[name] = step()
         except Exception as exc:  # e.g. a torch whose _scaled_mm wants other arguments: say so
-            out[name] = {"error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"}
+            out[name] = {"error": error_text(exc)}
         if gpu:
             torch.cuda.empty_cache()
     return out

@@ -57,7 +57,8 @@ def breakdown(timed: list[tuple[str, float]], passes: int) -> dict:
     total_ms = sum(ms for ms, _ in per_name.values())
     families: dict = {}
     for name, (ms, _) in per_name.items():
-        families[kernel_family(name)] = families.get(kernel_family(name), 0.0) + ms
+        family = kernel_family(name)
+        families[family] = families.get(family, 0.0) + ms
     top = sorted(per_name.items(), key=lambda item: -item[1][0])[:TOP_KERNELS]
     return {"passes": passes, "ms_per_pass": total_ms / passes, "launches_per_pass": len(timed) / passes,
             "families": {f: {"ms_per_pass": ms / passes, "share": ms / total_ms if total_ms else 0.0}
