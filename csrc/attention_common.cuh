@@ -27,7 +27,11 @@ constexpr float kLn2 = 0.69314718055994531f, kLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ void group_sync(int barrier) {
   if (barrier == 0) __syncthreads();  // a one-warpgroup CTA
+#ifdef XJ_SIMT
+  else xj_simt::named_barrier(barrier, kGroupThreads);
+#else
   else asm volatile("bar.sync %0, %1;\n" ::"r"(barrier), "n"(kGroupThreads) : "memory");
+#endif
 }
 
 __device__ __forceinline__ float quad_max(float x) {
@@ -263,9 +267,14 @@ __device__ __forceinline__ void transpose_value_tile(const uint8_t* s_v, VOffset
 // two multiplies to produce results below 2^-126, which neither P (rounded to e4m3 after its
 // 448: nothing below 2^-9 survives) nor the rescale factors need.
 __device__ __forceinline__ float exp2_sfu(float x) {
+#ifdef XJ_SIMT
+  const float y = exp2f(x);
+  return y < FLT_MIN ? 0.f : y;  // ftz
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#endif
 }
 
 // ---- the online softmax over one 64-key tile ----------------------------------------------------

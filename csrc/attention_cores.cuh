@@ -26,19 +26,27 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 // ---- mma.sync ----------------------------------------------------------------------------------
 // Four 8x8 matrices of 16-bit elements (= 8 rows x 16 bytes of e4m3); see mma_fragments.cuh.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#ifdef XJ_SIMT
+  xj_simt::ldmatrix_x4(r, row);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(row))
                : "memory");
+#endif
 }
 
 // d += a (16x32, row) . b (32x8, col), e4m3 inputs, fp32 accumulators.
 __device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef XJ_SIMT
+  xj_simt::mma_e4m3(d, a, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 template <int D>

@@ -12,6 +12,7 @@
 
 #include "cuda_check.h"
 #include "device_info.h"
+#include "launch.cuh"
 
 namespace xjfast {
 
@@ -53,6 +54,10 @@ template <typename Args>
 void launch_clustered(const char* op, void (*kernel)(Args), const Args& args, int cluster, int64_t blocks,
                       int threads, size_t smem, int smem_max, std::atomic<uint64_t>& devices, cudaStream_t stream) {
   check_clusters_supported(op);
+#ifdef XJ_SIMT
+  (void)smem_max, (void)devices, (void)stream;
+  xj_simt::launch(dim3(static_cast<unsigned>(blocks)), dim3(threads), smem, cluster, [&] { kernel(args); });
+#else
   // Without the opt-in a block gets 48 KiB of static and dynamic shared memory together, and
   // these kernels hold ~20 KiB static: opt in for any dynamic size (once per device and kernel).
   if (smem > 0) allow_dynamic_smem(kernel, smem_max, devices);
@@ -67,6 +72,7 @@ void launch_clustered(const char* op, void (*kernel)(Args), const Args& args, in
   config.attrs = &attribute;
   config.numAttrs = 1;
   XJ_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args));
+#endif
 }
 
 }  // namespace xjfast

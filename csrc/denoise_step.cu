@@ -11,6 +11,7 @@
 #include "cuda_check.h"
 #include "denoise_step.h"
 #include "dtypes.cuh"
+#include "launch.cuh"
 #include "philox.cuh"
 
 namespace xjfast {
@@ -114,11 +115,11 @@ void launch(const DenoiseArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((total / 4 + kThreads) / kThreads), a.geometry.F);
   auto* xn = static_cast<T*>(a.x_next);
   if (xn != nullptr) {
-    denoise_step_kernel<T, kTokens, true, kRows><<<grid, kThreads, 0, stream>>>(
+    run_kernel(denoise_step_kernel<T, kTokens, true, kRows>, grid, kThreads, 0, stream,
         static_cast<const T*>(a.x_t), static_cast<const T*>(a.model_out), a.coef, static_cast<T*>(a.x0), xn,
         a.geometry, a.frame_index, a.frame_index_ptr, a.seed);
   } else {
-    denoise_step_kernel<T, kTokens, false, kRows><<<grid, kThreads, 0, stream>>>(
+    run_kernel(denoise_step_kernel<T, kTokens, false, kRows>, grid, kThreads, 0, stream,
         static_cast<const T*>(a.x_t), static_cast<const T*>(a.model_out), a.coef, static_cast<T*>(a.x0), nullptr,
         a.geometry, a.frame_index, a.frame_index_ptr, a.seed);
   }

@@ -45,7 +45,7 @@ template <typename In, typename S, bool kStaged>
 __global__ void __launch_bounds__(kThreads) kv_cache_commit_kernel(CommitArgs a) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
   using Row = Packed<In, kVec>;
-  extern __shared__ uint4 staged_words[];  // kStaged: this CTA's chunk of K rows, then of V rows
+  XJ_DYNAMIC_SHARED(16, uint4, staged_words);  // kStaged: this CTA's chunk of K rows, then of V rows
   __shared__ float scratch[4 * kWarps * kMaxD];
   __shared__ float partial[4 * kMaxD];  // this CTA's statistics, read by every CTA of the cluster
   __shared__ float mean_s[kMaxD], v_scale_s[kMaxD], k_amax_s[kMaxD];

@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) kv_cache_compact_kernel(CompactArgs 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
   constexpr int N = 16 / sizeof(S);  // channels per thread
   using Row = Packed<S, N>;
-  extern __shared__ uint4 staged_words[];  // kStaged: this CTA's candidates, K rows then V rows
+  XJ_DYNAMIC_SHARED(16, uint4, staged_words);  // kStaged: this CTA's candidates, K rows then V rows
   __shared__ Sources src;
   __shared__ float scratch[4 * kWarps * kMaxD];
   __shared__ float partial[4 * kMaxD];  // this CTA's statistics, read by every CTA of the cluster

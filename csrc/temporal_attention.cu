@@ -27,6 +27,7 @@
 #include "cuda_check.h"
 #include "device_info.h"
 #include "dtypes.cuh"
+#include "launch.cuh"
 #include "mma_fragments.cuh"
 #include "temporal_attention.h"
 
@@ -54,6 +55,15 @@ struct Layout {
 
 // ---- PTX ---------------------------------------------------------------------------------------
 // 16 bytes global -> shared, bypassing L1; src-size 0 writes zeros (keys past a unit's end read as 0).
+#ifdef XJ_SIMT  // copied at once: every group has arrived when it is waited for
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  if (valid) std::memcpy(dst, src, 16);
+  else std::memset(dst, 0, 16);
+}
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {}
+#else
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
                "r"(valid ? 16 : 0)
@@ -64,6 +74,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+#endif
 
 template <int D, class Core>
 __device__ __forceinline__ QueryScratch query_scratch(uint8_t* smem) {
@@ -99,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
   using Core = CoreT<D>;
   if (!compiled_here<Core>()) return;
   using L = Layout<D, Core>;
-  extern __shared__ __align__(128) uint8_t smem[];  // tile bases stay 128-byte aligned
+  XJ_DYNAMIC_SHARED(128, uint8_t, smem);  // tile bases stay 128-byte aligned
   const QueryScratch scratch = query_scratch<D, Core>(smem);
   uint8_t* s_vt = smem + L::kVt;
 
@@ -171,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const Attentio
   using Core = CoreT<D>;
   if (!compiled_here<Core>()) return;
   using L = Layout<D, Core>;
-  extern __shared__ __align__(128) uint8_t smem[];  // tile bases stay 128-byte aligned
+  XJ_DYNAMIC_SHARED(128, uint8_t, smem);  // tile bases stay 128-byte aligned
   const QueryScratch scratch = query_scratch<D, Core>(smem);
   uint8_t* s_k = smem + L::kK;
   float* s_colsum = reinterpret_cast<float*>(smem + L::kColSum);
@@ -278,7 +289,7 @@ template <auto Kernel, class Args>
 void launch_kernel(const Args& a, int smem, dim3 grid, const char* what, cudaStream_t stream) {
   static std::atomic<uint64_t> devices{0};
   allow_dynamic_smem(Kernel, smem, devices);
-  Kernel<<<grid, kThreads, smem, stream>>>(a);
+  run_kernel(Kernel, grid, kThreads, smem, stream, a);
   check(cudaGetLastError(), what);
 }
 

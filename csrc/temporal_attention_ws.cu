@@ -23,6 +23,7 @@
 
 #include "attention_common.cuh"
 #include "cuda_check.h"
+#include "launch.cuh"
 #include "temporal_attention.h"
 #include "tma.cuh"
 
@@ -78,7 +79,7 @@ __global__ void __launch_bounds__(kThreads, 1) temporal_attention_ws_kernel(cons
 #ifdef XJ_WGMMA
   using L = WsLayout<D>;
   using Core = WgmmaCore<D>;
-  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  XJ_DYNAMIC_SHARED(1024, uint8_t, smem_raw);
   uint8_t* smem = smem_raw + ((1024 - smem_u32(smem_raw) % 1024) % 1024);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
   uint64_t* vt_full = full + kStages;
@@ -218,7 +219,7 @@ void launch(const WsArgs& w, cudaStream_t stream) {
   constexpr auto kernel = temporal_attention_ws_kernel<In, D>;
   allow_dynamic_smem(kernel, WsLayout<D>::kAlloc, devices);
   const dim3 grid((w.a.qt.Lq + kTileM - 1) / kTileM, w.a.qt.B * w.a.qt.H);
-  kernel<<<grid, kThreads, WsLayout<D>::kAlloc, stream>>>(w);
+  run_kernel(kernel, grid, kThreads, WsLayout<D>::kAlloc, stream, w);
   check(cudaGetLastError(), "launch of temporal_attention_ws_kernel");
 }
 

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+import simt_extension
+
 from xjfast.backends import implementations, unusable_reason
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -12,13 +14,21 @@ GPU_CHECK_EXCLUSIONS = ("XJFAST_DISABLE", "XJFAST_CUDA_ATTENTION_SKIP")
 
 def fast_backends(op: str):
     """pytest params for every non-reference implementation of `op`; unusable ones (no such device,
-    too old a GPU, XJFAST_DISABLE) skip with the reason."""
+    too old a GPU, XJFAST_DISABLE) skip with the reason. Without a GPU, "cuda" runs the kernels of
+    xjfast._C compiled for the CPU (marked simt: conftest's cuda_on_the_cpu), as "triton" runs
+    Triton's interpreter."""
     params = []
     for name in implementations(op):
         if name == "reference":
             continue
-        reason = unusable_reason(op, name, DEVICE)
-        params.append(pytest.param(name, id=name, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
+        marks = []
+        if name == "cuda" and DEVICE.type == "cpu":
+            reason = simt_extension.unavailable_reason()
+            marks.append(pytest.mark.simt)
+        else:
+            reason = unusable_reason(op, name, DEVICE)
+        marks.append(pytest.mark.skipif(reason is not None, reason=str(reason)))
+        params.append(pytest.param(name, id=name, marks=marks))
     return params
 
 

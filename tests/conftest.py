@@ -1,5 +1,6 @@
 """Test session setup: GPU tests skip cleanly without a GPU; Triton kernels run in Triton's CPU
-interpreter when there is no GPU (set before anything imports triton)."""
+interpreter when there is no GPU (set before anything imports triton), and the CUDA kernels in
+xjfast._C's CPU build (tests/simt_extension.py)."""
 import os
 import sys
 
@@ -36,8 +37,19 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     for item in items:
-        if item.get_closest_marker("gpu") is not None:
+        gpu = item.get_closest_marker("gpu")
+        # gpu(simt=True): CPU-sized, so its backend="cuda" case also runs on xjfast._C's CPU build
+        if gpu is not None and not (gpu.kwargs.get("simt") and item.get_closest_marker("simt") is not None):
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def cuda_on_the_cpu(request, monkeypatch):
+    """A test of backend "cuda" marked simt (backends.fast_backends without a GPU) runs the CUDA
+    backend on CPU tensors, through xjfast._C compiled for the CPU (tests/simt_extension.py)."""
+    if request.node.get_closest_marker("simt") is not None:
+        import simt_extension
+        simt_extension.use(monkeypatch)
 
 
 WORKER_ENDED_BY_A_LOST_CONTEXT = 87  # the exit status of a worker ended by pytest_runtest_logreport

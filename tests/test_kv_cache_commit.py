@@ -63,6 +63,19 @@ def test_commit_matches_reference(backend, store, strided):
     assert_pages_match(*commit_both(backend, 2, 24, 2, 64, 2, torch.bfloat16, store, strided), store)
 
 
+# The CUDA kernel spreads a frame over a cluster of CTAs (one per 128 tokens, at most 8), which
+# combine their statistics through distributed shared memory: 2 CTAs, 6, and 8 whose fp32 rows do
+# not fit in shared memory (the re-reading path).
+@pytest.mark.parametrize("backend", fast_backends("kv_cache_commit"))
+@pytest.mark.parametrize("B, T, H, D, frames, dtype", [(2, 200, 2, 64, 2, torch.bfloat16),
+                                                       (1, 650, 1, 128, 1, torch.float32),
+                                                       (1, 1560, 1, 128, 1, torch.float32)],
+                         ids=["2-ctas", "6-ctas", "8-ctas-rereading"])
+def test_commit_spreads_a_frame_over_a_cluster(backend, B, T, H, D, frames, dtype):
+    torch.manual_seed(T)
+    assert_pages_match(*commit_both(backend, B, T, H, D, frames, dtype, E4M3), E4M3)
+
+
 # The stream's shape (Wan2.1-1.3B: 12 heads, 1560 tokens per latent frame): the CUDA kernel spreads a
 # frame over a cluster of 8 CTAs (195 tokens each, a partial last tile); fp32 input does not fit in
 # shared memory and takes the re-reading path; 200 tokens: a cluster of 2 with 100 each.

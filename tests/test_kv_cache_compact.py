@@ -43,10 +43,11 @@ def test_reference_keeps_the_heaviest_candidates_oldest_first():
 
 @pytest.mark.parametrize("backend", fast_backends("kv_cache_compact"))
 @pytest.mark.parametrize("dtype", [E4M3, torch.bfloat16])
-@pytest.mark.parametrize("K,T", [(12, 16), (40, 24)], ids=["one-tile", "chunks"])
+@pytest.mark.parametrize("K,T", [(12, 16), (40, 24), (300, 256)], ids=["one-tile", "chunks", "cluster"])
 def test_compact_matches_reference(backend, dtype, K, T):
     """(40, 24): the Triton kernels split each (b, head) into 3 chunks (interpreted: 16-slot tiles),
-    and slots are filled from kept tokens that another chunk's slots held."""
+    and slots are filled from kept tokens that another chunk's slots held; (300, 256): the CUDA
+    kernel spreads each (b, head) over a cluster of 3 CTAs, which share their statistics."""
     ref_keep, ref_mass, ref_count = run("reference", dtype, K=K, T=T)
     out_keep, out_mass, out_count = run(backend, dtype, K=K, T=T)
     assert out_count == ref_count == K and torch.equal(out_mass, ref_mass)

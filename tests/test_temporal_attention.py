@@ -642,8 +642,9 @@ def test_a_forced_hopper_path_is_refused_on_other_gpus_with_the_reason(monkeypat
 
 def cuda_cores():
     """The CUDA kernel's paths this GPU runs (mma.sync everywhere; on sm_90 also wgmma and the
-    warp-specialized TMA kernel ws); one that XJFAST_CUDA_ATTENTION_SKIP leaves out (gpu_check.sh:
-    its first launch hung or failed) is reported skipped."""
+    warp-specialized TMA kernel ws; without a GPU, mma.sync in xjfast._C's CPU build); one that
+    XJFAST_CUDA_ATTENTION_SKIP leaves out (gpu_check.sh: its first launch hung or failed) is
+    reported skipped."""
     from xjfast.ops.temporal_attention import cuda_paths, skipped_cuda_paths
     if not torch.cuda.is_available():
         return ["mma"]
@@ -653,7 +654,7 @@ def cuda_cores():
             for p in cuda_paths(torch.device("cuda"))]
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(simt=True)
 @pytest.mark.parametrize("backend", fast_backends("temporal_attention"))
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_a_nan_input_comes_out_as_nan_not_as_a_finite_answer(backend, where):
@@ -673,7 +674,7 @@ def test_a_nan_input_comes_out_as_nan_not_as_a_finite_answer(backend, where):
 
 @pytest.mark.parametrize("backend, precision", [
     pytest.param(b.values[0], p, id=f"{b.values[0]}-{p}",
-                 marks=[*b.marks, *([pytest.mark.gpu] if p == "fp8" else [])])
+                 marks=[*b.marks, *([pytest.mark.gpu(simt=True)] if p == "fp8" else [])])
     for b in fast_backends("temporal_attention") for p in ("bf16", "fp8") if (b.values[0], p) != ("cuda", "bf16")])
 def test_a_nan_key_reaches_only_the_rows_that_may_see_it(backend, precision):
     """Block-causal masking hides a later block's keys from the rows before it, NaN ones included:
@@ -713,7 +714,7 @@ def test_a_nan_key_in_a_page_hidden_by_a_lag_stays_hidden(backend):
     assert torch.equal(nan_rows, ref_rows) and out[0, :, 1].isfinite().all()
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(simt=True)
 @pytest.mark.parametrize("backend", [b for b in fast_backends("temporal_attention") if b.values[0] == "cuda"])
 @pytest.mark.parametrize("core", cuda_cores())
 @pytest.mark.parametrize("case", list(CASES))
@@ -751,7 +752,7 @@ def test_cuda_cores_at_the_stream_shape(core, D):
     assert (lse - ref_lse).abs().max() < 1e-2
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(simt=True)
 @pytest.mark.parametrize("backend", fast_backends("temporal_attention"))
 def test_fast_backend_within_design_bounds_of_exact(backend):
     q, k, v = (t.to(DEVICE) for t in qkv(L=1024, H=4, D=128, dtype=torch.bfloat16))
@@ -760,7 +761,7 @@ def test_fast_backend_within_design_bounds_of_exact(backend):
     assert rel_l2(out.cpu(), ref) <= FP8_REL_L2 and cosine(out.cpu(), ref) >= FP8_COS
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(simt=True)
 @pytest.mark.parametrize("backend", fast_backends("temporal_attention"))
 @pytest.mark.parametrize("precision", ["fp8", "bf16"])
 def test_fast_backend_on_fp32_inputs_within_design_bounds_of_exact(backend, precision):

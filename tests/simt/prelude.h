@@ -1,0 +1,116 @@
+// Included before every source of xjfast._C when tests/simt_extension.py compiles csrc/ for the CPU
+// (g++ -include prelude.h -DXJ_SIMT): what nvcc gives device code, made of host code. A CTA runs as
+// one fiber per CUDA thread on one OS thread (so `__shared__` is thread_local), the CTAs of a
+// cluster on as many OS threads; barriers and warp collectives switch fibers (runtime.cpp).
+//
+// What it covers is what the kernels use outside the sm_90a-only paths (XJ_WGMMA: wgmma, TMA,
+// mbarriers, which are never compiled here): __syncthreads and named barriers, warp shuffles and
+// votes, ldmatrix and mma.sync m16n8k32 e4m3, cp.async (copied at once), 64-bit atomicAdd,
+// clusters with distributed shared memory, and the runtime calls the host code makes.
+#pragma once
+
+#define __shared__ thread_local
+#define __launch_bounds__(...)
+#define __grid_constant__
+
+#include <cuda_runtime.h>
+
+#include <math.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+
+namespace xj_simt {
+
+uint3 thread_index();
+uint3 block_index();
+dim3 block_dim();
+dim3 grid_dim();
+
+void syncthreads();
+// bar.sync id, threads
+void named_barrier(int id, int threads);
+void syncwarp();
+[[noreturn]] void trap();
+
+// The 32 lanes' values of one warp-wide exchange: each lane passes its own, and after every lane
+// of the warp has arrived reads any lane's. Valid until the lane's next exchange but one.
+const void* warp_exchange(const void* mine, size_t bytes);
+template <class T>
+struct Lanes {
+  const uint8_t* base;
+  T operator[](int lane) const {
+    T x;
+    std::memcpy(&x, base + lane * kSlot, sizeof(T));
+    return x;
+  }
+  static constexpr size_t kSlot = 64;
+};
+template <class T>
+Lanes<T> exchange(const T& mine) {
+  static_assert(sizeof(T) <= Lanes<T>::kSlot, "a warp exchange carries at most 64 bytes a lane");
+  return {static_cast<const uint8_t*>(warp_exchange(&mine, sizeof(T)))};
+}
+int lane_id();
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane l addresses row l % 8 of matrix l / 8.
+void ldmatrix_x4(uint32_t (&r)[4], const void* row);
+// mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32, d += a . b
+void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+// The calling CTA's dynamic shared memory (poisoned with 0xFF bytes at the CTA's start).
+uint8_t* dynamic_shared();
+
+// Runs `body` as every thread of every CTA of the grid; `cluster` > 0: in clusters of that many
+// CTAs along x (0: a launch without clusters).
+void launch(dim3 grid, dim3 block, size_t dynamic_smem, int cluster, const std::function<void()>& body);
+
+// Clusters: the calling CTA's rank and count, a barrier over all their threads, and the address in
+// CTA `rank`'s shared memory of what `p` addresses in the caller's.
+unsigned cluster_rank();
+unsigned cluster_blocks();
+void cluster_sync();
+void* map_shared_rank(const void* p, unsigned rank);
+
+}  // namespace xj_simt
+
+#define threadIdx (::xj_simt::thread_index())
+#define blockIdx (::xj_simt::block_index())
+#define blockDim (::xj_simt::block_dim())
+#define gridDim (::xj_simt::grid_dim())
+
+inline void __syncthreads() { xj_simt::syncthreads(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { xj_simt::syncwarp(); }
+inline void __trap() { xj_simt::trap(); }
+template <class T>
+T __shfl_xor_sync(unsigned, T x, int mask) {
+  return xj_simt::exchange(x)[xj_simt::lane_id() ^ mask];
+}
+inline bool __any_sync(unsigned, bool pred) {
+  const auto lanes = xj_simt::exchange(pred);
+  for (int l = 0; l < 32; ++l)
+    if (lanes[l]) return true;
+  return false;
+}
+template <class T>
+T __ldg(const T* p) { return *p; }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long x) {
+  return __atomic_fetch_add(p, x, __ATOMIC_RELAXED);
+}
+inline float __uint_as_float(uint32_t x) {
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline size_t __cvta_generic_to_shared(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+using std::max;
+using std::min;
+// cuda_runtime.h's template form, which it declares for nvcc only
+template <class... Params>
+cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attr, int value) {
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);
+}
