@@ -47,7 +47,7 @@ struct ClusterBarrier {
     cv.wait(lock, [&] { return generation != gen || broken; });
     return !broken;
   }
-  void brake() {
+  void abort() {
     std::lock_guard<std::mutex> lock(mutex);
     broken = true;
     cv.notify_all();
@@ -247,7 +247,7 @@ void run_cta(const std::function<void()>& body, uint3 block_index, dim3 block_di
   for (void* s : stacks) tl_stacks.free.push_back(s);
   if (cluster) cluster->exited[rank] = true, cluster->barrier.leave();
   if (!c.error.empty()) {
-    if (cluster) cluster->barrier.brake();
+    if (cluster) cluster->barrier.abort();
     throw TrapError("simt: CTA (" + std::to_string(block_index.x) + ", " + std::to_string(block_index.y) + ", " +
                     std::to_string(block_index.z) + "): " + c.error);
   }
