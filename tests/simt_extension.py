@@ -61,10 +61,12 @@ def _flags() -> list[str]:
 
 
 def _digest(flags: list[str]) -> str:
+    """Of the compiler, the flags and every file of csrc/ and tests/simt/."""
     h = hashlib.sha256(" ".join([CXX, *flags]).encode())
-    for path in sorted(_sources() + glob.glob(os.path.join(ROOT, "csrc", "*.h*")) +
-                       glob.glob(os.path.join(ROOT, "csrc", "*.cuh")) + glob.glob(os.path.join(SIMT, "**", "*.h"),
-                                                                               recursive=True)):
+    for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "*")) + glob.glob(os.path.join(SIMT, "**", "*"),
+                                                                             recursive=True)):
+        if not os.path.isfile(path):
+            continue
         with open(path, "rb") as f:
             h.update(path.encode() + f.read())
     return h.hexdigest()[:16]

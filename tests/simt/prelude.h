@@ -37,20 +37,20 @@ void syncwarp();
 
 // The 32 lanes' values of one warp-wide exchange: each lane passes its own, and after every lane
 // of the warp has arrived reads any lane's. Valid until the lane's next exchange but one.
+constexpr size_t kLaneSlot = 64;  // bytes a lane may pass in one exchange
 const void* warp_exchange(const void* mine, size_t bytes);
 template <class T>
 struct Lanes {
   const uint8_t* base;
   T operator[](int lane) const {
     T x;
-    std::memcpy(&x, base + lane * kSlot, sizeof(T));
+    std::memcpy(&x, base + lane * kLaneSlot, sizeof(T));
     return x;
   }
-  static constexpr size_t kSlot = 64;
 };
 template <class T>
 Lanes<T> exchange(const T& mine) {
-  static_assert(sizeof(T) <= Lanes<T>::kSlot, "a warp exchange carries at most 64 bytes a lane");
+  static_assert(sizeof(T) <= kLaneSlot, "a warp exchange carries at most 64 bytes a lane");
   return {static_cast<const uint8_t*>(warp_exchange(&mine, sizeof(T)))};
 }
 int lane_id();

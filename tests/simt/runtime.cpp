@@ -7,6 +7,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
@@ -26,7 +27,6 @@ namespace {
 constexpr size_t kStackBytes = 512 << 10;
 constexpr size_t kMaxDynamicShared = 227 << 10;  // sm_90's opt-in limit per block
 constexpr int kBarriers = 16;                      // bar.sync ids 0..15
-constexpr size_t kSlot = Lanes<int>::kSlot;
 
 // A barrier over all the CTAs of a cluster, which a trap in any of them breaks for the others.
 struct ClusterBarrier {
@@ -79,10 +79,6 @@ struct Fiber {
   int linear = 0;
   bool done = false;
   uint64_t exchanges = 0;  // warp exchanges so far: which of the two buffers the next one uses
-};
-
-struct TrapError : std::runtime_error {
-  using std::runtime_error::runtime_error;
 };
 
 struct Cta {
@@ -139,6 +135,10 @@ void yield() { swapcontext(&fiber().context, &cta().scheduler); }
   std::abort();
 }
 
+void complete(Barrier& b) {
+  b.arrived = 0, ++b.generation, ++cta().progress;
+}
+
 // Arrive at `b`, which `expected` threads complete; `last` runs in the arrival that completes it,
 // before any waiter goes on.
 template <class Last>
@@ -148,7 +148,7 @@ void arrive_and_wait(Barrier& b, int expected, Last&& last) {
   const uint64_t gen = b.generation;
   if (++b.arrived >= expected) {
     last();
-    b.arrived = 0, ++b.generation, ++c.progress;
+    complete(b);
     return;
   }
   while (b.generation == gen) yield();
@@ -169,9 +169,9 @@ void fiber_main() {
   --c.live, --c.live_in_warp[f.linear / 32], ++c.progress;
   // Exited threads count as arrived at __syncthreads and at their warp's collectives.
   Barrier& block = c.barriers[0];
-  if (block.arrived > 0 && block.arrived >= c.live) block.arrived = 0, ++block.generation;
+  if (block.arrived > 0 && block.arrived >= c.live) complete(block);
   Barrier& warp = c.warp_barriers[f.linear / 32];
-  if (warp.arrived > 0 && warp.arrived >= c.live_in_warp[f.linear / 32]) warp.arrived = 0, ++warp.generation;
+  if (warp.arrived > 0 && warp.arrived >= c.live_in_warp[f.linear / 32]) complete(warp);
 }
 
 void run_cta(const std::function<void()>& body, uint3 block_index, dim3 block_dim, dim3 grid_dim, size_t dynamic_bytes,
@@ -184,7 +184,7 @@ void run_cta(const std::function<void()>& body, uint3 block_index, dim3 block_di
   c.live_in_warp.assign(warps, 32);
   if (threads % 32) c.live_in_warp.back() = threads % 32;
   c.warp_barriers.resize(warps);
-  c.buffers.assign(static_cast<size_t>(warps) * 2 * 32 * kSlot, 0);
+  c.buffers.assign(static_cast<size_t>(warps) * 2 * 32 * kLaneSlot, 0);
   std::unique_ptr<uint8_t, decltype(&std::free)> dynamic(
       static_cast<uint8_t*>(std::aligned_alloc(1024, std::max<size_t>(dynamic_bytes, 1024))), &std::free);
   std::memset(dynamic.get(), 0xFF, std::max<size_t>(dynamic_bytes, 1024));  // NaN as floats and as e4m3
@@ -248,14 +248,20 @@ void run_cta(const std::function<void()>& body, uint3 block_index, dim3 block_di
   if (cluster) cluster->exited[rank] = true, cluster->barrier.leave();
   if (!c.error.empty()) {
     if (cluster) cluster->barrier.abort();
-    throw TrapError("simt: CTA (" + std::to_string(block_index.x) + ", " + std::to_string(block_index.y) + ", " +
+    throw std::runtime_error("simt: CTA (" + std::to_string(block_index.x) + ", " + std::to_string(block_index.y) + ", " +
                     std::to_string(block_index.z) + "): " + c.error);
   }
 }
 
+// Byte `byte` of `word` as e4m3 (decoded once into a table: mma_e4m3 reads 2048 a call).
 float e4m3_value(uint32_t word, int byte) {
-  const __nv_fp8_storage_t x = static_cast<__nv_fp8_storage_t>((word >> (8 * byte)) & 0xFF);
-  return __half2float(__half(__nv_cvt_fp8_to_halfraw(x, __NV_E4M3)));
+  static const auto table = [] {
+    std::array<float, 256> t;
+    for (int x = 0; x < 256; ++x)
+      t[x] = __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(x), __NV_E4M3)));
+    return t;
+  }();
+  return table[(word >> (8 * byte)) & 0xFF];
 }
 
 }  // namespace
@@ -285,8 +291,8 @@ const void* warp_exchange(const void* mine, size_t bytes) {
   Cta& c = cta();
   Fiber& f = fiber();
   const int warp = f.linear / 32, lane = f.linear % 32;
-  uint8_t* buffer = c.buffers.data() + (static_cast<size_t>(warp) * 2 + (f.exchanges & 1)) * 32 * kSlot;
-  std::memcpy(buffer + lane * kSlot, mine, bytes);
+  uint8_t* buffer = c.buffers.data() + (static_cast<size_t>(warp) * 2 + (f.exchanges & 1)) * 32 * kLaneSlot;
+  std::memcpy(buffer + lane * kLaneSlot, mine, bytes);
   ++f.exchanges;
   if (c.live_in_warp[warp] != 32) fail("a warp collective with exited lanes");
   syncwarp();
@@ -303,7 +309,9 @@ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   struct Operands {
     uint32_t a[4], b[2];
   };
-  const auto lanes = exchange(Operands{{a[0], a[1], a[2], a[3]}, {b0, b1}});
+  const auto exchanged = exchange(Operands{{a[0], a[1], a[2], a[3]}, {b0, b1}});
+  Operands lanes[32];
+  for (int l = 0; l < 32; ++l) lanes[l] = exchanged[l];
   const int g = lane_id() / 4, t = lane_id() % 4;
   // PTX ISA, m16n8k32 .e4m3: A[r][k] in lane (r % 8) * 4 + (k % 16) / 4, register r / 8 + 2 (k / 16),
   // byte k % 4; B[k][n] in lane n * 4 + (k % 16) / 4, register k / 16, byte k % 4.
@@ -312,7 +320,7 @@ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     float acc = d[e];
     for (int k = 0; k < 32; ++k) {
       const Operands& oa = lanes[(r % 8) * 4 + (k % 16) / 4];
-      const Operands ob = lanes[n * 4 + (k % 16) / 4];
+      const Operands& ob = lanes[n * 4 + (k % 16) / 4];
       acc += e4m3_value(oa.a[r / 8 + 2 * (k / 16)], k % 4) * e4m3_value(ob.b[k / 16], k % 4);
     }
     d[e] = acc;
@@ -373,7 +381,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, int cluster, const std::
           });
         for (auto& t : ranks) t.join();
         for (const auto& e : errors)
-          if (!e.empty()) throw TrapError(e);
+          if (!e.empty()) throw std::runtime_error(e);
       }
 }
 
@@ -389,7 +397,6 @@ cudaError_t cudaGetLastError() {
   last_error = cudaSuccess;
   return e;
 }
-cudaError_t cudaPeekAtLastError() { return last_error; }
 const char* cudaGetErrorName(cudaError_t e) { return e == cudaSuccess ? "cudaSuccess" : "cudaErrorSimt"; }
 const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "error in the SIMT emulator"; }
 cudaError_t cudaGetDevice(int* device) {
@@ -429,10 +436,6 @@ cudaError_t cudaRuntimeGetVersion(int* version) {
 cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize && (value < 0 || value > (227 << 10)))
     return last_error = cudaErrorInvalidValue;
-  return cudaSuccess;
-}
-cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
-  std::memset(p, value, bytes);
   return cudaSuccess;
 }
 // TMA needs the driver's tensor-map encoder, which the emulator has not: the warp-specialized
