@@ -111,9 +111,10 @@ struct MmaSyncCore {
 };
 
 // ---- wgmma (sm_90a) ----------------------------------------------------------------------------
-// Compiled only where the instructions exist; elsewhere the kernels built on WgmmaCore are never
-// launched (the host picks the core by compute capability) and trap if they were.
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Compiled only where the instructions exist (and in the CPU emulator, tests/simt, which has them);
+// elsewhere the kernels built on WgmmaCore are never launched (the host picks the core by compute
+// capability) and trap if they were.
+#if (defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)) || defined(XJ_SIMT)
 #define XJ_WGMMA 1
 #endif
 
@@ -121,12 +122,15 @@ struct MmaSyncCore {
 #define XJ_F16(a, i) XJ_F4(a, i), XJ_F4(a, i + 1), XJ_F4(a, i + 2), XJ_F4(a, i + 3)
 
 __device__ __forceinline__ void wgmma_fence() {
-#ifdef XJ_WGMMA
+#if defined(XJ_SIMT)
+  xj_simt::syncwarp();  // .sync.aligned: the warp's threads together
+#elif defined(XJ_WGMMA)
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #endif
 }
 __device__ __forceinline__ void wgmma_commit_and_wait() {
-#ifdef XJ_WGMMA
+#if defined(XJ_SIMT)  // the emulated wgmma completes as it is issued
+#elif defined(XJ_WGMMA)
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
@@ -135,30 +139,37 @@ __device__ __forceinline__ void wgmma_commit_and_wait() {
 // wgmma_commit_and_wait: PTX leaves any other access to them between fence and wait undefined,
 // and without this the compiler may move ordinary reads or writes of them (the accumulator's
 // zeroing or rescale, P's packing) across those asm statements (CUTLASS's warpgroup_fence_operand).
+// (The emulator's wgmma is a function call that completes as it returns: nothing to pin.)
 template <int N>
 __device__ __forceinline__ void fence_operands(float (&r)[N][4]) {
+#ifndef XJ_SIMT
 #pragma unroll
   for (int i = 0; i < N; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(r[i][e])::"memory");
+#endif
 }
 template <int N>
 __device__ __forceinline__ void fence_operands(const uint32_t (&r)[N][4]) {
+#ifndef XJ_SIMT
 #pragma unroll
   for (int i = 0; i < N; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" ::"r"(r[i][e]) : "memory");
+#endif
 }
 // Shared memory written by ordinary stores (cp.async included) that the tensor cores read next.
 __device__ __forceinline__ void fence_proxy_async() {
-#ifdef XJ_WGMMA
+#if defined(XJ_WGMMA) && !defined(XJ_SIMT)  // the emulator has one proxy
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
 
 // s (64 x 64 over the warpgroup) = or += A (desc) . B (desc), one k-step of 32.
 __device__ __forceinline__ void wgmma_m64n64k32_ss(float (&s)[8][4], uint64_t a, uint64_t b, int accumulate) {
-#ifdef XJ_WGMMA
+#if defined(XJ_SIMT)
+  xj_simt::wgmma_e4m3(&s[0][0], 64, nullptr, a, b, accumulate != 0);
+#elif defined(XJ_WGMMA)
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1;\n}\n"
@@ -171,7 +182,9 @@ __device__ __forceinline__ void wgmma_m64n64k32_ss(float (&s)[8][4], uint64_t a,
 
 // o (64 x N over the warpgroup) = or += A (registers, this warp's 16 x 32) . B (desc), N = 64 or 128.
 __device__ __forceinline__ void wgmma_rs(float (&o)[8][4], const uint32_t (&a)[4], uint64_t b, int accumulate) {
-#ifdef XJ_WGMMA
+#if defined(XJ_SIMT)
+  xj_simt::wgmma_e4m3(&o[0][0], 64, a, 0, b, accumulate != 0);
+#elif defined(XJ_WGMMA)
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1;\n}\n"
@@ -182,7 +195,9 @@ __device__ __forceinline__ void wgmma_rs(float (&o)[8][4], const uint32_t (&a)[4
 #endif
 }
 __device__ __forceinline__ void wgmma_rs(float (&o)[16][4], const uint32_t (&a)[4], uint64_t b, int accumulate) {
-#ifdef XJ_WGMMA
+#if defined(XJ_SIMT)
+  xj_simt::wgmma_e4m3(&o[0][0], 128, a, 0, b, accumulate != 0);
+#elif defined(XJ_WGMMA)
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"

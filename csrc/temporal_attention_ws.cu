@@ -195,8 +195,11 @@ EncodeTiled encode_tiled() {
 
 // The map of K or V of a unit family: [units][B][T][H][D] e4m3 as 5-D (D innermost) with `tokens`
 // of the storage's T readable (keys past them arrive as zeros), one 64-key box of one (b, head).
-CUtensorMap unit_map(const uint8_t* base, const PagedUnits& u, int tokens, int B, int H, int D) {
-  CUtensorMap map;
+// Encoded in place, into the launch's arguments: the driver takes only a 64-byte aligned map, and
+// the temporary of a returned CUtensorMap is not reliably aligned (g++ 12 at -O1 put it 32 bytes
+// off, alignas(128) notwithstanding: tests/simt's driver refused it; nvcc's -O3 host code happened
+// to align it).
+void encode_unit_map(CUtensorMap* map, const uint8_t* base, const PagedUnits& u, int tokens, int B, int H, int D) {
   const cuuint64_t dims[5] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(H), static_cast<cuuint64_t>(tokens),
                               static_cast<cuuint64_t>(B), static_cast<cuuint64_t>(u.count)};
   const cuuint64_t row = static_cast<cuuint64_t>(H) * D;
@@ -204,13 +207,12 @@ CUtensorMap unit_map(const uint8_t* base, const PagedUnits& u, int tokens, int B
   const cuuint32_t box[5] = {static_cast<cuuint32_t>(D), 1, kBlockN, 1, 1};
   const cuuint32_t unit_strides[5] = {1, 1, 1, 1, 1};
   const CUresult status = encode_tiled()(
-      &map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 5, const_cast<uint8_t*>(base), dims, strides, box, unit_strides,
+      map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 5, const_cast<uint8_t*>(base), dims, strides, box, unit_strides,
       CU_TENSOR_MAP_INTERLEAVE_NONE, D == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B,
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (status != CUDA_SUCCESS)
     throw std::invalid_argument("temporal_attention: cuTensorMapEncodeTiled rejected a key-unit map (CUresult " +
                                 std::to_string(static_cast<int>(status)) + ")");
-  return map;
 }
 
 template <typename In, int D>
@@ -231,8 +233,8 @@ void temporal_attention_ws(const AttentionArgs& a, cudaStream_t stream) {
   std::memset(&w, 0, sizeof(w));  // the maps of families without units stay unused
   w.a = a;
   const auto family = [&](Source s, const PagedUnits& u, int tokens) {
-    w.k_map[s] = unit_map(u.k, u, tokens, qt.B, qt.H, qt.D);
-    w.v_map[s] = unit_map(u.v, u, tokens, qt.B, qt.H, qt.D);
+    encode_unit_map(&w.k_map[s], u.k, u, tokens, qt.B, qt.H, qt.D);
+    encode_unit_map(&w.v_map[s], u.v, u, tokens, qt.B, qt.H, qt.D);
   };
   if (a.n_pages > 0) family(kCache, a.cache, a.cache.T);
   if (a.keep_count > 0) family(kKeep, a.keep, a.keep_count);

@@ -1,8 +1,8 @@
 """xjfast._C compiled for the CPU: csrc/ built by the host compiler with tests/simt's runtime, so
 the CUDA backend's kernels (the mma.sync attention and its attention mass, the cache commit and
-compaction with their clusters, denoise_step) run here, each CTA as fibers, through the same
-bindings and Python launchers as on a GPU. The sm_90a-only paths (wgmma, TMA, the warp-specialized
-kernel) are not compiled for the CPU.
+compaction with their clusters, denoise_step, and the attention's sm_90a paths: wgmma, and the
+warp-specialized kernel with TMA and mbarriers) run here, each CTA as fibers, through the same
+bindings and Python launchers as on a GPU.
 
 `load()` builds once per source state (cached under build/simt/<hash>/) and returns the module;
 `use(monkeypatch)` makes the CUDA backend's launchers call it with CPU tensors.
@@ -24,7 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIMT = os.path.join(ROOT, "tests", "simt")
 CXX = shutil.which("g++") or shutil.which("c++")
-ARCHS = "90"  # what the emulated device runs: sm_90 without the sm_90a instructions (so mma.sync)
+ARCHS = "90a"  # the emulated device is an sm_90 whose _C holds sm_90a code (wgmma, TMA), as on an H100
 
 
 def cuda_include() -> str | None:
@@ -45,8 +45,8 @@ def unavailable_reason() -> str | None:
 
 
 def _sources() -> list[str]:
-    return sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu"))) + [
-        os.path.join(ROOT, "csrc", "bindings.cpp"), os.path.join(SIMT, "runtime.cpp")]
+    return sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu"))) + [os.path.join(ROOT, "csrc", "bindings.cpp")] + sorted(
+        glob.glob(os.path.join(SIMT, "*.cpp")))
 
 
 def _flags() -> list[str]:

@@ -642,12 +642,12 @@ def test_a_forced_hopper_path_is_refused_on_other_gpus_with_the_reason(monkeypat
 
 def cuda_cores():
     """The CUDA kernel's paths this GPU runs (mma.sync everywhere; on sm_90 also wgmma and the
-    warp-specialized TMA kernel ws; without a GPU, mma.sync in xjfast._C's CPU build); one that
-    XJFAST_CUDA_ATTENTION_SKIP leaves out (gpu_check.sh: its first launch hung or failed) is
-    reported skipped."""
-    from xjfast.ops.temporal_attention import cuda_paths, skipped_cuda_paths
+    warp-specialized TMA kernel ws; without a GPU, all three in xjfast._C's CPU build, an sm_90
+    with sm_90a code); one that XJFAST_CUDA_ATTENTION_SKIP leaves out (gpu_check.sh: its first
+    launch hung or failed) is reported skipped."""
+    from xjfast.ops.temporal_attention import CUDA_CORES, cuda_paths, skipped_cuda_paths
     if not torch.cuda.is_available():
-        return ["mma"]
+        return [core for core in CUDA_CORES if core != "auto"]
     skipped = skipped_cuda_paths()
     reason = "XJFAST_CUDA_ATTENTION_SKIP: its first launch hung or failed (gpu-check.log)"
     return [pytest.param(p, marks=pytest.mark.skip(reason=reason)) if p in skipped else p

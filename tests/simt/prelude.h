@@ -3,10 +3,11 @@
 // one fiber per CUDA thread on one OS thread (so `__shared__` is thread_local), the CTAs of a
 // cluster on as many OS threads; barriers and warp collectives switch fibers (runtime.cpp).
 //
-// What it covers is what the kernels use outside the sm_90a-only paths (XJ_WGMMA: wgmma, TMA,
-// mbarriers, which are never compiled here): __syncthreads and named barriers, warp shuffles and
+// What it covers is what the kernels use: __syncthreads and named barriers, warp shuffles and
 // votes, ldmatrix and mma.sync m16n8k32 e4m3, cp.async (copied at once), 64-bit atomicAdd,
-// clusters with distributed shared memory, and the runtime calls the host code makes.
+// clusters with distributed shared memory; of sm_90a (XJ_WGMMA), wgmma m64nNk32 e4m3 through
+// shared-memory descriptors, mbarriers, TMA tensor loads (cuTensorMapEncodeTiled included) and
+// setmaxnreg; and the runtime calls the host code makes.
 #pragma once
 
 #define __shared__ thread_local
@@ -62,6 +63,24 @@ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 
 // The calling CTA's dynamic shared memory (poisoned with 0xFF bytes at the CTA's start).
 uint8_t* dynamic_shared();
+// Its address in the .shared window, as __cvta_generic_to_shared gives it (the window holds only
+// the dynamic shared memory, from 128 bytes past a 256-byte boundary: no kernel declares more
+// alignment that it does not make itself).
+uint32_t shared_address(const void* p);
+
+// ---- sm_90a ----
+// wgmma.mma_async.sync.aligned.m64nNk32.f32.e4m3.e4m3 over the calling thread's warpgroup, complete
+// when it returns: d (this thread's N / 2 accumulators) = A . B, plus d when `accumulate`; A from
+// `a` (this warp's 16 x 32 in registers) or, when `a` is null, from descriptor a_desc; B from b_desc.
+void wgmma_e4m3(float* d, int n, const uint32_t* a, uint64_t a_desc, uint64_t b_desc, bool accumulate);
+void setmaxnreg(int registers);
+void mbarrier_init(uint32_t bar, int arrivals);
+// An arrival that first expects `tx_bytes` of transactions (mbarrier.arrive[.expect_tx]).
+void mbarrier_arrive(uint32_t bar, uint32_t tx_bytes);
+bool mbarrier_try_wait(uint32_t bar, uint32_t parity);
+uint64_t global_timer();
+// cp.async.bulk.tensor.<rank>d.shared::cluster.global.tile.mbarrier::complete_tx::bytes
+void tma_load(const void* map, uint32_t dst, const int* coords, int rank, uint32_t bar);
 
 // Runs `body` as every thread of every CTA of the grid; `cluster` > 0: in clusters of that many
 // CTAs along x (0: a launch without clusters).
@@ -106,7 +125,7 @@ inline float __uint_as_float(uint32_t x) {
 }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
-inline size_t __cvta_generic_to_shared(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+inline size_t __cvta_generic_to_shared(const void* p) { return xj_simt::shared_address(p); }
 using std::max;
 using std::min;
 // cuda_runtime.h's template form, which it declares for nvcc only

@@ -1,10 +1,10 @@
 // The CPU runtime behind prelude.h: CTAs as fibers (ucontext), barriers and warp collectives that
 // switch between them, clusters on OS threads, and the CUDA runtime calls of csrc/'s host code
-// answered as one emulated sm_90 device. Kernels run synchronously at launch, as with
-// CUDA_LAUNCH_BLOCKING=1. A trap, a barrier no thread can pass (a deadlock, e.g. __syncthreads in
-// divergent code) or a collective some lanes of a warp skip raise from the launch.
+// answered as one emulated sm_90 device (its sm_90a instructions and the driver's tensor maps:
+// sm90a.cpp). Kernels run synchronously at launch, as with CUDA_LAUNCH_BLOCKING=1. A trap, a
+// barrier no thread can pass (a deadlock, e.g. __syncthreads in divergent code) or a collective
+// some lanes of a warp skip raise from the launch.
 #include <sys/mman.h>
-#include <ucontext.h>
 
 #include <algorithm>
 #include <array>
@@ -21,12 +21,13 @@
 
 #include <cuda_fp8.h>
 
+#include "cta.h"
+
 namespace xj_simt {
-namespace {
+namespace detail {
 
 constexpr size_t kStackBytes = 512 << 10;
 constexpr size_t kMaxDynamicShared = 227 << 10;  // sm_90's opt-in limit per block
-constexpr int kBarriers = 16;                      // bar.sync ids 0..15
 
 // A barrier over all the CTAs of a cluster, which a trap in any of them breaks for the others.
 struct ClusterBarrier {
@@ -68,38 +69,6 @@ struct Cluster {
   std::vector<std::atomic<bool>> exited;  // reading an exited CTA's shared memory is an error
 };
 
-struct Barrier {
-  int arrived = 0;
-  uint64_t generation = 0;
-};
-
-struct Fiber {
-  ucontext_t context;
-  uint3 index;
-  int linear = 0;
-  bool done = false;
-  uint64_t exchanges = 0;  // warp exchanges so far: which of the two buffers the next one uses
-};
-
-struct Cta {
-  uint3 block_index;
-  dim3 block_dim, grid_dim;
-  std::vector<Fiber> fibers;
-  ucontext_t scheduler;
-  int current = -1, live = 0;
-  std::vector<int> live_in_warp;
-  Barrier barriers[kBarriers];
-  std::vector<Barrier> warp_barriers;
-  std::vector<uint8_t> buffers;  // per warp: two exchange buffers of 32 slots
-  uint8_t* dynamic = nullptr;
-  size_t dynamic_bytes = 0;
-  Cluster* cluster = nullptr;
-  unsigned rank = 0;
-  const std::function<void()>* body = nullptr;
-  uint64_t progress = 0;  // arrivals, completions and exits: a round without any is a deadlock
-  std::string error;      // set by a trap or an exception in a thread
-};
-
 thread_local Cta* tl_cta = nullptr;
 thread_local char tl_anchor;  // the same offset from every thread_local, on every OS thread
 
@@ -139,22 +108,18 @@ void complete(Barrier& b) {
   b.arrived = 0, ++b.generation, ++cta().progress;
 }
 
-// Arrive at `b`, which `expected` threads complete; `last` runs in the arrival that completes it,
-// before any waiter goes on.
-template <class Last>
-void arrive_and_wait(Barrier& b, int expected, Last&& last) {
-  Cta& c = cta();
-  ++c.progress;
-  const uint64_t gen = b.generation;
-  if (++b.arrived >= expected) {
-    last();
-    complete(b);
-    return;
-  }
-  while (b.generation == gen) yield();
+uint64_t draw(uint64_t n) {
+  uint64_t& state = cta().random;
+  state = state * 6364136223846793005ull + 1442695040888963407ull;
+  return (state >> 33) % n;
 }
-void arrive_and_wait(Barrier& b, int expected) {
-  arrive_and_wait(b, expected, [] {});
+
+void stall_warp() {
+  Cta& c = cta();
+  int& rounds = c.stalled[fiber().linear / 32];
+  rounds = std::max(rounds, 1 + static_cast<int>(draw(8)));
+  ++c.progress;  // (the round is not a deadlock: this warp goes on after the stall)
+  yield();
 }
 
 void fiber_main() {
@@ -184,6 +149,8 @@ void run_cta(const std::function<void()>& body, uint3 block_index, dim3 block_di
   c.live_in_warp.assign(warps, 32);
   if (threads % 32) c.live_in_warp.back() = threads % 32;
   c.warp_barriers.resize(warps);
+  c.group_barriers.resize((warps + 3) / 4);
+  c.groups.resize((warps + 3) / 4);
   c.buffers.assign(static_cast<size_t>(warps) * 2 * 32 * kLaneSlot, 0);
   std::unique_ptr<uint8_t, decltype(&std::free)> dynamic(
       static_cast<uint8_t*>(std::aligned_alloc(1024, std::max<size_t>(dynamic_bytes, 1024))), &std::free);
@@ -212,13 +179,14 @@ void run_cta(const std::function<void()>& body, uint3 block_index, dim3 block_di
   // The warps run one at a time, each as far as it can (through its own collectives, up to a barrier
   // of the CTA), in a new pseudo-random order every time (a fixed sequence per CTA), its lanes too:
   // so a read that races another warp's write, with no barrier of the CTA between them, often comes
-  // first and sees the value the write replaces (poison, or the last tile's).
-  uint64_t state = 0x9E3779B97F4A7C15ull ^ (block_index.x * 0x100000001B3ull + block_index.y * 0x1000193ull + rank);
+  // first and sees the value the write replaces (poison, or the last tile's). A warp also stalls for
+  // 1 to 8 rounds, as a slow warp would, one round in eight and, one time in two, right after an
+  // mbarrier wait lets it through (stall_warp): so a warp that skips a wait for a signal gets ahead
+  // of the warps that give it.
+  c.random = 0x9E3779B97F4A7C15ull ^ (block_index.x * 0x100000001B3ull + block_index.y * 0x1000193ull + rank);
+  c.stalled.assign(warps, 0);
   const auto shuffle = [&](std::vector<int>& order) {
-    for (size_t i = order.size() - 1; i > 0; --i) {
-      state = state * 6364136223846793005ull + 1442695040888963407ull;
-      std::swap(order[i], order[(state >> 33) % (i + 1)]);
-    }
+    for (size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[draw(i + 1)]);
   };
   std::vector<int> warp_order(warps);
   std::vector<std::vector<int>> lane_order(warps);
@@ -228,21 +196,33 @@ void run_cta(const std::function<void()>& body, uint3 block_index, dim3 block_di
   }
   while (c.live > 0 && c.error.empty()) {
     const uint64_t before = c.progress;
+    bool everyone = true;  // ran every warp: only such a round without progress is a deadlock
     shuffle(warp_order);
     for (int w : warp_order) {
-      for (uint64_t start = ~c.progress; start != c.progress && c.error.empty();) {
+      if (warps > 1 && c.stalled[w] == 0 && draw(8) == 0) c.stalled[w] = 1 + static_cast<int>(draw(8));
+      if (c.stalled[w] > 0) {
+        --c.stalled[w], everyone = false;
+        continue;
+      }
+      for (uint64_t start = ~c.progress; start != c.progress && c.error.empty() && c.stalled[w] == 0;) {
         start = c.progress;
         shuffle(lane_order[w]);
         for (int i : lane_order[w]) {
-          if (c.fibers[i].done || !c.error.empty()) continue;
+          if (c.fibers[i].done || !c.error.empty() || c.stalled[w] > 0) continue;
           c.current = i;
           swapcontext(&c.scheduler, &c.fibers[i].context);
         }
       }
     }
-    if (c.progress == before && c.error.empty())
-      c.error = "deadlock: every live thread waits at a barrier or warp collective that cannot complete";
+    // the asynchronous copies issued this round land now, after every warp has run past them
+    std::vector<std::function<void()>> landing;
+    landing.swap(c.in_flight);
+    for (const auto& copy : landing) copy();
+    if (!landing.empty()) ++c.progress;
+    if (c.progress == before && everyone && c.error.empty())
+      c.error = "deadlock: every live thread waits at a barrier, warp collective or mbarrier that cannot complete";
   }
+  if (c.error.empty() && !c.in_flight.empty()) c.error = "the CTA exited with TMA loads in flight";
   tl_cta = outer;
   for (void* s : stacks) tl_stacks.free.push_back(s);
   if (cluster) cluster->exited[rank] = true, cluster->barrier.leave();
@@ -264,7 +244,18 @@ float e4m3_value(uint32_t word, int byte) {
   return table[(word >> (8 * byte)) & 0xFF];
 }
 
-}  // namespace
+uint8_t* shared_bytes(uint32_t address, size_t bytes, const char* what) {
+  Cta& c = cta();
+  if (address < kDynamicBase || address - kDynamicBase + bytes > c.dynamic_bytes)
+    fail(std::string(what) + ": shared address " + std::to_string(address) + " (+" + std::to_string(bytes) +
+         " bytes) outside the dynamic shared memory [" + std::to_string(kDynamicBase) + ", " +
+         std::to_string(kDynamicBase + c.dynamic_bytes) + ")");
+  return c.dynamic + (address - kDynamicBase);
+}
+
+}  // namespace detail
+
+using namespace detail;
 
 uint3 thread_index() { return fiber().index; }
 uint3 block_index() { return cta().block_index; }
@@ -329,6 +320,14 @@ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 
 uint8_t* dynamic_shared() { return cta().dynamic; }
 
+uint32_t shared_address(const void* p) {
+  Cta& c = cta();
+  const auto* q = static_cast<const uint8_t*>(p);
+  if (q < c.dynamic || q > c.dynamic + c.dynamic_bytes)
+    fail("the .shared address of memory other than the CTA's dynamic shared memory (not emulated)");
+  return kDynamicBase + static_cast<uint32_t>(q - c.dynamic);
+}
+
 unsigned cluster_rank() { return cta().cluster ? cta().rank : 0; }
 unsigned cluster_blocks() {
   Cta& c = cta();
@@ -387,7 +386,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, int cluster, const std::
 
 }  // namespace xj_simt
 
-// ---- the CUDA runtime, as one sm_90 device -----------------------------------------------------
+// ---- the CUDA runtime, as one sm_90 device (its driver's tensor maps: sm90a.cpp) ---------------
 namespace {
 thread_local cudaError_t last_error = cudaSuccess;
 }
@@ -436,13 +435,5 @@ cudaError_t cudaRuntimeGetVersion(int* version) {
 cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize && (value < 0 || value > (227 << 10)))
     return last_error = cudaErrorInvalidValue;
-  return cudaSuccess;
-}
-// TMA needs the driver's tensor-map encoder, which the emulator has not: the warp-specialized
-// kernel (sm_90a only) reports itself unable.
-cudaError_t cudaGetDriverEntryPointByVersion(const char*, void** fn, unsigned int, unsigned long long,
-                                             cudaDriverEntryPointQueryResult* status) {
-  *fn = nullptr;
-  if (status) *status = cudaDriverEntryPointSymbolNotFound;
   return cudaSuccess;
 }
