@@ -16,7 +16,7 @@ from xjfast.models.decoder import PreviewDecoder
 from xjfast.models.dit import CausalDiT
 from xjfast.models.presets import PRESETS, init_weights
 
-from backends import DEVICE
+from backends import DEVICE, fast_backends
 
 PROMPT, OTHER = "waves breaking on black sand", "a paper boat on a rainy street"
 
@@ -65,6 +65,24 @@ def test_static_step_makes_the_plain_stream(tiny, steps, frames_per_block, keep_
     assert s["static_steps_eager"] == steady and s["replayed_frames"] == 0 and not s["in_use"]
     assert s["fallback"].startswith("not a CUDA device")
     assert plain.stats()["cuda_graph"]["fallback"] == "cuda_graph=False"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, test_graph_stream_equals_eager_stream_tiny "
+                    "captures this step in a CUDA graph on the CUDA kernels")
+@pytest.mark.parametrize("backend", [b for b in fast_backends("temporal_attention") if b.values[0] == "cuda"])
+def test_static_step_on_the_cuda_kernels_makes_their_plain_stream(tiny, backend):
+    """Every op of the stream on the CUDA kernels (xjfast._C's CPU build): the static step (commits
+    into the device ring, compaction of the evicted pages into the keep buffer from device indices,
+    attention through the device page table on the default core, wgmma) makes the plain passes'
+    stream exactly, and that stream is the reference's within FP8's rounding."""
+    options = dict(cache_config=CacheConfig(1, 3, 48))
+    static, plain = (generator(tiny, flag, backend=backend, **options) for flag in (True, False))
+    reference = generator(tiny, False, **options)
+    ours = [static.step() for _ in range(12)]
+    assert_same_stream(ours, [plain.step() for _ in range(12)])
+    assert static.stats()["cuda_graph"]["static_steps_eager"] > 0 and static.cache.keep_count(0) == 48
+    for frame, ref in zip(ours, (reference.step() for _ in range(12))):
+        assert (frame.latents - ref.latents).norm() <= 1e-2 * ref.latents.norm(), f"frame {frame.index}"
 
 
 def test_static_step_follows_prompt_switches_transitions_and_resets(tiny):
