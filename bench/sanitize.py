@@ -5,6 +5,9 @@ tails are exercised. Run under PYTORCH_NO_CUDA_MEMORY_CACHING=1: each tensor is 
 allocation, and an out-of-bounds access cannot land unseen in a neighbour inside torch's pool.
 
     compute-sanitizer --tool memcheck python -m bench.sanitize
+
+Without a GPU, tests/test_sanitize.py runs the same launches on xjfast._C's CPU build compiled with
+AddressSanitizer (tests/simt_memcheck.py).
 """
 from __future__ import annotations
 

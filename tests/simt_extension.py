@@ -24,6 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIMT = os.path.join(ROOT, "tests", "simt")
 CXX = shutil.which("g++") or shutil.which("c++")
+SANITIZE = ["-fsanitize=address", "-fno-omit-frame-pointer"]
 ARCHS = "90a"  # the emulated device is an sm_90 whose _C holds sm_90a code (wgmma, TMA), as on an H100
 
 
@@ -49,7 +50,7 @@ def _sources() -> list[str]:
         glob.glob(os.path.join(SIMT, "*.cpp")))
 
 
-def _flags() -> list[str]:
+def _flags(sanitize: bool = False) -> list[str]:
     import pybind11
     # its own C++ namespace: pybind11 translates a C++ exception type to the Python class of the
     # module that registered it last, which must stay xjfast._C's for xjfast._C's errors
@@ -57,7 +58,7 @@ def _flags() -> list[str]:
             f"-DXJFAST_BUILT_ARCHS=\"{ARCHS}\"",
             "-include", os.path.join(SIMT, "prelude.h"), "-I", os.path.join(SIMT, "include"),
             "-I", os.path.join(ROOT, "csrc"), "-I", cuda_include(), "-I", pybind11.get_include(),
-            "-I", sysconfig.get_paths()["include"]]
+            "-I", sysconfig.get_paths()["include"]] + (SANITIZE if sanitize else [])
 
 
 def _digest(flags: list[str]) -> str:
@@ -80,12 +81,13 @@ def _compile(source: str, obj: str, flags: list[str]) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def load():
-    """The CPU build of xjfast._C (built on first use, cached by the sources' hash)."""
+def load(sanitize: bool = False):
+    """The CPU build of xjfast._C (built on first use, cached by the sources' hash); `sanitize`:
+    built with AddressSanitizer, for a process that LD_PRELOADs its runtime (tests/simt_memcheck.py)."""
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(reason)
-    flags = _flags()
+    flags = _flags(sanitize)
     out = os.path.join(ROOT, "build", "simt", _digest(flags))
     library = os.path.join(out, "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
     if not os.path.exists(library):
@@ -94,7 +96,8 @@ def load():
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
             list(pool.map(_compile, _sources(), objects, [flags] * len(objects)))
         partial = library + f".{os.getpid()}"
-        subprocess.run([CXX, "-shared", *objects, "-o", partial, "-lpthread"], check=True)
+        subprocess.run([CXX, "-shared", *objects, "-o", partial, "-lpthread", *(SANITIZE if sanitize else [])],
+                       check=True)
         os.replace(partial, library)  # whole or absent, whatever another process does
     spec = importlib.util.spec_from_file_location("xjfast_simt._C", library)
     module = importlib.util.module_from_spec(spec)
@@ -102,12 +105,12 @@ def load():
     return module
 
 
-def use(monkeypatch) -> None:
-    """backend="cuda" runs the CPU build on CPU tensors: the ops resolve it as on a GPU (supports()
-    included) and its launchers pass the default stream handle (0)."""
+def use(monkeypatch, sanitize: bool = False) -> None:
+    """backend="cuda" runs the CPU build (with AddressSanitizer: `sanitize`) on CPU tensors: the ops
+    resolve it as on a GPU (supports() included) and its launchers pass the default stream handle (0)."""
     from xjfast import _ext, backends
     from xjfast.ops import _cuda
-    module = load()
+    module = load(sanitize)
     on_gpu = backends.backend_unavailable_reason
     monkeypatch.setattr(_ext, "_load", lambda: (module, None))
     monkeypatch.setattr(_cuda, "stream_handle", lambda device: 0)

@@ -31,6 +31,7 @@ struct Fiber {
   int linear = 0;
   bool done = false;
   uint64_t exchanges = 0;  // warp exchanges so far: which of the two buffers the next one uses
+  void* fake_stack = nullptr;  // AddressSanitizer's, while the fiber is switched out
 };
 
 // A wgmma's operands as values: A (64 x 32) and B (N x 32).
@@ -63,6 +64,8 @@ struct Cta {
   dim3 block_dim, grid_dim;
   std::vector<Fiber> fibers;
   ucontext_t scheduler;
+  const void* scheduler_stack = nullptr;  // the OS thread's stack (for AddressSanitizer)
+  size_t scheduler_stack_bytes = 0;
   int current = -1, live = 0;
   std::vector<int> live_in_warp;
   Barrier barriers[kBarriers];

@@ -21,6 +21,11 @@
 
 #include <cuda_fp8.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 #include "cta.h"
 
 namespace xj_simt {
@@ -69,6 +74,16 @@ struct Cluster {
   std::vector<std::atomic<bool>> exited;  // reading an exited CTA's shared memory is an error
 };
 
+// AddressSanitizer (tests/simt_memcheck.py) is told of every switch between stacks: before it, the
+// stack switched to (`save` null when the current one is left for good); after it, in the new one.
+#if defined(__SANITIZE_ADDRESS__)
+void leave_stack(void** save, const void* bottom, size_t bytes) { __sanitizer_start_switch_fiber(save, bottom, bytes); }
+void enter_stack(void* save, const void** bottom, size_t* bytes) { __sanitizer_finish_switch_fiber(save, bottom, bytes); }
+#else
+void leave_stack(void**, const void*, size_t) {}
+void enter_stack(void*, const void**, size_t*) {}
+#endif
+
 thread_local Cta* tl_cta = nullptr;
 thread_local char tl_anchor;  // the same offset from every thread_local, on every OS thread
 
@@ -82,6 +97,9 @@ struct Stacks {
     if (!free.empty()) {
       void* s = free.back();
       free.pop_back();
+#if defined(__SANITIZE_ADDRESS__)  // it may hold the poisoned frames of a fiber a failure abandoned
+      ASAN_UNPOISON_MEMORY_REGION(static_cast<char*>(s) + 4096, kStackBytes - 4096);
+#endif
       return s;
     }
     void* s = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -95,11 +113,18 @@ thread_local Stacks tl_stacks;
 Cta& cta() { return *tl_cta; }
 Fiber& fiber() { return cta().fibers[cta().current]; }
 
-void yield() { swapcontext(&fiber().context, &cta().scheduler); }
+void yield() {
+  Cta& c = cta();
+  Fiber& f = fiber();
+  leave_stack(&f.fake_stack, c.scheduler_stack, c.scheduler_stack_bytes);
+  swapcontext(&f.context, &c.scheduler);
+  enter_stack(f.fake_stack, nullptr, nullptr);
+}
 
 [[noreturn]] void fail(const std::string& what) {
   Cta& c = cta();
   if (c.error.empty()) c.error = what;
+  leave_stack(nullptr, c.scheduler_stack, c.scheduler_stack_bytes);
   setcontext(&c.scheduler);  // this fiber is abandoned
   std::abort();
 }
@@ -125,6 +150,7 @@ void stall_warp() {
 void fiber_main() {
   Cta& c = cta();
   Fiber& f = fiber();
+  enter_stack(nullptr, &c.scheduler_stack, &c.scheduler_stack_bytes);
   try {
     (*c.body)();
   } catch (const std::exception& e) {
@@ -137,6 +163,7 @@ void fiber_main() {
   if (block.arrived > 0 && block.arrived >= c.live) complete(block);
   Barrier& warp = c.warp_barriers[f.linear / 32];
   if (warp.arrived > 0 && warp.arrived >= c.live_in_warp[f.linear / 32]) complete(warp);
+  leave_stack(nullptr, c.scheduler_stack, c.scheduler_stack_bytes);  // back through uc_link
 }
 
 void run_cta(const std::function<void()>& body, uint3 block_index, dim3 block_dim, dim3 grid_dim, size_t dynamic_bytes,
@@ -152,9 +179,12 @@ void run_cta(const std::function<void()>& body, uint3 block_index, dim3 block_di
   c.group_barriers.resize((warps + 3) / 4);
   c.groups.resize((warps + 3) / 4);
   c.buffers.assign(static_cast<size_t>(warps) * 2 * 32 * kLaneSlot, 0);
-  std::unique_ptr<uint8_t, decltype(&std::free)> dynamic(
-      static_cast<uint8_t*>(std::aligned_alloc(1024, std::max<size_t>(dynamic_bytes, 1024))), &std::free);
-  std::memset(dynamic.get(), 0xFF, std::max<size_t>(dynamic_bytes, 1024));  // NaN as floats and as e4m3
+  // exactly the bytes asked for (under AddressSanitizer, an access past them is reported)
+  void* block = nullptr;
+  if (posix_memalign(&block, 1024, std::max<size_t>(dynamic_bytes, 1)) != 0)
+    throw std::runtime_error("simt: no memory for the dynamic shared memory");
+  std::unique_ptr<uint8_t, decltype(&std::free)> dynamic(static_cast<uint8_t*>(block), &std::free);
+  std::memset(dynamic.get(), 0xFF, dynamic_bytes);  // NaN as floats and as e4m3
   c.dynamic = dynamic.get(), c.dynamic_bytes = dynamic_bytes;
   c.cluster = cluster, c.rank = rank;
   c.body = &body;
@@ -210,7 +240,10 @@ void run_cta(const std::function<void()>& body, uint3 block_index, dim3 block_di
         for (int i : lane_order[w]) {
           if (c.fibers[i].done || !c.error.empty() || c.stalled[w] > 0) continue;
           c.current = i;
+          void* fake_stack = nullptr;
+          leave_stack(&fake_stack, c.fibers[i].context.uc_stack.ss_sp, kStackBytes);
           swapcontext(&c.scheduler, &c.fibers[i].context);
+          enter_stack(fake_stack, nullptr, nullptr);
         }
       }
     }
