@@ -2,7 +2,9 @@
 // matrix descriptors or, for A, registers), mbarriers with transaction counts, TMA tensor loads
 // with the driver's cuTensorMapEncodeTiled behind them, and setmaxnreg. Written from the PTX ISA
 // and the CUDA driver API's documentation, not from csrc/'s helpers, so a kernel that builds its
-// descriptors, swizzles or barrier phases wrongly computes a wrong answer or fails here.
+// descriptors, swizzles or barrier phases at odds with them computes a wrong answer or fails here.
+// (Where that reading of the documentation is itself wrong, the kernel and the emulator agree and
+// only a GPU can tell.)
 //
 // Models, where the hardware leaves a choice:
 //   - a wgmma completes when it is issued (the kernels wait for each group at once);
@@ -10,7 +12,8 @@
 //     accumulator and the result truncated towards zero (the precision DeepSeek-V3 and
 //     SageAttention2 measured on Hopper, which csrc/attention_cores.cuh designs around);
 //   - a TMA load lands at the end of the scheduling round that issued it, after every warp has run
-//     as far as it can: a thread that reads the tile without waiting on its mbarrier reads poison;
+//     as far as it can: a thread that reads the tile without waiting on its mbarrier reads poison
+//     or the stage's previous tile;
 //   - %globaltimer advances 1 us a read, so a timed-out wait is a count of polls, not of CPU time.
 #include <cuda.h>
 
