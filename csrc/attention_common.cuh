@@ -79,11 +79,18 @@ __device__ __forceinline__ void load_segment(const In* p, float (&x)[16]) {
   }
 }
 
+// frame_lags of query row `row`: how many of the oldest window frames its frame does not see, the
+// sinks and the keep buffer being as many slots nearer to it (0 without lags, and past Lq).
+__device__ __forceinline__ int row_lag(const QueryTiles& qt, int row) {
+  return qt.frame_lags != nullptr && row < qt.Lq ? __ldg(qt.frame_lags + row / qt.unit_T) : 0;
+}
+
 // Channels seg*16..seg*16+15 of query row `row` (zeros past Lq), temporally rotated by
-// (the row's slot - unit_slot): pairs (2j, 2j+1) by the table's cos/sin, as the Triton kernel does.
+// (the row's slot - unit_slot), less the row's lag for an `anchored` unit (a sink, the keep
+// buffer): pairs (2j, 2j+1) by the table's cos/sin, as the Triton kernel does.
 template <typename In, int D>
 __device__ __forceinline__ void rotated_segment(const QueryTiles& qt, const In* q_bh, int row, int seg,
-                                                int unit_slot, float (&x)[16]) {
+                                                int unit_slot, bool anchored, float (&x)[16]) {
   if (row >= qt.Lq) {
 #pragma unroll
     for (int j = 0; j < 16; ++j) x[j] = 0.f;
@@ -91,7 +98,8 @@ __device__ __forceinline__ void rotated_segment(const QueryTiles& qt, const In* 
   }
   load_segment<In>(q_bh + row * qt.sq[1] + seg * 16, x);
   if (seg * 16 < qt.rope_dims) {  // past the temporal channels the table is the identity
-    const int delta = qt.first_slot + __ldg(qt.frame_slots + row / qt.unit_T) - unit_slot;
+    const int delta =
+        qt.first_slot + __ldg(qt.frame_slots + row / qt.unit_T) - unit_slot - (anchored ? row_lag(qt, row) : 0);
     const float* trig = qt.rope + static_cast<int64_t>(delta + qt.rope_center) * D + seg * 8;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -112,14 +120,16 @@ struct QueryScratch {
   float* warp_max;
 };
 
-// The query tile of rows m0..m0+63, rotated for one unit and quantized with one scale, into
+// The query tile of rows m0..m0+63, rotated for one unit (at `unit_slot`, `anchored` or not, as
+// rotated_segment) and quantized with one scale, into
 // scratch.q (e4m3); scratch.mean[r] = (rotated q_r . k_mean) * sm_scale_log2. Returns its scale.
 // Run by one group (its 128 threads, syncing on `barrier`). Two passes over the tile (the
 // second re-reads q from L1/L2): the scale needs the whole tile's amax, and holding 64 rotated
 // values per thread would cost the registers the accumulators need.
 template <typename In, int D, class Core>
 __device__ __forceinline__ float prepare_query_tile(const QueryTiles& qt, const In* q_bh, int m0, int unit_slot,
-                                    const float* k_mean, const QueryScratch& scratch, int barrier) {
+                                                   bool anchored, const float* k_mean, const QueryScratch& scratch,
+                                                   int barrier) {
   constexpr int kSegs = D / 16;
   uint8_t* s_q = scratch.q;
   float *s_part = scratch.part, *s_qmean = scratch.mean, *s_warp_max = scratch.warp_max;
@@ -139,7 +149,7 @@ __device__ __forceinline__ float prepare_query_tile(const QueryTiles& qt, const 
     int row, seg;
     item_of(item, row, seg);
     float x[16];
-    rotated_segment<In, D>(qt, q_bh, m0 + row, seg, unit_slot, x);
+    rotated_segment<In, D>(qt, q_bh, m0 + row, seg, unit_slot, anchored, x);
     float dot = 0.f;
 #pragma unroll
     for (int j = 0; j < 16; ++j) dot += x[j] * __ldg(k_mean + seg * 16 + j), amax = fmaxf(amax, fabsf(x[j]));
@@ -156,7 +166,7 @@ __device__ __forceinline__ float prepare_query_tile(const QueryTiles& qt, const 
     int row, seg;
     item_of(item, row, seg);
     float x[16];
-    rotated_segment<In, D>(qt, q_bh, m0 + row, seg, unit_slot, x);
+    rotated_segment<In, D>(qt, q_bh, m0 + row, seg, unit_slot, anchored, x);
     uint4 packed;  // x / q_scale by true division: the same e4m3 roundings as the reference
     packed.x = pack_e4m3(x[0] / q_scale, x[1] / q_scale, x[2] / q_scale, x[3] / q_scale);
     packed.y = pack_e4m3(x[4] / q_scale, x[5] / q_scale, x[6] / q_scale, x[7] / q_scale);
@@ -186,6 +196,7 @@ struct Unit {
   const float* k_mean;
   const float* v_scale;
   int slot;
+  bool anchored;       // a sink or the keep buffer: frame_lags bring it nearer (rotated_segment)
 };
 
 __device__ __forceinline__ Unit paged_unit(const PagedUnits& u, int64_t unit, int b, int h, int B, int H, int D,
@@ -193,21 +204,23 @@ __device__ __forceinline__ Unit paged_unit(const PagedUnits& u, int64_t unit, in
   const int64_t bh = (unit * B + b) * H + h;
   const int64_t base = ((unit * B + b) * u.T * H + h) * D;
   return Unit{u.k + base, u.v + base, static_cast<int64_t>(H) * D, tokens, __ldg(u.k_scale + bh),
-              u.k_mean + bh * D, u.v_scale + bh * D, slot};
+              u.k_mean + bh * D, u.v_scale + bh * D, slot, false};
 }
 
 // Key unit ui of the walk in slot order: sink pages, the keep buffer, window pages, the pass's
-// frames. `source` 0 = cache page, 1 = keep buffer, 2 = pass unit; `index` its unit in that storage.
+// frames. `source` 0 = cache page, 1 = keep buffer, 2 = pass unit; `index` its unit in that storage;
+// `window` a window page's index among them (0 the oldest; -1 for the other units).
 struct UnitRef {
-  int source, index, pass_unit;
+  int source, index, pass_unit, window;
 };
 
 __device__ __forceinline__ UnitRef unit_ref(const AttentionArgs& a, int ui) {
   const int keep_units = a.keep_count > 0 ? 1 : 0;
   const int cached_units = a.n_pages + keep_units;
-  if (ui >= cached_units) return {2, ui - cached_units, ui - cached_units};
-  if (keep_units && ui == a.n_sinks) return {1, 0, -1};
-  return {0, __ldg(a.page_table + ui - (ui > a.n_sinks ? keep_units : 0)), -1};
+  if (ui >= cached_units) return {2, ui - cached_units, ui - cached_units, -1};
+  if (keep_units && ui == a.n_sinks) return {1, 0, -1, -1};
+  const int table_index = ui - (ui > a.n_sinks ? keep_units : 0);
+  return {0, __ldg(a.page_table + table_index), -1, table_index >= a.n_sinks ? table_index - a.n_sinks : -1};
 }
 
 __device__ __forceinline__ int unit_count(const AttentionArgs& a) {
@@ -216,10 +229,12 @@ __device__ __forceinline__ int unit_count(const AttentionArgs& a) {
 
 __device__ __forceinline__ Unit unit_of(const AttentionArgs& a, const UnitRef& ref, int ui, int b, int h, int D) {
   const QueryTiles& qt = a.qt;
-  if (ref.source == 0) return paged_unit(a.cache, ref.index, b, h, qt.B, qt.H, D, a.cache.T, ui);
-  if (ref.source == 1) return paged_unit(a.keep, 0, b, h, qt.B, qt.H, D, a.keep_count, ui);
-  return paged_unit(a.pass, ref.index, b, h, qt.B, qt.H, D, a.pass.T,
-                    qt.first_slot + __ldg(qt.frame_slots + ref.index));
+  Unit unit;
+  if (ref.source == 0) unit = paged_unit(a.cache, ref.index, b, h, qt.B, qt.H, D, a.cache.T, ui);
+  else if (ref.source == 1) unit = paged_unit(a.keep, 0, b, h, qt.B, qt.H, D, a.keep_count, ui);
+  else return paged_unit(a.pass, ref.index, b, h, qt.B, qt.H, D, a.pass.T, qt.first_slot + __ldg(qt.frame_slots + ref.index));
+  unit.anchored = ref.window < 0;
+  return unit;
 }
 
 // Block-causal visibility of pass unit u to query row `row`: its own block, or an earlier one
@@ -228,6 +243,13 @@ __device__ __forceinline__ bool unit_visible(const AttentionArgs& a, int u, int 
   if (!a.causal) return true;
   const int unit_block = u * a.pass.T / a.block_tokens, row_block = row / a.block_tokens;
   return row_block == unit_block || (unit_block < row_block && a.private_blocks[unit_block] == 0);
+}
+
+// Whether query row `row` sees unit `ref`: a pass unit as the block mask says, a window page
+// unless the row lags past it (frame_lags), the sinks and the keep buffer always.
+__device__ __forceinline__ bool row_sees(const AttentionArgs& a, const UnitRef& ref, int row) {
+  if (ref.source == 2) return unit_visible(a, ref.pass_unit, row);
+  return ref.window < 0 || row_lag(a.qt, row) <= ref.window;
 }
 
 // Whether any of rows r0..r1-1 sees pass unit u (the whole calling warp gets the answer).
@@ -317,6 +339,9 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], int n0,
                                              uint32_t (&pa)[kBlockN / 32][4], float (&alpha)[2]) {
   const int t = threadIdx.x % 4;
   const float bias[2] = {visible[0] ? q_mean[0] : -INFINITY, visible[1] ? q_mean[1] : -INFINITY};
+  // and a row that may not see the unit does not take its scale either: a NaN scale (a NaN key
+  // committed by a backend whose scales keep it) would make its -inf scores NaN
+  const float row_scale[2] = {visible[0] ? score_scale : 1.f, visible[1] ? score_scale : 1.f};
   // A row's scores are s * score_scale + bias, score_scale > 0: the max is taken on the raw
   // scores, and each exponent is one FMA (scale, bias and max folded per row).
   float tile_max[2] = {-INFINITY, -INFINITY};
@@ -340,7 +365,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], int n0,
   float offset[2], row_sum[2] = {0.f, 0.f};
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float m_new = fmaxf(st.m[r], quad_max(tile_max[r]) * score_scale + bias[r]);
+    const float m_new = fmaxf(st.m[r], quad_max(tile_max[r]) * row_scale[r] + bias[r]);
     const float m_safe = m_new == -INFINITY ? 0.f : m_new;  // a row that has seen no key yet
     alpha[r] = exp2_sfu(st.m[r] - m_safe);
     offset[r] = bias[r] - (m_safe - kLog2PScale);  // -inf for a row that may not see the unit
@@ -351,7 +376,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], int n0,
   for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      s[j][e] = exp2_sfu(fmaf(s[j][e], score_scale, offset[e / 2]));  // P * 448
+      s[j][e] = exp2_sfu(fmaf(s[j][e], row_scale[e / 2], offset[e / 2]));  // P * 448
       row_sum[e / 2] += s[j][e];
     }
   }

@@ -106,8 +106,8 @@ static xjfast::PagedUnits paged_units(const std::vector<uintptr_t>& p, int token
 
 static xjfast::QueryTiles query_tiles(uintptr_t q, const std::vector<int64_t>& q_strides, int dtype,
                                       const std::vector<int>& sizes, int first_slot, int unit_tokens,
-                                      uintptr_t frame_slots, float sm_scale_log2, uintptr_t rope, int rope_center,
-                                      int rope_dims) {
+                                      uintptr_t frame_slots, uintptr_t frame_lags, float sm_scale_log2,
+                                      uintptr_t rope, int rope_center, int rope_dims) {
   if (sizes.size() != 4) throw std::invalid_argument("temporal_attention: sizes are (B, H, Lq, D)");
   xjfast::QueryTiles t{};
   t.q = reinterpret_cast<const void*>(q);
@@ -116,6 +116,7 @@ static xjfast::QueryTiles query_tiles(uintptr_t q, const std::vector<int64_t>& q
   t.B = sizes[0], t.H = sizes[1], t.Lq = sizes[2], t.D = sizes[3];
   t.first_slot = first_slot, t.unit_T = unit_tokens;
   t.frame_slots = reinterpret_cast<const int32_t*>(frame_slots);
+  t.frame_lags = reinterpret_cast<const int32_t*>(frame_lags);
   t.sm_scale_log2 = sm_scale_log2;
   t.rope = reinterpret_cast<const float*>(rope);
   t.rope_center = rope_center, t.rope_dims = rope_dims;
@@ -128,12 +129,12 @@ static void temporal_attention(uintptr_t q, std::vector<int64_t> q_strides, uint
                                int n_pages,
                                int n_sinks, std::vector<uintptr_t> keep, int keep_capacity, int keep_count,
                                std::vector<uintptr_t> pass, int unit_tokens, int n_units, uintptr_t private_blocks,
-                               int block_tokens, bool causal, uintptr_t frame_slots, int first_slot,
-                               float sm_scale_log2, uintptr_t rope, int rope_center, int rope_dims, int core,
-                               uintptr_t stream) {
+                               int block_tokens, bool causal, uintptr_t frame_slots, uintptr_t frame_lags,
+                               int first_slot, float sm_scale_log2, uintptr_t rope, int rope_center, int rope_dims,
+                               int core, uintptr_t stream) {
   xjfast::AttentionArgs a{};
-  a.qt = query_tiles(q, q_strides, dtype, sizes, first_slot, unit_tokens, frame_slots, sm_scale_log2, rope,
-                     rope_center, rope_dims);
+  a.qt = query_tiles(q, q_strides, dtype, sizes, first_slot, unit_tokens, frame_slots, frame_lags, sm_scale_log2,
+                     rope, rope_center, rope_dims);
   a.out = reinterpret_cast<void*>(out);
   copy_strides(out_strides, a.so, 3, "out");
   a.lse = reinterpret_cast<float*>(lse);
@@ -152,16 +153,17 @@ static void temporal_attention(uintptr_t q, std::vector<int64_t> q_strides, uint
 
 static void attention_mass(uintptr_t q, std::vector<int64_t> q_strides, uintptr_t lse, int dtype,
                            std::vector<int> sizes, std::vector<uintptr_t> cache, int cache_tokens, uintptr_t page_table,
-                           int table_index, int slot,
-                           uintptr_t mass, int unit_tokens, uintptr_t frame_slots, int first_slot, float sm_scale_log2,
-                           uintptr_t rope, int rope_center, int rope_dims, int core, uintptr_t stream) {
+                           int table_index, int slot, int window,
+                           uintptr_t mass, int unit_tokens, uintptr_t frame_slots, uintptr_t frame_lags,
+                           int first_slot, float sm_scale_log2, uintptr_t rope, int rope_center, int rope_dims, int core,
+                           uintptr_t stream) {
   xjfast::AttentionMassArgs a{};
-  a.qt = query_tiles(q, q_strides, dtype, sizes, first_slot, unit_tokens, frame_slots, sm_scale_log2, rope,
-                     rope_center, rope_dims);
+  a.qt = query_tiles(q, q_strides, dtype, sizes, first_slot, unit_tokens, frame_slots, frame_lags, sm_scale_log2,
+                     rope, rope_center, rope_dims);
   a.lse = reinterpret_cast<const float*>(lse);
   a.cache = paged_units(cache, cache_tokens, 0, "cache");  // (the mass kernel uses no tensor map)
   a.page_table = reinterpret_cast<const int32_t*>(page_table);
-  a.table_index = table_index, a.slot = slot;
+  a.table_index = table_index, a.slot = slot, a.window = window;
   a.mass = reinterpret_cast<int64_t*>(mass);
   a.core = core;
   xjfast::attention_mass(a, reinterpret_cast<cudaStream_t>(stream));
@@ -194,14 +196,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("cache_tokens"), py::arg("cache_pages"), py::arg("page_table"), py::arg("n_pages"), py::arg("n_sinks"), py::arg("keep"),
         py::arg("keep_capacity"), py::arg("keep_count"), py::arg("pass_units"), py::arg("unit_tokens"),
         py::arg("n_units"), py::arg("private_blocks"), py::arg("block_tokens"), py::arg("causal"),
-        py::arg("frame_slots"), py::arg("first_slot"), py::arg("sm_scale_log2"), py::arg("rope"),
-        py::arg("rope_center"), py::arg("rope_dims"), py::arg("core"), py::arg("stream"));
+        py::arg("frame_slots"), py::arg("frame_lags"), py::arg("first_slot"), py::arg("sm_scale_log2"),
+        py::arg("rope"), py::arg("rope_center"), py::arg("rope_dims"), py::arg("core"), py::arg("stream"));
   m.def("attention_mass", &attention_mass, "attention mass of one cached page's keys, from the LSE",
         py::arg("q"), py::arg("q_strides"), py::arg("lse"), py::arg("dtype"), py::arg("sizes"), py::arg("cache"),
-        py::arg("cache_tokens"), py::arg("page_table"), py::arg("table_index"), py::arg("slot"), py::arg("mass"),
-        py::arg("unit_tokens"),
-        py::arg("frame_slots"), py::arg("first_slot"), py::arg("sm_scale_log2"), py::arg("rope"),
-        py::arg("rope_center"), py::arg("rope_dims"), py::arg("core"), py::arg("stream"));
+        py::arg("cache_tokens"), py::arg("page_table"), py::arg("table_index"), py::arg("slot"), py::arg("window"),
+        py::arg("mass"), py::arg("unit_tokens"), py::arg("frame_slots"), py::arg("frame_lags"), py::arg("first_slot"),
+        py::arg("sm_scale_log2"), py::arg("rope"), py::arg("rope_center"), py::arg("rope_dims"), py::arg("core"),
+        py::arg("stream"));
   m.attr("attention_block_n") = xjfast::kAttentionBlockN;
   m.attr("attention_cores") = py::dict(py::arg("auto") = static_cast<int>(xjfast::kCoreAuto),
                                        py::arg("mma") = static_cast<int>(xjfast::kCoreMmaSync),

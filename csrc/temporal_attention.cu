@@ -128,8 +128,7 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
     // no row of the tile sees this unit: skip it whole
     if (ref.source == 2 && !warp_sees_unit(a, ref.pass_unit, m0, min(m0 + kBlockM, qt.Lq))) continue;
     const Unit unit = unit_of(a, ref, ui, b, h, D);
-    const bool visible[2] = {ref.source != 2 || unit_visible(a, ref.pass_unit, rows[0]),
-                             ref.source != 2 || unit_visible(a, ref.pass_unit, rows[1])};
+    const bool visible[2] = {row_sees(a, ref, rows[0]), row_sees(a, ref, rows[1])};
 
     const int tiles = (unit.tokens + kBlockN - 1) / kBlockN;
     const auto k_offset = [](int r, int c) { return Core::chunk_offset(r, c); };
@@ -138,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
     load_tile<D>(smem + L::kV, unit.v, unit.stride, 0, unit.tokens, v_offset);
     cp_async_commit();
     const float q_scale =
-        prepare_query_tile<In, D, Core>(qt, q_bh, m0, unit.slot, unit.k_mean, scratch, 0);
+        prepare_query_tile<In, D, Core>(qt, q_bh, m0, unit.slot, unit.anchored, unit.k_mean, scratch, 0);
     const float q_mean[2] = {scratch.mean[warp * 16 + g], scratch.mean[warp * 16 + g + 8]};
     const float score_scale = q_scale * unit.k_scale * qt.sm_scale_log2;
     st.to_value_units(unit.v_scale, true);
@@ -199,7 +198,7 @@ __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const Attentio
   float colsum[kBlockN / 8][2] = {};
   for (int m0 = 0; m0 < qt.Lq; m0 += kBlockM) {
     const float q_scale =
-        prepare_query_tile<In, D, Core>(qt, q_bh, m0, unit.slot, unit.k_mean, scratch, 0);
+        prepare_query_tile<In, D, Core>(qt, q_bh, m0, unit.slot, false, unit.k_mean, scratch, 0);
     cp_async_wait<0>();
     if constexpr (Core::kAsyncProxy) fence_proxy_async();
     __syncthreads();  // the key tile (first iteration) and the query tile are in shared memory
@@ -209,7 +208,7 @@ __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const Attentio
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = m0 + warp * 16 + g + 8 * r;
-      if (row >= qt.Lq) continue;
+      if (row >= qt.Lq || row_lag(qt, row) > a.window) continue;  // past Lq, or lagging past this page
       const float shift = scratch.mean[warp * 16 + g + 8 * r] -
                           __ldg(a.lse + (static_cast<int64_t>(b) * qt.H + h) * qt.Lq + row) * kLog2e;
 #pragma unroll
@@ -351,8 +350,8 @@ void attention_mass(const AttentionMassArgs& a, cudaStream_t stream) {
   check_queries(a.qt, element_size(a.qt.dtype));
   require(a.lse != nullptr && a.mass != nullptr, "lse and mass must not be null");
   check_units(a.cache, "cache", true);
-  require(a.page_table != nullptr && a.table_index >= 0 && a.slot >= 0,
-          "the page table must not be null, table_index and slot must be >= 0");
+  require(a.page_table != nullptr && a.table_index >= 0 && a.slot >= 0 && a.window >= 0,
+          "the page table must not be null, table_index, slot and window must be >= 0");
   const bool wgmma = use_wgmma(a.core);  // the warp-specialized attention's mass: the wgmma kernel
   dispatch(a.qt.dtype, a.qt.D, [&](auto t, auto d) {
     if (wgmma) launch_mass<decltype(t), decltype(d)::value, WgmmaCore>(a, stream);

@@ -20,6 +20,7 @@ struct QueryTiles {
   int B, H, Lq, D;
   int first_slot, unit_T;
   const int32_t* frame_slots;  // [Lq / unit_T]
+  const int32_t* frame_lags;   // [Lq / unit_T]: window frames hidden from the unit's rows, or null (none)
   float sm_scale_log2;         // softmax scale times log2(e)
   const float* rope;           // [2 * rope_center + 1, 2, D / 2] cos, sin per slot difference
   int rope_center, rope_dims;  // rope_dims == 0: no temporal rotary
@@ -66,6 +67,7 @@ struct AttentionMassArgs {
   PagedUnits cache;
   const int32_t* page_table;
   int table_index, slot;
+  int window;                  // the page's index among the window pages (frame_lags hide the oldest)
   int64_t* mass;               // [P, B, T] fixed point
   int core;                    // AttentionCore
 };

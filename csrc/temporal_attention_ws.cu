@@ -148,9 +148,9 @@ __global__ void __launch_bounds__(kThreads, 1) temporal_attention_ws_kernel(cons
     const UnitRef ref = unit_ref(a, ui);
     if (!cta_sees(a, ref, cta_m0, cta_m1)) continue;
     const Unit unit = unit_of(a, ref, ui, b, h, D);
-    const bool visible[2] = {ref.source != kPass || unit_visible(a, ref.pass_unit, rows[0]),
-                             ref.source != kPass || unit_visible(a, ref.pass_unit, rows[1])};
-    const float q_scale = prepare_query_tile<In, D, Core>(qt, q_bh, m0, unit.slot, unit.k_mean, scratch, 1 + c);
+    const bool visible[2] = {row_sees(a, ref, rows[0]), row_sees(a, ref, rows[1])};
+    const float q_scale = prepare_query_tile<In, D, Core>(qt, q_bh, m0, unit.slot, unit.anchored, unit.k_mean, scratch,
+                                                                1 + c);
     const float q_mean[2] = {scratch.mean[warp * 16 + g], scratch.mean[warp * 16 + g + 8]};
     const float score_scale = q_scale * unit.k_scale * qt.sm_scale_log2;
     st.to_value_units(unit.v_scale, true);

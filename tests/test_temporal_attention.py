@@ -693,20 +693,26 @@ def test_a_nan_key_reaches_only_the_rows_that_may_see_it(backend, precision):
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's max over the NaN rows
-@pytest.mark.parametrize("backend", [b for b in fast_backends("temporal_attention") if b.values[0] == "triton"])
-def test_a_nan_key_in_a_page_hidden_by_a_lag_stays_hidden(backend):
+@pytest.mark.parametrize("backend, precision", [
+    pytest.param(b.values[0], p, id=f"{b.values[0]}-{p}",
+                 marks=[*b.marks, *([pytest.mark.gpu(simt=True)] if p == "fp8" else [])])
+    for b in fast_backends("temporal_attention") for p in ("bf16", "fp8") if (b.values[0], p) != ("cuda", "bf16")])
+def test_a_nan_key_in_a_page_hidden_by_a_lag_stays_hidden(backend, precision):
     """frame_lags hide the oldest window page from a speculative pass's later frame, NaN keys
     included: with 100-token frames a query tile holds rows of both frames, and the lagged frame's
-    rows stay finite, as the reference's. (The CUDA attention takes no frame_lags.)"""
+    rows stay finite, as the reference's. In FP8 the reference's commit gives the page a NaN K
+    scale too, which the hidden rows must not take either. fp8 on a GPU (or the CUDA kernels' CPU
+    build) only: the interpreter decodes e4m3's NaN (0x7F) as 480."""
     T, dims = 100, 64
-    cache = StreamingKVCache(1, 1, 2, dims, T, sink_frames=1, window_frames=3, storage="bf16", device=DEVICE)
+    cache = StreamingKVCache(1, 1, 2, dims, T, sink_frames=1, window_frames=3, storage=precision, device=DEVICE,
+                             backend="reference")
     for f in range(5):  # the window holds frames 2, 3, 4: frame 2 is hidden from a lag of 1
         k, v = (t.to(DEVICE) for t in qkv(L=T, H=2, D=dims, dtype=torch.bfloat16)[1:])
         if f == 2:
             k[0, 7, 0, 3] = float("nan")
         cache.commit(0, k, v)
     q, k, v = (t.to(DEVICE) for t in qkv(L=2 * T, H=2, D=dims, dtype=torch.bfloat16))
-    kwargs = dict(block_tokens=T, kv_cache=cache, layer=0, precision="bf16", frame_lags=(0, 1))
+    kwargs = dict(block_tokens=T, kv_cache=cache, layer=0, precision=precision, frame_lags=(0, 1))
     out = temporal_attention(q, k, v, backend=backend, **kwargs)
     ref = temporal_attention(q, k, v, backend="reference", **kwargs)
     nan_rows, ref_rows = out[0, :, 0].isnan().any(-1), ref[0, :, 0].isnan().any(-1)
@@ -796,7 +802,7 @@ def cuda_call(**change):
     args = dict(q=fake, q_strides=[2 * 64 * 128, 2 * 128, 128], out=fake, out_strides=[2 * 64 * 128, 2 * 128, 128],
                 lse=fake, dtype=1, sizes=[1, 2, 64, 128], cache=[0] * 5, cache_tokens=1, cache_pages=0, page_table=0,
                 n_pages=0, n_sinks=0, keep=[0] * 5, keep_capacity=1, keep_count=0, pass_units=[fake] * 5, unit_tokens=64,
-                n_units=1, private_blocks=fake, block_tokens=64, causal=True, frame_slots=fake, first_slot=0,
+                n_units=1, private_blocks=fake, block_tokens=64, causal=True, frame_slots=fake, frame_lags=0, first_slot=0,
                 sm_scale_log2=0.1, rope=0, rope_center=0, rope_dims=0, core=0, stream=0)
     args.update(change)
     return args

@@ -81,9 +81,6 @@ class StreamGenerator:
         if speculate not in (0, 1) and (steps != 1 or frames_per_block != 1):
             raise ValueError(f"speculate: drafting needs steps=1 and frames_per_block=1, got steps={steps}, "
                              f"frames_per_block={frames_per_block}")
-        if speculate not in (0, 1) and backend == "cuda":
-            raise ValueError("speculate: a drafted pass's later frames attend with frame_lags, which the CUDA attention "
-                             "does not take: use backend='auto' (the Triton kernel runs those passes) or 'triton'")
         if isinstance(accept_tol, bool) or not isinstance(accept_tol, numbers.Real) or not 0 <= accept_tol < math.inf:
             raise ValueError(f"accept_tol: expected a finite relative L2 tolerance >= 0, got {accept_tol!r}")
         check_choice("precision", precision, PRECISIONS)

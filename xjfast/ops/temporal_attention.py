@@ -470,8 +470,6 @@ def _cuda_supports(q, k, v, plan: AttentionPlan, view) -> str | None:
         return reason
     if reason := shared_memory_reason(q.device):  # the pass's K/V go through the CUDA commit kernel
         return f"it quantizes the pass with the CUDA commit kernel: {reason}"
-    if plan.frame_lags:
-        return "the CUDA kernel takes no frame_lags (backend='triton' does)"
     if plan.precision != "fp8":
         return f"the CUDA kernel implements precision='fp8' (got {plan.precision!r}; backend='triton' runs it)"
     if view is not None and view.storage != "fp8":
@@ -569,7 +567,8 @@ def temporal_attention_cuda(q, k, v, plan: AttentionPlan, view, *, out=None, lse
     none = [0] * 5
     rope = (tables.rope.data_ptr() if tables.rope is not None else 0, tables.rope_center, tables.rope_dims)
     query = dict(q=q.data_ptr(), q_strides=list(q.stride()[:3]), dtype=DTYPE_CODES[q.dtype], sizes=[B, H, L, D])
-    shared = dict(unit_tokens=tables.unit_tokens, frame_slots=tables.slots.data_ptr(), first_slot=tables.first_slot,
+    shared = dict(unit_tokens=tables.unit_tokens, frame_slots=tables.slots.data_ptr(),
+                  frame_lags=tables.lags.data_ptr() if plan.frame_lags else 0, first_slot=tables.first_slot,
                   sm_scale_log2=plan.scale * 1.4426950408889634, rope=rope[0], rope_center=rope[1],
                   rope_dims=rope[2], stream=stream_handle(q.device))
     if view is not None:
@@ -591,5 +590,6 @@ def temporal_attention_cuda(q, k, v, plan: AttentionPlan, view, *, out=None, lse
         for table_index, slot in view.mass_units:
             ext.attention_mass(**query, lse=lse.data_ptr(), cache=cached["cache"], cache_tokens=view.k_pages.shape[2],
                                page_table=cached["page_table"], table_index=table_index, slot=slot,
+                               window=table_index - view.num_sinks,
                                mass=view.mass.data_ptr(), **shared)
     return out, lse
