@@ -197,6 +197,12 @@ __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const Attentio
 
   float colsum[kBlockN / 8][2] = {};
   for (int m0 = 0; m0 < qt.Lq; m0 += kBlockM) {
+    bool counted[2];  // rows past Lq, or lagging past this page (frame_lags), add nothing
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = m0 + warp * 16 + g + 8 * r;
+      counted[r] = row < qt.Lq && row_lag(qt, row) <= a.window;
+    }
     const float q_scale =
         prepare_query_tile<In, D, Core>(qt, q_bh, m0, unit.slot, false, unit.k_mean, scratch, 0);
     cp_async_wait<0>();
@@ -208,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) attention_mass_kernel(const Attentio
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = m0 + warp * 16 + g + 8 * r;
-      if (row >= qt.Lq || row_lag(qt, row) > a.window) continue;  // past Lq, or lagging past this page
+      if (!counted[r]) continue;
       const float shift = scratch.mean[warp * 16 + g + 8 * r] -
                           __ldg(a.lse + (static_cast<int64_t>(b) * qt.H + h) * qt.Lq + row) * kLog2e;
 #pragma unroll
