@@ -2,6 +2,7 @@
 kernel (each attention path, the cache commit in a cluster, the compaction staged and unstaged,
 denoise_step) on xjfast._C's CPU build compiled with AddressSanitizer (tests/simt_memcheck.py),
 which reports any access outside the tensors torch allocated or a CTA's dynamic shared memory."""
+import functools
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import simt_extension
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@functools.lru_cache(maxsize=None)
 def asan_preload() -> str | None:
     """LD_PRELOAD for ASan's runtime (first, as it must be) and libstdc++ (so that ASan intercepts
     C++ throws in a python that does not link it), or None where the compiler has no ASan."""

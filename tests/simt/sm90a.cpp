@@ -105,10 +105,14 @@ float fp8_accumulator(double x) {
 }
 
 // ---- mbarriers ---------------------------------------------------------------------------------
-Mbarrier& mbarrier(uint32_t address, const char* op) {
-  Cta& c = cta();
+void check_mbarrier_address(uint32_t address, const char* op) {
   if (address % 8) fail(std::string(op) + ": an mbarrier must be 8-byte aligned");
   shared_bytes(address, 8, op);
+}
+
+Mbarrier& mbarrier(uint32_t address, const char* op) {
+  Cta& c = cta();
+  check_mbarrier_address(address, op);
   const auto it = c.mbarriers.find(address);
   if (it == c.mbarriers.end())
     fail(std::string(op) + ": no mbarrier was initialized at shared address " + std::to_string(address));
@@ -131,6 +135,12 @@ struct TensorMap {
   uint32_t box[5];
 };
 static_assert(sizeof(TensorMap) <= sizeof(CUtensorMap), "a tensor map fits the driver's opaque 128 bytes");
+
+uint64_t box_bytes(const TensorMap& t) {
+  uint64_t bytes = t.element_bytes;
+  for (int i = 0; i < 5; ++i) bytes *= t.box[i];
+  return bytes;
+}
 
 int element_bytes(CUtensorMapDataType type) {
   switch (type) {
@@ -189,8 +199,6 @@ CUresult encode_tiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t ran
 // bytes complete on mbarrier `bar`. Runs in the scheduler, between rounds.
 void land(const TensorMap& t, const int (&coords)[5], uint32_t dst, uint32_t bar) {
   Cta& c = cta();
-  uint64_t bytes = t.element_bytes;
-  for (int i = 0; i < 5; ++i) bytes *= t.box[i];
   uint8_t* const window = c.dynamic - kDynamicBase;  // + a .shared address (checked at the issue)
   uint64_t offset = 0;
   for (uint32_t j4 = 0; j4 < t.box[4]; ++j4)
@@ -212,7 +220,7 @@ void land(const TensorMap& t, const int (&coords)[5], uint32_t dst, uint32_t bar
             else std::memset(window + address, 0, t.element_bytes);
           }
   Mbarrier& b = c.mbarriers.at(bar);
-  b.tx -= static_cast<int64_t>(bytes);  // (it may go below 0 until the expect_tx arrives)
+  b.tx -= static_cast<int64_t>(box_bytes(t));  // (it may go below 0 until the expect_tx arrives)
   settle(b);
 }
 
@@ -261,8 +269,7 @@ void setmaxnreg(int registers) {
 
 void mbarrier_init(uint32_t bar, int arrivals) {
   if (arrivals < 1 || arrivals >= (1 << 20)) fail("mbarrier.init: an arrival count in [1, 2^20)");
-  if (bar % 8) fail("mbarrier.init: an mbarrier must be 8-byte aligned");
-  shared_bytes(bar, 8, "mbarrier.init");
+  check_mbarrier_address(bar, "mbarrier.init");
   Mbarrier& b = cta().mbarriers[bar];
   b = Mbarrier{};
   b.expected = b.pending = arrivals;
@@ -294,9 +301,7 @@ void tma_load(const void* map, uint32_t dst, const int* coords, int rank, uint32
   if (t.rank != rank) fail("cp.async.bulk.tensor: a " + std::to_string(rank) + "-d load of a rank-" +
                            std::to_string(t.rank) + " tensor map");
   if (dst % 128) fail("cp.async.bulk.tensor: the shared-memory destination must be 128-byte aligned");
-  uint64_t bytes = t.element_bytes;
-  for (int i = 0; i < 5; ++i) bytes *= t.box[i];
-  shared_bytes(dst, bytes, "cp.async.bulk.tensor destination");
+  shared_bytes(dst, box_bytes(t), "cp.async.bulk.tensor destination");
   mbarrier(bar, "cp.async.bulk.tensor");
   int at[5] = {0, 0, 0, 0, 0};
   for (int i = 0; i < rank; ++i) at[i] = coords[i];
