@@ -52,10 +52,11 @@ def launches(op: str, backend: str, device) -> list[tuple[str, callable]]:
             keep, page = _stored(device, slots, dtype), _stored(device, T, dtype)
             return lambda: kv_cache_compact(keep, torch.rand(1, slots, device=device), kept, page,
                                             torch.rand(1, T, device=device), backend=backend)
-        # the CUDA kernel: one CTA; a cluster of 3; one unstaged CTA (fp32 rows beyond shared memory)
+        # the CUDA kernel: one CTA; a cluster of 3; one unstaged CTA (fp32 rows beyond shared memory) whose
+        # full buffer moves its kept slots down as the page's tokens displace some
         return [("a page into a half-full keep buffer", compact(KEEP, KEEP // 2)),
                 ("150 slots (3 chunks)", compact(150, 100)),
-                ("1400 fp32 slots", compact(1400, 1400 - T, torch.float32))]
+                ("1400 fp32 slots, full", compact(1400, 1400, torch.float32))]
     if op == "denoise_step":
         x = bf16(1, 16, 2, 10, 14)
         return [("head tokens, re-noised", lambda: denoise_step(x, bf16(1, 2 * 5 * 7, 64), 0.7, 0.3, noise_seed=1,

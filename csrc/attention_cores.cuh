@@ -123,7 +123,7 @@ struct MmaSyncCore {
 
 __device__ __forceinline__ void wgmma_fence() {
 #if defined(XJ_SIMT)
-  xj_simt::syncwarp();  // .sync.aligned: the warp's threads together
+  xj_simt::converge_warp();  // .sync.aligned: the warp's threads together (no memory barrier)
 #elif defined(XJ_WGMMA)
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #endif
@@ -160,7 +160,9 @@ __device__ __forceinline__ void fence_operands(const uint32_t (&r)[N][4]) {
 }
 // Shared memory written by ordinary stores (cp.async included) that the tensor cores read next.
 __device__ __forceinline__ void fence_proxy_async() {
-#if defined(XJ_WGMMA) && !defined(XJ_SIMT)  // the emulator has one proxy
+#if defined(XJ_SIMT)
+  xj_simt::fence_proxy_async();
+#elif defined(XJ_WGMMA)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }

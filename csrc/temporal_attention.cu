@@ -55,14 +55,15 @@ struct Layout {
 
 // ---- PTX ---------------------------------------------------------------------------------------
 // 16 bytes global -> shared, bypassing L1; src-size 0 writes zeros (keys past a unit's end read as 0).
-#ifdef XJ_SIMT  // copied at once: every group has arrived when it is waited for
+#ifdef XJ_SIMT
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-  if (valid) std::memcpy(dst, src, 16);
-  else std::memset(dst, 0, 16);
+  xj_simt::cp_async_16(dst, src, valid);
 }
-__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_commit() { xj_simt::cp_async_commit(); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait() {}
+__device__ __forceinline__ void cp_async_wait() {
+  xj_simt::cp_async_wait(N);
+}
 #else
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),

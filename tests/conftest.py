@@ -46,10 +46,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def cuda_on_the_cpu(request, monkeypatch):
     """A test of backend "cuda" marked simt (backends.fast_backends without a GPU) runs the CUDA
-    backend on CPU tensors, through xjfast._C compiled for the CPU (tests/simt_extension.py)."""
+    backend on CPU tensors, through xjfast._C compiled for the CPU (tests/simt_extension.py); with
+    XJFAST_SIMT_RACECHECK=1, through its racecheck build (a launch with a hazard fails with it)."""
     if request.node.get_closest_marker("simt") is not None:
         import simt_extension
-        simt_extension.use(monkeypatch)
+        simt_extension.use(monkeypatch, racecheck=os.environ.get("XJFAST_SIMT_RACECHECK") == "1")
 
 
 WORKER_ENDED_BY_A_LOST_CONTEXT = 87  # the exit status of a worker ended by pytest_runtest_logreport

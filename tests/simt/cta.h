@@ -8,10 +8,13 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include <cuda_runtime.h>
+
+#include "racecheck.h"
 
 namespace xj_simt {
 namespace detail {
@@ -23,6 +26,14 @@ constexpr uint32_t kDynamicBase = 0x480;   // the dynamic shared memory's .share
 struct Barrier {
   int arrived = 0;
   uint64_t generation = 0;
+  std::vector<int> members;  // the arrivals that order memory (racecheck), in this generation
+};
+
+// A cp.async in flight: it lands when its issuer waits for its group (cp.async.wait_group).
+struct CpAsync {
+  void* dst;
+  const void* src;
+  bool valid;  // false: 16 zeros
 };
 
 struct Fiber {
@@ -32,6 +43,8 @@ struct Fiber {
   bool done = false;
   uint64_t exchanges = 0;  // warp exchanges so far: which of the two buffers the next one uses
   void* fake_stack = nullptr;  // AddressSanitizer's, while the fiber is switched out
+  std::vector<CpAsync> copies;     // issued, not yet landed
+  std::vector<size_t> groups;      // the end in `copies` of each committed group
 };
 
 // A wgmma's operands as values: A (64 x 32) and B (N x 32).
@@ -55,6 +68,8 @@ struct Mbarrier {
   int expected = 0, pending = 0;  // arrivals per phase, and still to come in this one
   int64_t tx = 0;                 // transaction bytes expected and not yet complete
   uint32_t phase = 0;             // phases completed
+  std::vector<uint32_t> arrivals, completed[2];  // racecheck: this phase's releases; the last
+                                                 // completed phase of each parity
 };
 
 struct Cluster;
@@ -84,10 +99,13 @@ struct Cta {
   uint64_t random = 0;    // the state of the scheduler's pseudo-random draws
   std::vector<int> stalled;  // per warp: rounds it still sits out
   std::string error;      // set by a trap or an exception in a thread
+  std::unique_ptr<Racecheck> race;  // the racecheck build's (tests/simt/racecheck.h)
 };
 
 Cta& cta();
 Fiber& fiber();
+Cta* running_cta();  // null outside a launch
+extern thread_local char tl_anchor;  // in the library's thread_local storage, on every OS thread
 // Back to the scheduler: the fiber runs again in the next round, or later in this one.
 void yield();
 // Ends the calling fiber's CTA with `what` as its error.
@@ -101,10 +119,14 @@ void stall_warp();
 
 // Arrive at `b`, which `expected` threads complete; `last` runs in the arrival that completes it,
 // before any waiter goes on.
+// `orders_memory`: a barrier of the PTX memory model (bar.sync, bar.warp.sync), not a mere
+// rendezvous (a shuffle, a wgmma): racecheck orders the accesses before it in any member thread
+// before those after it in every other.
 template <class Last>
-void arrive_and_wait(Barrier& b, int expected, Last&& last) {
+void arrive_and_wait(Barrier& b, int expected, Last&& last, bool orders_memory = false) {
   Cta& c = cta();
   ++c.progress;
+  if (orders_memory && c.race) b.members.push_back(fiber().linear);
   const uint64_t gen = b.generation;
   if (++b.arrived >= expected) {
     last();
@@ -113,9 +135,13 @@ void arrive_and_wait(Barrier& b, int expected, Last&& last) {
   }
   while (b.generation == gen) yield();
 }
-inline void arrive_and_wait(Barrier& b, int expected) {
-  arrive_and_wait(b, expected, [] {});
+inline void arrive_and_wait(Barrier& b, int expected, bool orders_memory = false) {
+  arrive_and_wait(b, expected, [] {}, orders_memory);
 }
+
+// racecheck: the calling thread's access of `bytes` at `p`, by the kernel's instruction at `pc` or
+// the emulated instruction `op`; fails the CTA with the hazard it makes (nothing without racecheck).
+void race_access(const void* p, size_t bytes, Racecheck::Kind kind, const void* pc, const char* op = nullptr);
 
 // Byte `byte` of `word` as e4m3.
 float e4m3_value(uint32_t word, int byte);

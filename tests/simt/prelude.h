@@ -4,7 +4,7 @@
 // cluster on as many OS threads; barriers and warp collectives switch fibers (runtime.cpp).
 //
 // What it covers is what the kernels use: __syncthreads and named barriers, warp shuffles and
-// votes, ldmatrix and mma.sync m16n8k32 e4m3, cp.async (copied at once), 64-bit atomicAdd,
+// votes, ldmatrix and mma.sync m16n8k32 e4m3, cp.async (landing at its wait_group), 64-bit atomicAdd,
 // clusters with distributed shared memory; of sm_90a (XJ_WGMMA), wgmma m64nNk32 e4m3 through
 // shared-memory descriptors, mbarriers, TMA tensor loads (cuTensorMapEncodeTiled included) and
 // setmaxnreg; and the runtime calls the host code makes.
@@ -34,6 +34,8 @@ void syncthreads();
 // bar.sync id, threads
 void named_barrier(int id, int threads);
 void syncwarp();
+// The warp's threads together, ordering no memory (a .sync.aligned instruction that is no barrier).
+void converge_warp();
 [[noreturn]] void trap();
 
 // The 32 lanes' values of one warp-wide exchange: each lane passes its own, and after every lane
@@ -61,6 +63,12 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* row);
 // mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32, d += a . b
 void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 
+// cp.async.cg.shared.global of 16 bytes (zeros: !valid), commit_group and wait_group `pending`: a
+// copy lands when its thread waits for its group (or exits).
+void cp_async_16(void* dst, const void* src, bool valid);
+void cp_async_commit();
+void cp_async_wait(int pending);
+
 // The calling CTA's dynamic shared memory (poisoned with 0xFF bytes at the CTA's start).
 uint8_t* dynamic_shared();
 // Its address in the .shared window, as __cvta_generic_to_shared gives it (the window holds only
@@ -74,6 +82,9 @@ uint32_t shared_address(const void* p);
 // `a` (this warp's 16 x 32 in registers) or, when `a` is null, from descriptor a_desc; B from b_desc.
 void wgmma_e4m3(float* d, int n, const uint32_t* a, uint64_t a_desc, uint64_t b_desc, bool accumulate);
 void setmaxnreg(int registers);
+// fence.proxy.async.shared::cta: the calling thread's shared-memory writes so far become visible to
+// the async proxy (wgmma's operand reads) of the threads a barrier then orders after it.
+void fence_proxy_async();
 void mbarrier_init(uint32_t bar, int arrivals);
 // An arrival that first expects `tx_bytes` of transactions (mbarrier.arrive[.expect_tx]).
 void mbarrier_arrive(uint32_t bar, uint32_t tx_bytes);

@@ -111,6 +111,7 @@ struct Stacks {
 thread_local Stacks tl_stacks;
 
 Cta& cta() { return *tl_cta; }
+Cta* running_cta() { return tl_cta; }
 Fiber& fiber() { return cta().fibers[cta().current]; }
 
 void yield() {
@@ -130,7 +131,26 @@ void yield() {
 }
 
 void complete(Barrier& b) {
-  b.arrived = 0, ++b.generation, ++cta().progress;
+  Cta& c = cta();
+  if (c.race) c.race->join(b.members);
+  b.members.clear();
+  b.arrived = 0, ++b.generation, ++c.progress;
+}
+
+// The calling thread's cp.async groups but the newest `pending` land (cp.async.wait_group).
+void land_copies(size_t pending) {
+  Fiber& f = fiber();
+  if (f.groups.size() <= pending) return;
+  const size_t end = f.groups[f.groups.size() - 1 - pending];
+  for (size_t i = 0; i < end; ++i) {
+    const CpAsync& copy = f.copies[i];
+    race_access(copy.dst, 16, Racecheck::kWrite, nullptr, "cp.async, as its group is waited for");
+    if (copy.valid) std::memcpy(copy.dst, copy.src, 16);
+    else std::memset(copy.dst, 0, 16);
+  }
+  f.copies.erase(f.copies.begin(), f.copies.begin() + static_cast<std::ptrdiff_t>(end));
+  f.groups.erase(f.groups.begin(), f.groups.end() - static_cast<std::ptrdiff_t>(pending));
+  for (size_t& g : f.groups) g -= end;
 }
 
 uint64_t draw(uint64_t n) {
@@ -153,6 +173,10 @@ void fiber_main() {
   enter_stack(nullptr, &c.scheduler_stack, &c.scheduler_stack_bytes);
   try {
     (*c.body)();
+    if (!f.copies.empty()) {  // a thread's copies in flight land all the same as it exits
+      f.groups.push_back(f.copies.size());
+      land_copies(0);
+    }
   } catch (const std::exception& e) {
     if (c.error.empty()) c.error = std::string("exception in thread: ") + e.what();
   }
@@ -188,6 +212,9 @@ void run_cta(const std::function<void()>& body, uint3 block_index, dim3 block_di
   c.dynamic = dynamic.get(), c.dynamic_bytes = dynamic_bytes;
   c.cluster = cluster, c.rank = rank;
   c.body = &body;
+#ifdef XJ_SIMT_RACECHECK
+  c.race = std::make_unique<Racecheck>(threads, c.dynamic, c.dynamic_bytes);
+#endif
   if (cluster) cluster->dynamic[rank] = c.dynamic, cluster->anchor[rank] = &tl_anchor;
 
   std::vector<void*> stacks;
@@ -202,6 +229,7 @@ void run_cta(const std::function<void()>& body, uint3 block_index, dim3 block_di
     f.context.uc_stack.ss_size = kStackBytes;
     f.context.uc_link = &c.scheduler;
     makecontext(&f.context, fiber_main, 0);
+    if (c.race) c.race->set_stack(i, stacks.back(), kStackBytes);
   }
   Cta* outer = tl_cta;
   tl_cta = &c;
@@ -296,18 +324,23 @@ dim3 block_dim() { return cta().block_dim; }
 dim3 grid_dim() { return cta().grid_dim; }
 int lane_id() { return fiber().linear % 32; }
 
-void syncthreads() { arrive_and_wait(cta().barriers[0], cta().live); }
+void syncthreads() { arrive_and_wait(cta().barriers[0], cta().live, true); }
 
 void named_barrier(int id, int threads) {
   if (id < 0 || id >= kBarriers || threads % 32 != 0) fail("bar.sync: id 0..15 and a multiple of 32 threads");
-  arrive_and_wait(cta().barriers[id], threads);
+  arrive_and_wait(cta().barriers[id], threads, true);
 }
 
-void syncwarp() {
+namespace {
+void warp_barrier(bool orders_memory) {
   Cta& c = cta();
   const int warp = fiber().linear / 32;
-  arrive_and_wait(c.warp_barriers[warp], c.live_in_warp[warp]);
+  arrive_and_wait(c.warp_barriers[warp], c.live_in_warp[warp], orders_memory);
 }
+}  // namespace
+
+void syncwarp() { warp_barrier(true); }
+void converge_warp() { warp_barrier(false); }
 
 void trap() { fail("__trap()"); }
 
@@ -319,14 +352,18 @@ const void* warp_exchange(const void* mine, size_t bytes) {
   std::memcpy(buffer + lane * kLaneSlot, mine, bytes);
   ++f.exchanges;
   if (c.live_in_warp[warp] != 32) fail("a warp collective with exited lanes");
-  syncwarp();
+  converge_warp();
   return buffer;
 }
 
 void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   const auto rows = exchange(static_cast<const uint8_t*>(row));
   const int lane = lane_id();
-  for (int i = 0; i < 4; ++i) std::memcpy(&r[i], rows[8 * i + lane / 4] + 4 * (lane % 4), 4);
+  for (int i = 0; i < 4; ++i) {
+    const uint8_t* at = rows[8 * i + lane / 4] + 4 * (lane % 4);
+    race_access(at, 4, Racecheck::kRead, nullptr, "ldmatrix");
+    std::memcpy(&r[i], at, 4);
+  }
 }
 
 void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -351,6 +388,16 @@ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   }
 }
 
+void cp_async_16(void* dst, const void* src, bool valid) {
+  race_access(dst, 16, Racecheck::kWrite, nullptr, "cp.async, as it is issued");  // it may land from here on
+  fiber().copies.push_back({dst, src, valid});
+}
+void cp_async_commit() {
+  Fiber& f = fiber();
+  if (f.groups.empty() || f.groups.back() != f.copies.size()) f.groups.push_back(f.copies.size());
+}
+void cp_async_wait(int pending) { land_copies(static_cast<size_t>(pending)); }
+
 uint8_t* dynamic_shared() { return cta().dynamic; }
 
 uint32_t shared_address(const void* p) {
@@ -370,7 +417,7 @@ unsigned cluster_blocks() {
 void cluster_sync() {
   Cta& c = cta();
   bool ok = true;
-  arrive_and_wait(c.barriers[0], c.live, [&] { ok = !c.cluster || c.cluster->barrier.arrive_and_wait(); });
+  arrive_and_wait(c.barriers[0], c.live, [&] { ok = !c.cluster || c.cluster->barrier.arrive_and_wait(); }, true);
   if (!ok) fail("another CTA of the cluster failed");
 }
 

@@ -89,8 +89,9 @@ void read_operand(uint64_t desc, int rows, float (*out)[32]) {
   if (d.base_offset != 0) fail("wgmma: a descriptor base offset other than 0 (not emulated)");
   for (int r = 0; r < rows; ++r)
     for (int k = 0; k < 32; ++k) {
-      const uint32_t address = operand_address(d, r, k);
-      out[r][k] = e4m3_value(*shared_bytes(address, 1, "wgmma operand"), 0);
+      const uint8_t* byte = shared_bytes(operand_address(d, r, k), 1, "wgmma operand");
+      race_access(byte, 1, Racecheck::kAsyncRead, nullptr, "a wgmma operand");
+      out[r][k] = e4m3_value(*byte, 0);
     }
 }
 
@@ -120,7 +121,9 @@ Mbarrier& mbarrier(uint32_t address, const char* op) {
 }
 
 void settle(Mbarrier& b) {
-  if (b.pending == 0 && b.tx == 0) ++b.phase, b.pending = b.expected, ++cta().progress;
+  if (b.pending != 0 || b.tx != 0) return;
+  if (cta().race) b.completed[b.phase & 1].swap(b.arrivals), b.arrivals = cta().race->empty_clock();
+  ++b.phase, b.pending = b.expected, ++cta().progress;
 }
 
 // ---- TMA ---------------------------------------------------------------------------------------
@@ -197,7 +200,8 @@ CUresult encode_tiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t ran
 // The box of `map` at `coords` into shared memory at `dst` (in the box's order, innermost first,
 // each byte's address swizzled as the map says), elements outside the tensor as zeros; then its
 // bytes complete on mbarrier `bar`. Runs in the scheduler, between rounds.
-void land(const TensorMap& t, const int (&coords)[5], uint32_t dst, uint32_t bar) {
+// `copy`: the load as racecheck sees it (unused without racecheck).
+void land(const TensorMap& t, const int (&coords)[5], uint32_t dst, uint32_t bar, const Racecheck::Async& copy) {
   Cta& c = cta();
   uint8_t* const window = c.dynamic - kDynamicBase;  // + a .shared address (checked at the issue)
   uint64_t offset = 0;
@@ -218,8 +222,10 @@ void land(const TensorMap& t, const int (&coords)[5], uint32_t dst, uint32_t bar
             if (t.swizzle) address ^= ((address >> 7) & (t.swizzle / 16 - 1)) << 4;
             if (inside) std::memcpy(window + address, t.base + source, t.element_bytes);
             else std::memset(window + address, 0, t.element_bytes);
+            if (c.race && c.error.empty()) c.error = c.race->async_write(copy, window + address, t.element_bytes);
           }
   Mbarrier& b = c.mbarriers.at(bar);
+  if (c.race) Racecheck::complete(copy, b.arrivals);
   b.tx -= static_cast<int64_t>(box_bytes(t));  // (it may go below 0 until the expect_tx arrives)
   settle(b);
 }
@@ -267,18 +273,24 @@ void setmaxnreg(int registers) {
   warpgroup_rendezvous("setmaxnreg", static_cast<uint64_t>(registers), nothing, nothing);
 }
 
+void fence_proxy_async() {
+  if (cta().race) cta().race->fence_proxy_async(fiber().linear);
+}
+
 void mbarrier_init(uint32_t bar, int arrivals) {
   if (arrivals < 1 || arrivals >= (1 << 20)) fail("mbarrier.init: an arrival count in [1, 2^20)");
   check_mbarrier_address(bar, "mbarrier.init");
   Mbarrier& b = cta().mbarriers[bar];
   b = Mbarrier{};
   b.expected = b.pending = arrivals;
+  if (Racecheck* race = cta().race.get()) b.arrivals = b.completed[0] = b.completed[1] = race->empty_clock();
 }
 
 void mbarrier_arrive(uint32_t bar, uint32_t tx_bytes) {
   Mbarrier& b = mbarrier(bar, "mbarrier.arrive");
   if (b.pending == 0) fail("mbarrier.arrive: more arrivals than the phase expects");
   b.tx += tx_bytes;
+  if (cta().race) cta().race->release(fiber().linear, b.arrivals);
   --b.pending, ++cta().progress;
   settle(b);
 }
@@ -287,6 +299,7 @@ bool mbarrier_try_wait(uint32_t bar, uint32_t parity) {
   const Mbarrier& b = mbarrier(bar, "mbarrier.try_wait");
   // the phase of this parity is complete when the current (incomplete) phase has the other one
   const bool complete = (b.phase & 1) != (parity & 1);
+  if (complete && cta().race) cta().race->acquire(fiber().linear, b.completed[parity & 1]);
   if (!complete) yield();
   else if (draw(2) == 0) stall_warp();
   return complete;
@@ -305,7 +318,9 @@ void tma_load(const void* map, uint32_t dst, const int* coords, int rank, uint32
   mbarrier(bar, "cp.async.bulk.tensor");
   int at[5] = {0, 0, 0, 0, 0};
   for (int i = 0; i < rank; ++i) at[i] = coords[i];
-  cta().in_flight.push_back([t, at, dst, bar] { land(t, at, dst, bar); });
+  Racecheck::Async copy;
+  if (cta().race) copy = cta().race->issue(fiber().linear);
+  cta().in_flight.push_back([t, at, dst, bar, copy] { land(t, at, dst, bar, copy); });
 }
 
 }  // namespace xj_simt
