@@ -166,8 +166,10 @@ __global__ void __launch_bounds__(kThreads) temporal_attention_kernel(const Atte
       float alpha[2];
       softmax_tile<D, Core::kWholeTiles>(s, n0, unit.tokens, visible, score_scale, q_mean, st, pa, alpha);
       __syncthreads();  // the transposed V tile is complete
+      // No barrier here: the next tile's prefetch overwrites this stage, which every thread has
+      // finished reading (scores, transpose) before the barrier above, and its transpose overwrites
+      // s_vt only after the next tile's first barrier, which follows this product in every thread.
       Core::accumulate_pv(pa, s_vt, alpha, st.o);
-      __syncthreads();  // this stage and s_vt are free for the next prefetch and transpose
     }
     st.to_value_units(unit.v_scale, false);
   }
