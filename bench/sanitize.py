@@ -41,12 +41,16 @@ def launches(op: str, backend: str, device) -> list[tuple[str, callable]]:
         return torch.randn(*shape, device=device, dtype=torch.bfloat16)
 
     if op == "kv_cache_commit":
-        pages = [torch.randn(3, 1, T, H, D, device=device).to(E4M3) for _ in range(2)]
-        scales = [torch.empty(3, 1, H, device=device), torch.empty(3, 1, H, D, device=device),
-                  torch.empty(3, 1, H, D, device=device)]
-        ids = torch.tensor([2, 0], dtype=torch.int32, device=device)
-        return [("two frames into pages 2 and 0", lambda: kv_cache_commit(
-            bf16(1, 2 * T, H, D), bf16(1, 2 * T, H, D), *pages, *scales, ids, backend=backend))]
+        def commit(tokens, pages, ids):  # frames of `tokens` into pages `ids` of `pages`
+            stored = [torch.randn(pages, 1, tokens, H, D, device=device).to(E4M3) for _ in range(2)]
+            scales = [torch.empty(pages, 1, H, device=device), torch.empty(pages, 1, H, D, device=device),
+                      torch.empty(pages, 1, H, D, device=device)]
+            page_ids = torch.tensor(ids, dtype=torch.int32, device=device)
+            return lambda: kv_cache_commit(bf16(1, len(ids) * tokens, H, D), bf16(1, len(ids) * tokens, H, D),
+                                           *stored, *scales, page_ids, backend=backend)
+        # the CUDA kernel: a CTA per short frame; a 300-token frame over a cluster of 3
+        return [("two frames into pages 2 and 0", commit(T, 3, [2, 0])),
+                ("a 300-token frame into page 1", commit(300, 2, [1]))]
     if op == "kv_cache_compact":
         def compact(slots, kept, dtype=E4M3):  # `kept` of `slots` in use, then a page of T tokens
             keep, page = _stored(device, slots, dtype), _stored(device, T, dtype)

@@ -53,8 +53,11 @@ def unavailable_reason() -> str | None:
 
 
 def _sources() -> list[str]:
-    return sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu"))) + [os.path.join(ROOT, "csrc", "bindings.cpp")] + sorted(
-        glob.glob(os.path.join(SIMT, "*.cpp")))
+    # the emulator's objects first: of a template instantiation both it and an instrumented kernel
+    # object hold, the linker keeps the first, and the emulator's own must not report its accesses
+    emulator = sorted(glob.glob(os.path.join(SIMT, "*.cpp")))
+    return ([s for s in emulator if not _instrumented(s)] + sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu"))) +
+            [os.path.join(ROOT, "csrc", "bindings.cpp")] + [s for s in emulator if _instrumented(s)])
 
 
 def _instrumented(source: str) -> bool:

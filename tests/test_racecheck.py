@@ -1,9 +1,11 @@
 """compute-sanitizer's racecheck, without a GPU: xjfast._C's CPU build with the kernels compiled
 under gcc's ThreadSanitizer instrumentation, whose calls tests/simt/racecheck.cpp answers with a
-happens-before race detector over each CTA's shared memory (and the global memory its threads
-touch). A launch with two accesses of a byte by different threads, one a write, that no barrier,
-__syncwarp, mbarrier wait or cp.async wait orders, fails with the hazard. Control kernels
-(tests/simt/race_controls.cpp) show each kind of hazard is seen, and that the ordering silences it."""
+happens-before race detector over the shared memory of each CTA or cluster (and the global memory
+their threads touch). A launch with two accesses of a byte by different threads, one a write, that
+no barrier, cluster barrier, __syncwarp, mbarrier wait or cp.async wait orders fails with the
+hazard, as does a wgmma operand read no fence.proxy.async covers, or a CTA that exits while a
+cluster peer may still read its shared memory. Control kernels (tests/simt/race_controls.cpp) show
+that each kind of hazard is seen, and that the ordering silences it."""
 import ctypes
 import re
 import subprocess
@@ -43,10 +45,14 @@ CONTROLS = {  # control -> the hazard its unordered version makes (the two acces
     "lanes": SHARED + ": thread \\d+ \\(warp (\\d+)\\).* thread \\d+ \\(warp \\2\\)",  # within one warp
     "mbarrier": SHARED,
     "cp_async": SHARED,
-    "tma": "write-after-read hazard at byte 128 of the dynamic shared memory: a TMA load issued by thread 0 writes",
+    "tma": "write-after-read hazard at byte 128 of the dynamic shared memory: a TMA load issued by thread 0 \\(warp 0\\) writes",
     "wgmma_operands": "read-after-write \\(no fence.proxy.async between the generic write and the async-proxy "
                       "read\\) hazard at byte \\d+ of the dynamic shared memory: thread \\d+ \\(warp \\d+\\) reads it "
                       "\\(a wgmma operand\\)",
+    # the peer exits before the read, or after it with nothing ordering the read first
+    "cluster_peer": "(an access of byte \\d+ of the static shared memory of the cluster's CTA \\d by thread \\d+ "
+                    "\\(warp \\d\\) of the cluster's CTA \\d after that CTA exited|the cluster's CTA \\d exits while "
+                    "thread \\d+ \\(warp \\d\\) of the cluster's CTA \\d may still access byte \\d+ of the static)",
 }
 
 

@@ -99,12 +99,20 @@ struct Cta {
   uint64_t random = 0;    // the state of the scheduler's pseudo-random draws
   std::vector<int> stalled;  // per warp: rounds it still sits out
   std::string error;      // set by a trap or an exception in a thread
-  std::unique_ptr<Racecheck> race;  // the racecheck build's (tests/simt/racecheck.h)
+  // the racecheck build's (tests/simt/racecheck.h): the CTA's own, or its cluster's
+  Racecheck* race = nullptr;
+  std::unique_ptr<Racecheck> own_race;
+  uint64_t cluster_syncs = 0;  // cluster barriers so far
 };
 
 Cta& cta();
 Fiber& fiber();
 Cta* running_cta();  // null outside a launch
+// The calling thread's number in racecheck: unique in its cluster.
+inline int race_id() {
+  Cta& c = cta();
+  return static_cast<int>(c.rank * c.fibers.size()) + fiber().linear;
+}
 extern thread_local char tl_anchor;  // in the library's thread_local storage, on every OS thread
 // Back to the scheduler: the fiber runs again in the next round, or later in this one.
 void yield();
@@ -126,7 +134,7 @@ template <class Last>
 void arrive_and_wait(Barrier& b, int expected, Last&& last, bool orders_memory = false) {
   Cta& c = cta();
   ++c.progress;
-  if (orders_memory && c.race) b.members.push_back(fiber().linear);
+  if (orders_memory && c.race) b.members.push_back(race_id());
   const uint64_t gen = b.generation;
   if (++b.arrived >= expected) {
     last();

@@ -143,30 +143,46 @@ void tma(bool wait) {
   }
 }
 
+// A cluster of two CTAs: each writes its static shared word, and after a cluster barrier reads its
+// peer's; without a second barrier a CTA may exit (its shared memory gone) before its peer's read.
+void cluster_peer(bool barrier) {
+  __shared__ float word[kThreads];
+  const int t = threadIdx.x;
+  word[t] = static_cast<float>(t);
+  xj_simt::cluster_sync();
+  const float* peer = static_cast<const float*>(xj_simt::map_shared_rank(word, 1 - xj_simt::cluster_rank()));
+  if (peer[t] < 0.f) __trap();
+  if (barrier) xj_simt::cluster_sync();
+}
+
+struct Control {
+  const char* name;
+  void (*run)(bool);
+  int cluster;  // CTAs: 0, one CTA without a cluster
+};
+constexpr Control kControls[] = {
+    {"neighbours", neighbours, 0},   {"overwrite", overwrite, 0},
+    {"static_neighbours", static_neighbours, 0}, {"global_neighbours", global_neighbours, 0},
+    {"lanes", lanes, 0},             {"mbarrier", mbarrier_handoff, 0},
+    {"cp_async", cp_async, 0},       {"tma", tma, 0},
+    {"wgmma_operands", wgmma_operands, 0}, {"cluster_peer", cluster_peer, 2},
+};
+
 }  // namespace
 
-// Runs control `name` ("neighbours", "overwrite", "static_neighbours", "global_neighbours",
-// "lanes", "mbarrier", "cp_async", "tma", "wgmma_operands") as one CTA of 128 threads, with its ordering (`ordered`) or without: "" when
-// the launch passes, else its error (the racecheck's report, in the racecheck build).
+// Runs control `name` (of kControls), CTAs of 128 threads, with its ordering (`ordered`) or
+// without: "" when the launch passes, else its error (the racecheck's report, in the racecheck build).
 extern "C" __attribute__((visibility("default"))) const char* xj_simt_race_control(const char* name, int ordered) {
   static thread_local std::string result;
-  void (*control)(bool) = nullptr;
-  const std::string n = name;
-  if (n == "neighbours") control = neighbours;
-  if (n == "overwrite") control = overwrite;
-  if (n == "static_neighbours") control = static_neighbours;
-  if (n == "global_neighbours") control = global_neighbours;
-  if (n == "lanes") control = lanes;
-  if (n == "mbarrier") control = mbarrier_handoff;
-  if (n == "cp_async") control = cp_async;
-  if (n == "tma") control = tma;
-  if (n == "wgmma_operands") control = wgmma_operands;
-  if (control == nullptr) return "no such control";
-  try {
-    xj_simt::launch(dim3(1), dim3(kThreads), 8192, 0, [&] { control(ordered != 0); });
-    result.clear();
-  } catch (const std::exception& e) {
-    result = e.what();
+  for (const Control& c : kControls) {
+    if (std::strcmp(c.name, name) != 0) continue;
+    try {
+      xj_simt::launch(dim3(std::max(c.cluster, 1)), dim3(kThreads), 8192, c.cluster, [&] { c.run(ordered != 0); });
+      result.clear();
+    } catch (const std::exception& e) {
+      result = e.what();
+    }
+    return result.c_str();
   }
-  return result.c_str();
+  return "no such control";
 }

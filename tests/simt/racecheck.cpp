@@ -24,7 +24,18 @@ bool ordered_before(uint32_t epoch, const uint32_t* clock) {
   return epoch == 0 || clock[epoch >> kClockBits] >= (epoch & kClockMask);
 }
 
+// Inside the racecheck, on this OS thread: an instrumented function it reaches (a template
+// instantiation the linker took from a kernel's object) is not the kernel's access.
+thread_local int tl_inside = 0;
+
 }  // namespace
+
+// The racecheck's lock, held by each of its operations (a cluster's CTAs run on OS threads at once).
+struct Racecheck::Guard {
+  std::lock_guard<std::mutex> lock;
+  explicit Guard(std::mutex& m) : lock(m) { ++tl_inside; }
+  ~Guard() { --tl_inside; }
+};
 
 std::pair<const uint8_t*, size_t> static_shared() {
   struct Search {
@@ -47,26 +58,36 @@ std::pair<const uint8_t*, size_t> static_shared() {
   return search.found;
 }
 
-Racecheck::Racecheck(int threads, const uint8_t* dynamic, size_t dynamic_bytes)
-    : threads_(threads), width_(threads + kAsyncSlots), clocks_(static_cast<size_t>(threads) * width_, 0),
-      issuers_(kAsyncSlots, 0), async_ticks_(kAsyncSlots, 0), dynamic_(dynamic), dynamic_bytes_(dynamic_bytes),
-      fences_(threads) {
-  std::tie(static_, static_bytes_) = static_shared();
-  cells_.reset(static_cast<Cell*>(std::calloc(dynamic_bytes_ + static_bytes_, sizeof(Cell))));
-  if (!cells_) throw std::runtime_error("simt racecheck: no memory for the shadow of shared memory");
+Racecheck::Racecheck(int cta_threads, int ctas)
+    : cta_threads_(cta_threads), threads_(cta_threads * ctas), width_(threads_ + kAsyncSlots),
+      clocks_(static_cast<size_t>(threads_) * width_, 0), issuers_(kAsyncSlots, 0), async_ticks_(kAsyncSlots, 0),
+      shared_(ctas), stacks_(threads_, {nullptr, nullptr}), fences_(threads_) {
   for (int t = 0; t < threads_; ++t) row(t)[t] = 1;
 }
 
-void Racecheck::set_stack(int thread, const void* begin, size_t bytes) {
-  if (stacks_.empty()) stacks_.resize(threads_, {nullptr, nullptr});
-  stacks_[thread] = {static_cast<const uint8_t*>(begin), static_cast<const uint8_t*>(begin) + bytes};
+void Racecheck::add_cta(int rank, const uint8_t* dynamic, size_t dynamic_bytes, const std::vector<void*>& stacks,
+                        size_t stack_bytes) {
+  const auto [statics, static_bytes] = static_shared();  // (of the calling OS thread, which runs the CTA)
+  const Guard guard(mutex_);
+  Shared& m = shared_[rank];
+  m.dynamic = dynamic, m.dynamic_bytes = dynamic_bytes, m.statics = statics, m.static_bytes = static_bytes;
+  m.cells.reset(static_cast<Cell*>(std::calloc(dynamic_bytes + static_bytes, sizeof(Cell))));
+  if (!m.cells) throw std::runtime_error("simt racecheck: no memory for the shadow of shared memory");
+  for (size_t i = 0; i < stacks.size(); ++i) {
+    const auto* begin = static_cast<const uint8_t*>(stacks[i]);
+    stacks_[rank * cta_threads_ + i] = {begin, begin + stack_bytes};
+  }
 }
 
-Racecheck::Cell* Racecheck::cell(const void* p, int id) {
+Racecheck::Cell* Racecheck::cell(const void* p, int id, std::string& hazard) {
   const auto* b = static_cast<const uint8_t*>(p);
-  if (b >= dynamic_ && b < dynamic_ + dynamic_bytes_) return cells_.get() + (b - dynamic_);
-  if (b >= static_ && b < static_ + static_bytes_) return cells_.get() + dynamic_bytes_ + (b - static_);
-  if (id < threads_ && !stacks_.empty() && b >= stacks_[id].first && b < stacks_[id].second) return nullptr;
+  for (Shared& m : shared_) {
+    if (!m.holds(b)) continue;
+    if (m.exited) hazard = "racecheck: an access of " + where(b) + " by " + who(id) + " after that CTA exited";
+    const bool dynamic = b >= m.dynamic && b < m.dynamic + m.dynamic_bytes;
+    return m.cells.get() + (dynamic ? b - m.dynamic : m.dynamic_bytes + (b - m.statics));
+  }
+  if (id < threads_ && b >= stacks_[id].first && b < stacks_[id].second) return nullptr;
   return &global_[p];
 }
 
@@ -75,10 +96,12 @@ void Racecheck::tick(int id) {
 }
 
 std::string Racecheck::access(int thread, const void* p, size_t bytes, Kind kind, const void* pc, const char* op) {
+  const Guard guard(mutex_);
   return check(row(thread), thread, p, bytes, kind, pc, op);
 }
 
 void Racecheck::fence_proxy_async(int thread) {
+  const Guard guard(mutex_);
   fences_[thread].push_back(row(thread)[thread]);
   tick(thread);  // its writes from here on need a later fence
 }
@@ -93,9 +116,11 @@ std::string Racecheck::check(const uint32_t* clock, int id, const void* p, size_
                              const char* op) {
   const bool write = kind == kWrite;
   const uint32_t now = static_cast<uint32_t>(id) << kClockBits | clock[id];
+  std::string hazard;
   for (size_t i = 0; i < bytes; ++i) {
     const auto* at = static_cast<const uint8_t*>(p) + i;
-    Cell* c = cell(at, id);
+    Cell* c = cell(at, id, hazard);
+    if (!hazard.empty()) return hazard;
     if (c == nullptr) continue;
     if (!ordered_before(c->write, clock))
       return describe(write ? "write-after-write" : "read-after-write", at, id, write, c->write, true, pc, op);
@@ -128,35 +153,45 @@ std::string Racecheck::check(const uint32_t* clock, int id, const void* p, size_
   return {};
 }
 
-std::string Racecheck::describe(const char* hazard, const void* p, int id, bool write, uint32_t earlier,
+std::string Racecheck::where(const uint8_t* b) const {
+  for (size_t r = 0; r < shared_.size(); ++r) {
+    const Shared& m = shared_[r];
+    if (!m.holds(b)) continue;
+    const bool dynamic = b >= m.dynamic && b < m.dynamic + m.dynamic_bytes;
+    return "byte " + std::to_string(dynamic ? b - m.dynamic : b - m.statics) + " of the " +
+           (dynamic ? "dynamic" : "static") + " shared memory" +
+           (shared_.size() > 1 ? " of the cluster's CTA " + std::to_string(r) : "");
+  }
+  char global[48];
+  snprintf(global, sizeof global, "global memory at %p", static_cast<const void*>(b));
+  return global;
+}
+
+std::string Racecheck::who(int id) const {
+  if (id >= threads_) return "a TMA load issued by " + who(issuers_[id - threads_]);
+  const int t = id % cta_threads_;
+  return "thread " + std::to_string(t) + " (warp " + std::to_string(t / 32) + ")" +
+         (shared_.size() > 1 ? " of the cluster's CTA " + std::to_string(id / cta_threads_) : "");
+}
+
+std::string Racecheck::describe(const char* hazard, const uint8_t* b, int id, bool write, uint32_t earlier,
                                 bool earlier_write, const void* pc, const char* op) const {
-  const auto* b = static_cast<const uint8_t*>(p);
-  const bool dynamic = b >= dynamic_ && b < dynamic_ + dynamic_bytes_, shared = dynamic || (b >= static_ &&
-                                                                                          b < static_ + static_bytes_);
-  const auto who = [&](int x) {
-    if (x >= threads_) return "a TMA load issued by thread " + std::to_string(issuers_[x - threads_]);
-    return "thread " + std::to_string(x) + " (warp " + std::to_string(x / 32) + ")";
-  };
   std::string at = op ? op : "an instruction outside the library";
   Dl_info info;
-  if (!op && pc && dladdr(pc, &info) && info.dli_fbase)
-    at = "pc 0x" + [](uintptr_t x) {
-      char s[32];
-      snprintf(s, sizeof s, "%lx", static_cast<unsigned long>(x));
-      return std::string(s);
-    }(reinterpret_cast<uintptr_t>(pc) - reinterpret_cast<uintptr_t>(info.dli_fbase)) + " in " + info.dli_fname;
-  char global[48];
-  snprintf(global, sizeof global, "global memory at %p", p);
-  return std::string("racecheck: ") + hazard + " hazard at " +
-         (shared ? "byte " + std::to_string(dynamic ? b - dynamic_ : b - static_) + " of the " +
-                       (dynamic ? "dynamic" : "static") + " shared memory"
-                 : std::string(global)) + ": " + who(id) + (write ? " writes" : " reads") +
-         " it (" + at + ") and " + who(static_cast<int>(earlier >> kClockBits)) +
+  if (!op && pc && dladdr(pc, &info) && info.dli_fbase) {
+    char offset[32];
+    snprintf(offset, sizeof offset, "pc 0x%lx",
+             static_cast<unsigned long>(reinterpret_cast<uintptr_t>(pc) - reinterpret_cast<uintptr_t>(info.dli_fbase)));
+    at = std::string(offset) + " in " + info.dli_fname;
+  }
+  return std::string("racecheck: ") + hazard + " hazard at " + where(b) + ": " + who(id) +
+         (write ? " writes" : " reads") + " it (" + at + ") and " + who(static_cast<int>(earlier >> kClockBits)) +
          (earlier_write ? " wrote" : " read") + " it with no barrier, mbarrier or wait ordering the two";
 }
 
 void Racecheck::join(const std::vector<int>& members) {
   if (members.size() < 2) return;
+  const Guard guard(mutex_);
   std::vector<uint32_t> all(width_, 0);
   for (int m : members) {
     const uint32_t* r = row(m);
@@ -168,18 +203,68 @@ void Racecheck::join(const std::vector<int>& members) {
   }
 }
 
+void Racecheck::cluster_arrive(uint64_t generation, const std::vector<int>& members) {
+  const Guard guard(mutex_);
+  auto& [clock, ctas] = cluster_syncs_[generation];
+  if (clock.empty()) clock.assign(width_, 0);
+  ++ctas;
+  for (int m : members) {
+    const uint32_t* r = row(m);
+    for (int j = 0; j < width_; ++j) clock[j] = std::max(clock[j], r[j]);
+  }
+}
+
+void Racecheck::cluster_depart(uint64_t generation, const std::vector<int>& members) {
+  const Guard guard(mutex_);
+  auto it = cluster_syncs_.find(generation);
+  for (int m : members) {
+    uint32_t* r = row(m);
+    for (int j = 0; j < width_; ++j) r[j] = std::max(r[j], it->second.first[j]);
+    tick(m);
+  }
+  if (--it->second.second == 0) cluster_syncs_.erase(it);  // the last CTA of this barrier has read it
+}
+
+std::string Racecheck::exit_cta(int rank, const std::vector<int>& members) {
+  const Guard guard(mutex_);
+  Shared& m = shared_[rank];
+  m.exited = true;
+  if (shared_.size() < 2) return {};
+  std::vector<uint32_t> end(width_, 0);  // the clock of its exit: after all its threads did
+  for (int t : members)
+    for (int j = 0; j < width_; ++j) end[j] = std::max(end[j], row(t)[j]);
+  const auto peer = [&](uint32_t epoch) {
+    const int id = static_cast<int>(epoch >> kClockBits);
+    return epoch != 0 && id < threads_ && id / cta_threads_ != rank && !ordered_before(epoch, end.data());
+  };
+  for (size_t i = 0; i < m.dynamic_bytes + m.static_bytes; ++i) {
+    const Cell& c = m.cells.get()[i];
+    const uint8_t* b = i < m.dynamic_bytes ? m.dynamic + i : m.statics + (i - m.dynamic_bytes);
+    uint32_t late = peer(c.write) ? c.write : 0;
+    for (uint32_t r : c.reads) late = late ? late : peer(r) ? r : 0;
+    if (late)
+      return "racecheck: the cluster's CTA " + std::to_string(rank) + " exits while " +
+             who(static_cast<int>(late >> kClockBits)) + " may still access " + where(b) +
+             " (no cluster barrier orders that access before the exit)";
+  }
+  return {};
+}
+
 void Racecheck::release(int thread, std::vector<uint32_t>& arrivals) {
+  const Guard guard(mutex_);
   const uint32_t* r = row(thread);
   for (int j = 0; j < width_; ++j) arrivals[j] = std::max(arrivals[j], r[j]);
   tick(thread);
 }
 
 void Racecheck::acquire(int thread, const std::vector<uint32_t>& phase) {
+  const Guard guard(mutex_);
   uint32_t* r = row(thread);
   for (int j = 0; j < width_; ++j) r[j] = std::max(r[j], phase[j]);
 }
 
 Racecheck::Async Racecheck::issue(int thread) {
+  const Guard guard(mutex_);
   Async copy;
   copy.slot = next_slot_++ % kAsyncSlots, copy.issuer = thread;
   issuers_[copy.slot] = thread;
@@ -192,6 +277,7 @@ Racecheck::Async Racecheck::issue(int thread) {
 }
 
 std::string Racecheck::async_write(const Async& copy, const void* p, size_t bytes) {
+  const Guard guard(mutex_);
   return check(copy.clock.data(), threads_ + copy.slot, p, bytes, kWrite, nullptr, "its landing");
 }
 
@@ -201,8 +287,8 @@ void Racecheck::complete(const Async& copy, std::vector<uint32_t>& arrivals) {
 
 void race_access(const void* p, size_t bytes, Racecheck::Kind kind, const void* pc, const char* op) {
   Cta* c = running_cta();
-  if (c == nullptr || !c->race || c->current < 0) return;
-  const std::string hazard = c->race->access(c->current, p, bytes, kind, pc, op);
+  if (c == nullptr || !c->race || c->current < 0 || tl_inside) return;
+  const std::string hazard = c->race->access(race_id(), p, bytes, kind, pc, op);
   if (!hazard.empty()) fail(hazard);
 }
 

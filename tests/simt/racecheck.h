@@ -1,20 +1,23 @@
 // The emulator's racecheck (compute-sanitizer's, without a GPU): a happens-before race detector
-// over one CTA's shared memory, dynamic and static, and (unlike compute-sanitizer's) over the
-// global memory its threads read and write. Each CUDA thread keeps a vector clock; bar.sync
-// (__syncthreads, named barriers, cluster syncs), __syncwarp, mbarrier arrive -> wait, a TMA load's
-// completion and cp.async's wait_group are the only edges between threads. Two accesses of a byte
-// by different threads, one a write, with no chain of those edges between them, are a hazard (the
-// FastTrack algorithm: a byte keeps its last write and its last few unordered reads). Warp
-// shuffles and votes, wgmma's rendezvous and setmaxnreg order no memory here, as the PTX memory
-// model says of them. A wgmma's operand read is the async proxy's: a thread's write it reads must
-// also be followed, in that thread, by a fence.proxy.async that the read is ordered after (TMA's
-// writes are the async proxy's own). Internal to tests/simt.
+// over the shared memory of a CTA (or of the CTAs of a cluster), dynamic and static, and (unlike
+// compute-sanitizer's) over the global memory their threads read and write. Each CUDA thread keeps
+// a vector clock; bar.sync (__syncthreads, named barriers), cluster barriers, __syncwarp, mbarrier
+// arrive -> wait, a TMA load's completion and cp.async's wait_group are the only edges between
+// threads. Two accesses of a byte by different threads, one a write, with no chain of those edges
+// between them, are a hazard (the FastTrack algorithm: a byte keeps its last write and its last few
+// unordered reads), as is an access of a cluster peer's shared memory that its exit is not ordered
+// after. Warp shuffles and votes, wgmma's rendezvous and setmaxnreg order no memory here, as the
+// PTX memory model says of them. A wgmma's operand read is the async proxy's: a thread's write it
+// reads must also be followed, in that thread, by a fence.proxy.async that the read is ordered
+// after (TMA's writes are the async proxy's own). Internal to tests/simt.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -32,12 +35,17 @@ class Racecheck {
     std::vector<uint32_t> clock;
     int slot = 0, issuer = 0;
   };
-
-  // `threads` CUDA threads; shared memory is `dynamic` and the OS thread's block of thread_local
-  // storage that holds csrc/'s static __shared__ arrays.
-  Racecheck(int threads, const uint8_t* dynamic, size_t dynamic_bytes);
-
   enum Kind { kRead, kWrite, kAsyncRead };
+
+  // The CTAs of a launch without clusters have one each; those of a cluster share one, as they
+  // share their shared memory. A thread is numbered rank * cta_threads + its index in its CTA.
+  // Its methods may be called from the cluster's OS threads at once.
+  Racecheck(int cta_threads, int ctas);
+  // CTA `rank`'s shared memory: `dynamic`, and the block of thread_local storage of the OS thread
+  // that runs it (csrc/'s static __shared__ arrays); its threads' stacks after `stacks` (kStackBytes each).
+  void add_cta(int rank, const uint8_t* dynamic, size_t dynamic_bytes, const std::vector<void*>& stacks,
+               size_t stack_bytes);
+
   // Thread `thread`'s access of `bytes` at `p` (`pc`: the instruction, for the report; `op`: the
   // emulated instruction instead): the first hazard it makes, or "". The thread's own stack (its
   // registers and local memory) is not checked.
@@ -46,6 +54,13 @@ class Racecheck {
   void fence_proxy_async(int thread);
   // The threads `members` pass a barrier together: each sees what any did before it.
   void join(const std::vector<int>& members);
+  // A cluster barrier, of which each CTA's `members` first arrive (all CTAs' before any departs),
+  // then depart, each time with its count `generation` of cluster barriers.
+  void cluster_arrive(uint64_t generation, const std::vector<int>& members);
+  void cluster_depart(uint64_t generation, const std::vector<int>& members);
+  // CTA `rank`, whose threads are `members`, exits: any access of its shared memory by another
+  // CTA's thread that its exit is not ordered after, and any later one, is a hazard.
+  std::string exit_cta(int rank, const std::vector<int>& members);
   // An mbarrier arrival (release into `arrivals`) and a wait it lets through (acquire from `phase`).
   void release(int thread, std::vector<uint32_t>& arrivals);
   void acquire(int thread, const std::vector<uint32_t>& phase);
@@ -55,36 +70,47 @@ class Racecheck {
   static void complete(const Async& copy, std::vector<uint32_t>& arrivals);
   // A vector clock of zeros (an mbarrier's phase before any arrival).
   std::vector<uint32_t> empty_clock() const { return std::vector<uint32_t>(width_, 0); }
-  // Thread `thread`'s stack: [begin, begin + bytes).
-  void set_stack(int thread, const void* begin, size_t bytes);
 
  private:
   static constexpr int kReads = 4;  // unordered reads a byte remembers (more: some are forgotten)
   struct Cell {
     uint32_t write = 0, reads[kReads] = {0, 0, 0, 0};
   };
-  Cell* cell(const void* p, int id);
+  // One CTA's shared memory and its shadow: the dynamic bytes, then the static's (calloc: pages
+  // no access touches cost nothing).
+  struct Shared {
+    const uint8_t *dynamic = nullptr, *statics = nullptr;
+    size_t dynamic_bytes = 0, static_bytes = 0;
+    std::unique_ptr<Cell, decltype(&std::free)> cells{nullptr, &std::free};
+    bool exited = false;
+    bool holds(const uint8_t* b) const {
+      return (b >= dynamic && b < dynamic + dynamic_bytes) || (b >= statics && b < statics + static_bytes);
+    }
+  };
+  Cell* cell(const void* p, int id, std::string& hazard);
   std::string check(const uint32_t* clock, int id, const void* p, size_t bytes, Kind kind, const void* pc,
                     const char* op);
-  std::string describe(const char* hazard, const void* p, int id, bool write, uint32_t earlier, bool earlier_write,
-                       const void* pc, const char* op) const;
+  std::string where(const uint8_t* b) const;
+  std::string who(int id) const;
+  std::string describe(const char* hazard, const uint8_t* b, int id, bool write, uint32_t earlier,
+                       bool earlier_write, const void* pc, const char* op) const;
   // Whether thread `writer`'s write at `clock` is followed by one of its fences that `reader` sees.
   bool fenced(int writer, uint32_t clock, const uint32_t* reader) const;
   uint32_t* row(int thread) { return clocks_.data() + static_cast<size_t>(thread) * width_; }
   void tick(int thread);
 
-  int threads_, width_;             // width: threads and async slots
-  std::vector<uint32_t> clocks_;    // threads x width
-  std::vector<int> issuers_;        // per async slot: the thread that issued its last copy
+  struct Guard;
+  std::mutex mutex_;
+  int cta_threads_, threads_, width_;  // width: threads and async slots
+  std::vector<uint32_t> clocks_;       // threads x width
+  std::vector<int> issuers_;           // per async slot: the thread that issued its last copy
   std::vector<uint32_t> async_ticks_;
   int next_slot_ = 0;
-  const uint8_t *dynamic_, *static_;
-  size_t dynamic_bytes_, static_bytes_;
-  // the dynamic shared memory's bytes, then the static's (calloc: pages no access touches cost nothing)
-  std::unique_ptr<Cell, decltype(&std::free)> cells_{nullptr, &std::free};
+  std::vector<Shared> shared_;         // per CTA
   std::unordered_map<const void*, Cell> global_;  // by byte
-  std::vector<std::pair<const uint8_t*, const uint8_t*>> stacks_;
+  std::vector<std::pair<const uint8_t*, const uint8_t*>> stacks_;  // per thread
   std::vector<std::vector<uint32_t>> fences_;  // per thread: its clock at each fence.proxy.async
+  std::map<uint64_t, std::pair<std::vector<uint32_t>, int>> cluster_syncs_;  // by generation: clock, CTAs in it
 };
 
 // This OS thread's block of the emulator library's thread_local storage (where csrc/'s static

@@ -68,6 +68,7 @@ struct ClusterBarrier {
 
 struct Cluster {
   explicit Cluster(int n) : barrier(n), dynamic(n), anchor(n), exited(n) {}
+  std::unique_ptr<Racecheck> race;  // the racecheck build's, over every CTA's shared memory
   ClusterBarrier barrier;
   std::vector<uint8_t*> dynamic;       // each rank's dynamic shared memory
   std::vector<const char*> anchor;     // each rank's tls_anchor: its thread_local (static) shared memory
@@ -213,7 +214,8 @@ void run_cta(const std::function<void()>& body, uint3 block_index, dim3 block_di
   c.cluster = cluster, c.rank = rank;
   c.body = &body;
 #ifdef XJ_SIMT_RACECHECK
-  c.race = std::make_unique<Racecheck>(threads, c.dynamic, c.dynamic_bytes);
+  if (!cluster) c.own_race = std::make_unique<Racecheck>(threads, 1);
+  c.race = cluster ? cluster->race.get() : c.own_race.get();
 #endif
   if (cluster) cluster->dynamic[rank] = c.dynamic, cluster->anchor[rank] = &tl_anchor;
 
@@ -229,8 +231,8 @@ void run_cta(const std::function<void()>& body, uint3 block_index, dim3 block_di
     f.context.uc_stack.ss_size = kStackBytes;
     f.context.uc_link = &c.scheduler;
     makecontext(&f.context, fiber_main, 0);
-    if (c.race) c.race->set_stack(i, stacks.back(), kStackBytes);
   }
+  if (c.race) c.race->add_cta(static_cast<int>(rank), c.dynamic, c.dynamic_bytes, stacks, kStackBytes);
   Cta* outer = tl_cta;
   tl_cta = &c;
   if (cluster) cluster->barrier.arrive_and_wait();  // every rank has registered its memory
@@ -284,6 +286,12 @@ void run_cta(const std::function<void()>& body, uint3 block_index, dim3 block_di
       c.error = "deadlock: every live thread waits at a barrier, warp collective or mbarrier that cannot complete";
   }
   if (c.error.empty() && !c.in_flight.empty()) c.error = "the CTA exited with TMA loads in flight";
+  if (c.race) {
+    std::vector<int> members(threads);
+    for (int i = 0; i < threads; ++i) members[i] = static_cast<int>(rank) * threads + i;
+    const std::string late = c.race->exit_cta(static_cast<int>(rank), members);
+    if (c.error.empty()) c.error = late;
+  }
   tl_cta = outer;
   for (void* s : stacks) tl_stacks.free.push_back(s);
   if (cluster) cluster->exited[rank] = true, cluster->barrier.leave();
@@ -417,7 +425,14 @@ unsigned cluster_blocks() {
 void cluster_sync() {
   Cta& c = cta();
   bool ok = true;
-  arrive_and_wait(c.barriers[0], c.live, [&] { ok = !c.cluster || c.cluster->barrier.arrive_and_wait(); }, true);
+  Barrier& block = c.barriers[0];
+  arrive_and_wait(block, c.live, [&] {  // (in the CTA's last arrival)
+    if (!c.cluster) return;
+    const uint64_t generation = c.cluster_syncs++;
+    if (c.race) c.race->cluster_arrive(generation, block.members);
+    ok = c.cluster->barrier.arrive_and_wait();
+    if (c.race && ok) c.race->cluster_depart(generation, block.members);
+  }, true);
   if (!ok) fail("another CTA of the cluster failed");
 }
 
@@ -446,6 +461,9 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, int cluster, const std::
           continue;
         }
         Cluster group(cluster);
+#ifdef XJ_SIMT_RACECHECK
+        group.race = std::make_unique<Racecheck>(static_cast<int>(threads), cluster);
+#endif
         std::vector<std::thread> ranks;
         std::vector<std::string> errors(cluster);
         ClusterBarrier all_done(cluster);  // a rank's thread_local shared memory lives until then

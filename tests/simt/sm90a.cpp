@@ -274,7 +274,7 @@ void setmaxnreg(int registers) {
 }
 
 void fence_proxy_async() {
-  if (cta().race) cta().race->fence_proxy_async(fiber().linear);
+  if (cta().race) cta().race->fence_proxy_async(race_id());
 }
 
 void mbarrier_init(uint32_t bar, int arrivals) {
@@ -283,14 +283,14 @@ void mbarrier_init(uint32_t bar, int arrivals) {
   Mbarrier& b = cta().mbarriers[bar];
   b = Mbarrier{};
   b.expected = b.pending = arrivals;
-  if (Racecheck* race = cta().race.get()) b.arrivals = b.completed[0] = b.completed[1] = race->empty_clock();
+  if (Racecheck* race = cta().race) b.arrivals = b.completed[0] = b.completed[1] = race->empty_clock();
 }
 
 void mbarrier_arrive(uint32_t bar, uint32_t tx_bytes) {
   Mbarrier& b = mbarrier(bar, "mbarrier.arrive");
   if (b.pending == 0) fail("mbarrier.arrive: more arrivals than the phase expects");
   b.tx += tx_bytes;
-  if (cta().race) cta().race->release(fiber().linear, b.arrivals);
+  if (cta().race) cta().race->release(race_id(), b.arrivals);
   --b.pending, ++cta().progress;
   settle(b);
 }
@@ -299,7 +299,7 @@ bool mbarrier_try_wait(uint32_t bar, uint32_t parity) {
   const Mbarrier& b = mbarrier(bar, "mbarrier.try_wait");
   // the phase of this parity is complete when the current (incomplete) phase has the other one
   const bool complete = (b.phase & 1) != (parity & 1);
-  if (complete && cta().race) cta().race->acquire(fiber().linear, b.completed[parity & 1]);
+  if (complete && cta().race) cta().race->acquire(race_id(), b.completed[parity & 1]);
   if (!complete) yield();
   else if (draw(2) == 0) stall_warp();
   return complete;
@@ -319,7 +319,7 @@ void tma_load(const void* map, uint32_t dst, const int* coords, int rank, uint32
   int at[5] = {0, 0, 0, 0, 0};
   for (int i = 0; i < rank; ++i) at[i] = coords[i];
   Racecheck::Async copy;
-  if (cta().race) copy = cta().race->issue(fiber().linear);
+  if (cta().race) copy = cta().race->issue(race_id());
   cta().in_flight.push_back([t, at, dst, bar, copy] { land(t, at, dst, bar, copy); });
 }
 
