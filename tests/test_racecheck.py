@@ -66,8 +66,9 @@ def test_a_control_kernel_races_without_its_ordering_and_not_with_it(racecheck, 
 
 
 def test_every_cuda_kernel_orders_its_memory(racecheck, monkeypatch, capsys):
-    """bench/sanitize.py's launches of every CUDA kernel: each attention path, the cache commit in a
-    cluster, the compaction staged and unstaged (a full buffer whose kept slots move), denoise_step."""
+    """bench/sanitize.py's launches of every CUDA kernel: each attention path, the cache commit (a
+    CTA per frame, and a cluster of 3), the compaction in one CTA, in a cluster of 3 and unstaged (a
+    full buffer whose kept slots move), denoise_step."""
     from bench import sanitize
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # all three paths
     status = sanitize.main(device="cpu", backends=["cuda"])

@@ -1,6 +1,6 @@
 // The emulator's state of a running CTA and the fiber switching that its barriers and collectives
 // are made of, shared by runtime.cpp (the scheduler, barriers, warp collectives, clusters and the
-// CUDA runtime) and sm90a.cpp (wgmma, mbarriers, TMA). Internal to tests/simt.
+// CUDA runtime), sm90a.cpp (wgmma, mbarriers, TMA) and racecheck.cpp. Internal to tests/simt.
 #pragma once
 
 #include <ucontext.h>
@@ -126,10 +126,9 @@ uint64_t draw(uint64_t n);
 void stall_warp();
 
 // Arrive at `b`, which `expected` threads complete; `last` runs in the arrival that completes it,
-// before any waiter goes on.
-// `orders_memory`: a barrier of the PTX memory model (bar.sync, bar.warp.sync), not a mere
-// rendezvous (a shuffle, a wgmma): racecheck orders the accesses before it in any member thread
-// before those after it in every other.
+// before any waiter goes on. `orders_memory`: a barrier of the PTX memory model (bar.sync,
+// bar.warp.sync), not a mere rendezvous (a shuffle, a wgmma): racecheck orders the accesses before
+// it in any member thread before those after it in every other.
 template <class Last>
 void arrive_and_wait(Barrier& b, int expected, Last&& last, bool orders_memory = false) {
   Cta& c = cta();

@@ -1,7 +1,7 @@
 // The racecheck (racecheck.h) and the entry points of gcc's -fsanitize=thread instrumentation that
 // feed it: the racecheck build (tests/simt_extension.py, racecheck=True) compiles csrc/ with
 // -fsanitize=thread and links no ThreadSanitizer runtime, so each load and store of a kernel calls
-// the __tsan_* functions below, which hand shared-memory accesses to the running CTA's Racecheck.
+// the __tsan_* functions below, which hand its accesses to the running CTA's Racecheck.
 // This file itself is not instrumented; in other builds nothing calls them.
 #include "racecheck.h"
 

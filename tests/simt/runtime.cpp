@@ -3,7 +3,8 @@
 // answered as one emulated sm_90 device (its sm_90a instructions and the driver's tensor maps:
 // sm90a.cpp). Kernels run synchronously at launch, as with CUDA_LAUNCH_BLOCKING=1. A trap, a
 // barrier no thread can pass (a deadlock, e.g. __syncthreads in divergent code) or a collective
-// some lanes of a warp skip raise from the launch.
+// some lanes of a warp skip raise from the launch; in the racecheck build, so does a hazard
+// (racecheck.h), which the barriers, copies and exits here report to it.
 #include <sys/mman.h>
 
 #include <algorithm>
