@@ -44,6 +44,8 @@ CONTROLS = {  # control -> the hazard its unordered version makes (the two acces
     "global_neighbours": "(read-after-write|write-after-read) hazard at global memory",
     "lanes": SHARED + ": thread \\d+ \\(warp (\\d+)\\).* thread \\d+ \\(warp \\2\\)",  # within one warp
     "mbarrier": SHARED,
+    "mbarrier_init": "read-after-write hazard at byte 0 of the dynamic shared memory: thread \\d+ \\(warp \\d\\) "
+                     "reads it \\(mbarrier.arrive\\) and thread 0 \\(warp 0\\) wrote it",
     "cp_async": SHARED,
     "tma": "write-after-read hazard at byte 128 of the dynamic shared memory: a TMA load issued by thread 0 \\(warp 0\\) writes",
     "wgmma_operands": "read-after-write \\(no fence.proxy.async between the generic write and the async-proxy "

@@ -80,6 +80,18 @@ void mbarrier_handoff(bool wait) {
   }
 }
 
+// Thread 0 initializes an mbarrier that every thread then arrives at: after a __syncthreads, or
+// after a warpgroup rendezvous (setmaxnreg) that makes the init come first but orders no memory.
+void mbarrier_init(bool barrier) {
+  const uint32_t bar = xj_simt::shared_address(xj_simt::dynamic_shared());
+  if (threadIdx.x == 0) xj_simt::mbarrier_init(bar, kThreads);
+  if (barrier) __syncthreads();
+  else xj_simt::setmaxnreg(232);
+  xj_simt::mbarrier_arrive(bar, 0);
+  while (!xj_simt::mbarrier_try_wait(bar, 0)) {
+  }
+}
+
 // Each thread copies 16 bytes into shared memory with cp.async; after a __syncthreads its
 // neighbour reads them, with or without the copy's wait_group before that barrier.
 void cp_async(bool wait) {
@@ -148,9 +160,11 @@ void tma(bool wait) {
 void cluster_peer(bool barrier) {
   __shared__ float word[kThreads];
   const int t = threadIdx.x;
+  // (mapped before the barrier, which the peer cannot have passed: the emulator refuses to map an
+  // exited CTA's memory, and the racecheck is to see the access itself)
+  const float* peer = static_cast<const float*>(xj_simt::map_shared_rank(word, 1 - xj_simt::cluster_rank()));
   word[t] = static_cast<float>(t);
   xj_simt::cluster_sync();
-  const float* peer = static_cast<const float*>(xj_simt::map_shared_rank(word, 1 - xj_simt::cluster_rank()));
   if (peer[t] < 0.f) __trap();
   if (barrier) xj_simt::cluster_sync();
 }
@@ -164,6 +178,7 @@ constexpr Control kControls[] = {
     {"neighbours", neighbours, 0},   {"overwrite", overwrite, 0},
     {"static_neighbours", static_neighbours, 0}, {"global_neighbours", global_neighbours, 0},
     {"lanes", lanes, 0},             {"mbarrier", mbarrier_handoff, 0},
+    {"mbarrier_init", mbarrier_init, 0},
     {"cp_async", cp_async, 0},       {"tma", tma, 0},
     {"wgmma_operands", wgmma_operands, 0}, {"cluster_peer", cluster_peer, 2},
 };

@@ -124,6 +124,7 @@ std::string Racecheck::check(const uint32_t* clock, int id, const void* p, size_
     if (c == nullptr) continue;
     if (!ordered_before(c->write, clock))
       return describe(write ? "write-after-write" : "read-after-write", at, id, write, c->write, true, pc, op);
+    if (kind == kAtomic) continue;
     const int writer = static_cast<int>(c->write >> kClockBits);
     if (kind == kAsyncRead && c->write != 0 && writer < threads_ && !fenced(writer, c->write & kClockMask, clock))
       return describe("read-after-write (no fence.proxy.async between the generic write and the async-proxy read)",

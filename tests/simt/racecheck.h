@@ -35,7 +35,9 @@ class Racecheck {
     std::vector<uint32_t> clock;
     int slot = 0, issuer = 0;
   };
-  enum Kind { kRead, kWrite, kAsyncRead };
+  // kAtomic: an mbarrier operation, which must follow the barrier's initialization (a write) but
+  // races no other atomic operation.
+  enum Kind { kRead, kWrite, kAsyncRead, kAtomic };
 
   // The CTAs of a launch without clusters have one each; those of a cluster share one, as they
   // share their shared memory. A thread is numbered rank * cta_threads + its index in its CTA.

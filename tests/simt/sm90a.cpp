@@ -106,14 +106,16 @@ float fp8_accumulator(double x) {
 }
 
 // ---- mbarriers ---------------------------------------------------------------------------------
-void check_mbarrier_address(uint32_t address, const char* op) {
+const uint8_t* check_mbarrier_address(uint32_t address, const char* op) {
   if (address % 8) fail(std::string(op) + ": an mbarrier must be 8-byte aligned");
-  shared_bytes(address, 8, op);
+  return shared_bytes(address, 8, op);
 }
 
+// The mbarrier at `address`, which the calling thread's `op` (an atomic operation on it) uses:
+// racecheck orders its initialization before.
 Mbarrier& mbarrier(uint32_t address, const char* op) {
   Cta& c = cta();
-  check_mbarrier_address(address, op);
+  race_access(check_mbarrier_address(address, op), 8, Racecheck::kAtomic, nullptr, op);
   const auto it = c.mbarriers.find(address);
   if (it == c.mbarriers.end())
     fail(std::string(op) + ": no mbarrier was initialized at shared address " + std::to_string(address));
@@ -279,7 +281,7 @@ void fence_proxy_async() {
 
 void mbarrier_init(uint32_t bar, int arrivals) {
   if (arrivals < 1 || arrivals >= (1 << 20)) fail("mbarrier.init: an arrival count in [1, 2^20)");
-  check_mbarrier_address(bar, "mbarrier.init");
+  race_access(check_mbarrier_address(bar, "mbarrier.init"), 8, Racecheck::kWrite, nullptr, "mbarrier.init");
   Mbarrier& b = cta().mbarriers[bar];
   b = Mbarrier{};
   b.expected = b.pending = arrivals;
