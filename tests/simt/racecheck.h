@@ -6,7 +6,7 @@
 // threads. Two accesses of a byte by different threads, one a write, with no chain of those edges
 // between them, are a hazard (the FastTrack algorithm: a byte keeps its last write and its last few
 // unordered reads), as is an access of a cluster peer's shared memory that its exit is not ordered
-// after. Warp shuffles and votes, wgmma's rendezvous and setmaxnreg order no memory here, as the
+// after, or an mbarrier operation that the barrier's initialization is not ordered before. Warp shuffles and votes, wgmma's rendezvous and setmaxnreg order no memory here, as the
 // PTX memory model says of them. A wgmma's operand read is the async proxy's: a thread's write it
 // reads must also be followed, in that thread, by a fence.proxy.async that the read is ordered
 // after (TMA's writes are the async proxy's own). Internal to tests/simt.

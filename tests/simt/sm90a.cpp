@@ -112,7 +112,7 @@ const uint8_t* check_mbarrier_address(uint32_t address, const char* op) {
 }
 
 // The mbarrier at `address`, which the calling thread's `op` (an atomic operation on it) uses:
-// racecheck orders its initialization before.
+// racecheck requires its initialization to be ordered before.
 Mbarrier& mbarrier(uint32_t address, const char* op) {
   Cta& c = cta();
   race_access(check_mbarrier_address(address, op), 8, Racecheck::kAtomic, nullptr, op);
