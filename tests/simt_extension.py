@@ -8,7 +8,8 @@ bindings and Python launchers as on a GPU.
 `use(monkeypatch)` makes the CUDA backend's launchers call it with CPU tensors. Two more builds check
 the kernels as compute-sanitizer does: `sanitize` (AddressSanitizer: memcheck, tests/simt_memcheck.py)
 and `racecheck` (the kernels compiled with gcc's ThreadSanitizer instrumentation, whose calls
-tests/simt/racecheck.cpp answers with a race detector over each CTA's shared memory: racecheck).
+tests/simt/racecheck.cpp answers with a race detector over the memory of each CTA or cluster:
+racecheck).
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def _compile(source: str, obj: str, flags: list[str]) -> None:
 def load(sanitize: bool = False, racecheck: bool = False):
     """The CPU build of xjfast._C (built on first use, cached by the sources' hash); `sanitize`:
     built with AddressSanitizer, for a process that LD_PRELOADs its runtime (tests/simt_memcheck.py);
-    `racecheck`: a launch that makes a shared-memory hazard fails with it."""
+    `racecheck`: a launch that makes a hazard fails with it."""
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(reason)

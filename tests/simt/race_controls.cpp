@@ -12,13 +12,16 @@ namespace {
 
 constexpr int kThreads = 128;  // a warpgroup
 
-// Thread t writes word t, then reads its neighbour's word: ordered by __syncthreads or not.
-void neighbours(bool barrier) {
-  float* s = reinterpret_cast<float*>(xj_simt::dynamic_shared());
+// Thread t writes words[t], then reads its neighbour's word: ordered by __syncthreads or not.
+void write_then_read_neighbour(float* words, bool barrier) {
   const int t = threadIdx.x;
-  s[t] = static_cast<float>(t);
+  words[t] = static_cast<float>(t);
   if (barrier) __syncthreads();
-  if (s[(t + 1) % kThreads] < 0.f) __trap();
+  if (words[(t + 1) % kThreads] < 0.f) __trap();
+}
+
+void neighbours(bool barrier) {
+  write_then_read_neighbour(reinterpret_cast<float*>(xj_simt::dynamic_shared()), barrier);
 }
 
 // Thread t reads its neighbour's word, then overwrites its own: a write-after-read.
@@ -36,21 +39,13 @@ void overwrite(bool barrier) {
 // The same on static __shared__ memory (thread_local storage in the emulator).
 void static_neighbours(bool barrier) {
   __shared__ float s[kThreads];
-  const int t = threadIdx.x;
-  s[t] = static_cast<float>(t);
-  if (barrier) __syncthreads();
-  if (s[(t + 1) % kThreads] < 0.f) __trap();
+  write_then_read_neighbour(s, barrier);
 }
 
 // The same on global memory (which compute-sanitizer's racecheck does not watch, and this one does
 // within a CTA).
 float global_words[kThreads];
-void global_neighbours(bool barrier) {
-  const int t = threadIdx.x;
-  global_words[t] = static_cast<float>(t);
-  if (barrier) __syncthreads();
-  if (global_words[(t + 1) % kThreads] < 0.f) __trap();
-}
+void global_neighbours(bool barrier) { write_then_read_neighbour(global_words, barrier); }
 
 // Within a warp: lane l reads lane l + 1's word after a shuffle (which orders no memory) or a __syncwarp.
 void lanes(bool barrier) {

@@ -47,7 +47,8 @@ std::pair<const uint8_t*, size_t> static_shared() {
         auto* s = static_cast<Search*>(data);
         const auto* base = static_cast<const char*>(info->dlpi_tls_data);
         for (int i = 0; base && i < info->dlpi_phnum; ++i)
-          if (info->dlpi_phdr[i].p_type == PT_TLS && s->inside >= base && s->inside < base + info->dlpi_phdr[i].p_memsz) {
+          if (info->dlpi_phdr[i].p_type == PT_TLS && s->inside >= base &&
+              s->inside < base + info->dlpi_phdr[i].p_memsz) {
             s->found = {reinterpret_cast<const uint8_t*>(base), info->dlpi_phdr[i].p_memsz};
             return 1;
           }
@@ -230,7 +231,6 @@ std::string Racecheck::exit_cta(int rank, const std::vector<int>& members) {
   const Guard guard(mutex_);
   Shared& m = shared_[rank];
   m.exited = true;
-  if (shared_.size() < 2) return {};
   std::vector<uint32_t> end(width_, 0);  // the clock of its exit: after all its threads did
   for (int t : members)
     for (int j = 0; j < width_; ++j) end[j] = std::max(end[j], row(t)[j]);
@@ -304,13 +304,10 @@ void on_access(const void* p, size_t bytes, bool write, const void* pc) {
 }
 }  // namespace
 
+#define XJ_TSAN_EXPORT extern "C" __attribute__((visibility("default")))
 #define XJ_RACE_ACCESS(kind, write, n)                                                                         \
-  extern "C" __attribute__((visibility("default"))) void __tsan_##kind##n(void* p) {                            \
-    on_access(p, n, write, __builtin_return_address(0));                                                       \
-  }                                                                                                            \
-  extern "C" __attribute__((visibility("default"))) void __tsan_unaligned_##kind##n(void* p) {                  \
-    on_access(p, n, write, __builtin_return_address(0));                                                       \
-  }
+  XJ_TSAN_EXPORT void __tsan_##kind##n(void* p) { on_access(p, n, write, __builtin_return_address(0)); }           \
+  XJ_TSAN_EXPORT void __tsan_unaligned_##kind##n(void* p) { on_access(p, n, write, __builtin_return_address(0)); }
 XJ_RACE_ACCESS(read, false, 1)
 XJ_RACE_ACCESS(read, false, 2)
 XJ_RACE_ACCESS(read, false, 4)
@@ -322,68 +319,52 @@ XJ_RACE_ACCESS(write, true, 4)
 XJ_RACE_ACCESS(write, true, 8)
 XJ_RACE_ACCESS(write, true, 16)
 #undef XJ_RACE_ACCESS
-
-extern "C" {
-__attribute__((visibility("default"))) void __tsan_read_range(void* p, unsigned long n) {
-  on_access(p, n, false, __builtin_return_address(0));
-}
-__attribute__((visibility("default"))) void __tsan_write_range(void* p, unsigned long n) {
-  on_access(p, n, true, __builtin_return_address(0));
-}
-__attribute__((visibility("default"))) void __tsan_init() {}
-__attribute__((visibility("default"))) void __tsan_func_entry(void*) {}
-__attribute__((visibility("default"))) void __tsan_func_exit() {}
-__attribute__((visibility("default"))) void __tsan_vptr_update(void**, void*) {}
-__attribute__((visibility("default"))) void __tsan_vptr_read(void**) {}
-}
+XJ_TSAN_EXPORT void __tsan_read_range(void* p, unsigned long n) { on_access(p, n, false, __builtin_return_address(0)); }
+XJ_TSAN_EXPORT void __tsan_write_range(void* p, unsigned long n) { on_access(p, n, true, __builtin_return_address(0)); }
+XJ_TSAN_EXPORT void __tsan_init() {}
+XJ_TSAN_EXPORT void __tsan_func_entry(void*) {}
+XJ_TSAN_EXPORT void __tsan_func_exit() {}
+XJ_TSAN_EXPORT void __tsan_vptr_update(void**, void*) {}
+XJ_TSAN_EXPORT void __tsan_vptr_read(void**) {}
 
 // Atomics (host code's std::atomic and static guards, the kernels' atomicAdd): performed as asked,
 // not checked (an atomic races nothing).
-#define XJ_RACE_ATOMICS(bits, type)                                                                            \
-  extern "C" __attribute__((visibility("default"))) type __tsan_atomic##bits##_load(const volatile type* a, int) { \
-    return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                               \
-  }                                                                                                            \
-  extern "C" __attribute__((visibility("default"))) void __tsan_atomic##bits##_store(volatile type* a, type v, int) { \
-    __atomic_store_n(a, v, __ATOMIC_SEQ_CST);                                                                  \
-  }                                                                                                            \
-  extern "C" __attribute__((visibility("default"))) type __tsan_atomic##bits##_exchange(volatile type* a, type v, int) { \
-    return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                                        \
-  }                                                                                                            \
-  extern "C" __attribute__((visibility("default"))) type __tsan_atomic##bits##_fetch_add(volatile type* a, type v, int) { \
-    return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);                                                         \
-  }                                                                                                            \
-  extern "C" __attribute__((visibility("default"))) type __tsan_atomic##bits##_fetch_sub(volatile type* a, type v, int) { \
-    return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST);                                                         \
-  }                                                                                                            \
-  extern "C" __attribute__((visibility("default"))) type __tsan_atomic##bits##_fetch_and(volatile type* a, type v, int) { \
-    return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST);                                                         \
-  }                                                                                                            \
-  extern "C" __attribute__((visibility("default"))) type __tsan_atomic##bits##_fetch_or(volatile type* a, type v, int) { \
-    return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST);                                                          \
-  }                                                                                                            \
-  extern "C" __attribute__((visibility("default"))) type __tsan_atomic##bits##_fetch_xor(volatile type* a, type v, int) { \
-    return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST);                                                         \
-  }                                                                                                            \
-  extern "C" __attribute__((visibility("default"))) int __tsan_atomic##bits##_compare_exchange_strong(         \
-      volatile type* a, type* expected, type v, int, int) {                                                    \
-    return __atomic_compare_exchange_n(a, expected, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);            \
-  }                                                                                                            \
-  extern "C" __attribute__((visibility("default"))) int __tsan_atomic##bits##_compare_exchange_weak(           \
-      volatile type* a, type* expected, type v, int, int) {                                                    \
-    return __atomic_compare_exchange_n(a, expected, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);             \
-  }                                                                                                            \
-  extern "C" __attribute__((visibility("default"))) type __tsan_atomic##bits##_compare_exchange_val(           \
-      volatile type* a, type expected, type v, int, int) {                                                     \
-    __atomic_compare_exchange_n(a, &expected, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                   \
-    return expected;                                                                                           \
+#define XJ_RACE_RMW(bits, type, name, builtin)                                   \
+  XJ_TSAN_EXPORT type __tsan_atomic##bits##_##name(volatile type* a, type v, int) { \
+    return builtin(a, v, __ATOMIC_SEQ_CST);                                      \
+  }
+#define XJ_RACE_CAS(bits, type, name, weak)                                                              \
+  XJ_TSAN_EXPORT int __tsan_atomic##bits##_##name(volatile type* a, type* expected, type v, int, int) {  \
+    return __atomic_compare_exchange_n(a, expected, v, weak, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);        \
+  }
+#define XJ_RACE_ATOMICS(bits, type)                                                                      \
+  XJ_TSAN_EXPORT type __tsan_atomic##bits##_load(const volatile type* a, int) {                          \
+    return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                         \
+  }                                                                                                      \
+  XJ_TSAN_EXPORT void __tsan_atomic##bits##_store(volatile type* a, type v, int) {                       \
+    __atomic_store_n(a, v, __ATOMIC_SEQ_CST);                                                            \
+  }                                                                                                      \
+  XJ_RACE_RMW(bits, type, exchange, __atomic_exchange_n)                                                 \
+  XJ_RACE_RMW(bits, type, fetch_add, __atomic_fetch_add)                                                 \
+  XJ_RACE_RMW(bits, type, fetch_sub, __atomic_fetch_sub)                                                 \
+  XJ_RACE_RMW(bits, type, fetch_and, __atomic_fetch_and)                                                 \
+  XJ_RACE_RMW(bits, type, fetch_or, __atomic_fetch_or)                                                   \
+  XJ_RACE_RMW(bits, type, fetch_xor, __atomic_fetch_xor)                                                 \
+  XJ_RACE_CAS(bits, type, compare_exchange_strong, false)                                                \
+  XJ_RACE_CAS(bits, type, compare_exchange_weak, true)                                                   \
+  XJ_TSAN_EXPORT type __tsan_atomic##bits##_compare_exchange_val(volatile type* a, type expected, type v, int, \
+                                                                 int) {                                  \
+    __atomic_compare_exchange_n(a, &expected, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);             \
+    return expected;                                                                                     \
   }
 XJ_RACE_ATOMICS(8, uint8_t)
 XJ_RACE_ATOMICS(16, uint16_t)
 XJ_RACE_ATOMICS(32, uint32_t)
 XJ_RACE_ATOMICS(64, uint64_t)
 #undef XJ_RACE_ATOMICS
+#undef XJ_RACE_CAS
+#undef XJ_RACE_RMW
 
-extern "C" {
-__attribute__((visibility("default"))) void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-__attribute__((visibility("default"))) void __tsan_atomic_signal_fence(int) {}
-}
+XJ_TSAN_EXPORT void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+XJ_TSAN_EXPORT void __tsan_atomic_signal_fence(int) {}
+#undef XJ_TSAN_EXPORT

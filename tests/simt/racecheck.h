@@ -6,10 +6,11 @@
 // threads. Two accesses of a byte by different threads, one a write, with no chain of those edges
 // between them, are a hazard (the FastTrack algorithm: a byte keeps its last write and its last few
 // unordered reads), as is an access of a cluster peer's shared memory that its exit is not ordered
-// after, or an mbarrier operation that the barrier's initialization is not ordered before. Warp shuffles and votes, wgmma's rendezvous and setmaxnreg order no memory here, as the
-// PTX memory model says of them. A wgmma's operand read is the async proxy's: a thread's write it
-// reads must also be followed, in that thread, by a fence.proxy.async that the read is ordered
-// after (TMA's writes are the async proxy's own). Internal to tests/simt.
+// after, or an mbarrier operation that the barrier's initialization is not ordered before. Warp
+// shuffles and votes, wgmma's rendezvous and setmaxnreg order no memory here, as the PTX memory
+// model says of them. A wgmma's operand read is the async proxy's: a thread's write it reads must
+// also be followed, in that thread, by a fence.proxy.async that the read is ordered after (TMA's
+// writes are the async proxy's own). Internal to tests/simt.
 #pragma once
 
 #include <cstddef>
@@ -60,8 +61,8 @@ class Racecheck {
   // then depart, each time with its count `generation` of cluster barriers.
   void cluster_arrive(uint64_t generation, const std::vector<int>& members);
   void cluster_depart(uint64_t generation, const std::vector<int>& members);
-  // CTA `rank`, whose threads are `members`, exits: any access of its shared memory by another
-  // CTA's thread that its exit is not ordered after, and any later one, is a hazard.
+  // CTA `rank` of a cluster, whose threads are `members`, exits: any access of its shared memory by
+  // another CTA's thread that its exit is not ordered after, and any later one, is a hazard.
   std::string exit_cta(int rank, const std::vector<int>& members);
   // An mbarrier arrival (release into `arrivals`) and a wait it lets through (acquire from `phase`).
   void release(int thread, std::vector<uint32_t>& arrivals);

@@ -287,7 +287,7 @@ void run_cta(const std::function<void()>& body, uint3 block_index, dim3 block_di
       c.error = "deadlock: every live thread waits at a barrier, warp collective or mbarrier that cannot complete";
   }
   if (c.error.empty() && !c.in_flight.empty()) c.error = "the CTA exited with TMA loads in flight";
-  if (c.race) {
+  if (c.race && cluster) {  // (a CTA alone shares its memory with no one)
     std::vector<int> members(threads);
     for (int i = 0; i < threads; ++i) members[i] = static_cast<int>(rank) * threads + i;
     const std::string late = c.race->exit_cta(static_cast<int>(rank), members);
