@@ -1,4 +1,5 @@
 """The compiled extension xjfast._C: device queries, CUDA errors as exceptions, SASS for each arch."""
+import json
 import os
 import re
 import shutil
@@ -7,6 +8,8 @@ import sys
 
 import pytest
 import torch
+
+from xjfast.tools import sass as sass_tool
 
 C = pytest.importorskip("xjfast._C", reason="xjfast._C is not built (no nvcc, or XJFAST_CUDA_ARCHS empty)")
 
@@ -47,28 +50,18 @@ def test_bad_device_index_raises():
         C.compute_capability(C.device_count() + 7)
 
 
-def cuobjdump() -> str | None:
+def cuobjdump() -> str:
     """The CUDA toolkit's cuobjdump, else the one inside Triton's wheel."""
-    try:
-        import triton
-        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    except ImportError:
-        bundled = ""
-    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    for candidate in (os.path.join(cuda_home, "bin", "cuobjdump"), "/usr/local/cuda/bin/cuobjdump",
-                      shutil.which("cuobjdump"), bundled):
-        if candidate and os.path.isfile(candidate):
-            return candidate
-    return None
+    tool = sass_tool.toolkit_tool("cuobjdump")
+    if tool is None:
+        pytest.skip("no cuobjdump: neither the CUDA toolkit's (/usr/local/cuda/bin) nor Triton's")
+    return tool
 
 
 def embedded_archs(library: str) -> set:
     """The archs of the cubins in `library`, from their headers: an older cuobjdump (CUDA 12.8, in
     Triton 3.6's wheel) names a sm_90a cubin "...sm_90.cubin" in --list-elf and "code for sm_90" in -sass."""
-    tool = cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump: neither the CUDA toolkit's (/usr/local/cuda/bin) nor Triton's")
-    usage = subprocess.run([tool, "-res-usage", library], capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run([cuobjdump(), "-res-usage", library], capture_output=True, text=True, check=True).stdout
     return set(re.findall(r"Fatbin elf code:\s*=+\s*arch = (sm_\w+)", usage))
 
 
@@ -76,43 +69,23 @@ def test_sass_of_every_arch_is_embedded():
     assert embedded_archs(C.__file__) == {f"sm_{arch}" for arch in EXPECTED_ARCHS}
 
 
-def resource_usage() -> dict:
-    """{(arch, mangled kernel name): {"REG": registers per thread, "STACK": bytes}} for every kernel in _C."""
-    tool = cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump: neither the CUDA toolkit's nor Triton's")
-    usage = subprocess.run([tool, "-res-usage", C.__file__], capture_output=True, text=True, check=True).stdout
-    kernels, arch = {}, None
-    for match in re.finditer(r"arch = (sm_\w+)|Function (\S+):\n\s*REG:(\d+) STACK:(\d+)", usage):
-        if match.group(1):
-            arch = match.group(1)
-        else:
-            kernels[(arch, match.group(2))] = {"REG": int(match.group(3)), "STACK": int(match.group(4))}
-    assert kernels, usage[:2000]
+def cuda_listing() -> dict:
+    """xjfast.tools.sass.cuda_listing of _C: {(arch, mangled kernel name): {"sass", "registers",
+    "stack_bytes", "shared_bytes"}} for every kernel (read once per session)."""
+    cuobjdump()
+    kernels = sass_tool.cuda_listing(C.__file__)
+    assert kernels and all(k["sass"] for k in kernels.values())
     return kernels
 
 
 def test_no_kernel_spills_or_uses_local_memory():
     """-Xptxas -v in CI's terms: every kernel in _C, for every arch, has no stack frame."""
-    assert [(key, use["STACK"]) for key, use in resource_usage().items() if use["STACK"] != 0] == []
+    assert [(key, k["stack_bytes"]) for key, k in cuda_listing().items() if k["stack_bytes"] != 0] == []
 
 
 def sass_by_function() -> dict:
     """{(arch, mangled kernel name): its SASS text} for every kernel in _C."""
-    tool = cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump: neither the CUDA toolkit's nor Triton's")
-    listing = subprocess.run([tool, "-sass", C.__file__], capture_output=True, text=True, check=True).stdout
-    functions, arch, name = {}, None, None
-    for line in listing.splitlines():
-        if match := re.match(r"arch = (sm_\w+)", line):  # the fatbin section's header (see above)
-            arch, name = match.group(1), None
-        elif match := re.match(r"\s*Function : (\S+)", line):
-            name = match.group(1)
-            functions[(arch, name)] = ""
-        elif name is not None:
-            functions[(arch, name)] += line + "\n"
-    return functions
+    return {key: k["sass"] for key, k in cuda_listing().items()}
 
 
 def test_attention_kernels_multiply_e4m3_on_the_tensor_cores():
@@ -171,8 +144,7 @@ def test_attention_key_steps_exponentiate_each_score_once():
     64-key step (16 rows of a warp, or 64 of a warpgroup) and 2 rows' rescale factors, so 34 exp2
     per iteration; twice as many would mean a duplicated softmax (as Triton's 8-warp 64-row tile
     on sm_90 has)."""
-    from xjfast.tools.sass import inner_loop
-    loops = {key: inner_loop(sass) for key, sass in sass_by_function().items()
+    loops = {key: sass_tool.inner_loop(sass) for key, sass in sass_by_function().items()
              if re.search(r"temporal_attention(_ws)?_kernel", key[1])
              and not (key[0] != "sm_90a" and ("WgmmaCore" in key[1] or "_ws_" in key[1]))}  # traps there
     # 6 instantiations (query dtype x head_dim) of the mma.sync path per arch, of wgmma and ws on sm_90a
@@ -185,10 +157,9 @@ def test_wgmma_attention_sums_pv_per_tile_in_fp32():
     """Hopper's FP8 wgmma keeps 13 mantissa bits of the accumulator it adds into: the wgmma and ws
     paths sum each 64-key tile's P.V (two k-steps, A from registers) from zero and add it to O in
     fp32 (two-level accumulation), or the error would grow with the number of keys."""
-    from xjfast.tools.sass import register_a_chains
     if "90a" not in EXPECTED_ARCHS:
         pytest.skip("no sm_90a in this build")
-    chains = {key: register_a_chains(sass) for key, sass in sass_by_function().items()
+    chains = {key: sass_tool.register_a_chains(sass) for key, sass in sass_by_function().items()
               if key[0] == "sm_90a" and re.search(r"temporal_attention(_ws)?_kernel", key[1])
               and ("WgmmaCore" in key[1] or "_ws_" in key[1])}
     assert len(chains) == 12, sorted(chains)
@@ -202,7 +173,7 @@ def test_warp_specialized_attention_starts_with_the_registers_its_split_assumes(
     per thread and the two consumer warpgroups rise to 232, which needs exactly 168 per thread at
     launch (65536 / 384 threads, rounded down to 8). With fewer the consumers' increase would wait
     forever."""
-    registers = {name: use["REG"] for (arch, name), use in resource_usage().items()
+    registers = {name: k["registers"] for (arch, name), k in cuda_listing().items()
                  if arch == "sm_90a" and "temporal_attention_ws_kernel" in name}
     assert len(registers) == 6 and set(registers.values()) == {168}, registers
 
@@ -232,6 +203,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CI builds the wheel; a GPU run spends its time on the GPU")
+def test_the_sass_tool_reports_every_cuda_kernel_by_its_readable_name(tmp_path):
+    """`python -m xjfast.tools.sass --backend cuda` reads _C: one report per kernel and arch, named
+    by kernel and template arguments in xjfast's words, all but the instantiations that are only a
+    trap (the wgmma and warp-specialized paths outside sm_90a), which it counts."""
+    listing = cuda_listing()
+    out = subprocess.run([sys.executable, "-m", "xjfast.tools.sass", "--backend", "cuda", "--json",
+                          str(tmp_path / "cuda.json")], capture_output=True, text=True, check=True).stdout
+    with open(tmp_path / "cuda.json") as f:
+        reports = json.load(f)
+    traps = [key for key, k in listing.items() if sass_tool.trap_only(k["sass"])]
+    assert all(("WgmmaCore" in name or "_ws_" in name) and arch != "sm_90a" for arch, name in traps), traps
+    assert len(traps) == (18 if {"90a", "100a"} <= set(EXPECTED_ARCHS) else 0)
+    assert sorted((r["arch"], r["mangled"]) for r in reports) == sorted(set(listing) - set(traps))
+    assert f"{len(traps)} instantiations are only a trap" in out
+    rows = {(r["kernel"], r["arch"]): r for r in reports}
+    if "90a" in EXPECTED_ARCHS:
+        ws = rows["temporal_attention_ws_kernel<bf16, 128>", "sm_90a"]
+        assert ws["registers"] == 168 and set(ws["tensor_core"]) == {"QGMMA"} and ws["inner_loop"]["exp2"] == 34
+        assert set(rows["temporal_attention_kernel<fp16, 64, wgmma>", "sm_90a"]["tensor_core"]) == {"QGMMA"}
+        assert "kv_cache_commit_kernel<fp32, e4m3, true>" in out and "temporal_attention_ws_kernel<bf16, 128>" in out
+    for arch in EXPECTED_ARCHS:
+        mma = rows["temporal_attention_kernel<bf16, 128, mma>", f"sm_{arch}"]
+        assert set(mma["tensor_core"]) == {"HMMA"} and mma["stack_bytes"] == 0 and mma["spill_stores"] == 0
+
+
 def test_a_wheel_for_one_arch_carries_its_sass_only_and_says_so_in_its_name(tmp_path):
     """`make wheel ARCHS="90a"`'s build (pip wheel with XJFAST_CUDA_ARCHS), from a copy of the sources:
     the wheel's version carries the arch as a local label, so wheels for different GPUs differ

@@ -22,8 +22,8 @@ def reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("sass") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "0"
-    subprocess.run([sys.executable, "-m", "xjfast.tools.sass", "--candidates", "--json", str(out)], env=env,
-                   check=True, capture_output=True, text=True)
+    subprocess.run([sys.executable, "-m", "xjfast.tools.sass", "--backend", "triton", "--candidates", "--json", str(out)],
+                   env=env, check=True, capture_output=True, text=True)
     return {(r["kernel"], int(r["arch"][3:-1])): r for r in json.loads(out.read_text())}
 
 
@@ -171,8 +171,8 @@ def test_every_kernel_compiles_with_its_integer_arguments_equal_to_one(tmp_path)
     it: a seed half of 1 (step_seed(0, 1)) made `.to(tl.uint32)` fail in denoise_step."""
     out = tmp_path / "ones.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "xjfast.tools.sass", "--ones", "--arch", "90", "--json", str(out)],
-                         env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "xjfast.tools.sass", "--backend", "triton", "--ones", "--arch", "90",
+                          "--json", str(out)], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(json.loads(out.read_text())) == len(sass.stream_specs())
 

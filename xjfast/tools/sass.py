@@ -1,23 +1,28 @@
 """Compile every Triton kernel, in its tuned configurations, for sm_90a and sm_100a without a GPU,
-and report per kernel and arch: registers, spills, shared memory, the tensor-core instructions
-in the SASS, and what one iteration of the innermost tensor-core loop issues per thread
-("loop": instructions and exp2).
+read every CUDA kernel of the installed xjfast._C, and report per kernel and arch: registers,
+spills, shared memory, the tensor-core instructions in the SASS, and what one iteration of the
+innermost tensor-core loop issues per thread ("loop": instructions and exp2).
 
-    python -m xjfast.tools.sass [--arch 90 100] [--kernel NAME ...] [--candidates] [--variants] [--ones]
-                                [--json FILE]
+    python -m xjfast.tools.sass [--backend triton cuda] [--arch 90 100] [--kernel NAME ...]
+                                [--candidates] [--variants] [--ones] [--json FILE]
 
 Triton compiles for a target it does not have (`triton.compile(ASTSource(...), target=GPUTarget)`),
 and the cuobjdump/nvdisasm shipped inside Triton's wheel read the cubin. Integer arguments are
 specialized as Triton does at launch (divisible by 16 or not) from the stream-shape values below.
+The CUDA kernels are read from _C's cubins (the toolkit's cuobjdump, else Triton's); their shared
+memory is the static part, the launch adds the dynamic tiles. The loop counts every branch inside
+it once, so a key loop with a masked and an unmasked softmax counts both.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import dataclasses
+import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -289,9 +294,17 @@ def analyse(cubin: bytes) -> dict:
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True)
         sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
     regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage.stdout).groups())
+    return sass_report(sass, regs, stack)
+
+
+def sass_report(sass: str, registers: int, stack_bytes: int) -> dict:
+    """The report of one kernel's SASS (nvdisasm's or cuobjdump's listing), given its registers
+    and stack bytes: spill instructions (all, and inside loops), tensor-core instructions, FFMA,
+    its inner tensor-core loop's per-iteration cost and its register-A product chains."""
     opcodes = collections.Counter(re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)", sass, re.M))
-    return dict(registers=regs, stack_bytes=stack, spill_stores=opcodes.get("STL", 0),
-                spill_loads=opcodes.get("LDL", 0), loop_spills=loop_spills(sass), tensor_core={op: opcodes[op] for op in TENSOR_CORE_OPS if opcodes[op]},
+    return dict(registers=registers, stack_bytes=stack_bytes, spill_stores=opcodes.get("STL", 0),
+                spill_loads=opcodes.get("LDL", 0), loop_spills=loop_spills(sass),
+                tensor_core={op: opcodes[op] for op in TENSOR_CORE_OPS if opcodes[op]},
                 ffma=opcodes.get("FFMA", 0), inner_loop=inner_loop(sass), register_a=register_a_chains(sass))
 
 
@@ -325,10 +338,113 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
     return report
 
 
+# ---- the CUDA kernels (csrc/) in the installed xjfast._C: read from its cubins, not compiled ----
+
+def toolkit_tool(name: str) -> str | None:
+    """The CUDA toolkit's `name` (under $CUDA_HOME, /usr/local/cuda, or on the PATH), else the one
+    in Triton's wheel; None where there is neither. _C comes from the toolkit's nvcc, and an older
+    cuobjdump (CUDA 12.8's, in Triton 3.6) names its sm_90a cubins sm_90."""
+    candidates = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", name),
+                  os.path.join("/usr/local/cuda", "bin", name), shutil.which(name)]
+    try:
+        candidates.append(_tool(name))
+    except ImportError:  # no Triton
+        pass
+    return next((c for c in candidates if c and os.path.isfile(c)), None)
+
+
+@functools.lru_cache(maxsize=4)
+def cuda_listing(library: str) -> dict:
+    """{(arch, mangled kernel name): {"sass", "registers", "stack_bytes", "shared_bytes" (static;
+    the launch adds the dynamic part)}} for every kernel of every arch in `library` (a build of
+    xjfast._C), from cuobjdump -res-usage and -sass."""
+    tool = toolkit_tool("cuobjdump")
+    if tool is None:
+        raise FileNotFoundError("cuobjdump: neither the CUDA toolkit's nor the one in Triton's wheel was found")
+    usage = subprocess.run([tool, "-res-usage", library], capture_output=True, text=True, check=True).stdout
+    kernels, arch = {}, None
+    for match in re.finditer(r"arch = (sm_\w+)|Function (\S+):\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage):
+        if match.group(1):
+            arch = match.group(1)
+        else:
+            kernels[(arch, match.group(2))] = dict(registers=int(match.group(3)), stack_bytes=int(match.group(4)),
+                                                   shared_bytes=int(match.group(5)))
+    listing = subprocess.run([tool, "-sass", library], capture_output=True, text=True, check=True).stdout
+    lines, key = collections.defaultdict(list), None
+    for line in listing.splitlines():
+        if match := re.match(r"arch = (sm_\w+)", line):  # a fatbin section's header
+            arch, key = match.group(1), None
+        elif match := re.match(r"\s*Function : (\S+)", line):
+            key = (arch, match.group(1))
+        elif key in kernels:
+            lines[key].append(line)
+    return {key: dict(k, sass="\n".join(lines[key]) + "\n") for key, k in kernels.items()}
+
+
+# csrc's template arguments in xjfast's words (the FP8 storage type is an unsigned char)
+_TYPE_WORDS = {"__nv_bfloat16": "bf16", "__half": "fp16", "float": "fp32", "unsigned char": "e4m3",
+               "xjfast::WgmmaCore": "wgmma", "xjfast::MmaSyncCore": "mma"}
+
+
+def kernel_names(mangled: list[str]) -> dict:
+    """{mangled: readable}, e.g. `temporal_attention_kernel<bf16, 128, wgmma>`: c++filt's demangling
+    without namespaces or parameters, the types in xjfast's words; the mangled name where
+    c++filt is missing."""
+    tool = shutil.which("c++filt")
+    if tool is None or not mangled:
+        return {m: m for m in mangled}
+    lines = subprocess.run([tool], input="\n".join(mangled), capture_output=True, text=True, check=True).stdout
+    names = {}
+    for m, full in zip(mangled, lines.splitlines()):
+        match = re.fullmatch(r"void (?:[\w:]*::|\(anonymous namespace\)::)*(\w+(?:<.*>)?)\(.*\)", full.strip())
+        name = match.group(1) if match else full.strip()
+        names[m] = re.sub(r"[\w:]+(?: char)?", lambda t: _TYPE_WORDS.get(t.group(0), t.group(0)), name)
+    return names
+
+
+def _arch_number(arch: str) -> int:
+    return int(re.sub(r"\D", "", arch))
+
+
+def trap_only(sass: str) -> bool:
+    """Whether a kernel is nothing but a trap: csrc compiles a path out of an arch it cannot run on
+    (the wgmma and warp-specialized attention outside sm_90a) and the host never launches it there."""
+    ops = [op for op, _ in _instructions(sass)[0] if op != "NOP"]
+    return "BPT.TRAP" in ops and len(ops) <= 3
+
+
+def cuda_reports(library: str) -> tuple[list[dict], int]:
+    """sass_report of every kernel of every arch in `library` (a build of xjfast._C), by readable
+    name, with its static shared memory; and how many instantiations are only a trap (left out)."""
+    listing = cuda_listing(library)
+    names = kernel_names(sorted({name for _, name in listing}))
+    reports, traps = [], 0
+    for (arch, mangled), k in sorted(listing.items(), key=lambda item: (names[item[0][1]], _arch_number(item[0][0]))):
+        if trap_only(k["sass"]):
+            traps += 1
+            continue
+        report = sass_report(k["sass"], k["registers"], k["stack_bytes"])
+        report.update(kernel=names[mangled], arch=arch, backend="cuda", shared_bytes=k["shared_bytes"], mangled=mangled)
+        reports.append(report)
+    return reports, traps
+
+
+def _row(r: dict) -> str:
+    ops = ", ".join(f"{k} x{v}" for k, v in r["tensor_core"].items()) or "none"
+    loop = r["inner_loop"]
+    loop = f"{loop['instructions']} i {loop['exp2']} ex2" if loop else "-"
+    return (f"{r['kernel']:46} {r['arch']:7} {r['registers']:>4} {r['stack_bytes']:>5} "
+            f"{r['spill_stores']:>4}/{r['spill_loads']:<4} {r['loop_spills']:>7} {r['shared_bytes'] / 1024:>8.1f} "
+            f"{loop:>15}  {ops}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xjfast.tools.sass", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 100], choices=sorted(SHARED_LIMIT))
-    parser.add_argument("--kernel", nargs="*", help="substrings of kernel names to compile (default: all)")
+    parser.add_argument("--backend", nargs="+", default=["triton", "cuda"], choices=["triton", "cuda"],
+                        help="the Triton kernels (compiled here), the CUDA kernels of the installed xjfast._C (read "
+                             "from it), or both (default)")
+    parser.add_argument("--kernel", nargs="*", help="substrings of kernel names to report (default: all)")
     parser.add_argument("--json", help="also write the reports to this file")
     parser.add_argument("--candidates", action="store_true",
                         help="also the FP8 attention in every configuration the benchmark ranks")
@@ -338,25 +454,34 @@ def main(argv=None) -> int:
                         help="the kernels with every integer argument 1, which the launcher compiles as the "
                              "constant 1 (except do_not_specialize), instead of the stream-shape values")
     args = parser.parse_args(argv)
+    wanted = (lambda name: any(k in name for k in args.kernel)) if args.kernel else (lambda name: True)
     reports = []
-    print(f"{'kernel':42} {'arch':7} {'regs':>4} {'stack':>5} {'STL/LDL':>9} {'in loop':>7} {'smem KiB':>8} {'loop':>15}  "
+    print(f"{'kernel':46} {'arch':7} {'regs':>4} {'stack':>5} {'STL/LDL':>9} {'in loop':>7} {'smem KiB':>8} {'loop':>15}  "
           "tensor-core ops")
-    for spec in stream_specs() + (candidate_specs() if args.candidates else []) + \
-            (variant_specs() if args.variants else []):
-        if args.ones:
-            spec = dataclasses.replace(spec, name=f"{spec.name} ints=1",
-                                       args={k: 1 if type(v) is int else v for k, v in spec.args.items()})
-        if args.kernel and not any(k in spec.name for k in args.kernel):
-            continue
-        for arch in [a for a in args.arch if spec.configs is None or a in spec.configs]:
-            r = compile_spec(spec, arch)
-            reports.append(r)
-            ops = ", ".join(f"{k} x{v}" for k, v in r["tensor_core"].items()) or "none"
-            loop = r["inner_loop"]
-            loop = f"{loop['instructions']} i {loop['exp2']} ex2" if loop else "-"
-            print(f"{r['kernel']:42} {r['arch']:7} {r['registers']:>4} {r['stack_bytes']:>5} "
-                  f"{r['spill_stores']:>4}/{r['spill_loads']:<4} {r['loop_spills']:>7} {r['shared_bytes'] / 1024:>8.1f} {loop:>15}  {ops}",
-                  flush=True)
+    if "triton" in args.backend:
+        for spec in stream_specs() + (candidate_specs() if args.candidates else []) + \
+                (variant_specs() if args.variants else []):
+            if args.ones:
+                spec = dataclasses.replace(spec, name=f"{spec.name} ints=1",
+                                           args={k: 1 if type(v) is int else v for k, v in spec.args.items()})
+            if not wanted(spec.name):
+                continue
+            for arch in [a for a in args.arch if spec.configs is None or a in spec.configs]:
+                reports.append(dict(compile_spec(spec, arch), backend="triton"))
+                print(_row(reports[-1]), flush=True)
+    if "cuda" in args.backend:
+        try:
+            import xjfast._C as C
+        except ImportError as exc:
+            print(f"no CUDA kernels to report: xjfast._C is not built ({exc})")
+        else:
+            found, traps = cuda_reports(C.__file__)
+            found = [r for r in found if wanted(r["kernel"]) and _arch_number(r["arch"]) in args.arch]
+            for r in found:
+                print(_row(r))
+            reports += found
+            print(f"CUDA kernels (xjfast._C): smem is the static part, the launch adds its tiles; {traps} "
+                  "instantiations are only a trap on an arch they are not built for, and left out")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(reports, f, indent=1)
