@@ -229,15 +229,20 @@ def _tool(name: str) -> str:
     return bundled if os.path.exists(bundled) else name
 
 
+_LABEL = re.compile(r"\s*(\.L_x_\d+):")
+_INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
+
+
+@functools.lru_cache(maxsize=8)  # a kernel's report parses its SASS several times
 def _instructions(sass: str) -> tuple[list, list]:
     """One kernel's SASS as `nvdisasm -c` (branch targets as labels) or `cuobjdump -sass` (as
     addresses) prints it: its instructions [(opcode, operands)] and its loops [(first, last)],
     positions in that list, from every backward branch."""
     body, index = [], {}  # label or address -> position in body
     for line in sass.splitlines():
-        if label := re.match(r"\s*(\.L_x_\d+):", line):
+        if label := _LABEL.match(line):
             index[label.group(1)] = len(body)
-        elif ins := re.match(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", line):
+        elif ins := _INSTRUCTION.match(line):
             index[int(ins.group(1), 16)] = len(body)
             body.append((ins.group(2), ins.group(3)))
 
@@ -372,10 +377,10 @@ def cuda_listing(library: str) -> dict:
     listing = subprocess.run([tool, "-sass", library], capture_output=True, text=True, check=True).stdout
     lines, key = collections.defaultdict(list), None
     for line in listing.splitlines():
-        if match := re.match(r"arch = (sm_\w+)", line):  # a fatbin section's header
-            arch, key = match.group(1), None
-        elif match := re.match(r"\s*Function : (\S+)", line):
-            key = (arch, match.group(1))
+        if line.startswith("arch = "):  # a fatbin section's header
+            arch, key = line.split()[2], None
+        elif line.lstrip().startswith("Function : "):
+            key = (arch, line.split()[2])
         elif key in kernels:
             lines[key].append(line)
     return {key: dict(k, sass="\n".join(lines[key]) + "\n") for key, k in kernels.items()}
