@@ -36,10 +36,20 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 #endif
 }
 
+// mma.sync on e4m3 operands exists from sm_89 on. Built for an older arch (for denoise_step, which
+// runs from sm_80), the attention kernels are a trap there: the host launches them from sm_90 on.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+constexpr bool kMmaE4m3 = false;
+#else
+constexpr bool kMmaE4m3 = true;
+#endif
+
 // d += a (16x32, row) . b (32x8, col), e4m3 inputs, fp32 accumulators.
 __device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #ifdef XJ_SIMT
   xj_simt::mma_e4m3(d, a, b0, b1);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+  __trap();
 #else
   asm volatile(
       "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -54,7 +64,7 @@ struct MmaSyncCore {
   static constexpr bool kAsyncProxy = false;           // the tensor cores read what ldmatrix loaded
   static constexpr bool kCoreMatrixQ = false;          // Q in padded rows (chunk_offset)
   static constexpr bool kWholeTiles = false;           // softmax_tile masks every tile (one loop version)
-  static constexpr bool kCompiled = true;              // on every arch _C is built for
+  static constexpr bool kCompiled = kMmaE4m3;          // on every arch _C is built for from sm_89 on
   static constexpr int kRow = D + 16;                   // the pad puts an ldmatrix's 8 rows on distinct banks
   static constexpr int kVtRow = kCoreBlockN + 16;
   static constexpr int kQBytes = kCoreBlockM * kRow;

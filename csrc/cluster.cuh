@@ -18,6 +18,8 @@ namespace xjfast {
 
 constexpr int kMaxCluster = 8;  // the portable cluster size
 
+// (Compiled from sm_90 on: older archs have no cluster_group, and there the cache kernels are a trap.)
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 // The unit's statistics out[4][D] (sum, max, min of K, max |V|) from every CTA's partial[4][D],
 // read from each rank's shared memory in rank order, so that every CTA computes the same bits.
 // Call after a cluster barrier that follows the partials' writes; ends with a block barrier. The
@@ -36,6 +38,7 @@ __device__ __forceinline__ void combine_cluster_stats(cooperative_groups::cluste
   }
   __syncthreads();
 }
+#endif
 
 // Says so, naming the op, instead of launching a cluster where there can be none.
 inline void check_clusters_supported(const char* op) {
