@@ -98,8 +98,8 @@ __device__ __forceinline__ void load_tile(uint8_t* s_tile, const uint8_t* base, 
   }
 }
 
-// False (after a trap) for a core this arch lacks (wgmma built for sm_100a, never launched there):
-// the kernel's body after the check is then dead code, and not compiled.
+// False (after a trap) for a core this arch lacks (wgmma built for sm_100a, mma.sync e4m3 for sm_80;
+// never launched there): the kernel's body after the check is then dead code, and not compiled.
 template <class Core>
 __device__ __forceinline__ bool compiled_here() {
   if constexpr (!Core::kCompiled) __trap();
