@@ -34,12 +34,14 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-constexpr int kThreads = 256, kWarps = kThreads / 32;
-constexpr int kVec = 8;                 // channels per thread
-constexpr int kUnroll = 4;              // rows per thread whose loads are in flight together
-constexpr int kMinChunk = 128;          // tokens per CTA below which a unit takes fewer CTAs
-constexpr int kStageBytes = 160 << 10;  // shared memory for a CTA's staged rows (sm_90/100: 227 KiB)
-constexpr int kMaxD = 128;
+// ([[maybe_unused]]: built for an arch below sm_90, the kernel is a trap that uses none of them.)
+constexpr int kThreads = 256;
+[[maybe_unused]] constexpr int kWarps = kThreads / 32;
+[[maybe_unused]] constexpr int kVec = 8;     // channels per thread
+[[maybe_unused]] constexpr int kUnroll = 4;  // rows per thread whose loads are in flight together
+constexpr int kMinChunk = 128;               // tokens per CTA below which a unit takes fewer CTAs
+constexpr int kStageBytes = 160 << 10;       // shared memory for a CTA's staged rows (sm_90/100: 227 KiB)
+[[maybe_unused]] constexpr int kMaxD = 128;
 
 template <typename In, typename S, bool kStaged>
 __global__ void __launch_bounds__(kThreads) kv_cache_commit_kernel(CommitArgs a) {

@@ -39,10 +39,12 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-constexpr int kThreads = 256, kWarps = kThreads / 32;
-constexpr int kUnroll = 4;              // rows per thread whose loads are in flight together
-constexpr int kMinChunk = 64;           // slots per CTA below which a unit takes fewer CTAs
-constexpr int kStageBytes = 160 << 10;  // shared memory for a CTA's staged rows (sm_90/100: 227 KiB)
+// ([[maybe_unused]]: built for an arch below sm_90, the kernel is a trap that uses none of them.)
+constexpr int kThreads = 256;
+[[maybe_unused]] constexpr int kWarps = kThreads / 32;
+[[maybe_unused]] constexpr int kUnroll = 4;  // rows per thread whose loads are in flight together
+constexpr int kMinChunk = 64;                // slots per CTA below which a unit takes fewer CTAs
+constexpr int kStageBytes = 160 << 10;       // shared memory for a CTA's staged rows (sm_90/100: 227 KiB)
 constexpr int kMaxD = 128;
 
 // The quantization of the two candidate sources, 0: the keep buffer as it was, 1: the page.
@@ -58,7 +60,7 @@ struct Candidate {
 };
 
 // Candidate top[j], clamped into [0, keep_count + T) (no access out of bounds).
-__device__ __forceinline__ int64_t candidate(const CompactArgs& a, const int64_t* top, int j) {
+[[maybe_unused]] __device__ __forceinline__ int64_t candidate(const CompactArgs& a, const int64_t* top, int j) {
   return min(max(top[j], int64_t{0}), static_cast<int64_t>(a.keep_count) + a.T - 1);
 }
 
