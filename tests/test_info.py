@@ -119,6 +119,7 @@ def test_capability_reason_names_the_archs(monkeypatch):
     assert _ext.capability_reason((9, 0)) is None
     reason = _ext.capability_reason((10, 0))
     assert "sm_90a" in reason and "10.0" in reason and 'XJFAST_CUDA_ARCHS="100a"' in reason
+    assert 'XJFAST_CUDA_ARCHS="89"' in _ext.capability_reason((8, 9))  # nvcc knows no sm_89a
 
 
 @pytest.fixture

@@ -58,5 +58,7 @@ def capability_reason(capability: tuple[int, int]) -> str | None:
         return None
     major, minor = capability
     held = ", ".join(f"sm_{arch}" for arch in built) or "no architecture"
+    # the architecture-specific build ("a": wgmma on sm_90a) exists from sm_90 on; sm_89a does not
+    arch = f"{major}{minor}{'a' if major >= 9 else ''}"
     return (f"xjfast._C holds SASS for {held}, none of which runs on this GPU (compute capability "
-            f"{major}.{minor}); rebuild with XJFAST_CUDA_ARCHS=\"{major}{minor}a\"")
+            f"{major}.{minor}); rebuild with XJFAST_CUDA_ARCHS=\"{arch}\"")
