@@ -49,12 +49,22 @@ _LOG2E = tl.constexpr(LOG2E)
 # (64-key tiles, or a second stage, spill 8-24 bytes), so sm_90 runs 32-key steps (277 SASS
 # instructions per thread each) and keeps the 8-warp 64-key tile for the benchmark to weigh;
 # 128-row tiles would split the rows but spill at head_dim 128. On sm_100 (tcgen05,
-# accumulators in tensor memory) the warpgroups split the S tile. `python -m xjfast.tools.sass`
-# shows instructions and exp2 per thread per key step.
+# accumulators in tensor memory) the warpgroups split the S tile. Ada (sm_89) runs FP8 mma.sync
+# with the accumulators in registers: there every 4-warp tile spilled (40-300 bytes, inside the
+# key loop too), 8-warp 64-row tiles exponentiate each score 1.5-3 times (the warps split the
+# columns), and 128 rows at 8 warps with 32-key steps do neither. Consumer Blackwell (sm_120)
+# takes sm_100's candidates, which compile there without spills (128-row tiles spill) but with
+# 1.5-2x the exp2. `python -m xjfast.tools.sass` shows instructions and exp2 per thread per step.
 CANDIDATES = {
+    "sm_89": ((128, 32, 8, 1), (64, 64, 8, 1)),
     "sm_90": ((64, 32, 4, 1), (64, 64, 8, 2)),
     "sm_100": ((64, 64, 8, 1), (64, 32, 8, 1)),
 }
+# The tile of every 16-bit launch (see precision_config) where precision_config's rule spills
+# and another tile does not: on sm_89 its first candidate (bf16 precision spills nothing, FP8 over
+# a bf16-stored cache 8 bytes, where the rule's 64-row tiles spilled 96-184). On sm_120 every tile
+# tried spills in 16-bit launches (88-320 bytes): it keeps the rule.
+SIXTEEN_BIT_CONFIG = {"sm_89": (128, 32, 8, 1)}
 INTERPRET_CONFIG = (64, 64, 4, 1)
 
 
@@ -75,7 +85,10 @@ def parse_config(text: str) -> tuple[int, int, int, int]:
 
 
 def target(capability: tuple[int, int]) -> str:
-    return "sm_100" if capability[0] >= 10 else "sm_90"
+    """The tuning target of a GPU: sm_89 (Ada; the Triton kernels need FP8, 8.9 and up), sm_90
+    (Hopper) or sm_100 (Blackwell, 10.x and up)."""
+    major = capability[0]
+    return "sm_100" if major >= 10 else "sm_90" if major == 9 else "sm_89"
 
 
 def ranked_config(capability: tuple[int, int], ranking: dict) -> tuple[int, int, int, int]:
@@ -94,15 +107,19 @@ def _gpu_config(capability: tuple[int, int]) -> tuple[int, int, int, int]:
     return ranked_config(capability, ranking())
 
 
-def precision_config(cfg: tuple[int, int, int, int], all_fp8: bool) -> tuple[int, int, int, int]:
-    """The configuration a GPU runs where some key units are 16-bit (precision "bf16", or a cache
-    stored in bf16): their K/V tiles are twice FP8's bytes, and at 4 warps a 64-key tile or a
-    second stage spilled, so those launches take 32 keys and one stage there. At 8 warps they take
-    64 keys: for sm_100's 32-key tile (64,32,8,1) ptxas (Triton 3.6) allotted 128 registers and
-    spilled inside the key loop at head_dim 64 over a bf16-stored cache."""
+def precision_config(cfg: tuple[int, int, int, int], all_fp8: bool,
+                     target_name: str = "sm_90") -> tuple[int, int, int, int]:
+    """The configuration a GPU of `target_name` runs where some key units are 16-bit (precision
+    "bf16", or a cache stored in bf16): their K/V tiles are twice FP8's bytes, and at 4 warps a
+    64-key tile or a second stage spilled, so those launches take 32 keys and one stage there. At
+    8 warps they take 64 keys: for sm_100's 32-key tile (64,32,8,1) ptxas (Triton 3.6) allotted
+    128 registers and spilled inside the key loop at head_dim 64 over a bf16-stored cache. On
+    sm_89, SIXTEEN_BIT_CONFIG."""
     block_m, block_n, warps, stages = cfg
     if all_fp8:
         return cfg
+    if target_name in SIXTEEN_BIT_CONFIG:
+        return SIXTEEN_BIT_CONFIG[target_name]
     return (block_m, 32, warps, 1) if warps == 4 else (block_m, max(block_n, 64), warps, stages)
 
 
@@ -113,11 +130,11 @@ def hopper_paths(capability: tuple[int, int] | None) -> bool:
     memory one byte at a time (64 STS.U8 per thread per 64 keys), so V comes as four interleaved
     key sets, each thread then holding four consecutive keys of its channels (16 32-bit stores).
     sm_100's MMA reads V as it lies; there the four loads only cost registers (it spilled). Ada
-    (sm_89) shares sm_90's target: its FP8 mma.sync also takes V K-major, into registers, and keeps
+    (sm_89) takes sm_90's paths: its FP8 mma.sync also takes V K-major, into registers, and keeps
     13 mantissa bits of its accumulator as Hopper does (two-level accumulation). Consumer
     Blackwell (sm_120) takes sm_100's: its FP8 mma.sync accumulates in fp32 (SageAttention runs
     it with pv_accum_dtype="fp32" there), and compiled so it neither spills nor stores bytes."""
-    return capability is None or target(capability) == "sm_90"
+    return capability is None or target(capability) in ("sm_89", "sm_90")
 
 
 def ctas_per_sm(warps: int) -> int:
@@ -149,7 +166,10 @@ def launch_config(q, plan, view, interpret: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, warps, stages) of a launch: config(), with precision_config on a GPU."""
     cfg = config(q.device, interpret)
     all_fp8 = plan.precision == "fp8" and (view is None or view.storage == "fp8")
-    return cfg if interpret else precision_config(cfg, all_fp8)
+    if interpret:
+        return cfg
+    gpu = target(torch.cuda.get_device_capability(q.device)) if q.device.type == "cuda" else "sm_90"
+    return precision_config(cfg, all_fp8, gpu)
 
 
 def split_plan(q, plan, view, interpret: bool) -> tuple[int, int]:

@@ -872,19 +872,24 @@ def test_triton_configuration_forced_or_ranked(monkeypatch):
     assert kernel.ranked_config((10, 0), ranking) == (64, 32, 8, 1)  # 64,32,4,2 is no sm_100 candidate
     assert kernel.ranked_config((9, 0), {}) == kernel.CANDIDATES["sm_90"][0]
     assert kernel.ranked_config((12, 0), {}) == kernel.CANDIDATES["sm_100"][0]
+    assert kernel.ranked_config((8, 9), {}) == kernel.CANDIDATES["sm_89"][0] == (128, 32, 8, 1)
+    assert [kernel.hopper_paths(cc) for cc in ((8, 9), (9, 0), (10, 0), (12, 0))] == [True, True, False, False]
 
 
 def test_sixteen_bit_launches_take_the_tiles_that_compile_without_spills():
     """Launches that read 16-bit keys (precision "bf16", a bf16-stored cache) hold twice FP8's
     bytes per K/V tile: at 4 warps 32 keys and one stage, at 8 warps at least 64 keys (sm_100's
-    64,32,8,1 spilled inside the key loop there); all-FP8 launches run the candidate as it is."""
+    64,32,8,1 spilled inside the key loop there), on sm_89 128 rows and 32 keys at 8 warps; all-FP8
+    launches run the candidate as it is."""
     pytest.importorskip("triton")
     from xjfast.kernels.temporal_attention import CANDIDATES, precision_config
     assert precision_config((64, 64, 4, 2), False) == (64, 32, 4, 1)
     assert precision_config((64, 32, 8, 1), False) == (64, 64, 8, 1)
     assert precision_config((64, 64, 8, 2), False) == (64, 64, 8, 2)
-    for cfg in CANDIDATES["sm_90"] + CANDIDATES["sm_100"]:
-        assert precision_config(cfg, True) == cfg
+    for target, candidates in CANDIDATES.items():
+        for cfg in candidates:
+            assert precision_config(cfg, True, target) == cfg
+            assert precision_config(cfg, False, "sm_89") == (128, 32, 8, 1)  # sm_89's one spill-free 16-bit tile
 
 
 @pytest.mark.parametrize("backend", ["reference"] + fast_backends("temporal_attention"))

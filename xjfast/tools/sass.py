@@ -1,9 +1,9 @@
-"""Compile every Triton kernel, in its tuned configurations, for sm_90a and sm_100a without a GPU,
-read every CUDA kernel of the installed xjfast._C, and report per kernel and arch: registers,
-spills, shared memory, the tensor-core instructions in the SASS, and what one iteration of the
-innermost tensor-core loop issues per thread ("loop": instructions and exp2).
+"""Compile every Triton kernel, in its tuned configurations, for sm_90a and sm_100a (or sm_89 and
+sm_120a) without a GPU, read every CUDA kernel of the installed xjfast._C, and report per kernel
+and arch: registers, spills, shared memory, the tensor-core instructions in the SASS, and what
+one iteration of the innermost tensor-core loop issues per thread ("loop": instructions and exp2).
 
-    python -m xjfast.tools.sass [--backend triton cuda] [--arch 90 100] [--kernel NAME ...]
+    python -m xjfast.tools.sass [--backend triton cuda] [--arch 89 90 100 120] [--kernel NAME ...]
                                 [--candidates] [--variants] [--ones] [--json FILE]
 
 Triton compiles for a target it does not have (`triton.compile(ASTSource(...), target=GPUTarget)`),
@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 # Shared memory a block may use (opt-in maximum), by compute capability.
-SHARED_LIMIT = {90: 227 * 1024, 100: 227 * 1024}
+SHARED_LIMIT = {89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 TENSOR_CORE_OPS = ("QGMMA", "HGMMA", "QMMA", "HMMA", "IMMA", "UTCQMMA", "UTCHMMA", "UTCOMMA", "UTCIMMA")  # QMMA: warp FP8 (sm_89, sm_120)
 
 
@@ -46,6 +46,17 @@ class KernelSpec:
     configs: dict | None = None  # arch -> (BLOCK_M, BLOCK_N, warps, stages), as the launcher picks them
 
 
+def arch_target(arch: int) -> str:
+    """The tuning target (xjfast.kernels.temporal_attention.target) of an arch number: 89 -> sm_89."""
+    from xjfast.kernels.temporal_attention import target
+    return target(divmod(arch, 10))
+
+
+def arch_name(arch: int) -> str:
+    """sm_90a for 90: Triton compiles the architecture-specific target from sm_90 on."""
+    return f"sm_{arch}{'a' if arch >= 90 else ''}"
+
+
 def stream_specs() -> list[KernelSpec]:
     """The tuned configurations at the Wan2.1-1.3B stream shape (H=12, 1560-token frames)."""
     import triton.language as tl
@@ -57,7 +68,7 @@ def stream_specs() -> list[KernelSpec]:
     from xjfast.kernels.temporal_attention import CANDIDATES, COMBINE_ROWS, Q_TILE, precision_config
 
     B, H, T, L = 1, 12, 1560, 2 * 1560
-    per_arch = {90: CANDIDATES["sm_90"][0], 100: CANDIDATES["sm_100"][0]}  # what a GPU runs before any ranking
+    per_arch = {arch: CANDIDATES[arch_target(arch)][0] for arch in SHARED_LIMIT}  # what a GPU runs before any ranking
     specs = []
     # (the stream's cache stores e4m3 pages, which bf16 precision reads dequantized; a cache may
     # also store bf16, whose units FP8 precision reads unquantized beside its FP8 pass units)
@@ -83,7 +94,8 @@ def stream_specs() -> list[KernelSpec]:
                      DT=tl.bfloat16, INTERPRET=False, LAGGED=False)
         name = f"temporal_attention[{precision}{'' if storage == 'fp8' else f',{storage} cache'},D={D}]"
         specs.append(KernelSpec(name, "temporal_attention", "temporal_attention_kernel", args, const,
-                                configs={arch: precision_config(cfg, all_fp8) for arch, cfg in per_arch.items()},
+                                configs={arch: precision_config(cfg, all_fp8, arch_target(arch))
+                                         for arch, cfg in per_arch.items()},
                                 tags=dict(op="temporal_attention", precision=precision, head_dim=D,
                                           storage=storage)))
     # a speculative pass's (frame_lags: each frame's view of the cache); the Triton kernel runs it
@@ -152,7 +164,7 @@ def candidate_specs() -> list[KernelSpec]:
     base = next(s for s in stream_specs() if s.name == "temporal_attention[fp8,D=128]")
     return [dataclasses.replace(base, name=f"{base.name} {config_name(cfg)}", configs={arch: cfg},
                                 tags=dict(base.tags, config=config_name(cfg)))
-            for arch, target in ((90, "sm_90"), (100, "sm_100")) for cfg in CANDIDATES[target]]
+            for arch in SHARED_LIMIT for cfg in CANDIDATES[arch_target(arch)]]
 
 
 def variant_specs() -> list[KernelSpec]:
@@ -171,9 +183,8 @@ def variant_specs() -> list[KernelSpec]:
     specs = []
     base = stream["temporal_attention[fp8,D=128]"]
     kinds = (("fp8", "fp8"), ("fp8", "bf16"), ("bf16", "fp8"))
-    for (arch, target), (D, rope), (precision, storage), causal, dtype, split in itertools.product(
-            ((90, "sm_90"), (100, "sm_100")), ((128, 44), (64, 24)), kinds, (True, False), ("bf16", "fp16"),
-            (True, False)):
+    for arch, (D, rope), (precision, storage), causal, dtype, split in itertools.product(
+            SHARED_LIMIT, ((128, 44), (64, 24)), kinds, (True, False), ("bf16", "fp16"), (True, False)):
         all_fp8 = precision == "fp8" and storage == "fp8"
         page = "*fp8e4nv" if storage == "fp8" else f"*{dtype}"
         pass_kv = "*fp8e4nv" if precision == "fp8" else f"*{dtype}"
@@ -181,11 +192,11 @@ def variant_specs() -> list[KernelSpec]:
                     cv_ptr=page, kk_ptr=page, kv_ptr=page, pk_ptr=pass_kv, pv_ptr=pass_kv)
         const = dict(base.constexprs, D=D, ROPE_DIMS=rope, CACHE_FP8=all_fp8, PASS_FP8=precision == "fp8",
                      CAUSAL=causal, DT={"bf16": tl.bfloat16, "fp16": tl.float16}[dtype])
-        for cfg in CANDIDATES[target]:
+        for cfg in CANDIDATES[arch_target(arch)]:
             name = (f"temporal_attention[{precision},{storage} cache,D={D},{'causal' if causal else 'full'},{dtype},"
                     f"{'split' if split else 'unsplit'}] {config_name(cfg)}")
             specs.append(dataclasses.replace(base, name=name, args=args, constexprs=const,
-                                             configs={arch: precision_config(cfg, all_fp8)},
+                                             configs={arch: precision_config(cfg, all_fp8, arch_target(arch))},
                                              tags=dict(base.tags, precision=precision, storage=storage, head_dim=D)))
     base = stream["denoise_step[tokens,bf16]"]
     for tokens, rows, has_next, in_memory, dtype in itertools.product(
@@ -336,7 +347,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages, **COMPILE_OPTIONS))
     report = analyse(compiled.asm["cubin"])
-    report.update(kernel=spec.name, arch=f"sm_{arch}a", shared_bytes=compiled.metadata.shared,
+    report.update(kernel=spec.name, arch=arch_name(arch), shared_bytes=compiled.metadata.shared,
                   fp_fusion=compiled.metadata.enable_fp_fusion,
                   shared_limit=SHARED_LIMIT[arch], num_warps=spec.num_warps, num_stages=spec.num_stages,
                   block=[spec.constexprs.get("BLOCK_M"), spec.constexprs.get("BLOCK_N")], **spec.tags)
@@ -445,7 +456,8 @@ def _row(r: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xjfast.tools.sass", description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[90, 100], choices=sorted(SHARED_LIMIT))
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 100], choices=sorted(SHARED_LIMIT),
+                        help="the archs to compile the Triton kernels for (default: 90 100; also 89 and 120)")
     parser.add_argument("--backend", nargs="+", default=["triton", "cuda"], choices=["triton", "cuda"],
                         help="the Triton kernels (compiled here), the CUDA kernels of the installed xjfast._C (read "
                              "from it), or both (default)")
