@@ -188,7 +188,7 @@ def split_plan(q, plan, view, interpret: bool) -> tuple[int, int]:
         splits = 1
     else:
         from .kv_cache_commit import sm_count
-        block_m, _, warps, _ = config(q.device, interpret)
+        block_m, _, warps, _ = launch_config(q, plan, view, interpret)  # as launched
         splits = kv_splits(triton.cdiv(L, block_m) * B * H, units, sm_count(q.device) * ctas_per_sm(warps))
     split_units = triton.cdiv(units, min(splits, units))
     return triton.cdiv(units, split_units), split_units
