@@ -51,19 +51,19 @@ _LOG2E = tl.constexpr(LOG2E)
 # 128-row tiles would split the rows but spill at head_dim 128. On sm_100 (tcgen05,
 # accumulators in tensor memory) the warpgroups split the S tile. Ada (sm_89) runs FP8 mma.sync
 # with the accumulators in registers: there every 4-warp tile spilled (40-300 bytes, inside the
-# key loop too), 8-warp 64-row tiles exponentiate each score 1.5-3 times (the warps split the
-# columns), and 128 rows at 8 warps with 32-key steps do neither. Consumer Blackwell (sm_120)
-# takes sm_100's candidates, which compile there without spills (128-row tiles spill) but with
-# 1.5-2x the exp2. `python -m xjfast.tools.sass` shows instructions and exp2 per thread per step.
+# key loop too), 128-row 8-warp tiles spill under Triton 3.6 (32-80 bytes), and 64-row 8-warp
+# tiles compile without spills under 3.6 and 3.9 but exponentiate each score 1.5-2 times (the
+# warps split the columns). Consumer Blackwell (sm_120) takes sm_100's candidates, alike there.
+# `python -m xjfast.tools.sass` shows instructions and exp2 per thread per key step.
 CANDIDATES = {
-    "sm_89": ((128, 32, 8, 1), (64, 64, 8, 1)),
+    "sm_89": ((64, 64, 8, 1), (64, 32, 8, 1)),
     "sm_90": ((64, 32, 4, 1), (64, 64, 8, 2)),
     "sm_100": ((64, 64, 8, 1), (64, 32, 8, 1)),
 }
 # The tile of every 16-bit launch (see precision_config) where precision_config's rule spills
-# and another tile does not: on sm_89 its first candidate (bf16 precision spills nothing, FP8 over
-# a bf16-stored cache 8 bytes, where the rule's 64-row tiles spilled 96-184). On sm_120 every tile
-# tried spills in 16-bit launches (88-320 bytes): it keeps the rule.
+# most: on sm_89 128 rows at 8 warps with 32-key steps (bf16 precision spills nothing, FP8 over a
+# bf16-stored cache 8-16 bytes, where the rule's 64-row tiles spilled 96-184). On sm_120 every
+# tile tried spills in 16-bit launches (88-320 bytes): it keeps the rule.
 SIXTEEN_BIT_CONFIG = {"sm_89": (128, 32, 8, 1)}
 INTERPRET_CONFIG = (64, 64, 4, 1)
 

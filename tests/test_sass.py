@@ -15,8 +15,9 @@ FP8_MMA = {89: "QMMA", 90: "QGMMA", 100: "UTCQMMA", 120: "QMMA"}
 BF16_MMA = {89: "HMMA", 90: "HGMMA", 100: "UTCHMMA", 120: "HMMA"}
 # 16-bit launches (precision "bf16", a bf16-stored cache) spill where no tile tried avoids it
 # (kernels/temporal_attention.py, SIXTEEN_BIT_CONFIG): at most these bytes of stack
-SIXTEEN_BIT_SPILLS = {("temporal_attention[fp8,bf16 cache,D=128]", 89): 8,
-                      ("temporal_attention[bf16,D=128]", 120): 224, ("temporal_attention[fp8,bf16 cache,D=128]", 120): 128}
+# (under Triton 3.6 and 3.9, the larger)
+SIXTEEN_BIT_SPILLS = {("temporal_attention[fp8,bf16 cache,D=128]", 89): 16,
+                      ("temporal_attention[bf16,D=128]", 120): 240, ("temporal_attention[fp8,bf16 cache,D=128]", 120): 144}
 
 
 def covered(spec, arch: int) -> bool:
@@ -85,12 +86,12 @@ def test_attention_computes_each_softmax_once(reports, name, arch):
     """In the configuration a GPU runs before any ranking, one key step's exp2 per thread, over the
     CTA's threads, is the score tile's BLOCK_M x BLOCK_N plus a few per row (the rescale factors).
     On sm_90 a 64-row tile at 8 warps had both warpgroups exponentiate the whole tile: twice that.
-    sm_120 runs sm_100's 64-row 8-warp tile, whose warps split the columns there: at most twice
-    (its 128-row tiles spill)."""
+    sm_89 and sm_120 run a 64-row 8-warp tile whose warps split the columns there: at most twice
+    (their 128-row tiles spill)."""
     r = reports[(name, arch)]
     block_m, block_n = r["block"]
     threads = 32 * r["num_warps"]
-    assert r["inner_loop"]["exp2"] * threads <= (2 if arch == 120 else 1) * block_m * block_n + 4 * threads, r
+    assert r["inner_loop"]["exp2"] * threads <= (2 if arch in (89, 120) else 1) * block_m * block_n + 4 * threads, r
 
 
 @pytest.mark.parametrize("name", [spec.name for spec in sass.stream_specs() + sass.candidate_specs()

@@ -872,7 +872,7 @@ def test_triton_configuration_forced_or_ranked(monkeypatch):
     assert kernel.ranked_config((10, 0), ranking) == (64, 32, 8, 1)  # 64,32,4,2 is no sm_100 candidate
     assert kernel.ranked_config((9, 0), {}) == kernel.CANDIDATES["sm_90"][0]
     assert kernel.ranked_config((12, 0), {}) == kernel.CANDIDATES["sm_100"][0]
-    assert kernel.ranked_config((8, 9), {}) == kernel.CANDIDATES["sm_89"][0] == (128, 32, 8, 1)
+    assert kernel.ranked_config((8, 9), {}) == kernel.CANDIDATES["sm_89"][0] == (64, 64, 8, 1)
     assert [kernel.hopper_paths(cc) for cc in ((8, 9), (9, 0), (10, 0), (12, 0))] == [True, True, False, False]
 
 
