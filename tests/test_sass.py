@@ -13,11 +13,12 @@ from xjfast.tools import sass  # noqa: E402
 ARCHS = (89, 90, 100, 120)  # Ada, Hopper, Blackwell and consumer Blackwell (mma.sync, as Ada)
 FP8_MMA = {89: "QMMA", 90: "QGMMA", 100: "UTCQMMA", 120: "QMMA"}
 BF16_MMA = {89: "HMMA", 90: "HGMMA", 100: "UTCHMMA", 120: "HMMA"}
-# 16-bit launches (precision "bf16", a bf16-stored cache) spill where no tile tried avoids it
-# (kernels/temporal_attention.py, SIXTEEN_BIT_CONFIG): at most these bytes of stack
-# (under Triton 3.6 and 3.9, the larger)
-SIXTEEN_BIT_SPILLS = {("temporal_attention[fp8,bf16 cache,D=128]", 89): 16,
-                      ("temporal_attention[bf16,D=128]", 120): 240, ("temporal_attention[fp8,bf16 cache,D=128]", 120): 144}
+# Where no tile tried avoids a spill on sm_89 and sm_120 (kernels/temporal_attention.py,
+# SIXTEEN_BIT_CONFIG): 16-bit launches (precision "bf16", a bf16-stored cache), and under Triton
+# 3.6 the attention-mass kernel (run once per evicted page) on sm_89: at most these bytes of
+# stack, the larger of Triton 3.6's and 3.9's
+KNOWN_SPILLS = {("temporal_attention[fp8,bf16 cache,D=128]", 89): 16, ("attention_mass[fp8,D=128]", 89): 8,
+                ("temporal_attention[bf16,D=128]", 120): 240, ("temporal_attention[fp8,bf16 cache,D=128]", 120): 144}
 
 
 def covered(spec, arch: int) -> bool:
@@ -69,10 +70,10 @@ def test_shared_memory_fits(reports, arch):
                           for spec in sass.candidate_specs() for arch in spec.configs])
 def test_nothing_spills(reports, name, arch):
     """Every kernel, and the FP8 attention in every configuration the benchmark may rank first;
-    16-bit launches on sm_89 and sm_120 no more than SIXTEEN_BIT_SPILLS says."""
+    on sm_89 and sm_120, no more than KNOWN_SPILLS says."""
     r = reports[(name, arch)]
-    if (name, arch) in SIXTEEN_BIT_SPILLS:
-        assert r["stack_bytes"] <= SIXTEEN_BIT_SPILLS[(name, arch)], r
+    if (name, arch) in KNOWN_SPILLS:
+        assert r["stack_bytes"] <= KNOWN_SPILLS[(name, arch)], r
         return
     assert r["stack_bytes"] == 0 and r["spill_stores"] == 0, r
     if r.get("config"):
