@@ -1,7 +1,6 @@
 """Static checks of the Triton kernels' machine code for Hopper and Blackwell, without a GPU."""
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -40,7 +39,7 @@ def reports(tmp_path_factory):
         subprocess.run([sys.executable, "-m", "xjfast.tools.sass", "--backend", "triton", "--candidates", *archs,
                         "--json", str(out)], env=env, check=True, capture_output=True, text=True)
         reports += json.loads(out.read_text())
-    return {(r["kernel"], int(re.sub(r"\D", "", r["arch"]))): r for r in reports}
+    return {(r["kernel"], sass.arch_number(r["arch"])): r for r in reports}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

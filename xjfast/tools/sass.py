@@ -57,6 +57,11 @@ def arch_name(arch: int) -> str:
     return f"sm_{arch}{'a' if arch >= 90 else ''}"
 
 
+def arch_number(name: str) -> int:
+    """90 for sm_90a (or sm_90): arch_name's inverse."""
+    return int(re.sub(r"\D", "", name))
+
+
 def stream_specs() -> list[KernelSpec]:
     """The tuned configurations at the Wan2.1-1.3B stream shape (H=12, 1560-token frames)."""
     import triton.language as tl
@@ -418,10 +423,6 @@ def kernel_names(mangled: list[str]) -> dict:
     return names
 
 
-def _arch_number(arch: str) -> int:
-    return int(re.sub(r"\D", "", arch))
-
-
 def trap_only(sass: str) -> bool:
     """Whether a kernel is nothing but a trap: csrc compiles a path out of an arch it cannot run on
     (the wgmma and warp-specialized attention outside sm_90a) and the host never launches it there."""
@@ -435,7 +436,7 @@ def cuda_reports(library: str) -> tuple[list[dict], int]:
     listing = cuda_listing(library)
     names = kernel_names(sorted({name for _, name in listing}))
     reports, traps = [], 0
-    for (arch, mangled), k in sorted(listing.items(), key=lambda item: (names[item[0][1]], _arch_number(item[0][0]))):
+    for (arch, mangled), k in sorted(listing.items(), key=lambda item: (names[item[0][1]], arch_number(item[0][0]))):
         if trap_only(k["sass"]):
             traps += 1
             continue
@@ -493,7 +494,7 @@ def main(argv=None) -> int:
             print(f"no CUDA kernels to report: xjfast._C is not built ({exc})")
         else:
             found, traps = cuda_reports(C.__file__)
-            found = [r for r in found if wanted(r["kernel"]) and _arch_number(r["arch"]) in args.arch]
+            found = [r for r in found if wanted(r["kernel"]) and arch_number(r["arch"]) in args.arch]
             for r in found:
                 print(_row(r))
             reports += found
