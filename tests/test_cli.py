@@ -249,3 +249,56 @@ def test_a_negative_transition_is_refused_before_the_stream(tmp_path, capsys):
         main(["generate", "--transition", "-1", "--out", str(tmp_path / "x.mp4")])
     assert "--transition: expected an int >= 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
+
+
+@needs_av
+def test_generate_conditions_on_prompt_embeddings_files(tmp_path, monkeypatch):
+    """--prompt-embeds: the stream is conditioned on the files' embeddings (a torch.save tensor
+    with its batch of one, a safetensors file's "prompt_embeds"), switching at the frame asked."""
+    from safetensors.torch import save_file
+
+    from xjfast.engine import StreamGenerator
+    first, second = torch.randn(1, 16, 64), torch.randn(16, 64)
+    torch.save(first, tmp_path / "first.pt")
+    save_file({"prompt_embeds": second, "negative_prompt_embeds": -second}, tmp_path / "second.safetensors")
+    seen = []
+    set_prompt = StreamGenerator.set_prompt
+
+    def spy(self, prompt, transition_frames=0, recache=False):
+        seen.append((self._next_frame, prompt))
+        return set_prompt(self, prompt, transition_frames, recache)
+
+    monkeypatch.setattr(StreamGenerator, "set_prompt", spy)
+    assert main(["generate", "--prompt-embeds", str(tmp_path / "first.pt"), "--prompt-embeds",
+                 f"{tmp_path / 'second.safetensors'}@8", "--frames", "16", "--out", str(tmp_path / "e.mp4"),
+                 "--quiet", "--warmup", "0"]) == 0
+    assert [frame for frame, _ in seen] == [0, 0, 2]  # before and after the warm-up; latent frame 2 = video 8
+    assert torch.equal(seen[0][1], first[0]) and torch.equal(seen[1][1], first[0]) and torch.equal(seen[2][1], second)
+
+
+def test_prompt_embeddings_files_are_checked_before_any_model_is_built(tmp_path, capsys, monkeypatch):
+    from xjfast.models import presets
+
+    def build(*_, **__):
+        raise AssertionError("a model was built before the arguments were checked")
+
+    monkeypatch.setattr(presets, "build", build)
+    for name, shape in (("a.pt", (16, 64)), ("b.pt", (8, 64)), ("narrow.pt", (16, 32))):
+        torch.save(torch.randn(shape), tmp_path / name)
+    a, b, narrow, missing = (str(tmp_path / name) for name in ("a.pt", "b.pt", "narrow.pt", "missing.pt"))
+    for args, message in (
+            (["--prompt", "a boat", "--prompt-embeds", a], "--prompt-embeds: expected prompts as text (--prompt) or "
+                                                           "as embeddings files, not both"),
+            (["--prompt-embeds", a, "--prompt-embeds", b], f"--prompt-embeds {b!r}: a later prompt needs a switch"),
+            (["--prompt-embeds", missing], f"--prompt-embeds: path: no prompt embeddings file at {missing}"),
+            (["--prompt-embeds", narrow], "holds embeddings of dim 32, expected the model's text_dim 64"),
+            (["--prompt-embeds", a, "--prompt-embeds", f"{b}@8"],
+             f"--prompt-embeds: a transition blends embeddings of one shape: {b} is (8, 64), {a} (16, 64)")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["generate", "--out", str(tmp_path / "x.mp4")] + args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "usage: xjfast generate" in err, (args, err)
+    # embeddings of different lengths pass when the switch cuts (the model is built next)
+    with pytest.raises(AssertionError, match="a model was built"):
+        main(["generate", "--out", str(tmp_path / "x.mp4"), "--prompt-embeds", a, "--prompt-embeds", f"{b}@8",
+              "--transition", "0"])

@@ -106,6 +106,8 @@ def _stream(args, device, dtype) -> int:
     schedule = args.schedule
 
     def conditioning(text):
+        if args.embeds is not None:  # --prompt-embeds: `text` is the file's path
+            return args.embeds[text].to(dtype)
         if encoder is not None:
             return text
         # the Wan preset takes text embeddings: a deterministic stand-in derived from the prompt
@@ -167,25 +169,45 @@ def _stream(args, device, dtype) -> int:
     return 0
 
 
-def prompt_schedule(prompts: list[str]) -> list[tuple[int, str]]:
-    """[(video frame, text)] from --prompt values: the first starts the stream (a trailing "@0"
-    allowed), each later "text@N" switches to `text` at video frame N, N increasing. A ValueError
-    names the value that is not."""
+def prompt_schedule(prompts: list[str], option: str = "--prompt") -> list[tuple[int, str]]:
+    """[(video frame, text)] from --prompt (or --prompt-embeds) values: the first starts the stream
+    (a trailing "@0" allowed), each later "text@N" switches to `text` at video frame N, N
+    increasing. A ValueError names the value that is not."""
     schedule = []
     for i, item in enumerate(prompts):
         text, _, frame = item.rpartition("@")
         if not re.fullmatch(r"[0-9]+", frame):
             text, frame = item, None
         if frame is None and i > 0:
-            raise ValueError(f"--prompt {item!r}: a later prompt needs a switch frame, as 'text@48'")
+            raise ValueError(f"{option} {item!r}: a later prompt needs a switch frame, as 'text@48'")
         if not text.strip():
-            raise ValueError(f"--prompt {item!r}: expected a non-empty prompt text")
+            raise ValueError(f"{option} {item!r}: expected a non-empty prompt text")
         at = 0 if frame is None else int(frame)
         if (i == 0 and at != 0) or (i > 0 and at <= schedule[-1][0]):
-            raise ValueError(f"--prompt {item!r}: the first prompt starts at frame 0 and each switch comes after "
+            raise ValueError(f"{option} {item!r}: the first prompt starts at frame 0 and each switch comes after "
                              f"the one before (frames increasing)")
         schedule.append((at, text))
     return schedule
+
+
+def _prompt_embeds(args, p: argparse.ArgumentParser) -> dict:
+    """{path: [S, D] embeddings} of the --prompt-embeds schedule, read and checked against the
+    preset's text_dim before any model is built; a transition blends embeddings of one shape."""
+    from xjfast.models.presets import PRESETS
+    from xjfast.models.prompt_embeds import load_prompt_embeds
+    embeds = {}
+    for _, path in args.schedule:
+        try:
+            embeds[path] = load_prompt_embeds(path, PRESETS[args.preset].dit.text_dim)
+        except (OSError, ValueError) as exc:
+            p.error(f"--prompt-embeds: {exc}")
+    first = args.schedule[0][1]
+    for path, tensor in embeds.items():
+        if args.transition and tensor.shape != embeds[first].shape:
+            p.error(f"--prompt-embeds: a transition blends embeddings of one shape: {path} is "
+                    f"{tuple(tensor.shape)}, {first} {tuple(embeds[first].shape)} (pad them to the same tokens, "
+                    f"or cut with --transition 0)")
+    return embeds
 
 
 def speculation_depth(value: str):
@@ -206,6 +228,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append",
                    help="the prompt; repeat with 'text@N' to switch to text at video frame N "
                         "(default: 'a paper boat drifting down a rainy street')")
+    g.add_argument("--prompt-embeds", action="append", metavar="PATH[@N]",
+                   help="the prompt as embeddings instead of text: a torch.save or .safetensors file of one tensor "
+                        "[tokens, text_dim] or [1, tokens, text_dim] (for wan2.1-1.3b, Wan2.1's UMT5 output); "
+                        "repeat with 'PATH@N' to switch at video frame N")
     g.add_argument("--transition", type=int, default=8,
                    help="latent frames over which a prompt switch blends old into new (0: a cut)")
     g.add_argument("--recache", action="store_true", help="re-encode the cached frames under a new prompt")
@@ -258,11 +284,15 @@ def main(argv=None) -> int:
 
 def _check_generate(args, p: argparse.ArgumentParser) -> None:
     """What `generate` can check before building a model (exit status 2, as argparse's own checks)."""
+    if args.prompt and args.prompt_embeds:
+        p.error("--prompt-embeds: expected prompts as text (--prompt) or as embeddings files, not both")
     args.prompt = args.prompt or ["a paper boat drifting down a rainy street"]
     try:
-        args.schedule = prompt_schedule(args.prompt)
+        args.schedule = prompt_schedule(args.prompt_embeds or args.prompt,
+                                        "--prompt-embeds" if args.prompt_embeds else "--prompt")
     except ValueError as exc:
         p.error(str(exc))
+    args.embeds = _prompt_embeds(args, p) if args.prompt_embeds else None
     from xjfast.engine.speculation import MAX_DEPTH, parse_drafter
     for name, value, low in (("--frames", args.frames, 1), ("--warmup", args.warmup, 0),
                              ("--transition", args.transition, 0), ("--weights-seed", args.weights_seed, 0),
