@@ -302,3 +302,43 @@ def test_prompt_embeddings_files_are_checked_before_any_model_is_built(tmp_path,
     with pytest.raises(AssertionError, match="a model was built"):
         main(["generate", "--out", str(tmp_path / "x.mp4"), "--prompt-embeds", a, "--prompt-embeds", f"{b}@8",
               "--transition", "0"])
+
+
+@needs_av
+@pytest.mark.parametrize("name", ["stream.pt", "stream.safetensors"])
+def test_generate_saves_the_latents_it_decoded(tmp_path, capsys, monkeypatch, name):
+    """--save-latents: the clean latents of every pass of the stream, in order, as the generator
+    returned them ([B, C, frames, h, w], what a VAE decodes: diffusers' AutoencoderKLWan takes them)."""
+    from xjfast.engine import StreamGenerator
+    returned = []
+    step = StreamGenerator.step
+
+    def spy(self, *args, **kwargs):
+        frame = step(self, *args, **kwargs)
+        returned.append(frame.latents.clone())
+        return frame
+
+    monkeypatch.setattr(StreamGenerator, "step", spy)
+    path = tmp_path / "latents" / name  # its folder made as --out's is
+    assert main(["generate", "--frames", "12", "--out", str(tmp_path / "s.mp4"), "--save-latents", str(path),
+                 "--quiet", "--warmup", "0", "--speculate", "2", "--drafter", "hold", "--accept-tol", "10"]) == 0
+    if name.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        latents = load_file(path)["latents"]
+    else:
+        latents = torch.load(path, weights_only=True)
+    assert latents.shape == (1, 4, 3, 16, 16) and latents.dtype == torch.float32
+    assert torch.equal(latents, torch.cat(returned, dim=2).float())
+    assert f"wrote {path}: latents [1, 4, 3, 16, 16]" in capsys.readouterr().out
+    diffusers = pytest.importorskip("diffusers")
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1).eval()
+    with torch.no_grad():
+        video = vae.decode(latents).sample
+    assert video.shape == (1, 3, 9, 128, 128)  # Wan's VAE: 1 + 4 (frames - 1) video frames, 8x the latent's size
+
+
+@pytest.mark.parametrize("value", ["latents.npy", "."])
+def test_a_latents_path_that_is_no_pt_or_safetensors_file_is_refused(tmp_path, capsys, value):
+    with pytest.raises(SystemExit):
+        main(["generate", "--save-latents", value, "--out", str(tmp_path / "x.mp4")])
+    assert f"--save-latents: expected the path of a .pt or .safetensors file, got {value!r}" in capsys.readouterr().err

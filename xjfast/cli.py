@@ -133,6 +133,7 @@ def _stream(args, device, dtype) -> int:
         if frame >= total:
             print(f"xjfast generate: the switch to {text!r} at frame {frame} is past the stream's {total} frames",
                   file=sys.stderr)
+    latents = []  # with --save-latents: the clean latents of every pass, on the CPU
     with Mp4Writer(args.out, preset.fps) as writer, \
             tqdm(total=total, desc=f"xjfast {args.preset}", unit="frame", disable=args.quiet) as bar:
         while writer.frames < total:
@@ -142,12 +143,19 @@ def _stream(args, device, dtype) -> int:
             # a speculative pass stops at the next switch and at the stream's end (in latent frames)
             until = min([total] + [frame for frame, _ in switches[:1]])
             limit = max(1, math.ceil((until - writer.frames) / VIDEO_FRAMES_PER_LATENT))
-            video = generator.step(max_frames=limit).video.numpy()[:total - writer.frames]
+            block = generator.step(max_frames=limit)
+            video = block.video.numpy()[:total - writer.frames]
             writer.write(video)
+            if args.save_latents:
+                latents.append(block.latents.float().cpu())
             bar.update(len(video))
     s = generator.stats()
     print(f"wrote {args.out}: {writer.frames} frames at {preset.fps} fps "
           f"({s['latent_frames']} latent frames, {writer.size[1]}x{writer.size[0]}) on {device}")
+    if args.save_latents:
+        stream_latents = torch.cat(latents, dim=2)
+        save_latents(args.save_latents, stream_latents)
+        print(f"wrote {args.save_latents}: latents {list(stream_latents.shape)} [B, C, frames, h, w]")
     print(f"model {s['model_fps']:.3g} fps | end-to-end {s['end_to_end_fps']:.3g} fps (video frames, decode included)"
           f" | first frame {s['time_to_first_frame_ms']:.1f} ms")
     print(f"interval per latent frame (4 video frames) p50 {s['interval_p50_ms']:.1f} ms, p99 "
@@ -188,6 +196,20 @@ def prompt_schedule(prompts: list[str], option: str = "--prompt") -> list[tuple[
                              f"the one before (frames increasing)")
         schedule.append((at, text))
     return schedule
+
+
+LATENTS_SUFFIXES = (".pt", ".safetensors")
+
+
+def save_latents(path: str, latents) -> None:
+    """The stream's clean latents [B, C, frames, h, w] (fp32) as a torch.save file, or a
+    .safetensors file holding them as "latents": what a VAE decodes (Wan's, after un-normalizing)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file({"latents": latents.contiguous()}, path)
+    else:
+        import torch
+        torch.save(latents, path)
 
 
 def _prompt_embeds(args, p: argparse.ArgumentParser) -> dict:
@@ -242,6 +264,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--frames", type=int, default=48,
                    help="video frames to write (4 per latent frame; rounded up to whole blocks)")
     g.add_argument("--out", default="stream.mp4", help="the H.264 MP4 to write (needs PyAV: pip install 'xjfast[video]')")
+    g.add_argument("--save-latents", metavar="PATH",
+                   help="also write the stream's latents [B, C, frames, h, w] (fp32) to PATH (.pt or .safetensors), "
+                        "for a VAE to decode")
     g.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same stream")
     g.add_argument("--weights", help="a Wan2.1 or diffusers WanTransformer3DModel checkpoint (.safetensors file or "
                                     "folder) matching the preset's shape; default: the preset's random weights")
@@ -318,11 +343,17 @@ def _check_generate(args, p: argparse.ArgumentParser) -> None:
                 "(auto runs drafted passes on the Triton kernel)")
     if not args.out.lower().endswith(".mp4") or os.path.isdir(args.out):
         p.error(f"--out: expected the path of an .mp4 file (the stream is written as MP4), got {args.out!r}")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        p.error(f"--out: cannot create the folder {folder}: {exc.strerror}")
+    if args.save_latents is not None and (not args.save_latents.endswith(LATENTS_SUFFIXES)
+                                          or os.path.isdir(args.save_latents)):
+        p.error(f"--save-latents: expected the path of a .pt or .safetensors file, got {args.save_latents!r}")
+    for option, path in (("--out", args.out), ("--save-latents", args.save_latents)):
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            p.error(f"{option}: cannot create the folder {folder}: {exc.strerror}")
 
 
 if __name__ == "__main__":
