@@ -192,3 +192,34 @@ def test_diffusers_weights_reproduce_diffusers_forward_on_the_gpu_in_fp8():
     tokens = model(x, t[:, None], model.prompt_kv(context), block_frames=3, precision="fp8")  # auto: a GPU kernel
     out = unpatchify(tokens, x.shape, (1, 2, 2)).float()
     assert (out - expected).norm() <= 5e-2 * expected.norm()
+
+
+def test_a_self_forcing_style_training_checkpoint_gives_its_ema_generator(tmp_path):
+    """Self-Forcing, CausVid and LongLive save {"generator": ..., "generator_ema": ...}, the DiT under
+    their wrapper's "model." beside the wrapper's own modules: from_pretrained takes the EMA weights
+    (what they infer with) without the prefix, and leaves the wrapper's other modules out."""
+    model, state = tiny_state()
+    ema = {k: v + 1 for k, v in state.items()}
+    checkpoint = {"generator": {f"model.{k}": v for k, v in state.items()},
+                  "generator_ema": {**{f"model.{k}": v for k, v in ema.items()}, "_cls_pred_branch.0.weight": torch.ones(2)},
+                  "critic": {"model.blocks.0.ffn.0.weight": torch.zeros(3)}, "step": 1000}
+    torch.save(checkpoint, tmp_path / "self_forcing_dmd.pt")
+    loaded = CausalDiT.from_pretrained(tmp_path / "self_forcing_dmd.pt", heads=2)
+    assert loaded.cfg == model.cfg and all(torch.equal(loaded.state_dict()[k], ema[k]) for k in state)
+    del checkpoint["generator_ema"]  # the generator's own weights, passed as a dict, under torch.compile's prefix
+    checkpoint["generator"] = {f"_orig_mod.{k}": v for k, v in checkpoint["generator"].items()}
+    loaded = CausalDiT.from_pretrained(checkpoint, heads=2)
+    assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in state)
+
+
+def test_checkpoints_that_hold_no_single_dit_are_named(tmp_path):
+    _, state = tiny_state()
+    torch.save({"optimizer": {"lr": 0.1}, "step": 3}, tmp_path / "train.pt")
+    with pytest.raises(ValueError, match=r"train.pt is not a readable checkpoint \(not a state dict of tensors, nor a "
+                                         r"training checkpoint holding one under 'generator_ema', 'generator'.*"
+                                         r"\(its keys: \['optimizer', 'step'\]\)"):
+        CausalDiT.from_pretrained(tmp_path / "train.pt")
+    two = {**{f"student.{k}": v for k, v in state.items()}, **{f"teacher.{k}": v for k, v in state.items()}}
+    with pytest.raises(ValueError, match=r"holds several models, their weights under the prefixes \['student.', "
+                                         r"'teacher.'\]: pass the state dict of one"):
+        CausalDiT.from_pretrained(two, heads=2)

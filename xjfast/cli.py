@@ -269,7 +269,8 @@ def parser() -> argparse.ArgumentParser:
                         "for a VAE to decode")
     g.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same stream")
     g.add_argument("--weights", help="a Wan2.1 or diffusers WanTransformer3DModel checkpoint (.safetensors file or "
-                                    "folder) matching the preset's shape; default: the preset's random weights")
+                                    "folder), or a Self-Forcing/CausVid/LongLive training checkpoint (.pt), matching "
+                                    "the preset's shape; default: the preset's random weights")
     g.add_argument("--weights-seed", type=int, default=0, help="seed of the preset's random weights")
     g.add_argument("--steps", type=int, default=1, help="denoising steps per frame (1 to 4)")
     g.add_argument("--frames-per-block", type=int, default=1, help="latent frames generated per model pass")

@@ -174,7 +174,9 @@ class CausalDiT(nn.Module):
     def from_pretrained(cls, path_or_state_dict, *, heads: int | None = None, dtype=None, device="cpu"):
         """A CausalDiT with the weights of a Wan2.1 checkpoint (its original layout) or of diffusers'
         WanTransformer3DModel: a state dict, a .safetensors (or .pt) file, a safetensors index json,
-        or a folder of (sharded) files.
+        or a folder of (sharded) files. A training checkpoint of a model distilled from Wan2.1
+        (Self-Forcing, CausVid, LongLive) gives its "generator_ema" weights, else "generator", under
+        their wrapper's "model." prefix (the wrapper's other modules are left out).
 
         The architecture is read from the weights' shapes; the head count (which shapes do not
         show) from `heads`, the config.json beside the weights, or dim // 128 as in every Wan2.1
@@ -182,11 +184,13 @@ class CausalDiT(nn.Module):
         some modules in fp32, as diffusers' bf16 pipelines do, gives one dtype throughout).
         """
         from xjfast.errors import check_device
-        from xjfast.models.weights import config_from_state, diffusers_to_wan, is_diffusers_layout, read_state
+        from xjfast.models.weights import (config_from_state, diffusers_to_wan, is_diffusers_layout, read_state,
+                                           without_wrapper_prefix)
         device = check_device("device", device)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected None or a floating-point torch.dtype, got {dtype!r}")
         state, config = read_state(path_or_state_dict)
+        state = without_wrapper_prefix(state)
         if is_diffusers_layout(state):
             state = diffusers_to_wan(state)
         if "patch_embedding.weight" not in state:

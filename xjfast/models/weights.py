@@ -1,6 +1,7 @@
 """Weights for CausalDiT: the original Wan2.1 checkpoint layout (CausalDiT's own names) and
 diffusers' WanTransformer3DModel layout, from a state dict, a .safetensors file, or a folder of
-(sharded) .safetensors files."""
+(sharded) .safetensors files; also inside the training checkpoints of the streaming models
+distilled from Wan2.1 (Self-Forcing, CausVid, LongLive: {"generator": {"model.<Wan2.1 name>": ...}})."""
 from __future__ import annotations
 
 import glob
@@ -52,8 +53,9 @@ def diffusers_to_wan(state: dict) -> dict:
 
 SHARD = re.compile(r".*-\d{5}-of-\d{5}\.safetensors$")
 INDEX_SUFFIX = ".safetensors.index.json"
+PATCH_KEY = "patch_embedding.weight"  # in both layouts
 # the keys config_from_state reads the architecture from
-STRUCTURE_KEYS = ("patch_embedding.weight", "blocks.0.ffn.0.weight", "text_embedding.0.weight",
+STRUCTURE_KEYS = (PATCH_KEY, "blocks.0.ffn.0.weight", "text_embedding.0.weight",
                   "time_embedding.0.weight")
 
 
@@ -103,9 +105,48 @@ def _read_file(file: str) -> dict:
     except Exception as exc:  # torch.load fails in many ways on what is not a checkpoint
         raise ValueError(f"path_or_state_dict: {file} is not a readable checkpoint ({type(exc).__name__}: "
                          f"{exc})") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"path_or_state_dict: {file} is not a readable checkpoint (not a state dict of tensors)")
-    return state
+    weights = _weights_of(state) if isinstance(state, dict) else None
+    if weights is None:
+        raise ValueError(f"path_or_state_dict: {file} is not a readable checkpoint (not a state dict of tensors"
+                         + (f", {_nested_hint(state)})" if isinstance(state, dict) else ")"))
+    return weights
+
+
+# where a training checkpoint keeps the weights to run, first found first: Self-Forcing, CausVid and
+# LongLive save {"generator": ..., "generator_ema": ...} and infer with the EMA weights
+TRAINING_KEYS = ("generator_ema", "generator", "state_dict", "model", "module")
+
+
+def _all_tensors(state: dict) -> bool:
+    return all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def _weights_of(checkpoint: dict) -> dict | None:
+    """`checkpoint` if it is a state dict of tensors, else the one a training checkpoint holds
+    under TRAINING_KEYS, else None."""
+    if _all_tensors(checkpoint):
+        return checkpoint
+    key = next((k for k in TRAINING_KEYS if isinstance(checkpoint.get(k), dict) and _all_tensors(checkpoint[k])), None)
+    return None if key is None else checkpoint[key]
+
+
+def _nested_hint(checkpoint: dict) -> str:
+    return (f"nor a training checkpoint holding one under {', '.join(map(repr, TRAINING_KEYS))} (its keys: "
+            f"{sorted(map(str, checkpoint))[:8]})")
+
+
+def without_wrapper_prefix(state: dict) -> dict:
+    """The DiT's own weights when a training wrapper holds it (Self-Forcing's "model.", DDP's
+    "module.", torch.compile's "_orig_mod."): the keys under the one prefix of patch_embedding.weight,
+    stripped; the wrapper's other modules are left out. A state with the DiT at its root is returned
+    as it is; one with several DiTs under different prefixes is refused, naming them."""
+    prefixes = sorted({k[:-len(PATCH_KEY)] for k in state if k.endswith(PATCH_KEY)})
+    if len(prefixes) > 1:
+        raise ValueError(f"path_or_state_dict: the checkpoint holds several models, their weights under the prefixes "
+                         f"{prefixes}: pass the state dict of one")
+    if not prefixes or prefixes == [""]:
+        return state
+    return {k[len(prefixes[0]):]: v for k, v in state.items() if k.startswith(prefixes[0])}
 
 
 MODEL_CLASSES = ("WanModel", "WanTransformer3DModel")
@@ -135,10 +176,12 @@ def read_state(path_or_state) -> tuple[dict, dict]:
     """(state dict, config.json contents or {}) from a dict, a .safetensors/.pt file, a
     safetensors index json, or a folder (its config.json, or the one beside a file)."""
     if isinstance(path_or_state, dict):
-        kinds = {type(v).__name__ for v in path_or_state.values() if not isinstance(v, torch.Tensor)}
-        if kinds:
-            raise TypeError(f"path_or_state_dict: expected a state dict of tensors, got values of type {sorted(kinds)}")
-        return dict(path_or_state), {}
+        weights = _weights_of(path_or_state)
+        if weights is None:
+            kinds = {type(v).__name__ for v in path_or_state.values() if not isinstance(v, torch.Tensor)}
+            raise TypeError(f"path_or_state_dict: expected a state dict of tensors, got values of type {sorted(kinds)}, "
+                            f"{_nested_hint(path_or_state)}")
+        return dict(weights), {}
     if not isinstance(path_or_state, (str, os.PathLike)):
         raise TypeError(f"path_or_state_dict: expected a path or a state dict, got {type(path_or_state).__name__}")
     path = os.fspath(path_or_state)
