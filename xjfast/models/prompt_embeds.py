@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from xjfast.models.weights import read_tensor_file
+
 # the key of a file holding several tensors, as diffusers names a pipeline's argument
 EMBEDS_KEY = "prompt_embeds"
 
@@ -19,7 +21,7 @@ def load_prompt_embeds(path, text_dim: int | None = None) -> torch.Tensor:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: no prompt embeddings file at {path}")
-    contents = _read(path)
+    contents = read_tensor_file(path, "path")
     if isinstance(contents, dict):
         tensors = {k: v for k, v in contents.items() if isinstance(v, torch.Tensor)}
         if EMBEDS_KEY in tensors:
@@ -42,16 +44,3 @@ def load_prompt_embeds(path, text_dim: int | None = None) -> torch.Tensor:
         raise ValueError(f"path: {path} holds embeddings with NaN or infinite values")
     return embeds.float()
 
-
-def _read(path: str):
-    if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError) as exc:
-            raise ValueError(f"path: {path} is not a readable safetensors file ({exc})") from exc
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load fails in many ways on what is not a tensor file
-        raise ValueError(f"path: {path} is not a readable torch.save file ({type(exc).__name__}: {exc})") from exc

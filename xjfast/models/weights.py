@@ -92,19 +92,26 @@ def _checkpoint_files(path: str) -> list[str]:
     return files
 
 
-def _read_file(file: str) -> dict:
-    if file.endswith(".safetensors"):
+def read_tensor_file(path: str, argument: str, kind: str | None = None):
+    """The contents of a .safetensors file (a dict of tensors) or of a torch.save file (loaded on
+    the CPU with weights_only); a ValueError "`argument`: `path` is not a readable `kind` (why)"
+    otherwise, `kind` defaulting to the format's name."""
+    if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:
-            return load_file(file)
+            return load_file(path)
         except (SafetensorError, OSError) as exc:
-            raise ValueError(f"path_or_state_dict: {file} is not a readable checkpoint ({exc})") from exc
+            raise ValueError(f"{argument}: {path} is not a readable {kind or 'safetensors file'} ({exc})") from exc
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load fails in many ways on what is not a checkpoint
-        raise ValueError(f"path_or_state_dict: {file} is not a readable checkpoint ({type(exc).__name__}: "
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load fails in many ways on what is not a tensor file
+        raise ValueError(f"{argument}: {path} is not a readable {kind or 'torch.save file'} ({type(exc).__name__}: "
                          f"{exc})") from exc
+
+
+def _read_file(file: str) -> dict:
+    state = read_tensor_file(file, "path_or_state_dict", "checkpoint")
     weights = _weights_of(state) if isinstance(state, dict) else None
     if weights is None:
         raise ValueError(f"path_or_state_dict: {file} is not a readable checkpoint (not a state dict of tensors"
